@@ -1,0 +1,196 @@
+"""Structured configs under the Hydra YAML: types and allowed values are checked before any work starts.
+
+The key names follow NeMo-Launcher's `conf/export/gpt3/export_gpt3.yaml`; keys that NeMo-Launcher does not have
+(which runtime serves the model, where tritonserver lives, the parity tolerance, ...) are additions and are
+documented in `conf/export/gpt3/export_gpt3.yaml`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+BUILTIN_CHECKPOINT = "builtin:tiny-gpt2"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key."""
+
+
+class _Choice(str, enum.Enum):
+    """A string choice; interpolates as its value (`fp16`, not `DataType.fp16`)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class DataType(_Choice):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class Runtime(_Choice):
+    python = "python"  # Triton python backend reading the FT shards with PyTorch (default, CPU or GPU)
+    fastertransformer = "fastertransformer"  # the FT Triton backend (GPU clusters that have it)
+
+
+class ClusterType(_Choice):
+    interactive = "interactive"
+
+
+class Metric(_Choice):
+    last_token = "last_token"
+    last_word = "last_word"
+
+
+class Reference(_Choice):
+    hf = "hf"  # the source checkpoint with HF transformers, in-process, when transformers is installed
+    none = "none"
+
+
+@dataclass
+class RunConfig:
+    name: str = "export_${.model_train_name}"
+    time_limit: str = "2:00:00"
+    model_train_name: str = "gpt2"
+    training_dir: str = "${base_results_dir}/${.model_train_name}"
+    config_summary: str = "tp1_pp1_fp32_fp32"
+    results_dir: str = "${base_results_dir}/${.model_train_name}/export_${.config_summary}"
+    model_type: str = "gpt3"
+
+
+@dataclass
+class ModelConfig:
+    checkpoint_path: str = BUILTIN_CHECKPOINT
+    tensor_model_parallel_size: int = 1
+    weight_data_type: DataType = DataType.fp32
+    processes: int = 1
+    load_checkpoints_to_cpu: bool = True
+
+
+@dataclass
+class TritonDeploymentConfig:
+    triton_model_dir: str = "${export.run.results_dir}/model_repo/${export.run.model_train_name}"
+    max_batch_size: int = 32
+    pipeline_model_parallel_size: int = 1
+    int8_mode: bool = False
+    enable_custom_all_reduce: bool = False
+    data_type: DataType = DataType.fp32
+    # Additions to NeMo-Launcher's keys:
+    runtime: Runtime = Runtime.python
+    device: str = "auto"  # python runtime: auto | cpu | cuda
+    instance_count: int = 1
+
+
+@dataclass
+class AccuracyRuntimeConfig:
+    max_seq_len: int = 512
+    beam_width: int = 1
+    sampling_top_k: int = 1
+    sampling_top_p: float = 0.0
+
+
+@dataclass
+class AccuracyConfig:
+    enabled: bool = True
+    test_data: str = str(DATA_DIR / "lambada_test.jsonl")
+    output_path: str = "${export.run.results_dir}/eval_output.json"
+    batch_size: int = 64
+    runtime: AccuracyRuntimeConfig = field(default_factory=AccuracyRuntimeConfig)
+    # Additions to NeMo-Launcher's keys:
+    metrics: List[Metric] = field(default_factory=lambda: [Metric.last_token, Metric.last_word])
+    limit: Optional[int] = None  # evaluate only the first N examples (None: all)
+    reference: Reference = Reference.hf
+    tolerance: float = 0.005  # largest allowed |served - reference| accuracy, as a fraction
+    tritonserver: Optional[str] = None  # path to a tritonserver binary; None: PATH, then the embedded one
+    server_timeout_s: float = 300.0
+
+
+@dataclass
+class ExportConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    triton_deployment: TritonDeploymentConfig = field(default_factory=TritonDeploymentConfig)
+    accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
+
+
+@dataclass
+class RootConfig:
+    stages: List[str] = field(default_factory=lambda: ["export"])
+    cluster_type: ClusterType = ClusterType.interactive
+    launcher_scripts_path: str = "."
+    base_results_dir: str = "${launcher_scripts_path}/results"
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+KNOWN_STAGES = ("export",)
+
+
+def validate(cfg: DictConfig | dict[str, Any]) -> DictConfig:
+    """Merge `cfg` into the schema and check values; returns the typed, resolved config.
+
+    Raises ConfigError naming the offending key (full dotted path).
+    """
+    try:
+        schema = OmegaConf.structured(RootConfig)
+        merged = OmegaConf.merge(schema, cfg)
+        OmegaConf.resolve(merged)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        message = (getattr(error, "msg", None) or str(error)).splitlines()[0]
+        raise ConfigError(f"{key}: {message}" if key else message) from error
+    _check_values(merged)
+    return merged
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _check_values(cfg: DictConfig) -> None:
+    for stage in cfg.stages:
+        _require(stage in KNOWN_STAGES, "stages", f"unknown stage {stage!r}; known: {list(KNOWN_STAGES)}")
+    model, deploy, accuracy = cfg.export.model, cfg.export.triton_deployment, cfg.export.accuracy
+    _require(bool(model.checkpoint_path), "export.model.checkpoint_path", "must be set")
+    _require(model.tensor_model_parallel_size >= 1, "export.model.tensor_model_parallel_size", "must be >= 1")
+    _require(model.processes >= 1, "export.model.processes", "must be >= 1")
+    _require(deploy.max_batch_size >= 1, "export.triton_deployment.max_batch_size", "must be >= 1")
+    _require(
+        deploy.pipeline_model_parallel_size >= 1, "export.triton_deployment.pipeline_model_parallel_size", "must be >= 1"
+    )
+    _require(deploy.device in ("auto", "cpu", "cuda"), "export.triton_deployment.device", "must be auto, cpu or cuda")
+    _require(deploy.instance_count >= 1, "export.triton_deployment.instance_count", "must be >= 1")
+    _require(
+        not (deploy.int8_mode and deploy.runtime == Runtime.python),
+        "export.triton_deployment.int8_mode",
+        "int8 weight-only mode needs the fastertransformer runtime; the python runtime serves fp32/fp16/bf16",
+    )
+    _require(accuracy.batch_size >= 1, "export.accuracy.batch_size", "must be >= 1")
+    _require(accuracy.limit is None or accuracy.limit >= 1, "export.accuracy.limit", "must be >= 1 or null")
+    _require(accuracy.tolerance >= 0, "export.accuracy.tolerance", "must be >= 0")
+    _require(len(accuracy.metrics) >= 1, "export.accuracy.metrics", "name at least one metric")
+    runtime = accuracy.runtime
+    _require(runtime.max_seq_len >= 2, "export.accuracy.runtime.max_seq_len", "must be >= 2")
+    # LAMBADA is scored on greedy continuations, as FT's evaluate_lambada.py and NeMo-Launcher do.
+    _require(runtime.beam_width == 1, "export.accuracy.runtime.beam_width", "LAMBADA is scored greedily: use 1")
+    _require(runtime.sampling_top_k == 1, "export.accuracy.runtime.sampling_top_k", "LAMBADA is scored greedily: use 1")
+    _require(
+        runtime.sampling_top_p == 0.0, "export.accuracy.runtime.sampling_top_p", "LAMBADA is scored greedily: use 0"
+    )
+
+
+def _register_resolvers() -> None:
+    """`${exporter_data:NAME}` names a file vendored in exporter/data/ (so the default run works offline)."""
+    if not OmegaConf.has_resolver("exporter_data"):
+        OmegaConf.register_new_resolver("exporter_data", lambda name: str(DATA_DIR / name))
+
+
+_register_resolvers()

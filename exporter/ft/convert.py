@@ -1,0 +1,118 @@
+"""HF checkpoint -> FasterTransformer shards `<out_dir>/<tp>-gpu/`: plan and check everything, then stream-write."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+
+from ..arch import Architecture, architecture_for
+from ..arch.base import Plan
+from ..readers.hf import HFCheckpoint
+from ..tokenizer import find_tokenizer, save_tokenizer_json
+from .sharding import ParallelLayout, ShardingError, file_names, rank_shape
+from .verify import expected_files, verify_shards
+from .writer import TORCH_DTYPES, AtomicDirectory, config_ini, write_plan
+
+log = logging.getLogger(__name__)
+
+BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def _open(checkpoint_path: Path) -> Architecture:
+    checkpoint = HFCheckpoint(checkpoint_path)
+    return architecture_for(checkpoint.config)(checkpoint)
+
+
+def check_plan(plan: Plan, layout: ParallelLayout, weight_data_type: str) -> None:
+    """Every file the plan will write has exactly the size FT's loader will read (checked before writing)."""
+    expected = expected_files(_ini_values(plan, layout.tensor_parallel, weight_data_type))
+    planned: dict[str, int] = {}
+    for spec in plan.specs:
+        piece = rank_shape(spec.shape, spec.split, layout.tensor_parallel, spec.source)
+        nbytes = BYTES_PER_ELEMENT[weight_data_type]
+        for dim in piece:
+            nbytes *= dim
+        for name in file_names(spec.ft_name, spec.split, layout.tensor_parallel):
+            planned[name] = nbytes
+    missing = sorted(set(expected) - set(planned))
+    unexpected = sorted(set(planned) - set(expected))
+    wrong = sorted(name for name in set(planned) & set(expected) if planned[name] != expected[name])
+    if missing or unexpected or wrong:
+        details = []
+        if missing:
+            details.append(f"FT would open files the plan lacks: {missing}")
+        if unexpected:
+            details.append(f"the plan writes files FT never opens: {unexpected}")
+        for name in wrong:
+            details.append(f"{name}: planned {planned[name]} bytes, FT reads {expected[name]}")
+        raise ShardingError("; ".join(details))
+
+
+def _ini_values(plan: Plan, tensor_parallel: int, weight_data_type: str) -> dict:
+    """The config.ini [gpt] values as the runtime's reader would type them."""
+    params = plan.params
+    return {
+        "head_num": params.head_num,
+        "size_per_head": params.size_per_head,
+        "inter_size": params.inter_size,
+        "num_layer": params.num_layer,
+        "max_pos_seq_len": params.max_pos_seq_len,
+        "vocab_size": params.vocab_size,
+        "weight_data_type": weight_data_type,
+        "tensor_para_size": tensor_parallel,
+    }
+
+
+def convert_checkpoint(
+    checkpoint_path: str | Path,
+    out_dir: str | Path,
+    tensor_parallel: int = 1,
+    weight_data_type: str = "fp32",
+    processes: int = 1,
+    pipeline_parallel: int = 1,
+) -> Path:
+    """Convert; returns the finished `<out_dir>/<tp>-gpu` directory. Nothing is written before every check passes."""
+    if weight_data_type not in TORCH_DTYPES:
+        raise ValueError(f"weight_data_type {weight_data_type!r} is not one of {sorted(TORCH_DTYPES)}")
+    checkpoint_path = Path(checkpoint_path)
+    arch = _open(checkpoint_path)
+    find_tokenizer(checkpoint_path)  # pre/postprocessing need it: fail now, not after writing gigabytes
+    plan = arch.plan()
+    layout = ParallelLayout(tensor_parallel, pipeline_parallel, plan.params.num_layer)
+    layout.check(plan.params.head_num)
+    check_plan(plan, layout, weight_data_type)
+
+    final = Path(out_dir) / f"{tensor_parallel}-gpu"
+    started = time.monotonic()
+    log.info(
+        "converting %s (%s, %d layers) to %s, tp=%d, %s",
+        checkpoint_path,
+        type(arch).__name__,
+        plan.params.num_layer,
+        final,
+        tensor_parallel,
+        weight_data_type,
+    )
+    with AtomicDirectory(final) as partial_dir:
+        nbytes = write_plan(
+            arch,
+            partial(_open, checkpoint_path),
+            plan,
+            partial_dir,
+            tensor_parallel,
+            weight_data_type,
+            processes,
+        )
+        for tokenizer_file in arch.checkpoint.tokenizer_files():
+            shutil.copy2(tokenizer_file, partial_dir / tokenizer_file.name)
+        if not (partial_dir / "tokenizer.json").exists():
+            save_tokenizer_json(checkpoint_path, partial_dir / "tokenizer.json")
+        # config.ini last: a directory without it is never mistaken for a finished export.
+        with open(partial_dir / "config.ini", "w") as handle:
+            config_ini(plan.params, arch.section, tensor_parallel, weight_data_type).write(handle)
+        verify_shards(partial_dir)
+    log.info("wrote %.1f MB of FT shards in %.1fs", nbytes / 1e6, time.monotonic() - started)
+    return final

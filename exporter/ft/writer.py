@@ -1,0 +1,176 @@
+"""Write a plan of FT tensors as `<tp>-gpu/*.bin` + `config.ini`: into a temporary directory, renamed when complete.
+
+A failed or interrupted run leaves only a hidden `.<tp>-gpu.partial-*` directory (removed on the way out when the
+process survives), never something that looks like a finished export.
+"""
+
+from __future__ import annotations
+
+import configparser
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ..arch.base import Architecture, ModelParams, Plan, TensorSpec
+from .sharding import file_names, split_tensor
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def config_ini(params: ModelParams, section: str, tensor_parallel: int, weight_data_type: str) -> configparser.ConfigParser:
+    """Every key FT's C++ GPT loader (and its Triton backend) reads from config.ini."""
+    config = configparser.ConfigParser()
+    config[section] = {
+        "model_name": params.model_name,
+        "head_num": str(params.head_num),
+        "size_per_head": str(params.size_per_head),
+        "inter_size": str(params.inter_size),
+        "num_layer": str(params.num_layer),
+        "max_pos_seq_len": str(params.max_pos_seq_len),
+        "vocab_size": str(params.vocab_size),
+        "start_id": str(params.start_id),
+        "end_id": str(params.end_id),
+        "weight_data_type": weight_data_type,
+        "tensor_para_size": str(tensor_parallel),
+        "layernorm_eps": repr(float(params.layernorm_eps)),
+        "layernorm_type": params.layernorm_type,
+        "activation_type": params.activation_type,
+        "has_positional_encoding": "1",
+        "has_pre_decoder_layernorm": "0",
+        "has_post_decoder_layernorm": "1",
+        "has_adapters": "0",
+        "adapter_inter_size": "0",
+        "use_attention_linear_bias": "0",
+        "int8_mode": "0",
+    }
+    # FT's loader also looks up the mixture-of-experts structure; a dense model has none.
+    config["structure"] = {"gpt_with_moe": "0", "expert_num": "0", "moe_layers": "[]"}
+    return config
+
+
+def write_tensor(tensor: torch.Tensor, path: Path) -> None:
+    """Raw row-major little-endian bytes, nothing else (FT's loadWeightFromBin reads exactly this)."""
+    tensor.contiguous().view(torch.uint8).numpy().tofile(path)
+
+
+def write_specs(
+    arch: Architecture, specs: Sequence[TensorSpec], out_dir: Path, tensor_parallel: int, weight_data_type: str
+) -> int:
+    """Load, convert, split and write each spec in turn; returns bytes written. One tensor in memory at a time."""
+    dtype = TORCH_DTYPES[weight_data_type]
+    written = 0
+    for spec in specs:
+        tensor = arch.load(spec).to(dtype)
+        for piece, name in zip(
+            split_tensor(tensor, spec.split, tensor_parallel), file_names(spec.ft_name, spec.split, tensor_parallel)
+        ):
+            write_tensor(piece, out_dir / name)
+            written += piece.numel() * piece.element_size()
+        del tensor
+    return written
+
+
+# Worker processes re-open the checkpoint themselves (memory maps and file handles are not shared).
+_worker_arch: Architecture | None = None
+
+
+def _worker_init(make_arch: Callable[[], Architecture]) -> None:
+    global _worker_arch
+    torch.set_num_threads(1)
+    _worker_arch = make_arch()
+
+
+def _worker_write(specs: list[TensorSpec], out_dir: Path, tensor_parallel: int, weight_data_type: str) -> int:
+    assert _worker_arch is not None
+    return write_specs(_worker_arch, specs, out_dir, tensor_parallel, weight_data_type)
+
+
+def _unit_name(layer: int | None, num_layers: int) -> str:
+    return "embeddings and final layernorm" if layer is None else f"layer {layer + 1}/{num_layers}"
+
+
+def write_plan(
+    arch: Architecture,
+    make_arch: Callable[[], Architecture],
+    plan: Plan,
+    out_dir: Path,
+    tensor_parallel: int,
+    weight_data_type: str,
+    processes: int = 1,
+) -> int:
+    """Write every tensor of `plan` into `out_dir`, `processes` workers in parallel; worker errors propagate."""
+    units = plan.by_layer()
+    started = time.monotonic()
+    total = 0
+    num_layers = plan.params.num_layer
+
+    def report(layer: int | None, nbytes: int, done: int) -> None:
+        elapsed = time.monotonic() - started
+        log.info(
+            "wrote %s (%d/%d units, %.1f MB so far, %.1fs)",
+            _unit_name(layer, num_layers),
+            done,
+            len(units),
+            total / 1e6,
+            elapsed,
+        )
+
+    if processes <= 1:
+        for done, (layer, specs) in enumerate(units.items(), start=1):
+            total += write_specs(arch, specs, out_dir, tensor_parallel, weight_data_type)
+            report(layer, total, done)
+        return total
+
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_worker_init, initargs=(make_arch,)) as pool:
+        futures = {
+            pool.submit(_worker_write, specs, out_dir, tensor_parallel, weight_data_type): layer
+            for layer, specs in units.items()
+        }
+        try:
+            for done, future in enumerate(as_completed(futures), start=1):
+                total += future.result()  # re-raises a worker's exception here
+                report(futures[future], total, done)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return total
+
+
+class AtomicDirectory:
+    """Context manager: yields a temporary sibling of `final`; on success renames it to `final` (replacing an
+    older one), on failure removes it."""
+
+    def __init__(self, final: Path):
+        self.final = Path(final)
+        self.temporary: Path | None = None
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.temporary = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
+        return self.temporary
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        assert self.temporary is not None
+        if exc_type is not None:
+            shutil.rmtree(self.temporary, ignore_errors=True)
+            return
+        os.chmod(self.temporary, 0o755)  # mkdtemp makes it 0700
+        if self.final.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.old-", dir=self.final.parent))
+            os.replace(self.final, retired / self.final.name)
+            os.replace(self.temporary, self.final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(self.temporary, self.final)

@@ -1,0 +1,213 @@
+"""Triton `config.pbtxt` files built as tritonclient's protobuf `ModelConfig` and written with `text_format`.
+
+The model's tensors are those of FasterTransformer's GPT Triton backend, so the preprocessing -> model ->
+postprocessing ensemble is the same whichever runtime (FT backend or the python runtime) serves the model.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+UINT32, UINT64, INT32, FP32, BOOL, STRING = (
+    pb.TYPE_UINT32,
+    pb.TYPE_UINT64,
+    pb.TYPE_INT32,
+    pb.TYPE_FP32,
+    pb.TYPE_BOOL,
+    pb.TYPE_STRING,
+)
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    data_type: int
+    dims: tuple[int, ...]
+    scalar: bool = False  # dims [1] reshaped to a per-row scalar, as FT's backend declares them
+    optional: bool = False
+
+
+# FT GPT backend inputs (all_models/gpt/fastertransformer/config.pbtxt), per row of the batch.
+MODEL_INPUTS = (
+    Tensor("input_ids", UINT32, (-1,)),
+    Tensor("input_lengths", UINT32, (1,), scalar=True),
+    Tensor("request_output_len", UINT32, (-1,)),
+)
+SAMPLING_INPUTS = (
+    Tensor("runtime_top_k", UINT32, (1,), scalar=True, optional=True),
+    Tensor("runtime_top_p", FP32, (1,), scalar=True, optional=True),
+    Tensor("beam_search_diversity_rate", FP32, (1,), scalar=True, optional=True),
+    Tensor("temperature", FP32, (1,), scalar=True, optional=True),
+    Tensor("len_penalty", FP32, (1,), scalar=True, optional=True),
+    Tensor("repetition_penalty", FP32, (1,), scalar=True, optional=True),
+    Tensor("random_seed", UINT64, (1,), scalar=True, optional=True),
+    Tensor("is_return_log_probs", BOOL, (1,), scalar=True, optional=True),
+    Tensor("beam_width", UINT32, (1,), scalar=True, optional=True),
+    Tensor("start_id", UINT32, (1,), scalar=True, optional=True),
+    Tensor("end_id", UINT32, (1,), scalar=True, optional=True),
+)
+MODEL_OUTPUTS = (
+    Tensor("output_ids", UINT32, (-1, -1)),  # [batch, beam, prompt + generated]
+    Tensor("sequence_length", UINT32, (-1,)),  # [batch, beam]
+    Tensor("cum_log_probs", FP32, (-1,)),  # [batch, beam]
+    Tensor("output_log_probs", FP32, (-1, -1)),  # [batch, beam, request_output_len]
+)
+
+PREPROCESSING_INPUTS = (Tensor("QUERY", STRING, (-1,)), Tensor("REQUEST_OUTPUT_LEN", UINT32, (-1,)))
+PREPROCESSING_OUTPUTS = (
+    Tensor("INPUT_ID", UINT32, (-1,)),
+    Tensor("REQUEST_INPUT_LEN", UINT32, (1,)),
+    Tensor("REQUEST_OUTPUT_LEN", UINT32, (-1,)),
+)
+POSTPROCESSING_INPUTS = (
+    Tensor("TOKENS_BATCH", UINT32, (-1, -1)),
+    Tensor("SEQUENCE_LENGTH", UINT32, (-1,)),
+    Tensor("INPUT_LENGTHS", UINT32, (1,)),
+)
+POSTPROCESSING_OUTPUTS = (Tensor("OUTPUT", STRING, (-1,)),)
+
+ENSEMBLE_INPUTS = (Tensor("INPUT_0", STRING, (-1,)), Tensor("INPUT_1", UINT32, (-1,))) + SAMPLING_INPUTS
+ENSEMBLE_OUTPUTS = (Tensor("OUTPUT_0", STRING, (-1,)),) + MODEL_OUTPUTS
+
+
+def _add_inputs(config: pb.ModelConfig, tensors: tuple[Tensor, ...], ragged: tuple[str, ...] = ()) -> None:
+    for tensor in tensors:
+        message = config.input.add(name=tensor.name, data_type=tensor.data_type, dims=list(tensor.dims))
+        if tensor.scalar:
+            message.reshape.SetInParent()  # reshape: { shape: [ ] }
+        message.optional = tensor.optional
+        message.allow_ragged_batch = tensor.name in ragged
+
+
+def _add_outputs(config: pb.ModelConfig, tensors: tuple[Tensor, ...]) -> None:
+    for tensor in tensors:
+        config.output.add(name=tensor.name, data_type=tensor.data_type, dims=list(tensor.dims))
+
+
+def _parameters(config: pb.ModelConfig, values: dict[str, object]) -> None:
+    for key, value in values.items():
+        if isinstance(value, bool):
+            value = int(value)
+        config.parameters[key].string_value = str(value)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    name: str
+    runtime: str  # "python" | "fastertransformer"
+    max_batch_size: int
+    tensor_para_size: int
+    pipeline_para_size: int
+    data_type: str
+    model_checkpoint_path: str
+    int8_mode: bool = False
+    enable_custom_all_reduce: bool = False
+    device: str = "auto"
+    instance_count: int = 1
+    max_queue_delay_microseconds: int = 0
+
+
+def model_config(settings: ModelSettings) -> pb.ModelConfig:
+    config = pb.ModelConfig(name=settings.name, max_batch_size=settings.max_batch_size)
+    config.backend = "fastertransformer" if settings.runtime == "fastertransformer" else "python"
+    config.model_transaction_policy.decoupled = False
+    # The python runtime takes requests of different prompt lengths in one batch; FT's backend batches itself.
+    ragged = ("input_ids",) if settings.runtime == "python" else ()
+    _add_inputs(config, MODEL_INPUTS + SAMPLING_INPUTS, ragged=ragged)
+    _add_outputs(config, MODEL_OUTPUTS)
+    # FT's backend manages its GPUs itself and wants KIND_CPU; the python runtime picks its device by parameter.
+    config.instance_group.add(count=settings.instance_count, kind=pb.ModelInstanceGroup.KIND_CPU)
+    if settings.runtime == "python":
+        config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_microseconds
+    parameters: dict[str, object] = {
+        "tensor_para_size": settings.tensor_para_size,
+        "pipeline_para_size": settings.pipeline_para_size,
+        "data_type": settings.data_type,
+        "model_type": "GPT",
+        "model_checkpoint_path": settings.model_checkpoint_path,
+        "int8_mode": settings.int8_mode,
+        "enable_custom_all_reduce": settings.enable_custom_all_reduce,
+    }
+    if settings.runtime == "python":
+        parameters["device"] = settings.device
+    _parameters(config, parameters)
+    return config
+
+
+def _python_model(name: str, max_batch_size: int, inputs, outputs, parameters: dict[str, object]) -> pb.ModelConfig:
+    config = pb.ModelConfig(name=name, backend="python", max_batch_size=max_batch_size)
+    _add_inputs(config, inputs)
+    _add_outputs(config, outputs)
+    config.instance_group.add(count=1, kind=pb.ModelInstanceGroup.KIND_CPU)
+    _parameters(config, parameters)
+    return config
+
+
+def preprocessing_config(max_batch_size: int, end_id: int) -> pb.ModelConfig:
+    return _python_model(
+        "preprocessing", max_batch_size, PREPROCESSING_INPUTS, PREPROCESSING_OUTPUTS, {"end_id": end_id}
+    )
+
+
+def postprocessing_config(max_batch_size: int, end_id: int) -> pb.ModelConfig:
+    return _python_model(
+        "postprocessing", max_batch_size, POSTPROCESSING_INPUTS, POSTPROCESSING_OUTPUTS, {"end_id": end_id}
+    )
+
+
+def ensemble_config(model_name: str, max_batch_size: int) -> pb.ModelConfig:
+    """Text in (`INPUT_0`, output length `INPUT_1`) -> text out (`OUTPUT_0`), as FT's all_models/gpt ensemble."""
+    config = pb.ModelConfig(name="ensemble", platform="ensemble", max_batch_size=max_batch_size)
+    _add_inputs(config, ENSEMBLE_INPUTS)
+    _add_outputs(config, ENSEMBLE_OUTPUTS)
+    steps = config.ensemble_scheduling.step
+
+    preprocessing = steps.add(model_name="preprocessing", model_version=-1)
+    preprocessing.input_map["QUERY"] = "INPUT_0"
+    preprocessing.input_map["REQUEST_OUTPUT_LEN"] = "INPUT_1"
+    for name in ("INPUT_ID", "REQUEST_INPUT_LEN", "REQUEST_OUTPUT_LEN"):
+        preprocessing.output_map[name] = f"_{name}"
+
+    model = steps.add(model_name=model_name, model_version=-1)
+    model.input_map["input_ids"] = "_INPUT_ID"
+    model.input_map["input_lengths"] = "_REQUEST_INPUT_LEN"
+    model.input_map["request_output_len"] = "_REQUEST_OUTPUT_LEN"
+    for tensor in SAMPLING_INPUTS:
+        model.input_map[tensor.name] = tensor.name
+    for tensor in MODEL_OUTPUTS:
+        model.output_map[tensor.name] = tensor.name
+
+    postprocessing = steps.add(model_name="postprocessing", model_version=-1)
+    postprocessing.input_map["TOKENS_BATCH"] = "output_ids"
+    postprocessing.input_map["SEQUENCE_LENGTH"] = "sequence_length"
+    postprocessing.input_map["INPUT_LENGTHS"] = "_REQUEST_INPUT_LEN"
+    postprocessing.output_map["OUTPUT"] = "OUTPUT_0"
+    return config
+
+
+def write_config(config: pb.ModelConfig, model_dir: Path) -> Path:
+    """Write `<model_dir>/config.pbtxt` atomically."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    target = model_dir / "config.pbtxt"
+    descriptor, temporary = tempfile.mkstemp(prefix=".config.pbtxt.", dir=model_dir)
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text_format.MessageToString(config))
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def read_config(path: Path) -> pb.ModelConfig:
+    """Parse a config.pbtxt back into a ModelConfig (raises on anything protobuf's text format rejects)."""
+    return text_format.Parse(Path(path).read_text(), pb.ModelConfig())

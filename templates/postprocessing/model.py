@@ -1,0 +1,123 @@
+"""Triton python-backend model `postprocessing`: generated token ids -> text.
+
+Self-contained: runs inside a generated model repository with only numpy, tokenizers and
+triton_python_backend_utils available. Tokenizer: `tokenizer/tokenizer.json` next to this file.
+
+inputs : TOKENS_BATCH    UINT32 [B, beam, T]  prompt + generated ids, end_id after sequence_length
+         SEQUENCE_LENGTH UINT32 [B, beam]     prompt + generated length (an emitted end_id counts)
+         INPUT_LENGTHS   UINT32 [B, 1]        prompt length
+output : OUTPUT          BYTES  [B, beam]     utf-8 text of tokens[input_length : sequence_length] only,
+                                              cut before the first end_id (the end token is not text)
+Config parameter `end_id` (string_value). A bad request gets its own error response; the others are unaffected.
+"""
+
+import json
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from tokenizers import Tokenizer
+
+TOKENIZER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer", "tokenizer.json")
+
+
+class RequestError(ValueError):
+    """Problem with one request's inputs; reported to that request only."""
+
+
+def _param(config, key):
+    value = config.get("parameters", {}).get(key)
+    if isinstance(value, dict):
+        value = value.get("string_value")
+    return value if value not in (None, "") else None
+
+
+def load_end_id(config, tokenizer):
+    """end_id from config parameters; fallback: the tokenizer's <|endoftext|> token."""
+    raw = _param(config, "end_id")
+    if raw is not None:
+        return int(raw)
+    token_id = tokenizer.token_to_id("<|endoftext|>")
+    if token_id is None:
+        raise ValueError("config.pbtxt parameter 'end_id' is missing and the tokenizer has no <|endoftext|> token")
+    return int(token_id)
+
+
+def generated_slices(tokens, seq_len, in_len, end_id, vocab_size):
+    """Per (b, beam): the generated ids tokens[b, k, in_len[b] : seq_len[b, k]] up to the first end_id.
+
+    tokens [B, beam, T], seq_len [B, beam], in_len [B] -> nested list [B][beam] of python int lists.
+    """
+    if tokens.ndim == 2:  # [B, T] from a caller without a beam dimension
+        tokens = tokens[:, None, :]
+    if tokens.ndim != 3:
+        raise RequestError(f"TOKENS_BATCH must be [batch, beam, T], got {list(tokens.shape)}")
+    batch, beam, t_max = tokens.shape
+    if batch == 0 or beam == 0:
+        raise RequestError(f"TOKENS_BATCH is empty (shape {list(tokens.shape)})")
+    seq_len = np.asarray(seq_len).reshape(batch, -1)
+    in_len = np.asarray(in_len).reshape(-1)
+    if seq_len.shape != (batch, beam):
+        raise RequestError(f"SEQUENCE_LENGTH must be [{batch}, {beam}], got {list(seq_len.shape)}")
+    if in_len.shape != (batch,):
+        raise RequestError(f"INPUT_LENGTHS must be [{batch}, 1], got {list(in_len.shape)}")
+    out = []
+    for b in range(batch):
+        start = int(in_len[b])
+        row = []
+        for k in range(beam):
+            stop = int(seq_len[b, k])
+            if not 0 <= start <= stop <= t_max:
+                raise RequestError(
+                    f"row {b} beam {k}: need 0 <= input_length ({start}) <= sequence_length ({stop}) <= T ({t_max})"
+                )
+            ids = tokens[b, k, start:stop].astype(np.int64)
+            ends = np.nonzero(ids == end_id)[0]
+            if ends.size:
+                ids = ids[: ends[0]]
+            if ids.size and int(ids.max()) >= vocab_size:
+                raise RequestError(f"row {b} beam {k}: token id {int(ids.max())} outside the vocabulary ({vocab_size})")
+            row.append(ids.tolist())
+        out.append(row)
+    return out
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.tokenizer = Tokenizer.from_file(TOKENIZER_PATH)
+        self.end_id = load_end_id(config, self.tokenizer)
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def _input(self, request, name):
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            raise RequestError(f"{name} is missing")
+        return tensor.as_numpy()
+
+    def _one(self, request):
+        slices = generated_slices(
+            np.asarray(self._input(request, "TOKENS_BATCH")),
+            self._input(request, "SEQUENCE_LENGTH"),
+            self._input(request, "INPUT_LENGTHS"),
+            self.end_id,
+            self.vocab_size,
+        )
+        batch, beam = len(slices), len(slices[0])
+        flat = [ids for row in slices for ids in row]
+        texts = self.tokenizer.decode_batch(flat, skip_special_tokens=True)
+        output = np.empty(batch * beam, dtype=object)
+        output[:] = [t.encode("utf-8") for t in texts]  # BYTES tensors carry utf-8 bytes
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT", output.reshape(batch, beam))])
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self._one(request))
+            except Exception as e:  # one bad request must not fail the others in the batch
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"postprocessing: {e}")))
+        return responses
+
+    def finalize(self):
+        self.tokenizer = None

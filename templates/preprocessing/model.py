@@ -1,0 +1,125 @@
+"""Triton python-backend model `preprocessing`: prompt strings -> padded token ids.
+
+Self-contained: runs inside a generated model repository with only numpy, tokenizers and
+triton_python_backend_utils available. Tokenizer: `tokenizer/tokenizer.json` next to this file.
+
+inputs : QUERY              BYTES  [B, 1]  utf-8 prompt per row
+         REQUEST_OUTPUT_LEN UINT32 [B, 1]  passed through
+outputs: INPUT_ID           UINT32 [B, Lmax]  right-padded with end_id
+         REQUEST_INPUT_LEN  UINT32 [B, 1]     real lengths
+         REQUEST_OUTPUT_LEN UINT32 [B, 1]
+Config parameter `end_id` (string_value): the pad / end token id.
+A bad request (empty, not utf-8, mismatched batch) gets its own error response; the others are unaffected.
+"""
+
+import json
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from tokenizers import Tokenizer
+
+TOKENIZER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer", "tokenizer.json")
+
+
+class RequestError(ValueError):
+    """Problem with one request's inputs; reported to that request only."""
+
+
+def _param(config, key):
+    """A config.pbtxt parameter's string_value, or None."""
+    value = config.get("parameters", {}).get(key)
+    if isinstance(value, dict):
+        value = value.get("string_value")
+    return value if value not in (None, "") else None
+
+
+def load_end_id(config, tokenizer):
+    """end_id from config parameters; fallback: the tokenizer's <|endoftext|> token."""
+    raw = _param(config, "end_id")
+    if raw is not None:
+        return int(raw)
+    token_id = tokenizer.token_to_id("<|endoftext|>")
+    if token_id is None:
+        raise ValueError("config.pbtxt parameter 'end_id' is missing and the tokenizer has no <|endoftext|> token")
+    return int(token_id)
+
+
+def decode_queries(query):
+    """QUERY [B, 1] object/bytes array -> list of B python strings."""
+    query = np.asarray(query)
+    if query.ndim == 1:
+        query = query.reshape(-1, 1)
+    if query.ndim != 2 or query.shape[1] != 1:
+        raise RequestError(f"QUERY must have shape [batch, 1], got {list(query.shape)}")
+    if query.shape[0] == 0:
+        raise RequestError("QUERY is empty (batch of 0)")
+    texts = []
+    for b in range(query.shape[0]):
+        item = query[b, 0]
+        if isinstance(item, (bytes, np.bytes_)):
+            try:
+                item = bytes(item).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RequestError(f"QUERY[{b}] is not valid utf-8: {e}") from None
+        elif not isinstance(item, str):
+            raise RequestError(f"QUERY[{b}] is not a string (got {type(item).__name__})")
+        if item == "":
+            raise RequestError(f"QUERY[{b}] is empty")
+        texts.append(item)
+    return texts
+
+
+def pad_ids(id_lists, pad_id):
+    """List of B token-id lists -> (ids [B, Lmax] uint32 right-padded with pad_id, lengths [B, 1] uint32)."""
+    lengths = np.array([len(ids) for ids in id_lists], dtype=np.uint32).reshape(-1, 1)
+    out = np.full((len(id_lists), int(lengths.max())), pad_id, dtype=np.uint32)
+    for b, ids in enumerate(id_lists):
+        out[b, : len(ids)] = ids
+    return out, lengths
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.tokenizer = Tokenizer.from_file(TOKENIZER_PATH)
+        # The model wants raw prompt ids: no padding/truncation baked into tokenizer.json.
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.end_id = load_end_id(config, self.tokenizer)
+
+    def _one(self, request):
+        texts = decode_queries(pb_utils.get_input_tensor_by_name(request, "QUERY").as_numpy())
+        out_len_tensor = pb_utils.get_input_tensor_by_name(request, "REQUEST_OUTPUT_LEN")
+        if out_len_tensor is None:
+            raise RequestError("REQUEST_OUTPUT_LEN is missing")
+        out_len = np.asarray(out_len_tensor.as_numpy())
+        if out_len.shape[0] != len(texts):
+            raise RequestError(f"REQUEST_OUTPUT_LEN has batch {out_len.shape[0]}, QUERY has {len(texts)}")
+        out_len = out_len.reshape(len(texts), -1).astype(np.uint32)
+
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        id_lists = [enc.ids for enc in encodings]
+        for b, ids in enumerate(id_lists):
+            if not ids:
+                raise RequestError(f"QUERY[{b}] encodes to no tokens")
+        input_id, input_len = pad_ids(id_lists, self.end_id)
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("INPUT_ID", input_id),
+                pb_utils.Tensor("REQUEST_INPUT_LEN", input_len),
+                pb_utils.Tensor("REQUEST_OUTPUT_LEN", out_len),
+            ]
+        )
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self._one(request))
+            except Exception as e:  # one bad request must not fail the others in the batch
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preprocessing: {e}")))
+        return responses
+
+    def finalize(self):
+        self.tokenizer = None
