@@ -280,7 +280,7 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             f"--exit-timeout-secs={max(1, int(self.stop_timeout_s) - 5)}",
             # Unique shm region names: two servers on one machine must not share python-backend regions.
-            f"--backend-config=python,shm-region-prefix-name=ftexp{os.getpid()}_{self.http_port}_",
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix()}",
         ]
         if self.install.backend_dir is not None:
             argv.append(f"--backend-directory={self.install.backend_dir}")
@@ -290,6 +290,10 @@ class TritonServer:
             argv.append("--model-control-mode=explicit")
             argv += [f"--load-model={name}" for name in self.load_models]
         return argv + self.extra_args
+
+    def _shm_prefix(self) -> str:
+        """Name prefix of this server's python-backend shared-memory regions (/dev/shm/<prefix>...)."""
+        return f"ftexp{os.getpid()}_{self.http_port}_"
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def __enter__(self) -> "TritonServer":
@@ -413,6 +417,13 @@ class TritonServer:
                 time.sleep(0.1)
             if _group_alive(pgid):
                 _killpg(pgid, signal.SIGKILL)
+                time.sleep(0.2)
+            # A killed server/stub leaves its regions behind; only names with our unique prefix are touched.
+            for region in Path("/dev/shm").glob(self._shm_prefix() + "*"):
+                try:
+                    region.unlink()
+                except OSError:
+                    pass
 
     @property
     def running(self) -> bool:
