@@ -142,7 +142,7 @@ class HFGenerator:
         from transformers import AutoModelForCausalLM
 
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint), torch_dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).float().eval()
         self.end_id = end_id
 
     def __call__(self, batch: list[Example]) -> list[list[int]]:
@@ -206,6 +206,7 @@ def evaluate(
         served_seconds = time.monotonic() - started
         entry: dict = {
             "served": served_score.summary(),
+            "served_predictions": served_score.predictions,
             "served_seconds": round(served_seconds, 3),
             "served_examples_per_second": round(len(examples) / served_seconds, 2) if served_seconds else None,
         }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -72,7 +72,11 @@ POSTPROCESSING_INPUTS = (
 )
 POSTPROCESSING_OUTPUTS = (Tensor("OUTPUT", STRING, (-1,)),)
 
-ENSEMBLE_INPUTS = (Tensor("INPUT_0", STRING, (-1,)), Tensor("INPUT_1", UINT32, (-1,))) + SAMPLING_INPUTS
+# The ensemble declares the sampling inputs as plain [1] (no reshape): Triton matches ensemble tensors against the
+# model's declared dims, before the model's reshape.
+ENSEMBLE_INPUTS = (Tensor("INPUT_0", STRING, (-1,)), Tensor("INPUT_1", UINT32, (-1,))) + tuple(
+    replace(tensor, scalar=False) for tensor in SAMPLING_INPUTS
+)
 ENSEMBLE_OUTPUTS = (Tensor("OUTPUT_0", STRING, (-1,)),) + MODEL_OUTPUTS
 
 
