@@ -1,0 +1,100 @@
+"""LAMBADA through the launched server equals an independent HF transformers computation, example by example."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import read_json
+from exporter.evaluate.lambada import AccuracyMismatch, evaluate, read_texts
+from test_config import composed
+
+ROOT = Path(__file__).resolve().parents[1]
+LAMBADA = ROOT / "exporter" / "data" / "lambada_test.jsonl"
+LIMIT = 24
+
+
+def independent_predictions(model, tokenizer, texts: list[str]) -> dict[str, tuple[list[list[int]], int]]:
+    """Both metrics computed here with HF transformers alone, one example at a time (no padding)."""
+    results = {}
+    for metric in ("last_token", "last_word"):
+        predictions, correct = [], 0
+        for text in texts:
+            if metric == "last_token":
+                ids = tokenizer.encode(text)
+                context, label = ids[:-1], ids[-1:]
+            else:
+                head, word = text.rstrip().rsplit(" ", 1)
+                context, label = tokenizer.encode(head), tokenizer.encode(" " + word)
+            with torch.inference_mode():
+                out = model.generate(torch.tensor([context]), max_new_tokens=len(label), do_sample=False,
+                                     num_beams=1, pad_token_id=50256)
+            prediction = out[0, len(context):].tolist()[: len(label)]
+            predictions.append(prediction)
+            correct += prediction == label
+        results[metric] = (predictions, correct)
+    return results
+
+
+@pytest.mark.triton
+def test_lambada_through_server_matches_hf(tmp_path, tiny_gpt2, hf_model):
+    from main import run
+    from transformers import GPT2TokenizerFast
+
+    cfg = composed(
+        f"base_results_dir={tmp_path}", f"export.model.checkpoint_path={tiny_gpt2}",
+        f"export.accuracy.limit={LIMIT}", "export.accuracy.batch_size=8", "export.triton_deployment.max_batch_size=8",
+        "export.model.tensor_model_parallel_size=2",
+    )
+    run(cfg)
+    output = next(tmp_path.glob("gpt2/export_*/eval_output.json"))
+    results = read_json(output)
+    assert results["examples"] == LIMIT and results["passed"] is True
+
+    expected = independent_predictions(hf_model, GPT2TokenizerFast.from_pretrained(tiny_gpt2), read_texts(LAMBADA, LIMIT))
+    for metric, (predictions, correct) in expected.items():
+        entry = results["metrics"][metric]
+        assert entry["served_predictions"] == predictions, metric
+        assert entry["served"] == {"accuracy": correct / LIMIT, "correct": correct, "total": LIMIT}
+        assert entry["reference"]["correct"] == correct
+        assert entry["prediction_agreement"] == 1.0
+    # The server's log is kept in the results dir.
+    assert (output.parent / "accuracy" / "tritonserver.log").stat().st_size > 0
+
+
+def test_parity_failure_fails_the_stage(tmp_path):
+    """Served and reference accuracy differing by more than the tolerance raises, after writing the results."""
+    texts = ["one two three", "four five six", "seven eight nine", "ten eleven twelve"]
+    encode = lambda text: [len(word) for word in text.split()]  # noqa: E731  a toy tokenizer: word lengths
+    always_right = lambda batch: [example.label for example in batch]  # noqa: E731
+    always_wrong = lambda batch: [[0] * len(example.label) for example in batch]  # noqa: E731
+    output = tmp_path / "eval_output.json"
+    with pytest.raises(AccuracyMismatch, match="last_word"):
+        evaluate(texts=texts, encode=encode, served=always_wrong, reference=always_right, metrics=["last_word"],
+                 batch_size=2, max_seq_len=16, tolerance=0.25, output_path=output)
+    written = json.loads(output.read_text())
+    assert written["passed"] is False
+    assert written["metrics"]["last_word"]["difference"] == -1.0
+    ok = evaluate(texts=texts, encode=encode, served=always_right, reference=always_right, metrics=["last_word"],
+                  batch_size=3, max_seq_len=16, tolerance=0.0, output_path=output)
+    assert ok["passed"] is True and ok["metrics"]["last_word"]["served"]["correct"] == 4
+
+
+@pytest.mark.triton
+def test_default_run_end_to_end(tmp_path):
+    """README command 1 (`python main.py`), on a subset so the test stays short."""
+    done = subprocess.run(
+        [sys.executable, "main.py", f"base_results_dir={tmp_path}", "export.accuracy.limit=16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "parity: passed" in done.stdout
+    results = read_json(next(tmp_path.glob("gpt2/export_tp1_pp1_fp32_fp32/eval_output.json")))
+    assert set(results["metrics"]) == {"last_token", "last_word"}
+    repo = tmp_path / "gpt2" / "export_tp1_pp1_fp32_fp32" / "model_repo"
+    assert sorted(p.name for p in repo.iterdir()) == ["ensemble", "gpt2", "postprocessing", "preprocessing"]

@@ -1,0 +1,87 @@
+"""Rendered config.pbtxt files parse back into ModelConfig, and the ensemble is wired to tensors that exist."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+from exporter.triton.render import ModelSettings
+from exporter.triton.repo import build_repository
+
+FT_BACKEND_INPUTS = {
+    # name: (data type, dims) as FT's GPT backend declares them (all_models/gpt/fastertransformer/config.pbtxt)
+    "input_ids": (pb.TYPE_UINT32, [-1]), "input_lengths": (pb.TYPE_UINT32, [1]),
+    "request_output_len": (pb.TYPE_UINT32, [-1]), "runtime_top_k": (pb.TYPE_UINT32, [1]),
+    "runtime_top_p": (pb.TYPE_FP32, [1]), "beam_search_diversity_rate": (pb.TYPE_FP32, [1]),
+    "temperature": (pb.TYPE_FP32, [1]), "len_penalty": (pb.TYPE_FP32, [1]),
+    "repetition_penalty": (pb.TYPE_FP32, [1]), "random_seed": (pb.TYPE_UINT64, [1]),
+    "is_return_log_probs": (pb.TYPE_BOOL, [1]), "beam_width": (pb.TYPE_UINT32, [1]),
+    "start_id": (pb.TYPE_UINT32, [1]), "end_id": (pb.TYPE_UINT32, [1]),
+}
+FT_BACKEND_OUTPUTS = {
+    "output_ids": (pb.TYPE_UINT32, [-1, -1]), "sequence_length": (pb.TYPE_UINT32, [-1]),
+    "cum_log_probs": (pb.TYPE_FP32, [-1]), "output_log_probs": (pb.TYPE_FP32, [-1, -1]),
+}
+
+
+def parse(path: Path) -> pb.ModelConfig:
+    return text_format.Parse(path.read_text(), pb.ModelConfig())
+
+
+@pytest.fixture(scope="module", params=["python", "fastertransformer"])
+def repo(request, tmp_path_factory, tiny_gpt2):
+    settings = ModelSettings(
+        name="my_gpt", runtime=request.param, max_batch_size=16, tensor_para_size=2, pipeline_para_size=1,
+        data_type="fp16", model_checkpoint_path="", int8_mode=False, enable_custom_all_reduce=True,
+    )
+    return build_repository(tmp_path_factory.mktemp(request.param) / "model_repo", tiny_gpt2, settings, "fp16")
+
+
+def test_every_config_parses_back(repo):
+    configs = {path.parent.name: parse(path) for path in repo.glob("*/config.pbtxt")}
+    assert set(configs) == {"my_gpt", "preprocessing", "postprocessing", "ensemble"}
+    for name, config in configs.items():
+        assert config.name == name
+        assert config.max_batch_size == 16
+
+
+def test_model_has_ft_backend_interface(repo):
+    config = parse(repo / "my_gpt" / "config.pbtxt")
+    inputs = {i.name: (i.data_type, list(i.dims)) for i in config.input}
+    outputs = {o.name: (o.data_type, list(o.dims)) for o in config.output}
+    assert inputs == FT_BACKEND_INPUTS and outputs == FT_BACKEND_OUTPUTS
+    optional = {i.name for i in config.input if i.optional}
+    assert optional == set(FT_BACKEND_INPUTS) - {"input_ids", "input_lengths", "request_output_len"}
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    assert parameters["tensor_para_size"] == "2" and parameters["pipeline_para_size"] == "1"
+    assert parameters["data_type"] == "fp16" and parameters["model_type"] == "GPT"
+    assert parameters["int8_mode"] == "0" and parameters["enable_custom_all_reduce"] == "1"
+    if config.backend == "fastertransformer":
+        # FT's backend needs the absolute path of the shards.
+        assert parameters["model_checkpoint_path"] == str(repo / "my_gpt" / "1" / "2-gpu")
+        assert not (repo / "my_gpt" / "1" / "model.py").exists()
+    else:
+        assert config.backend == "python"
+        assert (repo / "my_gpt" / "1" / parameters["model_checkpoint_path"] / "config.ini").is_file()
+        assert (repo / "my_gpt" / "1" / "model.py").is_file()
+
+
+def test_ensemble_is_wired_to_existing_tensors(repo):
+    configs = {path.parent.name: parse(path) for path in repo.glob("*/config.pbtxt")}
+    ensemble = configs["ensemble"]
+    assert ensemble.platform == "ensemble"
+    assert {"INPUT_0", "INPUT_1"} <= {i.name for i in ensemble.input}
+    assert "OUTPUT_0" in {o.name for o in ensemble.output}
+    available = {i.name for i in ensemble.input}
+    for step in ensemble.ensemble_scheduling.step:
+        model = configs[step.model_name]
+        assert set(step.input_map) <= {i.name for i in model.input}, step.model_name
+        required = {i.name for i in model.input if not i.optional}
+        assert required <= set(step.input_map), step.model_name
+        assert set(step.input_map.values()) <= available, step.model_name
+        assert set(step.output_map) <= {o.name for o in model.output}, step.model_name
+        available |= set(step.output_map.values())
+    assert {o.name for o in ensemble.output} <= available
