@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..ft.sharding import Split
-from ..readers.hf import CheckpointError, HFCheckpoint
+from ..readers.hf import CheckpointError, HFCheckpoint, Scratch
 
 
 @dataclass(frozen=True)
@@ -137,8 +137,8 @@ class Architecture:
             specs.append(TensorSpec(ft_name, full_source, shape, split, layer))
         return Plan(params, specs)
 
-    def load(self, spec: TensorSpec) -> torch.Tensor:
-        tensor = self.to_ft(spec.ft_name, self.checkpoint.load(spec.source))
+    def load(self, spec: TensorSpec, scratch: Scratch | None = None) -> torch.Tensor:
+        tensor = self.to_ft(spec.ft_name, self.checkpoint.load(spec.source, scratch))
         if tuple(tensor.shape) != spec.shape:
             raise CheckpointError(f"{spec.source}: produced shape {list(tensor.shape)}, planned {list(spec.shape)}")
         return tensor

@@ -13,13 +13,14 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from ..arch.base import Architecture, ModelParams, Plan, TensorSpec
+from ..readers.hf import Scratch
 from .sharding import file_names, split_tensor
 
 log = logging.getLogger(__name__)
@@ -58,25 +59,80 @@ def config_ini(params: ModelParams, section: str, tensor_parallel: int, weight_d
     return config
 
 
-def write_tensor(tensor: torch.Tensor, path: Path) -> None:
+CHUNK_BYTES = 16 << 20  # converted output is written in pieces of about this size
+
+
+def write_tensor(tensor: torch.Tensor, path: Path, append: bool = False) -> None:
     """Raw row-major little-endian bytes, nothing else (FT's loadWeightFromBin reads exactly this)."""
-    tensor.contiguous().view(torch.uint8).numpy().tofile(path)
+    with open(path, "ab" if append else "wb", buffering=0) as handle:
+        handle.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
+
+
+class _ChunkWriter:
+    """Casts pieces into two alternating reused buffers and writes each on a background thread, so reading and
+    converting the next chunk overlaps the write of the previous one. Memory: two chunks, whatever the model."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.buffers = [torch.empty(0, dtype=dtype), torch.empty(0, dtype=dtype)]
+        self.turn = 0
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: Future | None = None
+
+    def write(self, piece: torch.Tensor, path: Path) -> int:
+        """Append `piece` (any strides, any dtype) to `path` as contiguous `dtype`, in row chunks."""
+        rows = piece.shape[0] if piece.dim() else 1
+        row_bytes = max(1, piece.numel() // max(rows, 1)) * self.dtype.itemsize
+        step = max(1, CHUNK_BYTES // row_bytes)
+        flat = piece.reshape(1) if piece.dim() == 0 else piece
+        for start in range(0, max(rows, 1), step):
+            chunk = flat[start : start + step]
+            buffer = self._buffer(chunk.numel())
+            out = buffer[: chunk.numel()].view(chunk.shape)
+            out.copy_(chunk)  # cast + gather of a strided split in one pass
+            self.wait()
+            self.pending = self.pool.submit(write_tensor, out, path, start > 0)
+        return piece.numel() * self.dtype.itemsize
+
+    def _buffer(self, numel: int) -> torch.Tensor:
+        self.turn ^= 1
+        if self.buffers[self.turn].numel() < numel:
+            self.buffers[self.turn] = torch.empty(numel, dtype=self.dtype)
+        return self.buffers[self.turn]
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()  # re-raises a write error
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown()
 
 
 def write_specs(
     arch: Architecture, specs: Sequence[TensorSpec], out_dir: Path, tensor_parallel: int, weight_data_type: str
 ) -> int:
-    """Load, convert, split and write each spec in turn; returns bytes written. One tensor in memory at a time."""
-    dtype = TORCH_DTYPES[weight_data_type]
+    """Load, split, convert and write each spec in turn; returns bytes written.
+
+    Memory: one source tensor (read into a reused buffer) plus two output chunks. The scratch buffer may be
+    reused as soon as `writer.write` returns: the writer thread only reads its own output buffers.
+    """
+    writer = _ChunkWriter(TORCH_DTYPES[weight_data_type])
+    scratch = Scratch()
     written = 0
-    for spec in specs:
-        tensor = arch.load(spec).to(dtype)
-        for piece, name in zip(
-            split_tensor(tensor, spec.split, tensor_parallel), file_names(spec.ft_name, spec.split, tensor_parallel)
-        ):
-            write_tensor(piece, out_dir / name)
-            written += piece.numel() * piece.element_size()
-        del tensor
+    try:
+        for spec in specs:
+            tensor = arch.load(spec, scratch)
+            for piece, name in zip(
+                split_tensor(tensor, spec.split, tensor_parallel),
+                file_names(spec.ft_name, spec.split, tensor_parallel),
+            ):
+                written += writer.write(piece, out_dir / name)
+    finally:
+        writer.close()
     return written
 
 

@@ -2,7 +2,8 @@
 
 Formats: `model.safetensors`, sharded safetensors (`model.safetensors.index.json`), `pytorch_model.bin` and
 sharded `pytorch_model.bin.index.json`. Safetensors files are memory-mapped; pickles are opened with
-`torch.load(mmap=True, weights_only=True)`, so no format ever materialises the whole state dict.
+`torch.load(mmap=True, weights_only=True)`, so no format ever materialises the whole state dict. Headers stay
+open for names and shapes; each tensor is read on its own and nothing stays mapped (see `load`).
 """
 
 from __future__ import annotations
@@ -65,8 +66,7 @@ class HFCheckpoint:
                 return files
         single = self.path / SAFETENSORS_SINGLE
         if single.is_file():
-            with safe_open(single, framework="pt") as handle:
-                return {name: single for name in handle.keys()}
+            return {name: single for name in self._header(single)[1]}
         single = self.path / PICKLE_SINGLE
         if single.is_file():
             return {name: single for name in self._pickle(single).keys()}
@@ -83,12 +83,20 @@ class HFCheckpoint:
             self._handles[file] = handle
         return handle
 
-    def _safetensors(self, file: Path):
-        handle = self._handles.get(file)
-        if handle is None:
-            handle = safe_open(file, framework="pt")
-            self._handles[file] = handle
-        return handle
+    def _header(self, file: Path) -> tuple[int, dict[str, dict]]:
+        """(offset of the data section, {name: {dtype, shape, data_offsets}}) of a safetensors file."""
+        header = self._handles.get(file)
+        if header is None:
+            # Let the safetensors library validate the file once; then keep only its header.
+            with safe_open(file, framework="pt"):
+                pass
+            with open(file, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                entries = json.loads(handle.read(size))
+            entries.pop("__metadata__", None)
+            header = (8 + size, entries)
+            self._handles[file] = header
+        return header
 
     # -- access ----------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -106,22 +114,48 @@ class HFCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         file = self._file(name)
         if file.suffix == ".safetensors":
-            return tuple(self._safetensors(file).get_slice(name).get_shape())
+            return tuple(self._header(file)[1][name]["shape"])
         return tuple(self._pickle(file)[name].shape)
 
     def dtype(self, name: str) -> torch.dtype:
         file = self._file(name)
         if file.suffix == ".safetensors":
-            dtype = self._safetensors(file).get_slice(name).get_dtype()
-            return _SAFETENSORS_DTYPES.get(dtype, dtype)
+            dtype = self._header(file)[1][name]["dtype"]
+            if dtype not in _SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{name}: unsupported safetensors dtype {dtype}")
+            return _SAFETENSORS_DTYPES[dtype]
         return self._pickle(file)[name].dtype
 
-    def load(self, name: str) -> torch.Tensor:
-        """Read one tensor into memory (a copy, safe to modify)."""
+    def load(self, name: str, scratch: "Scratch | None" = None) -> torch.Tensor:
+        """Read one tensor into memory (a copy, safe to modify; with `scratch`, valid until its next use).
+
+        Safetensors: one positioned read of the tensor's bytes straight into its buffer (no memory map: pages
+        touched through a map stay in the resident set until it is unmapped, and faulting them in one by one is
+        slower than a read). Pickles: the file is mapped afresh for each tensor and unmapped right after.
+        """
         file = self._file(name)
         if file.suffix == ".safetensors":
-            return self._safetensors(file).get_tensor(name)
-        return self._pickle(file)[name].clone()
+            data_start, entries = self._header(file)
+            entry = entries[name]
+            begin, end = entry["data_offsets"]
+            dtype = self.dtype(name)
+            numel = 1
+            for dim in entry["shape"]:
+                numel *= dim
+            if numel * dtype.itemsize != end - begin:
+                raise CheckpointError(f"{file}: {name} has {end - begin} bytes for shape {entry['shape']}")
+            raw = scratch.take(end - begin) if scratch is not None else torch.empty(end - begin, dtype=torch.uint8)
+            tensor = raw.view(dtype).view(entry["shape"])
+            buffer = memoryview(raw.numpy())
+            with open(file, "rb", buffering=0) as handle:
+                handle.seek(data_start + begin)
+                if handle.readinto(buffer) != end - begin:
+                    raise CheckpointError(f"{file} is truncated: cannot read {name}")
+            return tensor
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        tensor = state[name].clone()
+        del state
+        return tensor
 
     def tokenizer_files(self) -> Iterator[Path]:
         for name in TOKENIZER_FILES:
@@ -131,6 +165,19 @@ class HFCheckpoint:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+class Scratch:
+    """A byte buffer reused across reads: fresh pages cost a fault and zeroing each, reused ones do not."""
+
+    def __init__(self) -> None:
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if self._buffer.numel() < nbytes:
+            self._buffer = torch.empty(0, dtype=torch.uint8)  # release the old one first
+            self._buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buffer[:nbytes]
 
 
 _SAFETENSORS_DTYPES = {

@@ -1,0 +1,142 @@
+"""Benchmark: convert a GPT-2-medium-shaped checkpoint (355 M params, 1.4 GB fp32 safetensors) to fp16 TP=2.
+
+Prints, from one run: our wall time and peak RSS, a plain `cp` of the checkpoint file (the floor), the peak RSS
+of an interpreter that only imports the converter (the baseline), and the largest tensor's size; then whether
+the goals hold: wall time within 1.5x of `cp`, peak RSS within 2x the largest tensor plus the interpreter.
+
+    python benchmarks/convert_gpt2_medium.py [--work-dir /tmp/ft-bench] [--processes 1] [--repeat 3]
+
+The checkpoint is built once, seeded, in the work dir and reused. Each measurement runs in a fresh child process.
+The file is read from the page cache in both `cp` and the conversion (the build or an earlier run warmed it), and
+neither waits for its writes to reach the disk (no fsync in either; an untimed `sync` runs before each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GPT2_MEDIUM = {
+    "architectures": ["GPT2LMHeadModel"],
+    "model_type": "gpt2",
+    "vocab_size": 50257,
+    "n_positions": 1024,
+    "n_embd": 1024,
+    "n_layer": 24,
+    "n_head": 16,
+    "n_inner": None,
+    "activation_function": "gelu_new",
+    "layer_norm_epsilon": 1e-5,
+    "bos_token_id": 50256,
+    "eos_token_id": 50256,
+}
+
+# Runs in a child: the measured work, then its own peak RSS (KiB on Linux), workers included.
+CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+started = time.monotonic()
+from exporter.ft.convert import convert_checkpoint
+imported = time.monotonic()
+if {convert}:
+    convert_checkpoint({source!r}, {out!r}, tensor_parallel=2, weight_data_type="fp16", processes={processes})
+peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+print(json.dumps({{"seconds": time.monotonic() - started, "import_seconds": imported - started, "peak_rss_kib": peak}}))
+"""
+
+
+def build_checkpoint(directory: Path) -> Path:
+    if (directory / "model.safetensors").is_file():
+        return directory
+    sys.path.insert(0, str(ROOT))
+    from exporter.builtin import write_tiny_gpt2
+
+    print(f"building a seeded GPT-2-medium-shaped checkpoint in {directory} ...", flush=True)
+    return write_tiny_gpt2(directory, GPT2_MEDIUM)
+
+
+def run_child(source: Path, out: Path, processes: int, convert: bool) -> dict:
+    code = CHILD.format(root=str(ROOT), source=str(source), out=str(out), processes=processes, convert=convert)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["wall_seconds"] = time.monotonic() - started
+    return result
+
+
+def time_cp(source: Path, destination: Path) -> float:
+    started = time.monotonic()
+    subprocess.run(["cp", str(source), str(destination)], check=True)
+    seconds = time.monotonic() - started
+    destination.unlink()
+    return seconds
+
+
+def largest_tensor(source: Path) -> tuple[str, int]:
+    with open(source, "rb") as handle:
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    header.pop("__metadata__", None)
+    name, entry = max(header.items(), key=lambda item: item[1]["data_offsets"][1] - item[1]["data_offsets"][0])
+    return name, entry["data_offsets"][1] - entry["data_offsets"][0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/ft-bench"))
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+
+    checkpoint = build_checkpoint(args.work_dir / "gpt2-medium")
+    source = checkpoint / "model.safetensors"
+    out = args.work_dir / "out"
+    file_bytes = source.stat().st_size
+    name, largest = largest_tensor(source)
+    subprocess.run(["cat", str(source)], stdout=subprocess.DEVNULL, check=True)  # same warm page cache for all
+
+    cp_times, ours, baseline = [], [], []
+    for _ in range(args.repeat):
+        # Untimed `sync` before each timed run: neither pays for flushing the other's writes.
+        subprocess.run(["sync"], check=True)
+        cp_times.append(time_cp(source, args.work_dir / "copy.safetensors"))
+        subprocess.run(["sync"], check=True)
+        result = run_child(checkpoint, out, args.processes, convert=True)
+        ours.append(result)
+        shutil.rmtree(out)
+        baseline.append(run_child(checkpoint, out, args.processes, convert=False))
+
+    cp_s = statistics.median(cp_times)
+    ours_s = statistics.median(r["seconds"] for r in ours)
+    import_s = statistics.median(r["import_seconds"] for r in ours)
+    ours_rss = max(r["peak_rss_kib"] for r in ours) * 1024
+    base_rss = max(r["peak_rss_kib"] for r in baseline) * 1024
+    rss_goal = 2 * largest + base_rss
+    mb = 1e6
+    print()
+    print(f"checkpoint: {source} ({file_bytes / mb:.0f} MB fp32), fp16 TP=2, processes={args.processes}, "
+          f"median of {args.repeat}")
+    print(f"largest tensor: {name} {largest / mb:.1f} MB")
+    print(f"{'':30}{'wall s':>10}{'peak RSS MB':>14}")
+    print(f"{'cp (floor)':30}{cp_s:>10.2f}{'':>14}")
+    print(f"{'interpreter + imports':30}{'':>10}{base_rss / mb:>14.0f}")
+    print(f"{'ours: imports (torch, ...)':30}{import_s:>10.2f}")
+    print(f"{'ours: conversion':30}{ours_s - import_s:>10.2f}")
+    print(f"{'ours: total':30}{ours_s:>10.2f}{ours_rss / mb:>14.0f}")
+    print(f"time: conversion {(ours_s - import_s) / cp_s:.2f}x cp, total with imports {ours_s / cp_s:.2f}x cp "
+          f"(goal <= 1.5x): conversion {'met' if ours_s - import_s <= 1.5 * cp_s else 'NOT met'}, "
+          f"total {'met' if ours_s <= 1.5 * cp_s else 'NOT met'}")
+    print(f"RSS: {ours_rss / mb:.0f} MB vs 2 x largest + interpreter = {rss_goal / mb:.0f} MB: "
+          f"{'met' if ours_rss <= rss_goal else 'NOT met'}")
+    print(f"(child wall time including interpreter start-up: "
+          f"{statistics.median(r['wall_seconds'] for r in ours):.2f}s)")
+
+
+if __name__ == "__main__":
+    main()
