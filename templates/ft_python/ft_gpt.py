@@ -11,7 +11,6 @@ so every row sees exactly what it would see alone and all rows write the KV cach
 index during decoding.
 """
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,7 +67,11 @@ def _per_row(value, batch, default, dtype, name):
     """Broadcast None / scalar / sequence / array / tensor to a CPU tensor [batch]."""
     if value is None:
         return torch.full((batch,), default, dtype=dtype)
-    t = torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value)
+    if not torch.is_tensor(value):
+        value = np.asarray(value)
+        if value.dtype.kind == "u":  # torch has limited unsigned support: widen first
+            value = value.astype(np.int64)
+    t = torch.as_tensor(value)
     t = t.reshape(-1).to(dtype=dtype, device="cpu")
     if t.numel() == 1:
         return t.expand(batch).clone()
@@ -226,14 +229,18 @@ class FTGPT:
         ids, lengths, new = args["input_ids"], args["input_lengths"], args["max_new_tokens"]
         end, top_k, top_p = args["end_id"], args["top_k"], args["top_p"]
         temp, rep, seed_list = args["temperature"], args["repetition_penalty"], args["random_seed"]
-        bsz, lmax = ids.shape
+        lmax = int(lengths.max())
+        ids = ids[:, :lmax]  # columns past every row's length are padding only
+        bsz = ids.shape[0]
 
         steps = int(new.max())
         total = lmax + steps
-        # Per-row uniforms for every step, drawn up front from the row's own generator.
-        uniforms = torch.stack([
-            torch.rand(steps, generator=torch.Generator().manual_seed(s % (1 << 64)),
-                       dtype=torch.float64) for s in seed_list])             # [B, steps]
+        # Per-row uniforms for every step, drawn up front from the row's own generator
+        # (numpy PCG64: its stream is sequential, so the first n draws never depend on how
+        # many are drawn, i.e. on the other rows' lengths; identical on CPU and CUDA).
+        uniforms = torch.from_numpy(np.stack([
+            np.random.Generator(np.random.PCG64(s % (1 << 64))).random(steps)
+            for s in seed_list]))                                             # [B, steps] f64
 
         # Left-align: row b's real tokens occupy columns offset_b .. Lmax-1.
         offset = lmax - lengths                                               # [B]
@@ -326,8 +333,11 @@ class FTGPT:
         """
         if beam_width is not None and int(np.max(np.asarray(beam_width))) > 1:
             raise ValueError("beam_width > 1 is not supported by the python runtime yet")
-        ids = torch.as_tensor(np.asarray(input_ids) if not torch.is_tensor(input_ids)
-                              else input_ids).to(dtype=torch.long, device="cpu")
+        if not torch.is_tensor(input_ids):
+            input_ids = np.asarray(input_ids)
+            if input_ids.dtype.kind == "u":
+                input_ids = input_ids.astype(np.int64)
+        ids = torch.as_tensor(input_ids).to(dtype=torch.long, device="cpu")
         if ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, max_len], got shape {tuple(ids.shape)}")
         bsz, lmax = ids.shape
@@ -342,10 +352,15 @@ class FTGPT:
         rep = _per_row(repetition_penalty, bsz, 1.0, torch.float32, "repetition_penalty")
         seeds = [0] * bsz  # FT seeds its samplers with 0 when no random_seed is given
         if random_seed is not None:
-            flat = np.asarray(random_seed).reshape(-1)
-            if flat.size not in (1, bsz):
-                raise ValueError(f"random_seed has {flat.size} values for a batch of {bsz}")
-            seeds = [int(v) for v in np.broadcast_to(flat, (bsz,))]
+            # Keep seeds as exact python ints: a numpy array built from a list mixing values
+            # above 2^63 with small ones would silently become float64.
+            if torch.is_tensor(random_seed) or isinstance(random_seed, np.ndarray):
+                flat = random_seed.reshape(-1).tolist()
+            else:
+                flat = np.asarray(random_seed, dtype=object).reshape(-1).tolist()
+            if len(flat) not in (1, bsz):
+                raise ValueError(f"random_seed has {len(flat)} values for a batch of {bsz}")
+            seeds = [int(v) for v in flat] * (bsz if len(flat) == 1 else 1)
         problems = []
         if bool((lengths < 1).any()) or bool((lengths > lmax).any()):
             problems.append(f"input_lengths must be in [1, {lmax}] (the input_ids width), "
