@@ -78,7 +78,7 @@ class ModelConfig:
 @dataclass
 class TritonDeploymentConfig:
     triton_model_dir: str = "${export.run.results_dir}/model_repo/${export.run.model_train_name}"
-    max_batch_size: int = 32
+    max_batch_size: int = 64
     pipeline_model_parallel_size: int = 1
     int8_mode: bool = False
     enable_custom_all_reduce: bool = False

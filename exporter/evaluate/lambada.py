@@ -78,9 +78,18 @@ def build_examples(texts: Sequence[str], encode: Callable[[str], list[int]], met
     return examples
 
 
-def score(examples: Sequence[Example], generate: Callable[[list[Example]], list[list[int]]], batch_size: int) -> Score:
-    """`generate` maps a batch of examples to greedy continuations of len(label) tokens (shorter if it stopped)."""
+def score(
+    examples: Sequence[Example],
+    generate: Callable[[list[Example]], list[list[int]]],
+    batch_size: int,
+    label: str = "",
+) -> Score:
+    """`generate` maps a batch of examples to greedy continuations of len(label) tokens (shorter if it stopped).
+
+    Logs progress about every tenth of the way."""
     result = Score()
+    started = time.monotonic()
+    next_report = len(examples) / 10
     for start in range(0, len(examples), batch_size):
         batch = list(examples[start : start + batch_size])
         for example, generated in zip(batch, generate(batch)):
@@ -88,6 +97,9 @@ def score(examples: Sequence[Example], generate: Callable[[list[Example]], list[
             result.predictions.append(prediction)
             result.correct += prediction == example.label
             result.total += 1
+        if label and result.total >= next_report and result.total < len(examples):
+            log.info("%s: %d/%d examples (%.1fs)", label, result.total, len(examples), time.monotonic() - started)
+            next_report += len(examples) / 10
     return result
 
 
@@ -202,7 +214,7 @@ def evaluate(
     for metric in metrics:
         examples = build_examples(texts, encode, metric, max_seq_len)
         started = time.monotonic()
-        served_score = score(examples, served, batch_size)
+        served_score = score(examples, served, batch_size, f"{metric} served")
         served_seconds = time.monotonic() - started
         entry: dict = {
             "served": served_score.summary(),
@@ -214,7 +226,7 @@ def evaluate(
                  served_score.total, served_seconds)
         if reference is not None:
             started = time.monotonic()
-            reference_score = score(examples, reference, batch_size)
+            reference_score = score(examples, reference, batch_size, f"{metric} reference")
             difference = served_score.accuracy - reference_score.accuracy
             agreement = sum(
                 a == b for a, b in zip(served_score.predictions, reference_score.predictions)
