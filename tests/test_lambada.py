@@ -98,3 +98,21 @@ def test_default_run_end_to_end(tmp_path):
     assert set(results["metrics"]) == {"last_token", "last_word"}
     repo = tmp_path / "gpt2" / "export_tp1_pp1_fp32_fp32" / "model_repo"
     assert sorted(p.name for p in repo.iterdir()) == ["ensemble", "gpt2", "postprocessing", "preprocessing"]
+
+
+@pytest.mark.triton
+def test_ft_runtime_without_ft_backend_is_refused_clearly(tmp_path, tiny_gpt2):
+    """The embedded tritonserver has no FasterTransformer backend: say so instead of a server load failure."""
+    from exporter.serve.tritonserver import TritonServerError, find_tritonserver
+    from main import run
+
+    install = find_tritonserver()
+    if install.backend_dir is not None and (install.backend_dir / "fastertransformer").is_dir():
+        pytest.skip(f"{install.binary} has the FasterTransformer backend")
+    cfg = composed(f"base_results_dir={tmp_path}", f"export.model.checkpoint_path={tiny_gpt2}",
+                   "export.triton_deployment.runtime=fastertransformer", "export.accuracy.reference=none")
+    with pytest.raises(TritonServerError, match="needs a tritonserver with FT's backend"):
+        run(cfg)
+    # The conversion itself still happened: the repository is there for a cluster that has the backend.
+    config = next(tmp_path.glob("gpt2/export_*/model_repo/gpt2/config.pbtxt")).read_text()
+    assert 'backend: "fastertransformer"' in config

@@ -76,7 +76,7 @@ def convert(cfg: DictConfig) -> Path:
 
 def accuracy(cfg: DictConfig) -> dict:
     from ..evaluate import lambada
-    from ..serve.tritonserver import TritonServer
+    from ..serve.tritonserver import TritonServer, TritonServerError, find_tritonserver
     from ..tokenizer import load_tokenizer
 
     paths = export_paths(cfg)
@@ -106,11 +106,18 @@ def accuracy(cfg: DictConfig) -> dict:
             checkpoint = resolve_checkpoint(cfg.export.model.checkpoint_path, paths.checkpoint_cache)
             reference = lambada.HFGenerator(checkpoint, end_id)
 
+    install = find_tritonserver(acc.tritonserver)
+    backend = cfg.export.triton_deployment.runtime.value
+    if backend == "fastertransformer" and install.backend_dir is not None:
+        if not (install.backend_dir / "fastertransformer").is_dir():
+            raise TritonServerError(
+                f"the fastertransformer runtime needs a tritonserver with FT's backend; {install.binary} has "
+                f"none in {install.backend_dir} (use NVIDIA's FasterTransformer Triton container, set "
+                f"export.accuracy.tritonserver, or serve with export.triton_deployment.runtime=python)"
+            )
     log_path = paths.results_dir / "accuracy" / "tritonserver.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with TritonServer(
-        paths.repository, log_path, tritonserver=acc.tritonserver, startup_timeout_s=acc.server_timeout_s
-    ) as server:
+    with TritonServer(paths.repository, log_path, install=install, startup_timeout_s=acc.server_timeout_s) as server:
         log.info("tritonserver ready at http://%s (log: %s)", server.http_url, log_path)
         results = lambada.evaluate(
             texts=texts,
