@@ -20,11 +20,12 @@ from exporter.serve.tritonserver import (
     TritonServerError,
     find_tritonserver,
     port_is_free,
+    process_group_alive,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO_ROOT / "templates"
-GPT2_TOKENIZER = Path(os.environ.get("GPT2_TOKENIZER_DIR", "/work/shared/data/gpt2-tokenizer"))
+GPT2_TOKENIZER = Path(os.environ.get("GPT2_TOKENIZER_DIR", REPO_ROOT / "exporter" / "data" / "gpt2-tokenizer"))
 END_ID = 50256
 
 PROMPTS = [
@@ -35,37 +36,27 @@ PROMPTS = [
     "x",
 ]
 
-PRE_CONFIG = f"""
-name: "preprocessing"
-backend: "python"
-max_batch_size: 8
-dynamic_batching {{ max_queue_delay_microseconds: 200000 }}
-input [
-  {{ name: "QUERY" data_type: TYPE_STRING dims: [ -1 ] }},
-  {{ name: "REQUEST_OUTPUT_LEN" data_type: TYPE_UINT32 dims: [ -1 ] }}
-]
-output [
-  {{ name: "INPUT_ID" data_type: TYPE_UINT32 dims: [ -1 ] }},
-  {{ name: "REQUEST_INPUT_LEN" data_type: TYPE_UINT32 dims: [ 1 ] }},
-  {{ name: "REQUEST_OUTPUT_LEN" data_type: TYPE_UINT32 dims: [ -1 ] }}
-]
-parameters {{ key: "end_id" value {{ string_value: "{END_ID}" }} }}
-instance_group [ {{ count: 1 kind: KIND_CPU }} ]
-"""
 
-POST_CONFIG = f"""
-name: "postprocessing"
-backend: "python"
-max_batch_size: 8
-input [
-  {{ name: "TOKENS_BATCH" data_type: TYPE_UINT32 dims: [ -1, -1 ] }},
-  {{ name: "SEQUENCE_LENGTH" data_type: TYPE_UINT32 dims: [ -1 ] }},
-  {{ name: "INPUT_LENGTHS" data_type: TYPE_UINT32 dims: [ 1 ] }}
-]
-output [ {{ name: "OUTPUT" data_type: TYPE_STRING dims: [ -1 ] }} ]
-parameters {{ key: "end_id" value {{ string_value: "{END_ID}" }} }}
-instance_group [ {{ count: 1 kind: KIND_CPU }} ]
-"""
+def prepost_configs(max_batch_size: int = 8):
+    """Rendered by exporter.triton.render; preprocessing batches with a delay so concurrent requests share execute()."""
+    from exporter.triton import render
+
+    pre = render.preprocessing_config(max_batch_size, END_ID)
+    pre.dynamic_batching.max_queue_delay_microseconds = 200_000
+    return pre, render.postprocessing_config(max_batch_size, END_ID)
+
+
+def add_tokenizer_model(repo: Path, config, tokenizer: Path) -> Path:
+    """repo/<name>/{config.pbtxt, 1/model.py, 1/tokenizer/tokenizer.json} from templates/<name>/."""
+    from exporter.triton import render
+
+    version = repo / config.name / "1"
+    version.mkdir(parents=True)
+    shutil.copy(TEMPLATES / config.name / "model.py", version / "model.py")
+    (version / "tokenizer").mkdir()
+    shutil.copy(tokenizer, version / "tokenizer" / "tokenizer.json")
+    render.write_config(config, repo / config.name)
+    return repo / config.name
 
 
 # -- fixtures ---------------------------------------------------------------------------------------------------
@@ -110,17 +101,11 @@ def install(backend_cache) -> TritonInstall:
         pytest.skip(f"no tritonserver: {e}")
 
 
-def add_python_model(repo: Path, name: str, model_py: Path | str, config: str, tokenizer: Path | None = None) -> Path:
-    """repo/<name>/{config.pbtxt, 1/model.py[, 1/tokenizer/tokenizer.json]}."""
+def add_python_model(repo: Path, name: str, model_py: str, config: str) -> Path:
+    """repo/<name>/{config.pbtxt, 1/model.py} from source text."""
     version = repo / name / "1"
     version.mkdir(parents=True)
-    if isinstance(model_py, Path):
-        shutil.copy(model_py, version / "model.py")
-    else:
-        (version / "model.py").write_text(model_py)
-    if tokenizer is not None:
-        (version / "tokenizer").mkdir()
-        shutil.copy(tokenizer, version / "tokenizer" / "tokenizer.json")
+    (version / "model.py").write_text(model_py)
     (repo / name / "config.pbtxt").write_text(config)
     return repo / name
 
@@ -128,8 +113,8 @@ def add_python_model(repo: Path, name: str, model_py: Path | str, config: str, t
 @pytest.fixture(scope="session")
 def prepost_repo(tmp_path_factory, tokenizer_json) -> Path:
     repo = tmp_path_factory.mktemp("repo") / "model_repo"
-    add_python_model(repo, "preprocessing", TEMPLATES / "preprocessing" / "model.py", PRE_CONFIG, tokenizer_json)
-    add_python_model(repo, "postprocessing", TEMPLATES / "postprocessing" / "model.py", POST_CONFIG, tokenizer_json)
+    for config in prepost_configs():
+        add_tokenizer_model(repo, config, tokenizer_json)
     return repo
 
 
@@ -314,8 +299,7 @@ def test_postprocessing_bad_request_fails_alone(client, tokens, seq_len, in_len,
 def _assert_stopped(pid: int, ports: list[int]) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # reaped: not even a zombie
-    with pytest.raises(ProcessLookupError):
-        os.killpg(pid, 0)  # python backend stubs (same process group) gone too
+    assert not process_group_alive(pid)  # python backend stubs (same process group) gone too
     for port in ports:
         assert port_is_free(port), port
 
@@ -331,6 +315,43 @@ def test_server_stopped_when_body_raises(prepost_repo, install, tmp_path, exc):
     assert not s.running and s.process is None
     _assert_stopped(pid, ports)
     assert "successfully loaded 'preprocessing'" in log.read_text()
+
+
+@pytest.mark.triton
+def test_stop_cleans_up_after_killed_server(prepost_repo, install, tmp_path):
+    import signal
+
+    with TritonServer(prepost_repo, tmp_path / "tritonserver.log", install=install) as s:
+        pid, ports, prefix = s.process.pid, [s.http_port, s.grpc_port, s.metrics_port], s._shm_prefix()
+        assert list(Path("/dev/shm").glob(prefix + "*"))  # the python stubs' regions
+        os.kill(pid, signal.SIGKILL)  # stubs outlive a SIGKILLed server; stop() must reap them
+    _assert_stopped(pid, ports)
+    assert not list(Path("/dev/shm").glob(prefix + "*"))
+
+
+@pytest.mark.triton
+def test_port_taken_meanwhile_is_retried(prepost_repo, install, tmp_path, monkeypatch):
+    import socket
+
+    import exporter.serve.tritonserver as ts
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = taken.getsockname()[1]
+    real_free_port, calls = ts.free_port, []
+
+    def racy_free_port(host="127.0.0.1"):  # the first pick gets taken by "someone else" before the server binds
+        calls.append(host)
+        return busy if len(calls) == 1 else real_free_port(host)
+
+    monkeypatch.setattr(ts, "free_port", racy_free_port)
+    try:
+        with TritonServer(prepost_repo, tmp_path / "tritonserver.log", install=install) as s:
+            assert s.running and busy not in (s.http_port, s.grpc_port, s.metrics_port)
+    finally:
+        taken.close()
+    assert "already in use" in (tmp_path / "tritonserver.log").read_text()
 
 
 BROKEN_MODEL = textwrap.dedent(
@@ -355,11 +376,14 @@ instance_group [ { count: 1 kind: KIND_CPU } ]
 
 
 @pytest.mark.triton
-def test_broken_model_fails_startup_with_its_error(tmp_path, install, tokenizer_json):
+@pytest.mark.parametrize("extra_args", [[], ["--exit-on-error=false"]], ids=["server-exits", "server-stays-up"])
+def test_broken_model_fails_startup_with_its_error(tmp_path, install, tokenizer_json, extra_args):
     repo = tmp_path / "repo"
-    add_python_model(repo, "postprocessing", TEMPLATES / "postprocessing" / "model.py", POST_CONFIG, tokenizer_json)
+    add_tokenizer_model(repo, prepost_configs()[1], tokenizer_json)
     add_python_model(repo, "broken", BROKEN_MODEL, BROKEN_CONFIG)
-    server = TritonServer(repo, tmp_path / "tritonserver.log", install=install, startup_timeout_s=180)
+    server = TritonServer(
+        repo, tmp_path / "tritonserver.log", install=install, startup_timeout_s=180, extra_args=extra_args
+    )
     with pytest.raises(TritonServerError) as info:
         with server:
             pytest.fail("server must not come up with a broken model")
@@ -370,8 +394,10 @@ def test_broken_model_fails_startup_with_its_error(tmp_path, install, tokenizer_
 
 
 @pytest.mark.triton
-def test_startup_timeout_stops_server(prepost_repo, install, tmp_path):
-    server = TritonServer(prepost_repo, tmp_path / "tritonserver.log", install=install, startup_timeout_s=0.5)
+@pytest.mark.parametrize("timeout_s", [0.0, 0.5], ids=["at-once", "while-loading"])
+def test_startup_timeout_stops_server(prepost_repo, install, tmp_path, timeout_s):
+    # 0.0: SIGTERM lands before the server installs its handlers; its stubs are orphaned and must still go.
+    server = TritonServer(prepost_repo, tmp_path / "tritonserver.log", install=install, startup_timeout_s=timeout_s)
     with pytest.raises(TritonServerError, match="not ready after"):
         server.start()
     assert server.process is None

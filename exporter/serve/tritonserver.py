@@ -14,7 +14,9 @@ model is ready, and always stops the server (SIGTERM, then SIGKILL of its whole 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -113,13 +115,11 @@ def _prepare_pytriton_backends(dist_dir: Path, stub: Path, target: Path) -> Path
 
 def _embedded_install(cache_dir: Path | None) -> TritonInstall | None:
     """The tritonserver shipped in the nvidia-pytriton wheel, with a prepared backend folder; None if absent."""
-    try:
-        import pytriton  # noqa: F401  (only to locate the wheel's files; pytriton itself is not used)
-    except ImportError:
+    # Locate the wheel's files without importing pytriton (slow, and pytriton itself is not used).
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
         return None
-    import pytriton as _pt
-
-    dist_dir = Path(_pt.__file__).resolve().parent / "tritonserver"
+    dist_dir = Path(list(spec.submodule_search_locations)[0]).resolve() / "tritonserver"
     binary = dist_dir / "bin" / "tritonserver"
     if not binary.is_file():
         return None
@@ -136,8 +136,15 @@ def _embedded_install(cache_dir: Path | None) -> TritonInstall | None:
         pt_version = version("nvidia-pytriton")
     except Exception:  # pragma: no cover - metadata missing in odd installs
         pt_version = "unknown"
-    target = (cache_dir or _default_cache_dir()) / f"triton-backends-{pt_version}-py{py}"
-    backend_dir = _prepare_pytriton_backends(dist_dir, stub, target)
+    name = f"triton-backends-{pt_version}-py{py}"
+    try:
+        backend_dir = _prepare_pytriton_backends(dist_dir, stub, (cache_dir or _default_cache_dir()) / name)
+    except OSError:
+        if cache_dir is not None:
+            raise
+        # Read-only or missing HOME (some CI runners): fall back to a per-user folder in the temp dir.
+        fallback = Path(tempfile.gettempdir()) / f"ft-exporter-{os.getuid()}"
+        backend_dir = _prepare_pytriton_backends(dist_dir, stub, fallback / name)
     # Copied out of the wheel, the stub's RPATH ($ORIGIN/../../../../nvidia_pytriton.libs) no longer resolves,
     # so the wheel's bundled libraries must be on LD_LIBRARY_PATH.
     libs = dist_dir.parent.parent / "nvidia_pytriton.libs"
@@ -145,7 +152,9 @@ def _embedded_install(cache_dir: Path | None) -> TritonInstall | None:
     return TritonInstall(binary, backend_dir, "pytriton", pt_version, lib_dirs)
 
 
-def find_tritonserver(configured: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> TritonInstall:
+def find_tritonserver(
+    configured: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
+) -> TritonInstall:
     """Locate tritonserver: configured path, then PATH, then the nvidia-pytriton wheel (see module doc)."""
     if configured:
         path = Path(configured).expanduser()
@@ -182,12 +191,24 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
-def _tail(path: Path, n_lines: int = 60, max_chars: int = 8000) -> str:
+def _tail(path: Path, offset: int = 0, n_lines: int = 25, max_chars: int = 6000) -> str:
+    """What to show when startup fails: model load errors first, then the log's last lines.
+
+    Triton's option/model/backend tables (lines starting with '+' or '|') are dropped from the tail, except
+    model rows reporting UNAVAILABLE; only the part of the log written since `offset` (this start) is used.
+    """
     try:
-        text = path.read_text(errors="replace")
+        with open(path, "rb") as f:
+            f.seek(offset)
+            lines = f.read().decode(errors="replace").splitlines()
     except OSError:
         return "<no server log>"
-    return "\n".join(text.splitlines()[-n_lines:])[-max_chars:]
+    errors = [ln for ln in lines if "failed to load '" in ln or "UNAVAILABLE" in ln]
+    tail = [ln for ln in lines if not ln.startswith(("+", "|"))][-n_lines:]
+    text = ""
+    if errors:
+        text += "model load errors:\n" + "\n".join(errors)[-max_chars // 2 :] + "\n---- log tail:\n"
+    return text + "\n".join(tail)[-max_chars:]
 
 
 def _set_pdeathsig() -> None:  # runs in the child between fork and exec
@@ -198,6 +219,16 @@ def _set_pdeathsig() -> None:  # runs in the child between fork and exec
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM the server if our (thread) dies
     except Exception:
         pass
+
+
+def _failed_models(client, expected: Sequence[str]) -> dict[str, str]:
+    """{model: reason} for expected models the repository index reports UNAVAILABLE with a reason."""
+    failed = {}
+    for entry in client.get_model_repository_index():
+        name, reason = entry.get("name"), entry.get("reason") or ""
+        if name in expected and entry.get("state") == "UNAVAILABLE" and reason:
+            failed[name] = reason
+    return failed
 
 
 def _repo_models(model_repository: Path) -> list[str]:
@@ -245,6 +276,7 @@ class TritonServer:
         self.port_retries = port_retries
         self.process: subprocess.Popen | None = None
         self.http_port = self.grpc_port = self.metrics_port = 0
+        self.server_id = f"ft-exporter-{os.getpid()}-{secrets.token_hex(4)}"  # server metadata "name"
         self.last_pid: int | None = None  # pid (= process group) of the latest server, kept after stop()
         self._log_offset = 0  # where this start's output begins in the (appended) log
 
@@ -271,6 +303,7 @@ class TritonServer:
         """The argv for the current ports (no shell involved)."""
         argv = [
             str(self.install.binary),
+            f"--id={self.server_id}",
             f"--model-repository={self.model_repository}",
             f"--http-address={self.host}",
             f"--http-port={self.http_port}",
@@ -316,10 +349,7 @@ class TritonServer:
             except _PortConflict:
                 self.stop()
                 if attempt == self.port_retries - 1:
-                    raise TritonServerError(
-                        f"tritonserver could not bind its ports after {self.port_retries} attempts; "
-                        f"log {self.log_path}:\n{_tail(self.log_path)}"
-                    ) from None
+                    raise self._error(f"could not bind free ports in {self.port_retries} attempts") from None
             except BaseException:
                 self.stop()
                 raise
@@ -332,15 +362,18 @@ class TritonServer:
             log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(self.command())}\n".encode())
             log.flush()
             self._log_offset = log.tell()
-            self.process = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,  # own process group: stop() can reach the python backend stubs too
-                preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None,
-            )
+            try:
+                self.process = subprocess.Popen(
+                    self.command(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,  # own process group: stop() can reach the python backend stubs too
+                    preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None,
+                )
+            except OSError as e:
+                raise TritonServerError(f"cannot execute {self.install.binary}: {e}") from e
         self.last_pid = self.process.pid
 
     def _three_ports(self) -> tuple[int, int, int]:
@@ -365,34 +398,46 @@ class TritonServer:
         assert self.process is not None
         expected = self.load_models if self.load_models is not None else _repo_models(self.model_repository)
         deadline = time.monotonic() + self.startup_timeout_s
-        client = None
+        client = httpclient.InferenceServerClient(self.http_url, connection_timeout=5.0, network_timeout=10.0)
         try:
             while True:
                 code = self.process.poll()
                 if code is not None:
+                    # e.g. 'failed to start HTTP service: Unavailable - Socket '127.0.0.1:N' already in use'
                     log = self._log_since_start()
-                    if "address already in use" in log.lower() or "failed to bind" in log.lower():
+                    if "already in use" in log or "failed to bind" in log.lower():
                         raise _PortConflict()
-                    raise TritonServerError(
-                        f"tritonserver exited with code {code} during startup "
-                        f"(repository {self.model_repository}); log {self.log_path} ends with:\n{_tail(self.log_path)}"
-                    )
+                    raise self._error(f"tritonserver exited with code {code} during startup")
                 if time.monotonic() > deadline:
-                    raise TritonServerError(
-                        f"tritonserver not ready after {self.startup_timeout_s:.0f}s "
-                        f"(waiting for models {expected}); log {self.log_path} ends with:\n{_tail(self.log_path)}"
-                    )
+                    raise self._error(f"tritonserver not ready after {self.startup_timeout_s:g}s (models {expected})")
                 try:
-                    if client is None:
-                        client = httpclient.InferenceServerClient(self.http_url, connection_timeout=5.0, network_timeout=10.0)
-                    if client.is_server_ready() and all(client.is_model_ready(m) for m in expected):
-                        return
+                    ready, failed = self._probe(client, expected)
                 except Exception:
-                    pass  # not listening yet
+                    ready, failed = False, {}  # not listening yet
+                if ready and self.process.poll() is None:
+                    return
+                if failed:  # e.g. with --exit-on-error=false the server stays up without the model
+                    reasons = "; ".join(f"{name}: {reason}" for name, reason in failed.items())
+                    raise self._error(f"models failed to load: {reasons}")
                 time.sleep(0.25)
         finally:
-            if client is not None:
-                client.close()
+            client.close()
+
+    def _probe(self, client, expected: Sequence[str]) -> tuple[bool, dict[str, str]]:
+        """(all ready, {model: load error}) as our server reports them.
+
+        The ports were free when picked, but the server binds them only after loading the models, so another
+        server may hold one meanwhile: only the one answering with our `--id` counts.
+        """
+        if not client.is_server_live() or client.get_server_metadata().get("name") != self.server_id:
+            return False, {}
+        if client.is_server_ready() and all(client.is_model_ready(m) for m in expected):
+            return True, {}
+        return False, _failed_models(client, expected)
+
+    def _error(self, what: str) -> TritonServerError:
+        tail = _tail(self.log_path, self._log_offset)
+        return TritonServerError(f"{what}; repository {self.model_repository}, log {self.log_path}:\n{tail}")
 
     def stop(self) -> None:
         """SIGTERM (graceful), wait `stop_timeout_s`, then SIGKILL the server's whole process group."""
@@ -412,10 +457,12 @@ class TritonServer:
             if proc.poll() is None:
                 _killpg(pgid, signal.SIGKILL)
                 proc.wait()
-            deadline = time.monotonic() + 5.0
-            while _group_alive(pgid) and time.monotonic() < deadline:
+            # After a graceful exit the stubs are already gone. A server killed before it installed its signal
+            # handlers (SIGTERM in its first ~0.1 s) orphans stubs that never exit: give them 1 s, then SIGKILL.
+            deadline = time.monotonic() + 1.0
+            while process_group_alive(pgid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _group_alive(pgid):
+            if process_group_alive(pgid):
                 _killpg(pgid, signal.SIGKILL)
                 time.sleep(0.2)
             # A killed server/stub leaves its regions behind; only names with our unique prefix are touched.
@@ -441,10 +488,28 @@ def _killpg(pgid: int, sig: int) -> None:
         pass
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
+def process_group_alive(pgid: int) -> bool:
+    """Whether any non-zombie process is left in process group `pgid`.
 
+    Zombies count as gone: they hold no ports or memory, and are reaped by init at init's own pace (some
+    container inits reap only every few seconds), so `killpg(pgid, 0)` alone would keep reporting them.
+    """
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():  # no procfs: fall back to the signal probe
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        # "pid (comm) state ppid pgrp ...": comm may contain spaces/parens, so split after the last ')'.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
