@@ -7,7 +7,6 @@ Server tests are marked `triton`: they start the stock tritonserver (CPU is enou
 from __future__ import annotations
 
 import os
-import shutil
 import textwrap
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from exporter.serve.tritonserver import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TEMPLATES = REPO_ROOT / "templates"
 GPT2_TOKENIZER = Path(os.environ.get("GPT2_TOKENIZER_DIR", REPO_ROOT / "exporter" / "data" / "gpt2-tokenizer"))
 END_ID = 50256
 
@@ -47,16 +45,10 @@ def prepost_configs(max_batch_size: int = 8):
 
 
 def add_tokenizer_model(repo: Path, config, tokenizer: Path) -> Path:
-    """repo/<name>/{config.pbtxt, 1/model.py, 1/tokenizer/tokenizer.json} from templates/<name>/."""
-    from exporter.triton import render
+    """repo/<name>/{config.pbtxt, 1/*.py, 1/tokenizer/tokenizer.json} from templates/, as the exporter installs it."""
+    from exporter.triton.repo import install_tokenizer_model
 
-    version = repo / config.name / "1"
-    version.mkdir(parents=True)
-    shutil.copy(TEMPLATES / config.name / "model.py", version / "model.py")
-    (version / "tokenizer").mkdir()
-    shutil.copy(tokenizer, version / "tokenizer" / "tokenizer.json")
-    render.write_config(config, repo / config.name)
-    return repo / config.name
+    return install_tokenizer_model(repo, config, tokenizer)
 
 
 # -- fixtures ---------------------------------------------------------------------------------------------------

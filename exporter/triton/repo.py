@@ -20,21 +20,29 @@ from . import render
 log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
-RUNTIME_FILES = ("model.py", "ft_checkpoint.py", "ft_gpt.py")
+# What each python-backend model's version directory gets, as paths under templates/.
+TEMPLATE_FILES = {
+    "ft_python": ("ft_python/model.py", "ft_python/ft_checkpoint.py", "ft_python/ft_gpt.py"),
+    "preprocessing": ("preprocessing/model.py", "tokenizer_model.py"),
+    "postprocessing": ("postprocessing/model.py", "tokenizer_model.py"),
+}
 
 
-def _copy_python_model(template: str, files: tuple[str, ...], version_dir: Path) -> None:
+def install_python_model(template: str, version_dir: Path) -> None:
+    """Copy the template's files (flat) into a model's version directory."""
     version_dir.mkdir(parents=True, exist_ok=True)
-    for name in files:
-        shutil.copy2(TEMPLATES / template / name, version_dir / name)
+    for relative in TEMPLATE_FILES[template]:
+        shutil.copy2(TEMPLATES / relative, version_dir / Path(relative).name)
 
 
-def _tokenizer_model(name: str, shard_dir: Path, config, repo: Path) -> None:
-    version_dir = repo / name / "1"
-    _copy_python_model(name, ("model.py",), version_dir)
+def install_tokenizer_model(repo: Path, config, tokenizer_json: Path) -> Path:
+    """`<repo>/<name>/{config.pbtxt, 1/*.py, 1/tokenizer/tokenizer.json}` for preprocessing or postprocessing."""
+    version_dir = repo / config.name / "1"
+    install_python_model(config.name, version_dir)
     (version_dir / "tokenizer").mkdir()
-    shutil.copy2(shard_dir / "tokenizer.json", version_dir / "tokenizer" / "tokenizer.json")
-    render.write_config(config, repo / name)
+    shutil.copy2(tokenizer_json, version_dir / "tokenizer" / "tokenizer.json")
+    render.write_config(config, repo / config.name)
+    return repo / config.name
 
 
 def build_repository(
@@ -58,7 +66,7 @@ def build_repository(
             pipeline_parallel=settings.pipeline_para_size,
         )
         if settings.runtime == "python":
-            _copy_python_model("ft_python", RUNTIME_FILES, version_dir)
+            install_python_model("ft_python", version_dir)
             # Relative: resolved against the version directory, so the repository can be moved.
             model_settings = replace(settings, model_checkpoint_path=f"{tp}-gpu")
         else:
@@ -69,12 +77,11 @@ def build_repository(
         ini = configparser.ConfigParser()
         ini.read(shard_dir / "config.ini")
         end_id = ini.getint("gpt", "end_id")
-        _tokenizer_model(
-            "preprocessing", shard_dir, render.preprocessing_config(settings.max_batch_size, end_id), partial_repo
-        )
-        _tokenizer_model(
-            "postprocessing", shard_dir, render.postprocessing_config(settings.max_batch_size, end_id), partial_repo
-        )
+        for config in (
+            render.preprocessing_config(settings.max_batch_size, end_id),
+            render.postprocessing_config(settings.max_batch_size, end_id),
+        ):
+            install_tokenizer_model(partial_repo, config, shard_dir / "tokenizer.json")
         (partial_repo / "ensemble" / "1").mkdir(parents=True)
         render.write_config(render.ensemble_config(settings.name, settings.max_batch_size), partial_repo / "ensemble")
     log.info("model repository ready: %s", repo_root)

@@ -14,35 +14,13 @@ A bad request (empty, not utf-8, mismatched batch) gets its own error response; 
 
 import json
 import os
+import sys
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from tokenizers import Tokenizer
 
-TOKENIZER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer", "tokenizer.json")
-
-
-class RequestError(ValueError):
-    """Problem with one request's inputs; reported to that request only."""
-
-
-def _param(config, key):
-    """A config.pbtxt parameter's string_value, or None."""
-    value = config.get("parameters", {}).get(key)
-    if isinstance(value, dict):
-        value = value.get("string_value")
-    return value if value not in (None, "") else None
-
-
-def load_end_id(config, tokenizer):
-    """end_id from config parameters; fallback: the tokenizer's <|endoftext|> token."""
-    raw = _param(config, "end_id")
-    if raw is not None:
-        return int(raw)
-    token_id = tokenizer.token_to_id("<|endoftext|>")
-    if token_id is None:
-        raise ValueError("config.pbtxt parameter 'end_id' is missing and the tokenizer has no <|endoftext|> token")
-    return int(token_id)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tokenizer_model import RequestError, load_tokenizer_and_end_id  # noqa: E402  (copied next to this file)
 
 
 def decode_queries(query):
@@ -82,11 +60,10 @@ def pad_ids(id_lists, pad_id):
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        self.tokenizer = Tokenizer.from_file(TOKENIZER_PATH)
+        self.tokenizer, self.end_id = load_tokenizer_and_end_id(config)
         # The model wants raw prompt ids: no padding/truncation baked into tokenizer.json.
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
-        self.end_id = load_end_id(config, self.tokenizer)
 
     def _one(self, request):
         texts = decode_queries(pb_utils.get_input_tensor_by_name(request, "QUERY").as_numpy())
