@@ -88,7 +88,8 @@ def test_ensemble_greedy_equals_hf_generate(tmp_path, tiny_gpt2, hf_model, hf_to
     # rounding (computed in fp32, as the python runtime does on CPU) tokens must be identical and log-probs within
     # 1e-4; against full-precision HF the log-probs of the same tokens stay within the stated bound below.
     reference_model = hf_model if dtype == "fp32" else rounded_copy(hf_model, {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
-    # Rounding error of the weights: fp16 keeps 11 significant bits, bf16 8; measured max 0.0052 (fp16) here.
+    # Rounding error of the weights: fp16 keeps 11 significant bits, bf16 8. Measured on this checkpoint, over
+    # every prompt position and the whole vocabulary: max |log-prob difference| 0.0116 (fp16), 0.114 (bf16).
     bound_vs_fp32 = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1.5e-1}[dtype]
     for row, prompt in enumerate(PROMPTS):
         prompt_len = len(hf_tokenizer(prompt).input_ids)
