@@ -170,7 +170,7 @@ def write_plan(
     total = 0
     num_layers = plan.params.num_layer
 
-    def report(layer: int | None, nbytes: int, done: int) -> None:
+    def report(layer: int | None, done: int) -> None:
         elapsed = time.monotonic() - started
         log.info(
             "wrote %s (%d/%d units, %.1f MB so far, %.1fs)",
@@ -184,7 +184,7 @@ def write_plan(
     if processes <= 1:
         for done, (layer, specs) in enumerate(units.items(), start=1):
             total += write_specs(arch, specs, out_dir, tensor_parallel, weight_data_type)
-            report(layer, total, done)
+            report(layer, done)
         return total
 
     context = multiprocessing.get_context("fork")
@@ -196,7 +196,7 @@ def write_plan(
         try:
             for done, future in enumerate(as_completed(futures), start=1):
                 total += future.result()  # re-raises a worker's exception here
-                report(futures[future], total, done)
+                report(futures[future], done)
         except BaseException:
             for future in futures:
                 future.cancel()
