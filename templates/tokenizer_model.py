@@ -22,6 +22,18 @@ def config_parameter(config, key):
     return value if value not in (None, "") else None
 
 
+def respond_each(requests, handle, model_name, pb_utils):
+    """One response per request, in order; a request whose `handle` raises gets its own error response, so one bad
+    request never fails the others batched with it."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(handle(request))
+        except Exception as error:  # reported to that request only
+            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{model_name}: {error}")))
+    return responses
+
+
 def load_tokenizer_and_end_id(config):
     """The repository's tokenizer and the `end_id` parameter the exporter writes (the pad / end token)."""
     tokenizer = Tokenizer.from_file(TOKENIZER_PATH)

@@ -19,7 +19,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tokenizer_model import RequestError, load_tokenizer_and_end_id  # noqa: E402  (copied next to this file)
+# tokenizer_model.py is copied next to this file.
+from tokenizer_model import RequestError, load_tokenizer_and_end_id, respond_each  # noqa: E402
 
 
 def generated_slices(tokens, seq_len, in_len, end_id, vocab_size):
@@ -89,13 +90,7 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT", output.reshape(batch, beam))])
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self._one(request))
-            except Exception as e:  # one bad request must not fail the others in the batch
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"postprocessing: {e}")))
-        return responses
+        return respond_each(requests, self._one, "postprocessing", pb_utils)
 
     def finalize(self):
         self.tokenizer = None

@@ -20,7 +20,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tokenizer_model import RequestError, load_tokenizer_and_end_id  # noqa: E402  (copied next to this file)
+# tokenizer_model.py is copied next to this file.
+from tokenizer_model import RequestError, load_tokenizer_and_end_id, respond_each  # noqa: E402
 
 
 def decode_queries(query):
@@ -90,13 +91,7 @@ class TritonPythonModel:
         )
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self._one(request))
-            except Exception as e:  # one bad request must not fail the others in the batch
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preprocessing: {e}")))
-        return responses
+        return respond_each(requests, self._one, "preprocessing", pb_utils)
 
     def finalize(self):
         self.tokenizer = None
