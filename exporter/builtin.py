@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import BUILTIN_CHECKPOINT, DATA_DIR
-from .ft.writer import AtomicDirectory
+from .atomic import AtomicDirectory
 
 TINY_GPT2 = {
     "architectures": ["GPT2LMHeadModel"],

@@ -3,7 +3,6 @@ refusal of broken shards, and LAMBADA through the server against an independent 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+
+from ..atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -186,14 +186,6 @@ def _cut_after_end(tokens: list[int], end_id: int) -> list[int]:
     return tokens[: tokens.index(end_id) + 1] if end_id in tokens else tokens
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(descriptor, "w") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(temporary, path)
-
-
 def evaluate(
     *,
     texts: Sequence[str],
@@ -244,7 +236,7 @@ def evaluate(
                                 f"{reference_score.accuracy:.4f} (|difference| {abs(difference):.4f} > {tolerance})")
         results["metrics"][metric] = entry
     results["passed"] = not failures
-    _write_json(Path(output_path), results)
+    write_text_atomic(Path(output_path), json.dumps(results, indent=2))
     if failures:
         raise AccuracyMismatch("; ".join(failures) + f" (details in {output_path})")
     return results

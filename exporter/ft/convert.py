@@ -13,13 +13,11 @@ from ..arch.base import Plan
 from ..readers.hf import HFCheckpoint
 from ..tokenizer import find_tokenizer, save_tokenizer_json
 from .sharding import ParallelLayout, ShardingError, file_names, rank_shape
-from .verify import expected_files, verify_shards
-from .writer import TORCH_DTYPES, AtomicDirectory, config_ini, write_plan
+from .verify import DTYPE_BYTES, expected_files, verify_shards
+from ..atomic import AtomicDirectory
+from .writer import config_ini, write_plan
 
 log = logging.getLogger(__name__)
-
-BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "bf16": 2}
-
 
 def _open(checkpoint_path: Path) -> Architecture:
     checkpoint = HFCheckpoint(checkpoint_path)
@@ -32,7 +30,7 @@ def check_plan(plan: Plan, layout: ParallelLayout, weight_data_type: str) -> Non
     planned: dict[str, int] = {}
     for spec in plan.specs:
         piece = rank_shape(spec.shape, spec.split, layout.tensor_parallel, spec.source)
-        nbytes = BYTES_PER_ELEMENT[weight_data_type]
+        nbytes = DTYPE_BYTES[weight_data_type]
         for dim in piece:
             nbytes *= dim
         for name in file_names(spec.ft_name, spec.split, layout.tensor_parallel):
@@ -75,8 +73,8 @@ def convert_checkpoint(
     pipeline_parallel: int = 1,
 ) -> Path:
     """Convert; returns the finished `<out_dir>/<tp>-gpu` directory. Nothing is written before every check passes."""
-    if weight_data_type not in TORCH_DTYPES:
-        raise ValueError(f"weight_data_type {weight_data_type!r} is not one of {sorted(TORCH_DTYPES)}")
+    if weight_data_type not in DTYPE_BYTES:
+        raise ValueError(f"weight_data_type {weight_data_type!r} is not one of {sorted(DTYPE_BYTES)}")
     checkpoint_path = Path(checkpoint_path)
     arch = _open(checkpoint_path)
     find_tokenizer(checkpoint_path)  # pre/postprocessing need it: fail now, not after writing gigabytes

@@ -8,9 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from templates.ft_python.ft_checkpoint import CheckpointError, expected_files, verify
+from templates.ft_python.ft_checkpoint import (
+    DTYPE_BYTES,
+    TORCH_DTYPES,
+    CheckpointError,
+    expected_files,
+    read_config,
+    verify,
+)
 
-__all__ = ["CheckpointError", "expected_files", "verify_shards"]
+__all__ = ["DTYPE_BYTES", "TORCH_DTYPES", "CheckpointError", "expected_files", "read_config", "verify_shards"]
 
 
 def verify_shards(shard_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""Write a plan of FT tensors as `<tp>-gpu/*.bin` + `config.ini`: into a temporary directory, renamed when complete.
+"""Write a plan of FT tensors as `<tp>-gpu/*.bin` + `config.ini` (convert.py does so inside an AtomicDirectory).
 
 A failed or interrupted run leaves only a hidden `.<tp>-gpu.partial-*` directory (removed on the way out when the
 process survives), never something that looks like a finished export.
@@ -9,9 +9,6 @@ from __future__ import annotations
 import configparser
 import logging
 import multiprocessing
-import os
-import shutil
-import tempfile
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -22,10 +19,10 @@ import torch
 from ..arch.base import Architecture, ModelParams, Plan, TensorSpec
 from ..readers.hf import Scratch
 from .sharding import file_names, split_tensor
+from .verify import TORCH_DTYPES
 
 log = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def config_ini(params: ModelParams, section: str, tensor_parallel: int, weight_data_type: str) -> configparser.ConfigParser:
@@ -202,31 +199,3 @@ def write_plan(
                 future.cancel()
             raise
     return total
-
-
-class AtomicDirectory:
-    """Context manager: yields a temporary sibling of `final`; on success renames it to `final` (replacing an
-    older one), on failure removes it."""
-
-    def __init__(self, final: Path):
-        self.final = Path(final)
-        self.temporary: Path | None = None
-
-    def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.temporary = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
-        return self.temporary
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        assert self.temporary is not None
-        if exc_type is not None:
-            shutil.rmtree(self.temporary, ignore_errors=True)
-            return
-        os.chmod(self.temporary, 0o755)  # mkdtemp makes it 0700
-        if self.final.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.old-", dir=self.final.parent))
-            os.replace(self.final, retired / self.final.name)
-            os.replace(self.temporary, self.final)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(self.temporary, self.final)

@@ -102,9 +102,6 @@ class HFCheckpoint:
     def names(self) -> list[str]:
         return list(self._file_of)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._file_of
-
     def _file(self, name: str) -> Path:
         try:
             return self._file_of[name]
@@ -162,9 +159,6 @@ class HFCheckpoint:
             candidate = self.path / name
             if candidate.is_file():
                 yield candidate
-
-    def close(self) -> None:
-        self._handles.clear()
 
 
 class Scratch:

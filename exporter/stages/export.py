@@ -6,8 +6,6 @@ Stages only plan; a launcher (exporter/launch/) executes the plan.
 
 from __future__ import annotations
 
-import configparser
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import Callable
 from omegaconf import DictConfig
 
 from ..builtin import resolve_checkpoint
+from ..ft.verify import read_config
 from ..triton.render import ModelSettings
 from ..triton.repo import build_repository
 
@@ -84,11 +83,10 @@ def accuracy(cfg: DictConfig) -> dict:
     shard_dir = paths.model_dir / "1" / f"{cfg.export.model.tensor_model_parallel_size}-gpu"
     if not (shard_dir / "config.ini").is_file():
         raise FileNotFoundError(f"no exported model at {shard_dir}: run the convert sub-stage first")
-    ini = configparser.ConfigParser()
-    ini.read(shard_dir / "config.ini")
-    end_id = ini.getint("gpt", "end_id")
+    ft_config = read_config(shard_dir)
+    end_id = ft_config["end_id"]
     # Context + label must fit both the requested length and the model's position table.
-    max_seq_len = min(acc.runtime.max_seq_len, ini.getint("gpt", "max_pos_seq_len"))
+    max_seq_len = min(acc.runtime.max_seq_len, ft_config["max_pos_seq_len"])
     batch_size = min(acc.batch_size, cfg.export.triton_deployment.max_batch_size)
     if batch_size < acc.batch_size:
         log.warning("accuracy.batch_size %d exceeds the model's max_batch_size; using %d", acc.batch_size, batch_size)

@@ -6,13 +6,13 @@ postprocessing ensemble is the same whichever runtime (FT backend or the python 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
+
+from ..atomic import write_text_atomic
 
 UINT32, UINT64, INT32, FP32, BOOL, STRING = (
     pb.TYPE_UINT32,
@@ -197,21 +197,4 @@ def ensemble_config(model_name: str, max_batch_size: int) -> pb.ModelConfig:
 
 def write_config(config: pb.ModelConfig, model_dir: Path) -> Path:
     """Write `<model_dir>/config.pbtxt` atomically."""
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    target = model_dir / "config.pbtxt"
-    descriptor, temporary = tempfile.mkstemp(prefix=".config.pbtxt.", dir=model_dir)
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text_format.MessageToString(config))
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return target
-
-
-def read_config(path: Path) -> pb.ModelConfig:
-    """Parse a config.pbtxt back into a ModelConfig (raises on anything protobuf's text format rejects)."""
-    return text_format.Parse(Path(path).read_text(), pb.ModelConfig())
+    return write_text_atomic(Path(model_dir) / "config.pbtxt", text_format.MessageToString(config))

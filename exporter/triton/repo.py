@@ -7,14 +7,14 @@ this package installed.
 
 from __future__ import annotations
 
-import configparser
 import logging
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
 from ..ft.convert import convert_checkpoint
-from ..ft.writer import AtomicDirectory
+from ..ft.verify import read_config
+from ..atomic import AtomicDirectory
 from . import render
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,7 @@ def build_repository(
             model_settings = replace(settings, model_checkpoint_path=str(repo_root / settings.name / "1" / f"{tp}-gpu"))
         render.write_config(render.model_config(model_settings), partial_repo / settings.name)
 
-        ini = configparser.ConfigParser()
-        ini.read(shard_dir / "config.ini")
-        end_id = ini.getint("gpt", "end_id")
+        end_id = read_config(shard_dir)["end_id"]
         for config in (
             render.preprocessing_config(settings.max_batch_size, end_id),
             render.postprocessing_config(settings.max_batch_size, end_id),
