@@ -384,7 +384,7 @@ def _request(prompts, output_len, **optional):
 def _load_model_py(version_dir, monkeypatch, parameters):
     """Import a copy of model.py from `version_dir` (as Triton would) and initialize it."""
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
-    for name in ("ft_checkpoint", "ft_gpt"):
+    for name in ("ft_checkpoint", "ft_gpt", "ft_generate"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setattr(sys, "path", list(sys.path))
     spec = importlib.util.spec_from_file_location(f"ft_python_model_{id(version_dir)}", version_dir / "model.py")
@@ -401,7 +401,7 @@ def version_dir(shards, tmp_path):
     """<model>/1/ as the exporter lays it out: model.py + runtime modules + the 2-gpu shards."""
     root = tmp_path / "gpt" / "1"
     root.mkdir(parents=True)
-    for name in ("model.py", "ft_checkpoint.py", "ft_gpt.py"):
+    for name in ("model.py", "ft_checkpoint.py", "ft_gpt.py", "ft_generate.py"):
         shutil.copy(TEMPLATE_DIR / name, root / name)
     shutil.copytree(shards(2), root / "2-gpu")
     return root

@@ -1,7 +1,7 @@
 """Triton python-backend model that serves FasterTransformer GPT shards with PyTorch.
 
 Copied into `<model_name>/1/` of a generated model repository together with ft_checkpoint.py
-and ft_gpt.py. Same tensors as the fastertransformer backend (see the project contract):
+ft_gpt.py and ft_generate.py. Same tensors as the fastertransformer backend (see the project contract):
 inputs input_ids [B, L] (right-padded), input_lengths [B], request_output_len [B, 1] and
 optional per-row sampling parameters; outputs output_ids [B, 1, T], sequence_length [B, 1],
 cum_log_probs [B, 1], output_log_probs [B, 1, request_output_len].
