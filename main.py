@@ -1,7 +1,8 @@
 """Entry point: compose the Hydra config, validate it, and run each stage in `stages` with the cluster's launcher.
 
-    python main.py                                   # built-in tiny GPT-2: export, serve, LAMBADA
+    python main.py                                   # built-in tiny GPT-2: export, serve, LAMBADA, here
     python main.py export.model.checkpoint_path=/path/to/hf-gpt2 export.model.tensor_model_parallel_size=2
+    python main.py cluster_type=bcm cluster.partition=batch   # one Slurm job per sub-stage
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from omegaconf import DictConfig
 
 from exporter.config import ConfigError, validate
 from exporter.errors import USER_ERRORS
-from exporter.launch import LAUNCHERS
-from exporter.stages import STAGES
+from exporter.launch import LAUNCHERS, LaunchError
+from exporter.stages import STAGES, JobShapeError
 
 log = logging.getLogger("exporter")
 
@@ -23,8 +24,9 @@ log = logging.getLogger("exporter")
 def run(cfg: DictConfig) -> None:
     cfg = validate(cfg)
     launcher = LAUNCHERS[cfg.cluster_type.value]
-    for stage in cfg.stages:
-        launcher(cfg, STAGES[stage](cfg))
+    plans = [STAGES[stage](cfg) for stage in cfg.stages]  # every job shape is checked before anything runs
+    for sub_stages in plans:
+        launcher(cfg, sub_stages)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -34,6 +36,9 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as error:
         log.error("configuration error: %s", error)
         sys.exit(2)
+    except (JobShapeError, LaunchError) as error:
+        log.error("%s", error)
+        sys.exit(1)
     except USER_ERRORS as error:
         log.error("%s: %s", type(error).__name__, error)
         sys.exit(1)

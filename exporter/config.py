@@ -8,6 +8,7 @@ documented in `conf/export/gpt3/export_gpt3.yaml`.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -42,7 +43,9 @@ class Runtime(_Choice):
 
 
 class ClusterType(_Choice):
-    interactive = "interactive"
+    bcm = "bcm"  # Slurm (Base Command Manager clusters): sbatch, srun, pyxis containers
+    bcp = "bcp"  # Base Command Platform: bcprun inside the running BCP job
+    interactive = "interactive"  # here, one sub-stage after the other
 
 
 class Metric(_Choice):
@@ -122,9 +125,28 @@ class ExportConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """conf/cluster/*.yaml: NeMo-Launcher's cluster keys plus the container the jobs run in."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    exclusive: bool = True
+    gpus_per_task: Optional[int] = None
+    gpus_per_node: int = 8  # GPUs of one node; 0 = CPU-only nodes
+    mem: Optional[str] = "0"  # sbatch --mem (0: all of the node's memory); null: not passed
+    overcommit: bool = False
+    job_name_prefix: str = "ft-exporter-"
+    srun_args: List[str] = field(default_factory=list)  # extra srun options, e.g. [--no-container-mount-home]
+    container: Optional[str] = None  # image for pyxis' --container-image; null: run on the host
+    container_mounts: List[str] = field(default_factory=list)  # "src:dst[:flags]" or "path"
+
+
+@dataclass
 class RootConfig:
     stages: List[str] = field(default_factory=lambda: ["export"])
     cluster_type: ClusterType = ClusterType.interactive
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    dry_run: bool = False  # write every submission script and print what would run; submit/run nothing
     launcher_scripts_path: str = "."
     base_results_dir: str = "${launcher_scripts_path}/results"
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -158,6 +180,7 @@ def _require(condition: bool, key: str, message: str) -> None:
 def _check_values(cfg: DictConfig) -> None:
     for stage in cfg.stages:
         _require(stage in KNOWN_STAGES, "stages", f"unknown stage {stage!r}; known: {list(KNOWN_STAGES)}")
+    _check_cluster(cfg.cluster, cfg.cluster_type)
     model, deploy, accuracy = cfg.export.model, cfg.export.triton_deployment, cfg.export.accuracy
     _require(bool(model.checkpoint_path), "export.model.checkpoint_path", "must be set")
     _require(model.tensor_model_parallel_size >= 1, "export.model.tensor_model_parallel_size", "must be >= 1")
@@ -185,6 +208,39 @@ def _check_values(cfg: DictConfig) -> None:
     _require(
         runtime.sampling_top_p == 0.0, "export.accuracy.runtime.sampling_top_p", "LAMBADA is scored greedily: use 0"
     )
+
+
+_MEMORY = re.compile(r"^[0-9]+[KMGT]?$")
+
+
+def _check_cluster(cluster: DictConfig, cluster_type: ClusterType) -> None:
+    _require(cluster.gpus_per_node >= 0, "cluster.gpus_per_node", "must be >= 0 (0: CPU-only nodes)")
+    _require(
+        cluster.gpus_per_task is None or cluster.gpus_per_task >= 1, "cluster.gpus_per_task", "must be >= 1 or null"
+    )
+    _require(
+        cluster.mem is None or bool(_MEMORY.match(cluster.mem)),
+        "cluster.mem",
+        f"{cluster.mem!r} is not a Slurm memory size (e.g. 0, 64G, 512000M)",
+    )
+    for key in ("partition", "account", "container"):
+        _require(cluster[key] is None or bool(cluster[key].strip()), f"cluster.{key}", "must be non-empty or null")
+    for index, mount in enumerate(cluster.container_mounts):
+        _require(
+            bool(mount) and "," not in mount and not mount.startswith(":"),
+            f"cluster.container_mounts[{index}]",
+            f"{mount!r} is not 'src:dst[:flags]' or 'path' (one mount per entry, no commas)",
+        )
+    for index, arg in enumerate(cluster.srun_args):
+        _require(arg.startswith("-"), f"cluster.srun_args[{index}]", f"{arg!r} is not an srun option (--name[=value])")
+    if cluster_type != ClusterType.bcm:
+        # pyxis containers are a Slurm feature; a BCP job already runs in the image it was started with.
+        _require(
+            cluster.container is None and not cluster.container_mounts,
+            "cluster.container",
+            f"containers are set up by Slurm (pyxis) only; cluster_type={cluster_type.value} runs in the current "
+            "environment: set cluster.container=null and cluster.container_mounts=[]",
+        )
 
 
 def _register_resolvers() -> None:

@@ -102,8 +102,12 @@ def test_default_run_end_to_end(tmp_path):
 
 @pytest.mark.triton
 def test_ft_runtime_without_ft_backend_is_refused_clearly(tmp_path, tiny_gpt2):
-    """The embedded tritonserver has no FasterTransformer backend: say so instead of a server load failure."""
-    from exporter.serve.tritonserver import TritonServerError, find_tritonserver
+    """The embedded tritonserver has no FasterTransformer backend: say so instead of a server load failure.
+
+    The sub-stage runs as its own process (the launcher's command); its one-line error reaches the launcher's.
+    """
+    from exporter.launch import LaunchError
+    from exporter.serve.tritonserver import find_tritonserver
     from main import run
 
     install = find_tritonserver()
@@ -111,7 +115,7 @@ def test_ft_runtime_without_ft_backend_is_refused_clearly(tmp_path, tiny_gpt2):
         pytest.skip(f"{install.binary} has the FasterTransformer backend")
     cfg = composed(f"base_results_dir={tmp_path}", f"export.model.checkpoint_path={tiny_gpt2}",
                    "export.triton_deployment.runtime=fastertransformer", "export.accuracy.reference=none")
-    with pytest.raises(TritonServerError, match="needs a tritonserver with FT's backend"):
+    with pytest.raises(LaunchError, match="(?s)accuracy failed.*needs a tritonserver with FT's backend"):
         run(cfg)
     # The conversion itself still happened: the repository is there for a cluster that has the backend.
     config = next(tmp_path.glob("gpt2/export_*/model_repo/gpt2/config.pbtxt")).read_text()

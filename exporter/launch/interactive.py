@@ -1,23 +1,75 @@
-"""Run sub-stages here, one after the other, keeping the resolved config next to their outputs."""
+"""cluster_type=interactive: run each sub-stage's commands here, one after the other, teeing their logs.
+
+The same commands a cluster job runs (`python -m exporter.run_substage <saved config> ...`), with the same folder:
+launcher.sh (for reference and re-running), the resolved config, launcher_cmd.log and log-<job>_local.out/.err.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import shlex
 import time
+from pathlib import Path
 from typing import Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ..stages.export import SubStage
+from ..stages.job import SubStage
+from .common import (
+    PROJECT_ROOT,
+    LaunchError,
+    job_name,
+    log_paths,
+    notes_lines,
+    prepare,
+    python_for,
+    pythonpath_line,
+    record_command,
+    run_teeing,
+    step_argv,
+    failure,
+    write_script,
+)
 
 log = logging.getLogger(__name__)
 
 
+def local_commands(cfg: DictConfig, sub_stage: SubStage, config_path: Path) -> list[list[str]]:
+    shape = sub_stage.resources
+    if shape.nodes > 1 or any(step.every_node for step in sub_stage.steps):
+        raise LaunchError(f"sub-stage {sub_stage.name} needs {shape.nodes} nodes; cluster_type=interactive runs on "
+                          "this machine only (use cluster_type=bcm or bcp)")
+    return [step_argv(step, python_for(cfg), config_path) for step in sub_stage.steps]
+
+
 def run_interactive(cfg: DictConfig, sub_stages: Sequence[SubStage]) -> None:
-    for sub_stage in sub_stages:
-        sub_stage.results_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, sub_stage.results_dir / f"{cfg.export.run.name}_hydra.yaml")
-        log.info("== %s ==", sub_stage.name)
+    workdir = Path.cwd()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    # Every sub-stage is checked before the first one runs.
+    planned = [(sub_stage, prepare(cfg, sub_stage)) for sub_stage in sub_stages]
+    commands = [local_commands(cfg, sub_stage, config_path) for sub_stage, config_path in planned]
+    for (sub_stage, _), argvs in zip(planned, commands):
+        lines = ["#!/bin/bash", f"# ft-exporter {sub_stage.stage}/{sub_stage.name}, run here", "set -euo pipefail",
+                 f"cd {shlex.quote(str(workdir))}", pythonpath_line()]
+        for step, argv in zip(sub_stage.steps, argvs):
+            lines += [*notes_lines(step), shlex.join(argv)]
+        script = write_script(sub_stage, lines)
+        record_command(sub_stage, ["bash", str(script.resolve())])
+    if cfg.dry_run:
+        for (sub_stage, _), argvs in zip(planned, commands):
+            for argv in argvs:
+                print(f"[dry run] {sub_stage.name}: would run: {shlex.join(argv)}")
+        return
+    for (sub_stage, _), argvs in zip(planned, commands):
+        out, err = log_paths(sub_stage, job_name(cfg, sub_stage), "local")
+        log.info("== %s == (logs: %s, %s)", sub_stage.name, out, err)
         started = time.monotonic()
-        sub_stage.run()
+        for path in (out, err):
+            path.write_bytes(b"")
+        for argv in argvs:
+            code = run_teeing(argv, out, err, cwd=workdir, env=env)
+            if code != 0:
+                raise failure(sub_stage, code, out, err)
         log.info("== %s done in %.1fs ==", sub_stage.name, time.monotonic() - started)

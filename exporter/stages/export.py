@@ -1,12 +1,14 @@
 """The export stage, planned as sub-stages: `convert` (checkpoint -> FT shards -> model repository), then
 `accuracy` (serve the repository with tritonserver and score LAMBADA) when enabled.
 
-Stages only plan; a launcher (exporter/launch/) executes the plan.
+Stages only plan (`plan` returns SubStage jobs); a launcher (exporter/launch/) executes the plan, and on the node
+`python -m exporter.run_substage <saved config> export <sub_stage>` runs `RUNNERS[<sub_stage>]`.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,15 +19,12 @@ from ..builtin import resolve_checkpoint
 from ..ft.verify import read_config
 from ..triton.render import ModelSettings
 from ..triton.repo import build_repository
+from .job import Resources, Step, SubStage, serving_resources
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class SubStage:
-    name: str
-    results_dir: Path  # ${results_dir}/<name>/
-    run: Callable[[], None]
+# Ports of the multi-node server on each node (whole nodes are allocated, so the defaults are free).
+SERVER_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,8 @@ def convert(cfg: DictConfig) -> Path:
     )
 
 
-def accuracy(cfg: DictConfig) -> dict:
+def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
+    """Score LAMBADA through tritonserver: one launched here, or (multi-node) the one already at `server_url`."""
     from ..evaluate import lambada
     from ..serve.tritonserver import TritonServer, TritonServerError, find_tritonserver
     from ..tokenizer import load_tokenizer
@@ -104,6 +104,11 @@ def accuracy(cfg: DictConfig) -> dict:
             checkpoint = resolve_checkpoint(cfg.export.model.checkpoint_path, paths.checkpoint_cache)
             reference = lambada.HFGenerator(checkpoint, end_id)
 
+    if server_url is not None:
+        log.info("using the tritonserver at %s (MPI rank 0 of the multi-node server)", server_url)
+        _wait_until_ready(server_url, paths.repository, acc.server_timeout_s)
+        return _score(cfg, lambada, paths, texts, tokenizer, reference, end_id, batch_size, max_seq_len, server_url)
+
     install = find_tritonserver(acc.tritonserver)
     backend = cfg.export.triton_deployment.runtime.value
     if backend == "fastertransformer" and install.backend_dir is not None:
@@ -117,20 +122,47 @@ def accuracy(cfg: DictConfig) -> dict:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with TritonServer(paths.repository, log_path, install=install, startup_timeout_s=acc.server_timeout_s) as server:
         log.info("tritonserver ready at http://%s (log: %s)", server.http_url, log_path)
-        results = lambada.evaluate(
-            texts=texts,
-            encode=lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
-            served=lambada.TritonGenerator(server.http_url, paths.model_name, end_id),
-            reference=reference,
-            metrics=[metric.value for metric in acc.metrics],
-            batch_size=batch_size,
-            max_seq_len=max_seq_len,
-            tolerance=acc.tolerance,
-            output_path=Path(acc.output_path),
-            info={"model": paths.model_name, "repository": str(paths.repository), "test_data": acc.test_data},
-        )
+        return _score(cfg, lambada, paths, texts, tokenizer, reference, end_id, batch_size, max_seq_len,
+                      server.http_url)
+
+
+def _score(cfg, lambada, paths, texts, tokenizer, reference, end_id, batch_size, max_seq_len, url) -> dict:
+    acc = cfg.export.accuracy
+    results = lambada.evaluate(
+        texts=texts,
+        encode=lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
+        served=lambada.TritonGenerator(url, paths.model_name, end_id),
+        reference=reference,
+        metrics=[metric.value for metric in acc.metrics],
+        batch_size=batch_size,
+        max_seq_len=max_seq_len,
+        tolerance=acc.tolerance,
+        output_path=Path(acc.output_path),
+        info={"model": paths.model_name, "repository": str(paths.repository), "test_data": acc.test_data},
+    )
     print(summary(results, Path(acc.output_path)))
     return results
+
+
+def _wait_until_ready(url: str, repository: Path, timeout_s: float) -> None:
+    """Poll a tritonserver we did not start until it and every model of `repository` are ready."""
+    import tritonclient.http as httpclient
+
+    from ..serve.tritonserver import TritonServerError
+
+    host = url.split("://", 1)[-1]
+    models = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
+    client = httpclient.InferenceServerClient(host, connection_timeout=5.0, network_timeout=10.0)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if client.is_server_ready() and all(client.is_model_ready(model) for model in models):
+                return
+        except Exception:  # noqa: BLE001  not listening yet: connection refused / reset
+            pass
+        if time.monotonic() > deadline:
+            raise TritonServerError(f"tritonserver at {url} not ready with models {models} after {timeout_s:g}s")
+        time.sleep(2.0)
 
 
 def summary(results: dict, output_path: Path) -> str:
@@ -149,9 +181,51 @@ def summary(results: dict, output_path: Path) -> str:
     return "\n".join(lines)
 
 
+RUNNERS: dict[str, Callable[..., object]] = {"convert": convert, "accuracy": accuracy}
+
+
 def plan(cfg: DictConfig) -> list[SubStage]:
+    """convert: one task, no GPUs. accuracy (when enabled): the serving shape of the parallel layout, after convert.
+
+    Raises JobShapeError (before anything is written or submitted) when the layout does not fit the nodes.
+    """
     paths = export_paths(cfg)
-    stages = [SubStage("convert", paths.results_dir / "convert", lambda: convert(cfg))]
-    if cfg.export.accuracy.enabled:
-        stages.append(SubStage("accuracy", paths.results_dir / "accuracy", lambda: accuracy(cfg)))
+    run, deploy = cfg.export.run, cfg.export.triton_deployment
+
+    def sub_stage(name: str, steps: tuple[Step, ...], **kwargs) -> SubStage:
+        return SubStage(name=name, stage="export", results_dir=paths.results_dir / name, config_name=run.name,
+                        job_name=f"{run.name}_{name}", time_limit=run.time_limit, steps=steps, **kwargs)
+
+    stages = [sub_stage("convert", (Step(entry=("export", "convert")),), resources=Resources())]
+    if not cfg.export.accuracy.enabled:
+        return stages
+    tp, pp = cfg.export.model.tensor_model_parallel_size, deploy.pipeline_model_parallel_size
+    shape = serving_resources(runtime=deploy.runtime.value, device=deploy.device, tensor_parallel=tp,
+                              pipeline_parallel=pp, gpus_per_node=cfg.cluster.gpus_per_node)
+    if shape.nodes == 1:
+        # One node: the accuracy code launches tritonserver itself, next to the client.
+        steps: tuple[Step, ...] = (Step(entry=("export", "accuracy")),)
+    else:
+        steps = _multi_node_serving(cfg, paths, tp, pp, shape)
+    stages.append(sub_stage("accuracy", steps, resources=shape, depends_on=("convert",)))
     return stages
+
+
+def _multi_node_serving(cfg: DictConfig, paths: ExportPaths, tp: int, pp: int, shape: Resources) -> tuple[Step, ...]:
+    """One tritonserver per node as one MPI world (FT's multi-node backend); the client talks to rank 0."""
+    binary = cfg.export.accuracy.tritonserver or "tritonserver"  # NVIDIA's Triton container has it on PATH
+    server = Step(
+        argv=(binary, f"--model-repository={paths.repository}",
+              *(f"--{name}-port={port}" for name, port in SERVER_PORTS.items())),
+        every_node=True,
+        mpi=True,
+        notes=(
+            f"FT backend, multi-node: {shape.nodes} MPI ranks, one tritonserver per node, each driving its "
+            f"{shape.gpus_per_node} GPUs;",
+            f"NCCL world size = TP*PP = {tp}*{pp} = {tp * pp} = {shape.nodes} nodes x {shape.gpus_per_node} GPUs; "
+            "TP groups stay inside a node, PP spans nodes.",
+            "Rank 0 (the first node, where this script runs) serves requests; the client below talks to it.",
+        ),
+    )
+    client = Step(entry=("export", "accuracy", "--server-url", f"http://127.0.0.1:{SERVER_PORTS['http']}"))
+    return server, client
