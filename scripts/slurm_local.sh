@@ -45,7 +45,7 @@ write_conf() {
   cat >"$CONF.tmp" <<EOF
 $MARKER
 ClusterName=local
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)  # the address given: no name lookup needed
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -70,7 +70,7 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 MinJobAge=3600
 SlurmdTimeout=60
-$node_line State=UNKNOWN
+$node_line NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
   mv "$CONF.tmp" "$CONF"

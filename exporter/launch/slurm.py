@@ -115,6 +115,16 @@ def parse_job_id(stdout: str) -> str:
     return job_id
 
 
+def _cancel(job_ids: list[str]) -> str:
+    """A later job of the plan could not be submitted: cancel the earlier ones rather than run half a plan."""
+    if not job_ids:
+        return ""
+    done = subprocess.run(["scancel", *job_ids], capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"; could not cancel the jobs already submitted ({', '.join(job_ids)}): {done.stderr.strip()}"
+    return f"; cancelled the jobs already submitted ({', '.join(job_ids)})"
+
+
 def run_slurm(cfg: DictConfig, sub_stages: Sequence[SubStage]) -> dict[str, str]:
     """Write and submit every sub-stage (dry_run: write and print only). Returns sub-stage name -> job id."""
     if not cfg.dry_run and shutil.which("sbatch") is None:
@@ -132,8 +142,9 @@ def run_slurm(cfg: DictConfig, sub_stages: Sequence[SubStage]) -> dict[str, str]
             continue
         done = subprocess.run(argv, capture_output=True, text=True, cwd=workdir)
         if done.returncode != 0:
+            cancelled = _cancel(list(job_ids.values()))
             raise LaunchError(f"sbatch failed for {sub_stage.name} (exit {done.returncode}): "
-                              f"{(done.stderr or done.stdout).strip()}")
+                              f"{(done.stderr or done.stdout).strip()}" + cancelled)
         job_ids[sub_stage.name] = parse_job_id(done.stdout)
         shape = sub_stage.resources
         print(f"{sub_stage.name}: submitted job {job_ids[sub_stage.name]} ({job_name(cfg, sub_stage)}; "
