@@ -278,3 +278,47 @@ def test_bad_cluster_values_name_the_key(overrides, key):
 def test_every_cluster_group_composes_and_validates(group):
     cfg = validate(composed(f"cluster={group}", f"cluster_type={group}"))
     assert cfg.cluster.gpus_per_node == 8 and cfg.cluster.job_name_prefix == "ft-exporter-"
+
+
+@pytest.mark.triton
+def test_accuracy_client_uses_a_server_it_did_not_start(tmp_path, monkeypatch, tiny_gpt2):
+    """The multi-node client step (`--server-url`): it waits for a running server and scores through it.
+
+    The server here is one tritonserver (no MPI); what is tested is the client side of that step, run as the
+    job runs it: `python -m exporter.run_substage <saved config> export accuracy --server-url ...`.
+    """
+    import os
+
+    from exporter.serve.tritonserver import TritonServer
+
+    results = dry_run(tmp_path, monkeypatch, f"export.model.checkpoint_path={tiny_gpt2}", "export.accuracy.limit=8",
+                      "export.accuracy.batch_size=4", "export.triton_deployment.max_batch_size=4")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def sub_stage(name: str, *extra: str) -> subprocess.CompletedProcess:
+        config = results / name / "export_gpt2_hydra.yaml"
+        return subprocess.run([sys.executable, "-m", "exporter.run_substage", str(config), "export", name, *extra],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    converted = sub_stage("convert")
+    assert converted.returncode == 0, converted.stdout[-2000:] + converted.stderr[-2000:]
+    with TritonServer(results / "model_repo", tmp_path / "server.log") as server:
+        scored = sub_stage("accuracy", "--server-url", f"http://{server.http_url}")
+    assert scored.returncode == 0, scored.stdout[-2000:] + scored.stderr[-2000:]
+    assert f"using the tritonserver at {server.http_url}" in scored.stdout
+    assert not (results / "accuracy" / "tritonserver.log").exists()  # it started none of its own
+    from conftest import read_json
+
+    evaluation = read_json(results / "eval_output.json")
+    assert evaluation["examples"] == 8 and evaluation["passed"] is True
+    for entry in evaluation["metrics"].values():  # served through that server == HF transformers in-process
+        assert entry["prediction_agreement"] == 1.0
+
+
+def test_run_substage_refuses_unknown_sub_stage(tmp_path, monkeypatch):
+    from exporter.run_substage import main as run_substage
+
+    results = dry_run(tmp_path, monkeypatch)
+    config = results / "convert" / "export_gpt2_hydra.yaml"
+    assert run_substage([str(config), "export", "deploy"]) == 2
+    assert run_substage([str(tmp_path / "missing.yaml"), "export", "convert"]) == 2

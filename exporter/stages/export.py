@@ -7,11 +7,12 @@ Stages only plan (`plan` returns SubStage jobs); a launcher (exporter/launch/) e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from omegaconf import DictConfig
 
@@ -75,7 +76,6 @@ def convert(cfg: DictConfig) -> Path:
 def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
     """Score LAMBADA through tritonserver: one launched here, or (multi-node) the one already at `server_url`."""
     from ..evaluate import lambada
-    from ..serve.tritonserver import TritonServer, TritonServerError, find_tritonserver
     from ..tokenizer import load_tokenizer
 
     paths = export_paths(cfg)
@@ -104,11 +104,35 @@ def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
             checkpoint = resolve_checkpoint(cfg.export.model.checkpoint_path, paths.checkpoint_cache)
             reference = lambada.HFGenerator(checkpoint, end_id)
 
-    if server_url is not None:
-        log.info("using the tritonserver at %s (MPI rank 0 of the multi-node server)", server_url)
-        _wait_until_ready(server_url, paths.repository, acc.server_timeout_s)
-        return _score(cfg, lambada, paths, texts, tokenizer, reference, end_id, batch_size, max_seq_len, server_url)
+    with _serving(cfg, paths, server_url) as url:
+        results = lambada.evaluate(
+            texts=texts,
+            encode=lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
+            served=lambada.TritonGenerator(url, paths.model_name, end_id),
+            reference=reference,
+            metrics=[metric.value for metric in acc.metrics],
+            batch_size=batch_size,
+            max_seq_len=max_seq_len,
+            tolerance=acc.tolerance,
+            output_path=Path(acc.output_path),
+            info={"model": paths.model_name, "repository": str(paths.repository), "test_data": acc.test_data},
+        )
+    print(summary(results, Path(acc.output_path)))
+    return results
 
+
+@contextlib.contextmanager
+def _serving(cfg: DictConfig, paths: ExportPaths, server_url: str | None) -> Iterator[str]:
+    """Yield the URL of a ready tritonserver on the repository: `server_url`'s, or one started (and stopped) here."""
+    from ..serve.tritonserver import TritonServer, TritonServerError, find_tritonserver
+
+    acc = cfg.export.accuracy
+    if server_url is not None:
+        address = server_url.split("://", 1)[-1]  # host:port, as tritonclient takes it
+        log.info("using the tritonserver at %s (MPI rank 0 of the multi-node server)", address)
+        _wait_until_ready(address, paths.repository, acc.server_timeout_s)
+        yield address
+        return
     install = find_tritonserver(acc.tritonserver)
     backend = cfg.export.triton_deployment.runtime.value
     if backend == "fastertransformer" and install.backend_dir is not None:
@@ -122,37 +146,17 @@ def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with TritonServer(paths.repository, log_path, install=install, startup_timeout_s=acc.server_timeout_s) as server:
         log.info("tritonserver ready at http://%s (log: %s)", server.http_url, log_path)
-        return _score(cfg, lambada, paths, texts, tokenizer, reference, end_id, batch_size, max_seq_len,
-                      server.http_url)
+        yield server.http_url
 
 
-def _score(cfg, lambada, paths, texts, tokenizer, reference, end_id, batch_size, max_seq_len, url) -> dict:
-    acc = cfg.export.accuracy
-    results = lambada.evaluate(
-        texts=texts,
-        encode=lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
-        served=lambada.TritonGenerator(url, paths.model_name, end_id),
-        reference=reference,
-        metrics=[metric.value for metric in acc.metrics],
-        batch_size=batch_size,
-        max_seq_len=max_seq_len,
-        tolerance=acc.tolerance,
-        output_path=Path(acc.output_path),
-        info={"model": paths.model_name, "repository": str(paths.repository), "test_data": acc.test_data},
-    )
-    print(summary(results, Path(acc.output_path)))
-    return results
-
-
-def _wait_until_ready(url: str, repository: Path, timeout_s: float) -> None:
-    """Poll a tritonserver we did not start until it and every model of `repository` are ready."""
+def _wait_until_ready(address: str, repository: Path, timeout_s: float) -> None:
+    """Poll a tritonserver we did not start (host:port) until it and every model of `repository` are ready."""
     import tritonclient.http as httpclient
 
     from ..serve.tritonserver import TritonServerError
 
-    host = url.split("://", 1)[-1]
     models = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
-    client = httpclient.InferenceServerClient(host, connection_timeout=5.0, network_timeout=10.0)
+    client = httpclient.InferenceServerClient(address, connection_timeout=5.0, network_timeout=10.0)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -161,7 +165,7 @@ def _wait_until_ready(url: str, repository: Path, timeout_s: float) -> None:
         except Exception:  # noqa: BLE001  not listening yet: connection refused / reset
             pass
         if time.monotonic() > deadline:
-            raise TritonServerError(f"tritonserver at {url} not ready with models {models} after {timeout_s:g}s")
+            raise TritonServerError(f"tritonserver at {address} not ready with models {models} after {timeout_s:g}s")
         time.sleep(2.0)
 
 
