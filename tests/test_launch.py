@@ -322,3 +322,10 @@ def test_run_substage_refuses_unknown_sub_stage(tmp_path, monkeypatch):
     config = results / "convert" / "export_gpt2_hydra.yaml"
     assert run_substage([str(config), "export", "deploy"]) == 2
     assert run_substage([str(tmp_path / "missing.yaml"), "export", "convert"]) == 2
+
+
+def test_bcm_group_has_nemo_launcher_keys():
+    cluster = composed().cluster  # the default group, conf/cluster/bcm.yaml
+    for key in ("partition", "account", "exclusive", "gpus_per_task", "gpus_per_node", "mem", "overcommit",
+                "job_name_prefix", "srun_args", "container", "container_mounts"):
+        assert key in cluster, f"cluster.{key}"
