@@ -45,7 +45,9 @@ def run(args: argparse.Namespace) -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    # The format of main.py's Hydra job logging (hydra/job_logging: stdout), so all logs of a run read alike.
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     args = parse_args(argv)
     try:
         run(args)

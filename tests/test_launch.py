@@ -178,7 +178,8 @@ def test_serving_shape(kwargs, expected):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (("export.model.tensor_model_parallel_size=16", "cluster.gpus_per_node=8"), "TP=16 does not fit inside one node"),
+        (("export.model.tensor_model_parallel_size=16", "cluster.gpus_per_node=8"),
+         "TP=16 does not fit inside one node"),
         (("export.model.tensor_model_parallel_size=4", "export.triton_deployment.pipeline_model_parallel_size=3",
           "cluster.gpus_per_node=8"), "12 GPUs does not fill whole nodes of 8 GPUs"),
         (("export.model.tensor_model_parallel_size=2", "cluster.gpus_per_node=0"), "needs GPUs"),
