@@ -21,9 +21,9 @@ from .writer import config_ini, write_plan
 log = logging.getLogger(__name__)
 
 
-def _open(checkpoint_path: Path) -> Architecture:
+def _open(checkpoint_path: Path, tensor_parallel: int = 1) -> Architecture:
     checkpoint = HFCheckpoint(checkpoint_path)
-    return architecture_for(checkpoint.config)(checkpoint)
+    return architecture_for(checkpoint.config)(checkpoint, tensor_parallel)
 
 
 def check_plan(plan: Plan, layout: ParallelLayout, weight_data_type: str, section: str = "gpt") -> None:
@@ -75,7 +75,7 @@ def convert_checkpoint(
     if weight_data_type not in DTYPE_BYTES:
         raise ValueError(f"weight_data_type {weight_data_type!r} is not one of {sorted(DTYPE_BYTES)}")
     checkpoint_path = Path(checkpoint_path)
-    arch = _open(checkpoint_path)
+    arch = _open(checkpoint_path, tensor_parallel)
     find_tokenizer(checkpoint_path)  # pre/postprocessing need it: fail now, not after writing gigabytes
     plan = arch.plan()
     params = plan.params
@@ -98,7 +98,7 @@ def convert_checkpoint(
     with AtomicDirectory(final) as partial_dir:
         nbytes = write_plan(
             arch,
-            partial(_open, checkpoint_path),
+            partial(_open, checkpoint_path, tensor_parallel),
             plan,
             partial_dir,
             tensor_parallel,
