@@ -93,13 +93,17 @@ class Fixture:
     """Variants of one registered architecture: name -> builder(directory) -> checkpoint directory.
 
     reference: None = HF transformers (`AutoModelForCausalLM`) on the checkpoint; otherwise a callable
-    (checkpoint_dir, prompts: list[list[int]], new_tokens) -> list[list[int]] of greedy tokens from an independent
-    implementation (e.g. NeMo's saved outputs), for sources transformers cannot load.
+    (checkpoint_path, prompts: list[list[int]], new_tokens) -> list[list[int]] of greedy tokens from an independent
+    implementation (e.g. NeMo's saved outputs), for sources transformers cannot load. A builder may return any
+    path `convert_checkpoint` accepts (a .nemo file, say). `prompts` / `new_tokens` override the registry test's
+    defaults when the reference only exists for its own prompts (NeMo's `*.reference.npz`).
     """
 
     variants: dict[str, Callable[[Path], Path]]
     reference: Callable | None = None
     max_tp: int = 2  # largest TP the variants support (heads, kv heads, FFN divisibility)
+    prompts: list[list[int]] | None = None
+    new_tokens: int | None = None
     extra: dict = field(default_factory=dict)
 
 
