@@ -20,17 +20,22 @@ import numpy as np
 import torch
 
 
+MAX_BEAM_WIDTH = 8  # default cap on beam_width (the KV cache grows with it)
+
+
 @dataclass
 class GenerationOutput:
-    """Results in the contract's layout (beam dimension = 1), all CPU tensors.
+    """Results in the FT layout, all CPU tensors; W = max beam_width of the batch (1 without beams).
 
-    output_ids [B, 1, T] int64: prompt tokens, then generated tokens, then end_id padding;
-      T = max(input_lengths) + max(max_new_tokens).
-    sequence_length [B, 1] int64: prompt length + generated tokens (a final end_id counts).
-    cum_log_probs [B, 1] float32: sum of output_log_probs over the generated tokens.
-    output_log_probs [B, 1, max(max_new_tokens)] float32: log-softmax of each chosen token
-      (after repetition penalty and temperature, before top-k/top-p truncation); 0 after a
-      row stops.
+    output_ids [B, W, T] int64: prompt tokens, then generated tokens, then end_id padding;
+      T = max(input_lengths) + max(max_new_tokens) (while streaming: + steps so far).
+    sequence_length [B, W] int64: prompt length + generated tokens (a final end_id or stop
+      word counts); 0 for padding beams of rows with a smaller beam_width.
+    cum_log_probs [B, W] float32: sum of output_log_probs over the generated tokens (not
+      length-normalised; beams are sorted by the normalised score, best first).
+    output_log_probs [B, W, max(max_new_tokens)] float32: log-softmax of each chosen token
+      (after repetition penalty, temperature and bad-word bans, before top-k/top-p
+      truncation); 0 after a sequence stops and for rows with is_return_log_probs False.
     """
     output_ids: torch.Tensor
     sequence_length: torch.Tensor
@@ -58,18 +63,75 @@ def _per_row(value, batch, default, dtype, name):
 @torch.inference_mode()
 def generate(model, input_ids, input_lengths, max_new_tokens, end_id=None, top_k=None,
              top_p=None, temperature=None, repetition_penalty=None, random_seed=None,
-             beam_width=1):
-    """Generate for a batch of right-padded prompts; every option may be per row.
+             beam_width=None, len_penalty=None, beam_search_diversity_rate=None,
+             bad_words_list=None, stop_words_list=None, top_p_decay=None, top_p_min=None,
+             top_p_reset_ids=None, is_return_log_probs=None, start_id=None,
+             max_beam_width=MAX_BEAM_WIDTH, stream=None):
+    """Generate for a batch of right-padded prompts; every option is per row.
+
+    Rows never influence each other: a row gives the same result alone or in any batch,
+    whatever the other rows' options. Each option takes None (default), a scalar (all rows)
+    or B values; every dict check_inputs returns can be concatenated row-wise with other
+    requests' dicts (tensors with torch.cat, lists with +) and passed back under the same
+    keyword names.
 
     input_ids [B, Lmax] (right-padded), input_lengths [B], max_new_tokens [B] (>= 1).
-    end_id default: config.ini end_id. top_k 0/1 with top_p 0 (the defaults) = greedy;
-    top_k > 1 samples from the k best; 0 < top_p <= 1 nucleus (after top-k when both).
-    temperature (default 1) divides the logits; repetition_penalty (default 1) divides
-    positive / multiplies negative logits of tokens already in the row (prompt included).
-    random_seed (default 0, as in FT) seeds a per-row generator that draws the row's
-    uniforms up front, so a seed gives the same sample whatever the other rows are.
-    Returns a GenerationOutput (CPU tensors).
+    end_id (default config.ini end_id): a row/beam stops after generating it (it counts).
+    start_id: accepted and checked (>= 0), unused (GPT prompts carry their own start).
+
+    Per-token processing, in this order, on fp32 logits [V]:
+      repetition_penalty (default 1): divides positive / multiplies negative logits of
+        tokens already in the sequence (prompt included);
+      temperature (default 1): divides the logits;
+      bad_words_list: the last token of a bad word gets -inf when the sequence ends with the
+        word's other tokens (single-token words: always), as FT's ban kernel;
+      log_softmax -> the log-prob reported for the chosen token.
+    Token choice (beam_width 1): top_k 0/1 with top_p 0 (the defaults) = greedy; top_k > 1
+      samples from the k best; 0 < top_p <= 1 nucleus (after top-k when both). random_seed
+      (default 0, as FT) seeds numpy PCG64 for the row; step t uses its t-th uniform u_t in
+      inverse-CDF sampling over the kept tokens sorted by probability, so a seed gives the
+      same sample whatever the other rows are.
+    top_p_decay (default 1), top_p_min (default 1e-6), top_p_reset_ids (default -1 = none),
+      FT's decaying nucleus: step 0 uses top_p; after each step
+      top_p <- top_p_initial if the token == reset id else max(top_p * decay, top_p_min).
+    stop_words_list: a row/beam stops when its sequence (prompt included) ends with a stop
+      word; the word stays in the output and counts in sequence_length (as FT).
+    Word lists use FT's format [B, 2, L] (or [2, L] for all rows): row 0 the words' ids
+      concatenated, row 1 cumulative end offsets, padded with -1 (ids padding is ignored).
+      check_inputs returns them as a list of B tuples of words (tuples of ints), which
+      generate also accepts.
+
+    Beam search (beam_width W > 1, at most max_beam_width; rows may have different W):
+      FT/HF beam search with early stopping. Each step every live beam's top 2W next tokens
+      are candidates with score cum_log_prob + log_prob; beam_search_diversity_rate d
+      (default 0) ranks candidates by score + d * (rank of the token among its beam's
+      candidates, 0-based), so d < 0 favours children of different beams (Li et al. 2016;
+      the log-probs themselves are not changed). In ranked order over the row's 2W best
+      candidates: a candidate ending in end_id / a stop word / the row's last step is a
+      finished hypothesis if it is among the first W, with normalised score
+      cum_log_prob / generated_length ** len_penalty (len_penalty default 0 = no
+      normalisation; generated_length counts the final token); the first W unfinished ones
+      are the next beams. The row keeps its W best finished hypotheses and stops as soon as
+      it has W of them. This is HF generate(num_beams=W, length_penalty=len_penalty,
+      early_stopping=True, do_sample=False) exactly. top_k, top_p and random_seed are
+      ignored for such rows (FT runs beam search then); temperature, repetition_penalty and
+      bad words apply to the logits before log_softmax.
+
+    is_return_log_probs (default True): False gives zeros in that row's cum_log_probs and
+      output_log_probs (the FT backend omits both outputs then).
+    stream: None, or a callable called after every decoding step with a GenerationOutput
+      of the sequences so far (same layout, T = max(input_lengths) + steps so far; beam
+      rows show their live beams, best running score first, or their final hypotheses once
+      done). The return value is always the complete output.
+
+    Returns a GenerationOutput (CPU tensors); beam dimension = max beam_width in the batch,
+    beams past a row's own beam_width are padding (end_id, sequence_length 0, zero scores).
+    Raises ValueError (from check_inputs) naming the bad input.
     """
+    if any(v is not None for v in (len_penalty, beam_search_diversity_rate, bad_words_list,
+                                   stop_words_list, top_p_decay, top_p_min, top_p_reset_ids,
+                                   is_return_log_probs, start_id, stream)):
+        raise NotImplementedError("being implemented (issue 4): see the docstring")
     args = check_inputs(model, input_ids, input_lengths, max_new_tokens, end_id=end_id,
                              top_k=top_k, top_p=top_p, temperature=temperature,
                              repetition_penalty=repetition_penalty,
@@ -172,12 +234,21 @@ def generate(model, input_ids, input_lengths, max_new_tokens, end_id=None, top_k
 
 def check_inputs(model, input_ids, input_lengths, max_new_tokens, end_id=None, top_k=None,
                  top_p=None, temperature=None, repetition_penalty=None, random_seed=None,
-                 beam_width=None):
-    """Normalise generate()'s arguments to per-row CPU tensors; ValueError if any is bad.
+                 beam_width=None, len_penalty=None, beam_search_diversity_rate=None,
+                 bad_words_list=None, stop_words_list=None, top_p_decay=None, top_p_min=None,
+                 top_p_reset_ids=None, is_return_log_probs=None, start_id=None,
+                 max_beam_width=MAX_BEAM_WIDTH):
+    """Normalise generate()'s arguments to per-row CPU values; ValueError naming the bad input.
 
-    Returns a dict with input_ids [B, L] int64, input_lengths, max_new_tokens, end_id,
-    top_k (int64 [B]), top_p, temperature, repetition_penalty (float32 [B]) and
-    random_seed (list of B python ints).
+    Returns a dict keyed by generate()'s keyword names: input_ids [B, L] int64;
+    input_lengths, max_new_tokens, end_id, top_k, beam_width, top_p_reset_ids, start_id
+    (int64 [B]); top_p, temperature, repetition_penalty, len_penalty,
+    beam_search_diversity_rate, top_p_decay, top_p_min (float32 [B]); is_return_log_probs
+    (bool [B]); random_seed (list of B python ints); bad_words_list, stop_words_list (list
+    of B tuples of words, a word = tuple of token ids). Requests' dicts concatenate row-wise.
+    Checks: beam_width in [1, max_beam_width], top_p in [0, 1], top_p_decay in (0, 1],
+    top_p_min in (0, 1], temperature / repetition_penalty > 0, word lists shaped
+    [B|1, 2, L] with increasing offsets and ids inside the vocabulary, lengths in range.
     """
     if beam_width is not None and int(np.max(np.asarray(beam_width))) > 1:
         raise ValueError("beam_width > 1 is not supported by the python runtime yet")
