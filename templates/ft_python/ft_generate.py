@@ -12,6 +12,8 @@ Batching: prompts arrive right-padded ([B, Lmax] + real lengths). Internally the
 left-aligned (padding moved to the front) with per-row position ids and a key-padding mask,
 so every row sees exactly what it would see alone and all rows write the KV cache at the same
 index during decoding.
+Row b owns W_b consecutive decoder slots (1 for greedy / sampling, beam_width for beam
+search); every per-row option is expanded to the row's slots, so rows never see each other.
 """
 
 from dataclasses import dataclass
@@ -77,7 +79,7 @@ def generate(model, input_ids, input_lengths, max_new_tokens, end_id=None, top_k
 
     input_ids [B, Lmax] (right-padded), input_lengths [B], max_new_tokens [B] (>= 1).
     end_id (default config.ini end_id): a row/beam stops after generating it (it counts).
-    start_id: accepted and checked (>= 0), unused (GPT prompts carry their own start).
+    start_id: accepted and checked (in [0, V)), unused (GPT prompts carry their own start).
 
     Per-token processing, in this order, on fp32 logits [V]:
       repetition_penalty (default 1): divides positive / multiplies negative logits of
@@ -92,7 +94,7 @@ def generate(model, input_ids, input_lengths, max_new_tokens, end_id=None, top_k
       inverse-CDF sampling over the kept tokens sorted by probability, so a seed gives the
       same sample whatever the other rows are.
     top_p_decay (default 1), top_p_min (default 1e-6), top_p_reset_ids (default -1 = none),
-      FT's decaying nucleus: step 0 uses top_p; after each step
+      FT's decaying nucleus for rows with top_p > 0: step 0 uses top_p; after each step
       top_p <- top_p_initial if the token == reset id else max(top_p * decay, top_p_min).
     stop_words_list: a row/beam stops when its sequence (prompt included) ends with a stop
       word; the word stays in the output and counts in sequence_length (as FT).
@@ -113,16 +115,23 @@ def generate(model, input_ids, input_lengths, max_new_tokens, end_id=None, top_k
       normalisation; generated_length counts the final token); the first W unfinished ones
       are the next beams. The row keeps its W best finished hypotheses and stops as soon as
       it has W of them. This is HF generate(num_beams=W, length_penalty=len_penalty,
-      early_stopping=True, do_sample=False) exactly. top_k, top_p and random_seed are
-      ignored for such rows (FT runs beam search then); temperature, repetition_penalty and
-      bad words apply to the logits before log_softmax.
+      early_stopping=True, do_sample=False) token for token (tests/test_generate.py; with
+      stop words: a StoppingCriteria ending the sequence at the word). As FT's finalize
+      step, beams are ranked by cum_log_prob / generated_tokens ** len_penalty and the
+      reported cum_log_probs are not normalised. top_k, top_p and random_seed are ignored
+      for such rows (FT runs beam search then); temperature, repetition_penalty and bad
+      words apply to the logits before log_softmax (HF's beam search applies its
+      processors after log_softmax, so parity holds without them).
+      Rows with different beam widths share one batch: each row owns its own W decoder
+      slots, the output's beam dimension is the largest W.
 
     is_return_log_probs (default True): False gives zeros in that row's cum_log_probs and
       output_log_probs (the FT backend omits both outputs then).
     stream: None, or a callable called after every decoding step with a GenerationOutput
       of the sequences so far (same layout, T = max(input_lengths) + steps so far; beam
       rows show their live beams, best running score first, or their final hypotheses once
-      done). The return value is always the complete output.
+      done). Decoding stops once every row has finished, so there are at most
+      max(max_new_tokens) calls. The return value is always the complete output.
 
     Returns a GenerationOutput (CPU tensors); beam dimension = max beam_width in the batch,
     beams past a row's own beam_width are padding (end_id, sequence_length 0, zero scores).
