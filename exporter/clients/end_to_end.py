@@ -70,7 +70,7 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict:
     if args.stream:
         ensemble = common.stream(url, args.ensemble, ensemble_in, output_names=["OUTPUT_0"])[-1]
     else:
-        ensemble = common.infer(url, protocol, args.ensemble, ensemble_in, output_names=["OUTPUT_0", "output_ids"])
+        ensemble = common.infer(url, protocol, args.ensemble, ensemble_in)  # every output: see common.infer
 
     problems = []
     if ensemble["OUTPUT_0"].tolist() != post["OUTPUT"].tolist():

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace, out=sys.stdout) -> list[list[str]]:
         results = common.stream(url, args.model, arrays, output_names=["OUTPUT_0"], on_response=show)
         final = results[-1]
     else:
-        final = common.infer(url, args.protocol, args.model, arrays, output_names=["OUTPUT_0"])
+        final = common.infer(url, args.protocol, args.model, arrays)  # every output: see common.infer
     texts = decode(final["OUTPUT_0"])
     for prompt, beams in zip(args.prompts, texts):
         for beam, text in enumerate(beams):
