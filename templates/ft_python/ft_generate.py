@@ -167,15 +167,22 @@ class _Decoding:
         self.ids = ids = ids[:, :lmax]  # columns past every row's length are padding only
         bsz = self.bsz = ids.shape[0]
         self.steps = int(new.max())
-        total = lmax + self.steps
         self.want_log_probs = args["is_return_log_probs"]
 
         width = self.width = args["beam_width"]                           # [B]
         base = torch.cumsum(width, 0) - width                             # first slot per row
         self.slot_row = torch.repeat_interleave(torch.arange(bsz), width)  # [N]
-        slots = self.slots = int(width.sum())
+        self.slots = int(width.sum())
         row_d = self.slot_row.to(dev)
+        self._prefill(args, row_d)
+        self._init_single(args, base)
+        self._init_beams(args, base)
 
+    def _prefill(self, args, row_d):
+        """Run the prompts once; set the per-slot cache, history, masks and penalties."""
+        model, dev, lmax, bsz, slots = self.model, self.dev, self.lmax, self.bsz, self.slots
+        ids, lengths = self.ids, self.lengths
+        total = lmax + self.steps
         # Left-align: row b's real tokens occupy columns offset_b .. Lmax-1.
         offset = lmax - lengths                                           # [B]
         col = torch.arange(lmax)
@@ -219,7 +226,9 @@ class _Decoding:
         self.bad = _word_table(args["bad_words_list"], row_d, dev)
         self.stop = _word_table(args["stop_words_list"], row_d, dev)
 
-        # Greedy / sampling rows: one slot each.
+    def _init_single(self, args, base):
+        """Greedy / sampling rows: one slot each."""
+        dev, width, new = self.dev, self.width, args["max_new_tokens"]
         single = (width == 1).nonzero().reshape(-1)
         self.single_rows = single
         self.single_slots = base[single].to(dev)
@@ -246,7 +255,9 @@ class _Decoding:
             np.random.Generator(np.random.PCG64(s % (1 << 64))).random(max(self.steps, 1))
             for s in seeds]) if seeds else np.zeros((0, 1))).to(dev)  # [R, steps] f64
 
-        # Beam rows: slots base .. base + W - 1, padded to the widest beam row.
+    def _init_beams(self, args, base):
+        """Beam rows: slots base .. base + W - 1, padded to the widest beam row."""
+        dev, width, new, slots = self.dev, self.width, args["max_new_tokens"], self.slots
         beam = (width > 1).nonzero().reshape(-1)
         self.beam_rows = beam
         wide = int(width[beam].max()) if beam.numel() else 1
