@@ -51,8 +51,10 @@ def load_request(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def jsonable(array: np.ndarray):
+    """Nested lists; BYTES become str (invalid utf-8 shown as U+FFFD)."""
     if array.dtype == object:
-        return [jsonable(a) for a in array] if array.ndim else array.item().decode("utf-8", "replace")
+        return [jsonable(item) if isinstance(item, np.ndarray) else bytes(item).decode("utf-8", "replace")
+                for item in array]
     return array.tolist()
 
 
