@@ -32,6 +32,7 @@ SCRIPTS = {
     "ft-exporter-end-to-end": "exporter.clients.end_to_end:main",
     "ft-exporter-identity": "exporter.clients.identity:main",
     "ft-exporter-issue-request": "exporter.clients.issue_request:main",
+    "ft-exporter-load": "exporter.clients.load:main",
 }
 
 
