@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,6 +84,27 @@ def test_ft_backend_config_renders_word_lists_and_no_python_extras():
     model_step = ensemble.ensemble_scheduling.step[1]
     assert model_step.input_map["bad_words_list"] == "_BAD_WORDS_IDS"
     assert model_step.input_map["stop_words_list"] == "_STOP_WORDS_IDS"
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["export.triton_deployment.decoupled=True"], "export.triton_deployment.decoupled"),  # LAMBADA still on
+    (["export.triton_deployment.decoupled=True", "export.accuracy.enabled=False",
+      "export.triton_deployment.runtime=fastertransformer"], "export.triton_deployment.decoupled"),
+    (["export.triton_deployment.max_queue_delay_microseconds=-1"], "max_queue_delay_microseconds"),
+    (["export.triton_deployment.max_beam_width=0"], "max_beam_width"),
+])
+def test_serving_keys_are_validated(overrides, key):
+    from hydra import compose, initialize_config_dir
+
+    from exporter.config import ConfigError, validate
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        ok = validate(compose("config", overrides=["export.triton_deployment.decoupled=True",
+                                                   "export.accuracy.enabled=False"]))
+        bad = compose("config", overrides=overrides)
+    assert ok.export.triton_deployment.decoupled and ok.export.triton_deployment.max_beam_width == 4
+    with pytest.raises(ConfigError, match=key):
+        validate(bad)
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
@@ -221,6 +243,7 @@ def test_generation_ends_at_stop_word_and_end_id(served, hf_model, tokenizer):
     assert result["OUTPUT_0"][0, 0].decode() == tokenizer.decode(greedy[:4])
     ended = ensemble(served, [prompt], end_id=greedy[1])
     assert served_tokens(ended, 0, prompt_len)[0] == greedy[:2]
+    assert ended["OUTPUT_0"][0, 0].decode() == tokenizer.decode(greedy[:1])  # the request's end token is no text
 
 
 @pytest.mark.triton

@@ -114,9 +114,9 @@ def infer(url: str, protocol: str, model: str, arrays: dict[str, np.ndarray],
           output_names: Iterable[str] | None = None, client=None) -> Result:
     """One plain request; raises ClientError with the server's message on failure.
 
-    output_names None asks for every output of the model. Ask an ensemble for all its outputs: tritonserver 2.51
-    answers "unexpected deadlock, at least one output is not set" when a request leaves some ensemble output out
-    (the composing model then skips it and the ensemble waits for it; Triton core PR #399 lifts this later).
+    output_names None asks for every output of the model. The clients ask the plain ensemble for all its
+    outputs: tritonserver 2.51 answers "unexpected deadlock, at least one output is not set" when a request asks
+    it for OUTPUT_0 alone (any request that also names one of the model's outputs works).
     """
     from tritonclient.utils import InferenceServerException
 

@@ -103,6 +103,16 @@ def _concatenate(items):
     return merged
 
 
+def _send(sender, response, flags=0):
+    """Send on a decoupled request's stream; False (logged) when that fails, e.g. the client has gone."""
+    try:
+        sender.send(response, flags=flags)
+    except Exception as exc:  # noqa: BLE001 - one lost stream must not fail the rest of the batch
+        _log(f"ft_python: could not send a response: {type(exc).__name__}: {exc}")
+        return False
+    return True
+
+
 def _error(message):
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
 
@@ -226,7 +236,7 @@ class TritonPythonModel:
             return responses
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         for sender, response in zip(senders, responses):
-            sender.send(response, flags=final)
+            _send(sender, response, flags=final)
         return None
 
     def _streamer(self, good, senders, requests):
@@ -244,10 +254,11 @@ class TritonPythonModel:
             for target in targets:
                 sender, rows, item, last = target
                 lengths = partial.sequence_length[rows]
-                if last is not None and torch.equal(lengths, last):
-                    continue  # this request has finished: nothing new to say until the final response
+                if sender is None or (last is not None and torch.equal(lengths, last)):
+                    continue  # gone, or finished: nothing new to say until the final response
                 target[3] = lengths.clone()
-                sender.send(self._response(partial, rows, item, steps=steps))
+                if not _send(sender, self._response(partial, rows, item, steps=steps)):
+                    target[0] = None  # its client went away; the other requests go on
 
         return send
 
