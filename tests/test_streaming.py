@@ -113,3 +113,29 @@ def test_postprocessing_never_splits_a_multibyte_character(served, tokenizer):
     arrays["IS_FINAL"] = np.array([[True]])
     out = common.infer(served.http_url, "http", "postprocessing", arrays, output_names=["OUTPUT"])
     assert out["OUTPUT"][0, 0].decode("utf-8") == tokenizer.decode(word[:2]) == " \ufffd"
+
+
+def test_concurrent_streams_with_different_parameters_do_not_leak(served):
+    """Streams batched together (one execute() of the decoupled model) each end as the request alone does."""
+    import concurrent.futures
+
+    import tritonclient.http as http
+
+    specs = [dict(top_k=1, seed=0, beam_width=1), dict(top_k=8, seed=3, beam_width=1),
+             dict(top_k=1, seed=0, beam_width=3), dict(top_k=40, seed=17, beam_width=1)]
+    requests = [common.ensemble_arrays([PROMPTS[i % 2]], 5 + i, **spec) for i, spec in enumerate(specs)]
+    alone = [common.infer(served.http_url, "http", ENSEMBLE, arrays)["OUTPUT_0"].tolist() for arrays in requests]
+
+    def statistics():
+        with http.InferenceServerClient(served.http_url) as client:
+            stats = client.get_inference_statistics(STREAM_MODEL)["model_stats"][0]
+        return int(stats["inference_count"]), int(stats["execution_count"])
+
+    before = statistics()
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        streams = list(pool.map(lambda arrays: common.stream(served.grpc_url, STREAM_ENSEMBLE, arrays,
+                                                             output_names=["OUTPUT_0"]), requests))
+    inferences, executions = (after - start for after, start in zip(statistics(), before))
+    assert inferences == len(requests) and executions < len(requests), (inferences, executions)
+    for spec, expected, responses in zip(specs, alone, streams):
+        assert responses[-1]["OUTPUT_0"].tolist() == expected, spec
