@@ -205,6 +205,16 @@ def test_beam_search_through_ensemble_equals_hf(served, hf_model, tokenizer):
         assert got == expected, prompt
         texts = [t.decode() for t in result["OUTPUT_0"][row]]
         assert texts == [tokenizer.decode([t for t in seq if t != END_ID]) for seq in expected]
+        # Beam scores: HF's sequences_scores = sum of log-probs / generated length ** length_penalty.
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            hf = hf_model.generate(ids, max_new_tokens=OUTPUT_LEN, pad_token_id=END_ID, num_beams=width,
+                                   length_penalty=penalty, early_stopping=True, do_sample=False,
+                                   num_return_sequences=width, output_scores=True, return_dict_in_generate=True)
+        lengths = np.array([len(seq) for seq in got], dtype=np.float64)
+        np.testing.assert_allclose(result["cum_log_probs"][row] / lengths ** penalty,
+                                   hf.sequences_scores.numpy(), atol=1e-4)
+        np.testing.assert_allclose(result["output_log_probs"][row].sum(-1), result["cum_log_probs"][row], atol=1e-4)
 
 
 @pytest.mark.triton
