@@ -134,3 +134,30 @@ def test_bad_streaming_request_gets_an_error_on_its_stream(served):
                          output_names=["OUTPUT_0"], timeout_s=60)
     assert len(good) == 4 + 1 and good[-1].final
     assert_good_requests_succeed(served)
+
+
+def test_stream_cancelled_by_its_client_leaves_the_batch_and_server_unharmed(served):
+    """A client that cancels its stream mid-generation must not fail the stream batched with it."""
+    import queue
+    import threading
+
+    import tritonclient.grpc as grpc
+
+    other_arrays = common.ensemble_arrays(["Hello there"], 12)
+    expected = common.infer(served.http_url, "http", ENSEMBLE, other_arrays)["OUTPUT_0"].tolist()
+    responses: queue.Queue = queue.Queue()
+    leaving = grpc.InferenceServerClient(served.grpc_url)
+    leaving.start_stream(callback=lambda result, error: responses.put((result, error)))
+    other: dict = {}
+    thread = threading.Thread(target=lambda: other.update(result=common.stream(
+        served.grpc_url, STREAM_ENSEMBLE, other_arrays, output_names=["OUTPUT_0"], timeout_s=120)))
+    leaving.async_stream_infer(STREAM_ENSEMBLE, [common.tensor("grpc", name, array) for name, array in
+                                                 common.ensemble_arrays(["Once upon a time"], 100).items()])
+    thread.start()
+    result, error = responses.get(timeout=120)  # generation has started ...
+    assert error is None and result.as_numpy("OUTPUT_0").shape == (1, 1)
+    leaving.stop_stream(cancel_requests=True)  # ... and its client goes away
+    leaving.close()
+    thread.join(180)
+    assert other["result"][-1]["OUTPUT_0"].tolist() == expected
+    assert_good_requests_succeed(served)
