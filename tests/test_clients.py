@@ -12,7 +12,6 @@ import io
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +35,19 @@ SCRIPTS = {
 }
 
 
+def declared_scripts() -> dict:
+    """pyproject.toml's [project.scripts] (tomllib from Python 3.11; setuptools' reader before)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        from setuptools.config.pyprojecttoml import read_configuration
+
+        return read_configuration(ROOT / "pyproject.toml")["project"]["scripts"]
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
 def test_entry_points_are_declared_and_importable():
-    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    declared = declared_scripts()
     assert {name: declared.get(name) for name in SCRIPTS} == SCRIPTS
     for target in SCRIPTS.values():
         module, function = target.split(":")
