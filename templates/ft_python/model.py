@@ -104,13 +104,22 @@ def _concatenate(items):
 
 
 def _send(sender, response, flags=0):
-    """Send on a decoupled request's stream; False (logged) when that fails, e.g. the client has gone."""
+    """Send on a decoupled request's stream (response None: flags only); False (logged) when that fails."""
     try:
-        sender.send(response, flags=flags)
+        if response is None:
+            sender.send(flags=flags)
+        else:
+            sender.send(response, flags=flags)
     except Exception as exc:  # noqa: BLE001 - one lost stream must not fail the rest of the batch
         _log(f"ft_python: could not send a response: {type(exc).__name__}: {exc}")
         return False
     return True
+
+
+def _cancelled(request):
+    """Whether the client cancelled the request (python backend >= 23.10; False where unknown)."""
+    is_cancelled = getattr(request, "is_cancelled", None)
+    return bool(is_cancelled()) if callable(is_cancelled) else False
 
 
 def _error(message):
@@ -235,8 +244,12 @@ class TritonPythonModel:
         if not self.decoupled:
             return responses
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        for sender, response in zip(senders, responses):
-            _send(sender, response, flags=final)
+        for request, sender, response in zip(requests, senders, responses):
+            if _cancelled(request):  # its client went away: close the stream without a result
+                _log("ft_python: a request was cancelled by its client; its stream is closed")
+                _send(sender, None, flags=final)
+            else:
+                _send(sender, response, flags=final)
         return None
 
     def _streamer(self, good, senders, requests):
@@ -245,19 +258,19 @@ class TritonPythonModel:
         targets, row = [], 0
         for request, item in good:
             batch = item["input_ids"].shape[0]
-            targets.append([sender_of[id(request)], slice(row, row + batch), item, None])
+            targets.append([sender_of[id(request)], slice(row, row + batch), item, None, request])
             row += batch
         batch_prompt = max(int(item["input_lengths"].max()) for _, item in good)
 
         def send(partial):
             steps = partial.output_ids.shape[-1] - batch_prompt
             for target in targets:
-                sender, rows, item, last = target
+                sender, rows, item, last, request = target
                 lengths = partial.sequence_length[rows]
                 if sender is None or (last is not None and torch.equal(lengths, last)):
                     continue  # gone, or finished: nothing new to say until the final response
                 target[3] = lengths.clone()
-                if not _send(sender, self._response(partial, rows, item, steps=steps)):
+                if _cancelled(request) or not _send(sender, self._response(partial, rows, item, steps=steps)):
                     target[0] = None  # its client went away; the other requests go on
 
         return send
