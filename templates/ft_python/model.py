@@ -16,7 +16,9 @@ shapes (ragged), so nothing needs BATCH_ITEM_SHAPE. A bad request gets its own e
 Decoupled (model_transaction_policy { decoupled: true }): every request gets one response after each
 decoding step that grew one of its sequences (the sequences so far, T = its longest prompt + steps so far),
 then a final response with the complete result (the same tensors as without streaming) flagged
-TRITONSERVER_RESPONSE_COMPLETE_FINAL.
+TRITONSERVER_RESPONSE_COMPLETE_FINAL. Every response also carries prompt_lengths [B, 1] and is_final [B, 1]
+for the streaming ensemble's postprocessing (render.STREAMING_OUTPUTS). A request its client cancelled gets no
+more responses, and its stream is closed with a flags-only final.
 
 Parameters (config.pbtxt, string_value): model_checkpoint_path (relative paths are resolved
 against this file's directory, e.g. "1-gpu"), tensor_para_size (must match config.ini),
