@@ -157,7 +157,8 @@ def model_config(settings: ModelSettings) -> pb.ModelConfig:
     config.model_transaction_policy.decoupled = settings.decoupled
     # The python backend hands every request's tensors to execute() separately, so requests with different prompt
     # (and word-list) lengths can share a dynamic batch without padding; no BATCH_ITEM_SHAPE batch input is needed
-    # (the python backend does not compute batch inputs). FT's backend is rendered without ragged inputs.
+    # (tritonserver 2.51's python backend accepts one in the config but never provides the tensor). FT's backend is
+    # rendered without ragged inputs.
     ragged = _ragged(MODEL_INPUTS + SAMPLING_INPUTS) if settings.runtime == "python" else ()
     _add_inputs(config, MODEL_INPUTS + SAMPLING_INPUTS, ragged=ragged)
     _add_outputs(config, MODEL_OUTPUTS + (STREAMING_OUTPUTS if settings.decoupled else ()))
