@@ -90,6 +90,9 @@ class TritonDeploymentConfig:
     runtime: Runtime = Runtime.python
     device: str = "auto"  # python runtime: auto | cpu | cuda
     instance_count: int = 1
+    decoupled: bool = False  # streaming: one response per generated token (model_transaction_policy.decoupled)
+    max_queue_delay_microseconds: int = 0  # dynamic batching: how long a request may wait for others
+    max_beam_width: int = 4  # python runtime: requests with a larger beam_width are refused
 
 
 @dataclass
@@ -191,6 +194,22 @@ def _check_values(cfg: DictConfig) -> None:
     )
     _require(deploy.device in ("auto", "cpu", "cuda"), "export.triton_deployment.device", "must be auto, cpu or cuda")
     _require(deploy.instance_count >= 1, "export.triton_deployment.instance_count", "must be >= 1")
+    _require(
+        deploy.max_queue_delay_microseconds >= 0, "export.triton_deployment.max_queue_delay_microseconds", "must be >= 0"
+    )
+    _require(deploy.max_beam_width >= 1, "export.triton_deployment.max_beam_width", "must be >= 1")
+    _require(
+        not (deploy.decoupled and deploy.runtime == Runtime.fastertransformer),
+        "export.triton_deployment.decoupled",
+        "streaming through the ensemble needs the python runtime (FT's backend's streamed responses lack the "
+        "prompt lengths postprocessing needs)",
+    )
+    _require(
+        not (deploy.decoupled and cfg.export.accuracy.enabled),
+        "export.triton_deployment.decoupled",
+        "a decoupled (streaming) model answers gRPC streams only; LAMBADA scoring sends plain requests: "
+        "set export.accuracy.enabled=False",
+    )
     _require(
         not (deploy.int8_mode and deploy.runtime == Runtime.python),
         "export.triton_deployment.int8_mode",

@@ -56,3 +56,7 @@ def hf_model(tiny_gpt2):
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# The shared server of the request-interface tests (one launch for several test files).
+from serving_fixtures import served  # noqa: E402,F401

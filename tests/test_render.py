@@ -20,6 +20,8 @@ FT_BACKEND_INPUTS = {
     "repetition_penalty": (pb.TYPE_FP32, [1]), "random_seed": (pb.TYPE_UINT64, [1]),
     "is_return_log_probs": (pb.TYPE_BOOL, [1]), "beam_width": (pb.TYPE_UINT32, [1]),
     "start_id": (pb.TYPE_UINT32, [1]), "end_id": (pb.TYPE_UINT32, [1]),
+    "bad_words_list": (pb.TYPE_INT32, [2, -1]), "stop_words_list": (pb.TYPE_INT32, [2, -1]),
+    "top_p_decay": (pb.TYPE_FP32, [1]), "top_p_min": (pb.TYPE_FP32, [1]), "top_p_reset_ids": (pb.TYPE_UINT32, [1]),
 }
 FT_BACKEND_OUTPUTS = {
     "output_ids": (pb.TYPE_UINT32, [-1, -1]), "sequence_length": (pb.TYPE_UINT32, [-1]),

@@ -93,6 +93,9 @@ def convert(cfg: DictConfig) -> Path:
         enable_custom_all_reduce=deploy.enable_custom_all_reduce,
         device=deploy.device,
         instance_count=deploy.instance_count,
+        decoupled=deploy.decoupled,
+        max_queue_delay_microseconds=deploy.max_queue_delay_microseconds,
+        max_beam_width=deploy.max_beam_width,
     )
     return build_repository(
         paths.repository, checkpoint, settings, model.weight_data_type.value, processes=model.processes

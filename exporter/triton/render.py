@@ -51,32 +51,61 @@ SAMPLING_INPUTS = (
     Tensor("beam_width", UINT32, (1,), scalar=True, optional=True),
     Tensor("start_id", UINT32, (1,), scalar=True, optional=True),
     Tensor("end_id", UINT32, (1,), scalar=True, optional=True),
+    # FT's word-list format per row: [2, len], row 0 the ids of all words concatenated, row 1 the cumulative end
+    # offset of each word, both padded with -1 (see templates/preprocessing/model.py).
+    Tensor("bad_words_list", INT32, (2, -1), optional=True),
+    Tensor("stop_words_list", INT32, (2, -1), optional=True),
+    Tensor("top_p_decay", FP32, (1,), scalar=True, optional=True),
+    Tensor("top_p_min", FP32, (1,), scalar=True, optional=True),
+    Tensor("top_p_reset_ids", UINT32, (1,), scalar=True, optional=True),
 )
+WORD_LIST_INPUTS = ("bad_words_list", "stop_words_list")
 MODEL_OUTPUTS = (
     Tensor("output_ids", UINT32, (-1, -1)),  # [batch, beam, prompt + generated]
     Tensor("sequence_length", UINT32, (-1,)),  # [batch, beam]
     Tensor("cum_log_probs", FP32, (-1,)),  # [batch, beam]
     Tensor("output_log_probs", FP32, (-1, -1)),  # [batch, beam, request_output_len]
 )
+# Added by the python runtime when decoupled. Triton lets an ensemble step downstream of a decoupled model take
+# tensors from that model only (not from preprocessing or the ensemble's inputs), so the streamed responses carry
+# what postprocessing needs besides the ids: the prompt lengths and whether the response is the final one.
+STREAMING_OUTPUTS = (
+    Tensor("prompt_lengths", UINT32, (1,)),  # [batch, 1] = input_lengths
+    Tensor("is_final", BOOL, (1,)),  # [batch, 1]: false for per-token responses, true for the final one
+)
 
-PREPROCESSING_INPUTS = (Tensor("QUERY", STRING, (-1,)), Tensor("REQUEST_OUTPUT_LEN", UINT32, (-1,)))
+PREPROCESSING_INPUTS = (
+    Tensor("QUERY", STRING, (-1,)),
+    Tensor("REQUEST_OUTPUT_LEN", UINT32, (-1,)),
+    # Comma-separated words per row (CSV, quotes allowed), as FT's preprocessing takes them.
+    Tensor("BAD_WORDS_DICT", STRING, (-1,), optional=True),
+    Tensor("STOP_WORDS_DICT", STRING, (-1,), optional=True),
+)
 PREPROCESSING_OUTPUTS = (
     Tensor("INPUT_ID", UINT32, (-1,)),
     Tensor("REQUEST_INPUT_LEN", UINT32, (1,)),
+    Tensor("BAD_WORDS_IDS", INT32, (2, -1)),
+    Tensor("STOP_WORDS_IDS", INT32, (2, -1)),
     Tensor("REQUEST_OUTPUT_LEN", UINT32, (-1,)),
 )
 POSTPROCESSING_INPUTS = (
     Tensor("TOKENS_BATCH", UINT32, (-1, -1)),
     Tensor("SEQUENCE_LENGTH", UINT32, (-1,)),
     Tensor("INPUT_LENGTHS", UINT32, (1,)),
+    Tensor("IS_FINAL", BOOL, (1,), optional=True),  # streaming: a false row may end in a partial character
+    Tensor("END_ID", UINT32, (1,), optional=True),
 )
 POSTPROCESSING_OUTPUTS = (Tensor("OUTPUT", STRING, (-1,)),)
 
 # The ensemble declares the sampling inputs as plain [1] (no reshape): Triton matches ensemble tensors against the
 # model's declared dims, before the model's reshape.
-ENSEMBLE_INPUTS = (Tensor("INPUT_0", STRING, (-1,)), Tensor("INPUT_1", UINT32, (-1,))) + tuple(
-    replace(tensor, scalar=False) for tensor in SAMPLING_INPUTS
-)
+# INPUT_2 / INPUT_3: bad / stop words as CSV strings, tokenized by preprocessing into the word-list tensors.
+ENSEMBLE_INPUTS = (
+    Tensor("INPUT_0", STRING, (-1,)),
+    Tensor("INPUT_1", UINT32, (-1,)),
+    Tensor("INPUT_2", STRING, (-1,), optional=True),
+    Tensor("INPUT_3", STRING, (-1,), optional=True),
+) + tuple(replace(tensor, scalar=False) for tensor in SAMPLING_INPUTS if tensor.name not in WORD_LIST_INPUTS)
 ENSEMBLE_OUTPUTS = (Tensor("OUTPUT_0", STRING, (-1,)),) + MODEL_OUTPUTS
 
 
@@ -115,16 +144,24 @@ class ModelSettings:
     device: str = "auto"
     instance_count: int = 1
     max_queue_delay_microseconds: int = 0
+    # Streaming: the model answers each request with one response per generated token, then a final one.
+    decoupled: bool = False
+    max_beam_width: int = 4  # python runtime: larger beam_width requests are refused
 
 
 def model_config(settings: ModelSettings) -> pb.ModelConfig:
+    if settings.decoupled and settings.runtime != "python":
+        raise ValueError("decoupled (streaming) serving needs the python runtime")
     config = pb.ModelConfig(name=settings.name, max_batch_size=settings.max_batch_size)
     config.backend = "fastertransformer" if settings.runtime == "fastertransformer" else "python"
-    config.model_transaction_policy.decoupled = False
-    # The python runtime takes requests of different prompt lengths in one batch; FT's backend batches itself.
-    ragged = ("input_ids",) if settings.runtime == "python" else ()
+    config.model_transaction_policy.decoupled = settings.decoupled
+    # The python backend hands every request's tensors to execute() separately, so requests with different prompt
+    # (and word-list) lengths can share a dynamic batch without padding; no BATCH_ITEM_SHAPE batch input is needed
+    # (tritonserver 2.51's python backend accepts one in the config but never provides the tensor). FT's backend is
+    # rendered without ragged inputs.
+    ragged = _ragged(MODEL_INPUTS + SAMPLING_INPUTS) if settings.runtime == "python" else ()
     _add_inputs(config, MODEL_INPUTS + SAMPLING_INPUTS, ragged=ragged)
-    _add_outputs(config, MODEL_OUTPUTS)
+    _add_outputs(config, MODEL_OUTPUTS + (STREAMING_OUTPUTS if settings.decoupled else ()))
     # FT's backend manages its GPUs itself and wants KIND_CPU; the python runtime picks its device by parameter.
     config.instance_group.add(count=settings.instance_count, kind=pb.ModelInstanceGroup.KIND_CPU)
     if settings.runtime == "python":
@@ -140,57 +177,87 @@ def model_config(settings: ModelSettings) -> pb.ModelConfig:
     }
     if settings.runtime == "python":
         parameters["device"] = settings.device
+        parameters["max_beam_width"] = settings.max_beam_width
     _parameters(config, parameters)
     return config
 
 
-def _python_model(name: str, max_batch_size: int, inputs, outputs, parameters: dict[str, object]) -> pb.ModelConfig:
+def _ragged(tensors: tuple[Tensor, ...]) -> tuple[str, ...]:
+    """Names of the inputs whose per-row shape may differ between requests (a -1 dimension)."""
+    return tuple(tensor.name for tensor in tensors if -1 in tensor.dims)
+
+
+def _python_model(name: str, max_batch_size: int, inputs, outputs, parameters: dict[str, object],
+                  max_queue_delay_microseconds: int | None = None) -> pb.ModelConfig:
     config = pb.ModelConfig(name=name, backend="python", max_batch_size=max_batch_size)
-    _add_inputs(config, inputs)
+    _add_inputs(config, inputs, ragged=_ragged(inputs))
     _add_outputs(config, outputs)
     config.instance_group.add(count=1, kind=pb.ModelInstanceGroup.KIND_CPU)
+    if max_queue_delay_microseconds is not None:
+        config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_microseconds
     _parameters(config, parameters)
     return config
 
 
-def preprocessing_config(max_batch_size: int, end_id: int) -> pb.ModelConfig:
-    return _python_model(
-        "preprocessing", max_batch_size, PREPROCESSING_INPUTS, PREPROCESSING_OUTPUTS, {"end_id": end_id}
-    )
+def preprocessing_config(max_batch_size: int, end_id: int,
+                         max_queue_delay_microseconds: int | None = None) -> pb.ModelConfig:
+    return _python_model("preprocessing", max_batch_size, PREPROCESSING_INPUTS, PREPROCESSING_OUTPUTS,
+                         {"end_id": end_id}, max_queue_delay_microseconds)
 
 
-def postprocessing_config(max_batch_size: int, end_id: int) -> pb.ModelConfig:
-    return _python_model(
-        "postprocessing", max_batch_size, POSTPROCESSING_INPUTS, POSTPROCESSING_OUTPUTS, {"end_id": end_id}
-    )
+def postprocessing_config(max_batch_size: int, end_id: int,
+                          max_queue_delay_microseconds: int | None = None) -> pb.ModelConfig:
+    return _python_model("postprocessing", max_batch_size, POSTPROCESSING_INPUTS, POSTPROCESSING_OUTPUTS,
+                         {"end_id": end_id}, max_queue_delay_microseconds)
 
 
-def ensemble_config(model_name: str, max_batch_size: int) -> pb.ModelConfig:
-    """Text in (`INPUT_0`, output length `INPUT_1`) -> text out (`OUTPUT_0`), as FT's all_models/gpt ensemble."""
+def ensemble_config(model_name: str, max_batch_size: int, decoupled: bool = False) -> pb.ModelConfig:
+    """Text in (`INPUT_0`, output length `INPUT_1`) -> text out (`OUTPUT_0`), as FT's all_models/gpt ensemble.
+
+    decoupled: the model streams (python runtime, with STREAMING_OUTPUTS). A step downstream of a decoupled model
+    may take tensors from that model only, so postprocessing reads the prompt lengths from the model's responses,
+    and the ensemble returns `OUTPUT_0` only, once per streamed response (token ids: ask the model itself).
+    """
     config = pb.ModelConfig(name="ensemble", platform="ensemble", max_batch_size=max_batch_size)
     _add_inputs(config, ENSEMBLE_INPUTS)
-    _add_outputs(config, ENSEMBLE_OUTPUTS)
+    _add_outputs(config, ENSEMBLE_OUTPUTS[:1] if decoupled else ENSEMBLE_OUTPUTS)
     steps = config.ensemble_scheduling.step
 
     preprocessing = steps.add(model_name="preprocessing", model_version=-1)
     preprocessing.input_map["QUERY"] = "INPUT_0"
     preprocessing.input_map["REQUEST_OUTPUT_LEN"] = "INPUT_1"
-    for name in ("INPUT_ID", "REQUEST_INPUT_LEN", "REQUEST_OUTPUT_LEN"):
-        preprocessing.output_map[name] = f"_{name}"
+    preprocessing.input_map["BAD_WORDS_DICT"] = "INPUT_2"
+    preprocessing.input_map["STOP_WORDS_DICT"] = "INPUT_3"
+    for tensor in PREPROCESSING_OUTPUTS:
+        preprocessing.output_map[tensor.name] = f"_{tensor.name}"
 
     model = steps.add(model_name=model_name, model_version=-1)
     model.input_map["input_ids"] = "_INPUT_ID"
     model.input_map["input_lengths"] = "_REQUEST_INPUT_LEN"
     model.input_map["request_output_len"] = "_REQUEST_OUTPUT_LEN"
+    model.input_map["bad_words_list"] = "_BAD_WORDS_IDS"
+    model.input_map["stop_words_list"] = "_STOP_WORDS_IDS"
     for tensor in SAMPLING_INPUTS:
-        model.input_map[tensor.name] = tensor.name
-    for tensor in MODEL_OUTPUTS:
-        model.output_map[tensor.name] = tensor.name
+        if tensor.name not in WORD_LIST_INPUTS:
+            model.input_map[tensor.name] = tensor.name
+    if decoupled:  # only what postprocessing reads (Triton refuses unused ensemble tensors)
+        for name in ("output_ids", "sequence_length") + tuple(tensor.name for tensor in STREAMING_OUTPUTS):
+            model.output_map[name] = f"_{name}"
+    else:
+        for tensor in MODEL_OUTPUTS:
+            model.output_map[tensor.name] = tensor.name
 
+    # With a decoupled model every streamed model response runs this step once (Triton ensembles forward each
+    # response of a decoupled step downstream), so OUTPUT_0 arrives once per generated token.
     postprocessing = steps.add(model_name="postprocessing", model_version=-1)
-    postprocessing.input_map["TOKENS_BATCH"] = "output_ids"
-    postprocessing.input_map["SEQUENCE_LENGTH"] = "sequence_length"
-    postprocessing.input_map["INPUT_LENGTHS"] = "_REQUEST_INPUT_LEN"
+    postprocessing.input_map["TOKENS_BATCH"] = model.output_map["output_ids"]
+    postprocessing.input_map["SEQUENCE_LENGTH"] = model.output_map["sequence_length"]
+    if decoupled:
+        postprocessing.input_map["INPUT_LENGTHS"] = "_prompt_lengths"
+        postprocessing.input_map["IS_FINAL"] = "_is_final"
+    else:
+        postprocessing.input_map["INPUT_LENGTHS"] = "_REQUEST_INPUT_LEN"
+        postprocessing.input_map["END_ID"] = "end_id"
     postprocessing.output_map["OUTPUT"] = "OUTPUT_0"
     return config
 

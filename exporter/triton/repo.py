@@ -77,11 +77,11 @@ def build_repository(
 
         end_id = read_config(shard_dir)["end_id"]
         for config in (
-            render.preprocessing_config(settings.max_batch_size, end_id),
-            render.postprocessing_config(settings.max_batch_size, end_id),
+            render.preprocessing_config(settings.max_batch_size, end_id, settings.max_queue_delay_microseconds),
+            render.postprocessing_config(settings.max_batch_size, end_id, settings.max_queue_delay_microseconds),
         ):
             install_tokenizer_model(partial_repo, config, shard_dir / "tokenizer.json")
         (partial_repo / "ensemble" / "1").mkdir(parents=True)
-        render.write_config(render.ensemble_config(settings.name, settings.max_batch_size), partial_repo / "ensemble")
+        render.write_config(render.ensemble_config(settings.name, settings.max_batch_size, settings.decoupled), partial_repo / "ensemble")
     log.info("model repository ready: %s", repo_root)
     return repo_root

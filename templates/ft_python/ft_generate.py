@@ -12,6 +12,8 @@ Batching: prompts arrive right-padded ([B, Lmax] + real lengths). Internally the
 left-aligned (padding moved to the front) with per-row position ids and a key-padding mask,
 so every row sees exactly what it would see alone and all rows write the KV cache at the same
 index during decoding.
+Row b owns W_b consecutive decoder slots (1 for greedy / sampling, beam_width for beam
+search); every per-row option is expanded to the row's slots, so rows never see each other.
 """
 
 from dataclasses import dataclass
@@ -20,17 +22,22 @@ import numpy as np
 import torch
 
 
+MAX_BEAM_WIDTH = 8  # default cap on beam_width (the KV cache grows with it)
+
+
 @dataclass
 class GenerationOutput:
-    """Results in the contract's layout (beam dimension = 1), all CPU tensors.
+    """Results in the FT layout, all CPU tensors; W = max beam_width of the batch (1 without beams).
 
-    output_ids [B, 1, T] int64: prompt tokens, then generated tokens, then end_id padding;
-      T = max(input_lengths) + max(max_new_tokens).
-    sequence_length [B, 1] int64: prompt length + generated tokens (a final end_id counts).
-    cum_log_probs [B, 1] float32: sum of output_log_probs over the generated tokens.
-    output_log_probs [B, 1, max(max_new_tokens)] float32: log-softmax of each chosen token
-      (after repetition penalty and temperature, before top-k/top-p truncation); 0 after a
-      row stops.
+    output_ids [B, W, T] int64: prompt tokens, then generated tokens, then end_id padding;
+      T = max(input_lengths) + max(max_new_tokens) (while streaming: + steps so far).
+    sequence_length [B, W] int64: prompt length + generated tokens (a final end_id or stop
+      word counts); 0 for padding beams of rows with a smaller beam_width.
+    cum_log_probs [B, W] float32: sum of output_log_probs over the generated tokens (not
+      length-normalised; beams are sorted by the normalised score, best first).
+    output_log_probs [B, W, max(max_new_tokens)] float32: log-softmax of each chosen token
+      (after repetition penalty, temperature and bad-word bans, before top-k/top-p
+      truncation); 0 after a sequence stops and for rows with is_return_log_probs False.
     """
     output_ids: torch.Tensor
     sequence_length: torch.Tensor
@@ -58,129 +65,507 @@ def _per_row(value, batch, default, dtype, name):
 @torch.inference_mode()
 def generate(model, input_ids, input_lengths, max_new_tokens, end_id=None, top_k=None,
              top_p=None, temperature=None, repetition_penalty=None, random_seed=None,
-             beam_width=1):
-    """Generate for a batch of right-padded prompts; every option may be per row.
+             beam_width=None, len_penalty=None, beam_search_diversity_rate=None,
+             bad_words_list=None, stop_words_list=None, top_p_decay=None, top_p_min=None,
+             top_p_reset_ids=None, is_return_log_probs=None, start_id=None,
+             max_beam_width=MAX_BEAM_WIDTH, stream=None):
+    """Generate for a batch of right-padded prompts; every option is per row.
+
+    Rows never influence each other: a row gives the same result alone or in any batch,
+    whatever the other rows' options. Each option takes None (default), a scalar (all rows)
+    or B values; every dict check_inputs returns can be concatenated row-wise with other
+    requests' dicts (tensors with torch.cat, lists with +) and passed back under the same
+    keyword names.
 
     input_ids [B, Lmax] (right-padded), input_lengths [B], max_new_tokens [B] (>= 1).
-    end_id default: config.ini end_id. top_k 0/1 with top_p 0 (the defaults) = greedy;
-    top_k > 1 samples from the k best; 0 < top_p <= 1 nucleus (after top-k when both).
-    temperature (default 1) divides the logits; repetition_penalty (default 1) divides
-    positive / multiplies negative logits of tokens already in the row (prompt included).
-    random_seed (default 0, as in FT) seeds a per-row generator that draws the row's
-    uniforms up front, so a seed gives the same sample whatever the other rows are.
-    Returns a GenerationOutput (CPU tensors).
+    end_id (default config.ini end_id): a row/beam stops after generating it (it counts).
+    start_id: accepted and checked (in [0, V)), unused (GPT prompts carry their own start).
+
+    Per-token processing, in this order, on fp32 logits [V]:
+      repetition_penalty (default 1): divides positive / multiplies negative logits of
+        tokens already in the sequence (prompt included);
+      temperature (default 1): divides the logits;
+      bad_words_list: the last token of a bad word gets -inf when the sequence ends with the
+        word's other tokens (single-token words: always), as FT's ban kernel;
+      log_softmax -> the log-prob reported for the chosen token.
+    Token choice (beam_width 1): top_k 0/1 with top_p 0 (the defaults) = greedy; top_k > 1
+      samples from the k best; 0 < top_p <= 1 nucleus (after top-k when both). random_seed
+      (default 0, as FT) seeds numpy PCG64 for the row; step t uses its t-th uniform u_t in
+      inverse-CDF sampling over the kept tokens sorted by probability, so a seed gives the
+      same sample whatever the other rows are.
+    top_p_decay (default 1), top_p_min (default 1e-6), top_p_reset_ids (default -1 = none),
+      FT's decaying nucleus for rows with top_p > 0: step 0 uses top_p; after each step
+      top_p <- top_p_initial if the token == reset id else max(top_p * decay, top_p_min).
+    stop_words_list: a row/beam stops when its sequence (prompt included) ends with a stop
+      word; the word stays in the output and counts in sequence_length (as FT).
+    Word lists use FT's format [B, 2, L] (or [2, L] for all rows): row 0 the words' ids
+      concatenated, row 1 cumulative end offsets, padded with -1 (ids padding is ignored).
+      check_inputs returns them as a list of B tuples of words (tuples of ints), which
+      generate also accepts.
+
+    Beam search (beam_width W > 1, at most max_beam_width; rows may have different W):
+      FT/HF beam search with early stopping. Each step every live beam's top 2W next tokens
+      are candidates with score cum_log_prob + log_prob; beam_search_diversity_rate d
+      (default 0) ranks candidates by score + d * (rank of the token among its beam's
+      candidates, 0-based), so d < 0 favours children of different beams (Li et al. 2016;
+      the log-probs themselves are not changed). In ranked order over the row's 2W best
+      candidates: a candidate ending in end_id / a stop word / the row's last step is a
+      finished hypothesis if it is among the first W, with normalised score
+      cum_log_prob / generated_length ** len_penalty (len_penalty default 0 = no
+      normalisation; generated_length counts the final token); the first W unfinished ones
+      are the next beams. The row keeps its W best finished hypotheses and stops as soon as
+      it has W of them. This is HF generate(num_beams=W, length_penalty=len_penalty,
+      early_stopping=True, do_sample=False) token for token (tests/test_generate.py; with
+      stop words: a StoppingCriteria ending the sequence at the word). As FT's finalize
+      step, beams are ranked by cum_log_prob / generated_tokens ** len_penalty and the
+      reported cum_log_probs are not normalised. top_k, top_p and random_seed are ignored
+      for such rows (FT runs beam search then); temperature, repetition_penalty and bad
+      words apply to the logits before log_softmax (HF's beam search applies its
+      processors after log_softmax, so parity holds without them).
+      Rows with different beam widths share one batch: each row owns its own W decoder
+      slots, the output's beam dimension is the largest W.
+
+    is_return_log_probs (default True): False gives zeros in that row's cum_log_probs and
+      output_log_probs (the FT backend omits both outputs then).
+    stream: None, or a callable called after every decoding step with a GenerationOutput
+      of the sequences so far (same layout, T = max(input_lengths) + steps so far; beam
+      rows show their live beams, best running score first, or their final hypotheses once
+      done). Decoding stops once every row has finished, so there are at most
+      max(max_new_tokens) calls. The return value is always the complete output.
+
+    Returns a GenerationOutput (CPU tensors); beam dimension = max beam_width in the batch,
+    beams past a row's own beam_width are padding (end_id, sequence_length 0, zero scores).
+    Raises ValueError (from check_inputs) naming the bad input.
     """
     args = check_inputs(model, input_ids, input_lengths, max_new_tokens, end_id=end_id,
-                             top_k=top_k, top_p=top_p, temperature=temperature,
-                             repetition_penalty=repetition_penalty,
-                             random_seed=random_seed, beam_width=beam_width)
-    ids, lengths, new = args["input_ids"], args["input_lengths"], args["max_new_tokens"]
-    end, top_k, top_p = args["end_id"], args["top_k"], args["top_p"]
-    temp, rep, seed_list = args["temperature"], args["repetition_penalty"], args["random_seed"]
-    lmax = int(lengths.max())
-    ids = ids[:, :lmax]  # columns past every row's length are padding only
-    bsz = ids.shape[0]
+                        top_k=top_k, top_p=top_p, temperature=temperature,
+                        repetition_penalty=repetition_penalty, random_seed=random_seed,
+                        beam_width=beam_width, len_penalty=len_penalty,
+                        beam_search_diversity_rate=beam_search_diversity_rate,
+                        bad_words_list=bad_words_list, stop_words_list=stop_words_list,
+                        top_p_decay=top_p_decay, top_p_min=top_p_min,
+                        top_p_reset_ids=top_p_reset_ids,
+                        is_return_log_probs=is_return_log_probs, start_id=start_id,
+                        max_beam_width=max_beam_width)
+    return _Decoding(model, args, stream).run()
 
-    steps = int(new.max())
-    total = lmax + steps
-    # Per-row uniforms for every step, drawn up front from the row's own generator
-    # (numpy PCG64: its stream is sequential, so the first n draws never depend on how
-    # many are drawn, i.e. on the other rows' lengths; identical on CPU and CUDA).
-    uniforms = torch.from_numpy(np.stack([
-        np.random.Generator(np.random.PCG64(s % (1 << 64))).random(steps)
-        for s in seed_list]))                                             # [B, steps] f64
 
-    # Left-align: row b's real tokens occupy columns offset_b .. Lmax-1.
-    offset = lmax - lengths                                               # [B]
-    col = torch.arange(lmax)
-    src = (col[None, :] - offset[:, None]).clamp(min=0)                   # [B, Lmax]
-    left_ids = ids.gather(1, src)
-    valid = col[None, :] >= offset[:, None]                               # [B, Lmax]
-    pos = src  # position id = index inside the real prompt (pads get 0, never attended)
+class _Decoding:
+    """The state of one generate() call.
 
-    dev = model.device
-    key_valid = torch.ones(bsz, total, dtype=torch.bool, device=dev)
-    key_valid[:, :lmax] = valid.to(dev)
-    # Prefill mask [B, 1, Lmax, Lmax]: causal and no pad keys; a pad query may see
-    # itself so no softmax row is empty (its output is never used).
-    causal = torch.ones(lmax, lmax, dtype=torch.bool, device=dev).tril()
-    eye = torch.eye(lmax, dtype=torch.bool, device=dev)
-    mask = ((causal[None] & key_valid[:, None, :lmax]) | eye[None])[:, None]
+    Row b owns W_b consecutive slots (decoder batch rows): one for a greedy / sampling row,
+    beam_width for a beam row. Slots never change rows; beam search only permutes the slots
+    inside a row (cache, history and penalties follow the permutation).
+    """
 
-    cache = model.new_cache(bsz, total)
-    hidden = model.hidden_states(left_ids.to(dev), pos.to(dev), cache, 0, mask)
-    logits = model.logits(hidden[:, -1])                                  # [B, V]
+    def __init__(self, model, args, stream):
+        self.model, self.stream = model, stream
+        dev = self.dev = model.device
+        ids, lengths, new = args["input_ids"], args["input_lengths"], args["max_new_tokens"]
+        self.lengths, self.end = lengths, args["end_id"]
+        lmax = self.lmax = int(lengths.max())
+        self.ids = ids = ids[:, :lmax]  # columns past every row's length are padding only
+        bsz = self.bsz = ids.shape[0]
+        self.steps = int(new.max())
+        self.want_log_probs = args["is_return_log_probs"]
 
-    # Sampling state on the compute device.
-    lengths_d, end_d, new_d = lengths.to(dev), end.to(dev), new.to(dev)
-    top_k_d, top_p_d = top_k.to(dev), top_p.to(dev)
-    temp_d, rep_d, uniforms = temp.to(dev), rep.to(dev), uniforms.to(dev)
-    use_rep = bool((rep != 1.0).any())
-    seen = None
-    if use_rep:  # [B, V] bool: tokens present in the row so far
-        seen = torch.zeros(bsz, model.vocab_size, dtype=torch.bool, device=dev)
-        rows, cols = valid.nonzero(as_tuple=True)
-        seen[rows.to(dev), left_ids[rows, cols].to(dev)] = True
-    greedy = ((top_k <= 1) & (top_p <= 0)) | (top_k == 1)
-    sample_rows = (~greedy).nonzero().reshape(-1).to(dev)
+        width = self.width = args["beam_width"]                           # [B]
+        base = torch.cumsum(width, 0) - width                             # first slot per row
+        self.slot_row = torch.repeat_interleave(torch.arange(bsz), width)  # [N]
+        self.slots = int(width.sum())
+        row_d = self.slot_row.to(dev)
+        self._prefill(args, row_d)
+        self._init_single(args, base)
+        self._init_beams(args, base)
 
-    gen = torch.full((bsz, max(steps, 1)), 0, dtype=torch.long, device=dev)
-    gen_lp = torch.zeros(bsz, max(steps, 1), dtype=torch.float32, device=dev)
-    done = torch.zeros(bsz, dtype=torch.bool, device=dev)
-    count = torch.zeros(bsz, dtype=torch.long, device=dev)
-    for step in range(steps):
-        if use_rep:
-            logits = torch.where(seen, torch.where(logits > 0, logits / rep_d[:, None],
-                                                   logits * rep_d[:, None]), logits)
-        logits = logits / temp_d[:, None]
-        logprobs = torch.log_softmax(logits, dim=-1)
-        token = logits.argmax(dim=-1)
-        if sample_rows.numel():
-            token[sample_rows] = _sample(logits[sample_rows], top_k_d[sample_rows],
-                                              top_p_d[sample_rows],
-                                              uniforms[sample_rows, step])
-        active = ~done
-        gen[:, step] = torch.where(active, token, end_d)
-        gen_lp[:, step] = torch.where(active, logprobs.gather(1, token[:, None])[:, 0], 0.0)
-        count += active.long()
-        done |= active & ((token == end_d) | (count >= new_d))
-        if step + 1 == steps or bool(done.all()):
-            break
-        if use_rep:
-            seen[torch.arange(bsz, device=dev), token] = True
-        # Decode one token per row: cache slot lmax+step, position length+step.
-        step_pos = (lengths_d + step).clamp(max=model.max_positions - 1)[:, None]
-        step_mask = key_valid[:, None, None, :lmax + step + 1]
-        hidden = model.hidden_states(token[:, None], step_pos, cache, lmax + step,
-                              step_mask)
-        logits = model.logits(hidden[:, 0])
+    def _prefill(self, args, row_d):
+        """Run the prompts once; set the per-slot cache, history, masks and penalties."""
+        model, dev, lmax, bsz, slots = self.model, self.dev, self.lmax, self.bsz, self.slots
+        ids, lengths = self.ids, self.lengths
+        total = lmax + self.steps
+        # Left-align: row b's real tokens occupy columns offset_b .. Lmax-1.
+        offset = lmax - lengths                                           # [B]
+        col = torch.arange(lmax)
+        src = (col[None, :] - offset[:, None]).clamp(min=0)               # [B, Lmax]
+        left_ids = ids.gather(1, src)
+        valid = col[None, :] >= offset[:, None]                           # [B, Lmax]
+        # Token history per slot [N, Lmax + steps], left-aligned, -1 = no token (never
+        # matches a word): bad / stop words look at its tail, outputs come from it.
+        self.hist = torch.full((slots, total), -1, dtype=torch.long, device=dev)
+        self.hist[:, :lmax] = torch.where(valid, left_ids, -1).to(dev)[row_d]
+        self.gen_lp = torch.zeros(slots, max(self.steps, 1), dtype=torch.float32, device=dev)
 
-    # Assemble [B, T] = prompt | generated | end_id padding.
-    gen, gen_lp, count = gen.cpu(), gen_lp.cpu(), count.cpu()
-    out = end[:, None].expand(bsz, total).clone()
-    out[:, :lmax] = torch.where(col[None, :] < lengths[:, None], ids, end[:, None])
-    s = torch.arange(steps)
-    gen = gen[:, :steps]
-    out.scatter_(1, lengths[:, None] + s[None, :],
-                 torch.where(s[None, :] < count[:, None], gen, end[:, None]))
-    gen_lp = gen_lp[:, :steps]
-    return GenerationOutput(
-        output_ids=out[:, None, :],
-        sequence_length=(lengths + count)[:, None],
-        cum_log_probs=gen_lp.sum(dim=1, keepdim=True),
-        output_log_probs=gen_lp[:, None, :].contiguous())
+        # Prefill the B prompts once, then copy the cache to every slot of the row.
+        key_valid = torch.ones(bsz, total, dtype=torch.bool, device=dev)
+        key_valid[:, :lmax] = valid.to(dev)
+        # Prefill mask [B, 1, Lmax, Lmax]: causal and no pad keys; a pad query may see
+        # itself so no softmax row is empty (its output is never used).
+        causal = torch.ones(lmax, lmax, dtype=torch.bool, device=dev).tril()
+        eye = torch.eye(lmax, dtype=torch.bool, device=dev)
+        mask = ((causal[None] & key_valid[:, None, :lmax]) | eye[None])[:, None]
+        cache = model.new_cache(bsz, total)
+        # position id = index inside the real prompt (pads get 0, never attended)
+        hidden = model.hidden_states(left_ids.to(dev), src.to(dev), cache, 0, mask)
+        self.logits = model.logits(hidden[:, -1])                         # [B, V]
+        if slots != bsz:
+            cache = model.reorder_cache(cache, row_d)
+            self.logits = self.logits[row_d]                              # [N, V]
+        self.cache = cache
+        self.key_valid = key_valid[row_d]                                 # [N, total]
+        self.slot_lengths = lengths.to(dev)[row_d]
+
+        # Per-slot logit processing.
+        self.rep = args["repetition_penalty"].to(dev)[row_d]
+        self.temp = args["temperature"].to(dev)[row_d]
+        self.seen = None
+        if bool((args["repetition_penalty"] != 1.0).any()):  # [N, V] tokens in the sequence
+            seen = torch.zeros(bsz, model.vocab_size, dtype=torch.bool, device=dev)
+            rows, cols = valid.nonzero(as_tuple=True)
+            seen[rows.to(dev), left_ids[rows, cols].to(dev)] = True
+            self.seen = seen[row_d]
+        self.bad = _word_table(args["bad_words_list"], row_d, dev)
+        self.stop = _word_table(args["stop_words_list"], row_d, dev)
+
+    def _init_single(self, args, base):
+        """Greedy / sampling rows: one slot each."""
+        dev, width, new = self.dev, self.width, args["max_new_tokens"]
+        single = (width == 1).nonzero().reshape(-1)
+        self.single_rows = single
+        self.single_slots = base[single].to(dev)
+        self.single_end = self.end[single].to(dev)
+        self.single_new = new[single].to(dev)
+        self.count = torch.zeros(single.numel(), dtype=torch.long, device=dev)
+        self.done = torch.zeros(single.numel(), dtype=torch.bool, device=dev)
+        top_k, top_p = args["top_k"][single], args["top_p"][single]
+        greedy = ((top_k <= 1) & (top_p <= 0)) | (top_k == 1)
+        sample = (~greedy).nonzero().reshape(-1)
+        self.sample = sample.to(dev)                        # indices into the single rows
+        self.sample_top_k = top_k[sample].to(dev)
+        self.top_p_initial = top_p[sample].to(dev)
+        self.top_p = self.top_p_initial.clone()             # decays per step (FT top_p_decay)
+        self.top_p_decay = args["top_p_decay"][single][sample].to(dev)
+        self.top_p_min = args["top_p_min"][single][sample].to(dev)
+        self.top_p_reset = args["top_p_reset_ids"][single][sample].to(dev)
+        self.decays = bool((self.top_p_decay != 1.0).any()) or bool((self.top_p_reset >= 0).any())
+        # Per-row uniforms for every step, drawn up front from the row's own generator
+        # (numpy PCG64: its stream is sequential, so the first n draws never depend on how
+        # many are drawn, i.e. on the other rows' lengths; identical on CPU and CUDA).
+        seeds = [args["random_seed"][int(single[i])] for i in sample]
+        self.uniforms = torch.from_numpy(np.stack([
+            np.random.Generator(np.random.PCG64(s % (1 << 64))).random(max(self.steps, 1))
+            for s in seeds]) if seeds else np.zeros((0, 1))).to(dev)  # [R, steps] f64
+
+    def _init_beams(self, args, base):
+        """Beam rows: slots base .. base + W - 1, padded to the widest beam row."""
+        dev, width, new, slots = self.dev, self.width, args["max_new_tokens"], self.slots
+        beam = (width > 1).nonzero().reshape(-1)
+        self.beam_rows = beam
+        wide = int(width[beam].max()) if beam.numel() else 1
+        self.beam_width = width[beam].to(dev)                                # [Rb]
+        lane = torch.arange(wide)
+        self.beam_ok = (lane[None, :] < width[beam][:, None]).to(dev)        # [Rb, Wm]
+        self.beam_slots = (base[beam][:, None]
+                           + torch.minimum(lane[None, :], width[beam][:, None] - 1)).to(dev)
+        self.beam_end = self.end[beam].to(dev)
+        self.beam_new = new[beam].to(dev)
+        self.len_penalty = args["len_penalty"][beam].to(dev)
+        self.diversity = args["beam_search_diversity_rate"][beam].to(dev)
+        # Running scores per slot: only the first beam is live at the start (HF: -1e9).
+        self.beam_cum = torch.zeros(slots, dtype=torch.float32, device=dev)
+        if beam.numel():
+            self.beam_cum[self.beam_slots[:, 1:].reshape(-1)] = -1e9
+        # Finished hypotheses per beam row, best first: normalised score (-inf = empty),
+        # generated tokens, their log-probs, generated length.
+        steps = max(self.steps, 1)
+        self.hyp_score = torch.full((beam.numel(), wide), float("-inf"), device=dev)
+        self.hyp_tokens = torch.full((beam.numel(), wide, steps), -1, dtype=torch.long,
+                                     device=dev)
+        self.hyp_lp = torch.zeros(beam.numel(), wide, steps, device=dev)
+        self.hyp_len = torch.zeros(beam.numel(), wide, dtype=torch.long, device=dev)
+        self.beam_done = torch.zeros(beam.numel(), dtype=torch.bool, device=dev)
+
+    # ---------------------------------------------------------------- one step
+    def _tail(self, cur, k, slots=None):
+        """The last k tokens [N|len(slots), k] before column `cur` (-1 before the sequence)."""
+        hist = self.hist if slots is None else self.hist[slots]
+        part = hist[:, max(0, cur - k):cur]
+        if part.shape[1] < k:
+            part = torch.cat([part.new_full((part.shape[0], k - part.shape[1]), -1), part], 1)
+        return part
+
+    def _process(self, logits, step):
+        """Logits [N, V] -> log-probs [N, V]: repetition penalty, temperature, bad words."""
+        if self.seen is not None:
+            rep = self.rep[:, None]
+            logits = torch.where(self.seen, torch.where(logits > 0, logits / rep, logits * rep),
+                                 logits)
+        logits = logits / self.temp[:, None]
+        if self.bad is not None:
+            tokens, valid = self.bad                                          # [N, n, K]
+            prefix = self._tail(self.lmax + step, tokens.shape[-1] - 1)       # [N, K-1]
+            match = ((prefix[:, None, :] == tokens[..., :-1]) | ~valid[..., :-1]).all(-1)
+            slot, word = (match & valid[..., -1]).nonzero(as_tuple=True)
+            logits = logits.index_put((slot, tokens[slot, word, -1]),
+                                      torch.tensor(float("-inf"), device=logits.device))
+        return logits, torch.log_softmax(logits, dim=-1)
+
+    def _stops(self, slots, token, step):
+        """[M] bool: the sequence of slot `slots` followed by `token` ends with a stop word."""
+        tokens, valid = self.stop
+        tail = torch.cat([self._tail(self.lmax + step, tokens.shape[-1] - 1, slots),
+                          token[:, None]], 1)                                   # [M, K]
+        match = ((tail[:, None, :] == tokens[slots]) | ~valid[slots]).all(-1)
+        return (match & valid[slots][..., -1]).any(-1)
+
+    def _choose_single(self, logits, logprobs, step):
+        """Greedy / sampled token and its log-prob for each single row."""
+        slots = self.single_slots
+        rows_logits = logits[slots]
+        token = rows_logits.argmax(dim=-1)
+        if self.sample.numel():
+            token[self.sample] = _sample(rows_logits[self.sample], self.sample_top_k,
+                                         self.top_p, self.uniforms[:, step])
+            if self.decays:  # FT: reset to the initial top_p on the reset id, else decay
+                chosen = token[self.sample]
+                decayed = torch.where(chosen == self.top_p_reset, self.top_p_initial,
+                                      torch.maximum(self.top_p * self.top_p_decay, self.top_p_min))
+                # Rows without a nucleus (top_p 0: top-k only) keep it off.
+                self.top_p = torch.where(self.top_p_initial > 0, decayed, self.top_p)
+        logprob = logprobs[slots].gather(1, token[:, None])[:, 0]
+        stop = token == self.single_end
+        if self.stop is not None:
+            stop |= self._stops(slots, token, step)
+        active = ~self.done
+        self.count += active.long()
+        self.done |= active & (stop | (self.count >= self.single_new))
+        return torch.where(active, token, self.single_end), torch.where(active, logprob, 0.0)
+
+    def _choose_beams(self, logprobs, step):
+        """One beam-search step for every beam row -> per (row, lane): parent slot, token,
+        running score, log-prob of the token (lanes past a row's width are ignored)."""
+        slots, width = self.beam_slots, self.beam_width                   # [Rb, Wm], [Rb]
+        rows, wide = slots.shape
+        cands = 2 * wide
+        # Each live beam's 2W best tokens; score = running cum_log_prob + log-prob.
+        lp, token = logprobs[slots].topk(cands, dim=-1)                   # [Rb, Wm, C]
+        score = self.beam_cum[slots][..., None] + lp
+        rank = torch.arange(cands, device=self.dev)
+        key = score + self.diversity[:, None, None] * rank                # diversity ranking
+        key = key.masked_fill(~self.beam_ok[..., None] | (rank >= 2 * width[:, None, None]),
+                              float("-inf"))
+        key, flat = key.reshape(rows, -1).topk(cands, dim=-1)             # [Rb, C] ranked
+        parent = slots.gather(1, flat // cands)
+        token = token.reshape(rows, -1).gather(1, flat)
+        score = score.reshape(rows, -1).gather(1, flat)
+        lp = lp.reshape(rows, -1).gather(1, flat)
+        real = rank[None, :] < 2 * width[:, None]                          # [Rb, C]
+        last = step + 1 >= self.beam_new                                  # [Rb]
+        finished = (token == self.beam_end[:, None]) | last[:, None]
+        if self.stop is not None:
+            finished |= self._stops(parent.reshape(-1), token.reshape(-1), step).view(rows, -1)
+        # Finished candidates among the first W become hypotheses (rows still open only).
+        enter = finished & real & (rank[None, :] < width[:, None]) & ~self.beam_done[:, None]
+        if bool(enter.any()):
+            self._add_hypotheses(enter, parent, token, score, lp, step)
+        # Next beams: the first W unfinished candidates (finished ones sink by 1e9, as HF).
+        sink = finished.float() * 1e9
+        pick = torch.where(real, key - sink, float("-inf")).topk(wide, dim=-1).indices
+        full = (self.hyp_score > float("-inf")).sum(dim=1) >= width
+        self.beam_done |= full | last
+        return (parent.gather(1, pick), token.gather(1, pick),
+                (score - sink).gather(1, pick), lp.gather(1, pick))
+
+    def _add_hypotheses(self, enter, parent, token, score, lp, step):
+        """Merge the entering candidates [Rb, C] into each row's W best hypotheses."""
+        generated = step + 1  # the final token counts (HF: cur_len + 1 - prompt_len)
+        norm = score / torch.pow(torch.tensor(float(generated), device=self.dev),
+                                 self.len_penalty)[:, None]
+        norm = torch.where(enter, norm, float("-inf"))
+        lmax = self.lmax
+        tokens = self.hist[parent, lmax:lmax + self.hyp_tokens.shape[-1]].clone()  # [Rb, C, S]
+        tokens[..., step] = token
+        logprobs = self.gen_lp[parent].clone()
+        logprobs[..., step] = lp
+        wide = self.hyp_score.shape[1]
+        merged = torch.cat([self.hyp_score, norm], dim=1)
+        keep = merged.topk(wide, dim=1).indices                           # best first
+        score = merged.gather(1, keep)
+        self.hyp_score = score.masked_fill(~self.beam_ok, float("-inf"))
+        idx = keep[..., None].expand(-1, -1, tokens.shape[-1])
+        self.hyp_tokens = torch.cat([self.hyp_tokens, tokens], 1).gather(1, idx)
+        self.hyp_lp = torch.cat([self.hyp_lp, logprobs], 1).gather(1, idx)
+        lengths = torch.cat([self.hyp_len, torch.full_like(norm, generated, dtype=torch.long)], 1)
+        self.hyp_len = lengths.gather(1, keep)
+
+    def _all_done(self):
+        return bool(self.done.all()) and bool(self.beam_done.all())
+
+    def run(self):
+        dev, model, slots = self.dev, self.model, self.slots
+        every = torch.arange(slots, device=dev)
+        logits = self.logits
+        for step in range(self.steps):
+            logits, logprobs = self._process(logits, step)
+            token = torch.empty(slots, dtype=torch.long, device=dev)
+            logprob = torch.empty(slots, dtype=torch.float32, device=dev)
+            if self.single_slots.numel():
+                token[self.single_slots], logprob[self.single_slots] = self._choose_single(
+                    logits, logprobs, step)
+            if self.beam_rows.numel():
+                parent, beam_token, cum, beam_lp = self._choose_beams(logprobs, step)
+                lanes = self.beam_slots[self.beam_ok]
+                order = every.clone()
+                order[lanes] = parent[self.beam_ok]
+                token[lanes], logprob[lanes] = beam_token[self.beam_ok], beam_lp[self.beam_ok]
+                self.beam_cum[lanes] = cum[self.beam_ok]
+                if not torch.equal(order, every):  # slots follow their parents
+                    self.hist, self.gen_lp = self.hist[order], self.gen_lp[order]
+                    if self.seen is not None:
+                        self.seen = self.seen[order]
+                    self.cache = model.reorder_cache(self.cache, order)
+            self.hist[:, self.lmax + step] = token
+            self.gen_lp[:, step] = logprob
+            if self.stream is not None:
+                self.stream(self._output(step + 1))
+            if step + 1 == self.steps or self._all_done():
+                break
+            if self.seen is not None:
+                self.seen[every, token] = True
+            # Decode one token per slot: cache slot lmax+step, position length+step.
+            pos = (self.slot_lengths + step).clamp(max=model.max_positions - 1)[:, None]
+            mask = self.key_valid[:, None, None, :self.lmax + step + 1]
+            hidden = model.hidden_states(token[:, None], pos, self.cache, self.lmax + step, mask)
+            logits = model.logits(hidden[:, 0])
+        return self._output(self.steps)
+
+    # ---------------------------------------------------------------- outputs
+    def _output(self, steps):
+        """GenerationOutput with T = Lmax + steps: single rows and finished beam rows as they
+        are, open beam rows as their live beams."""
+        bsz, lmax = self.bsz, self.lmax
+        wide = max(1, int(self.width.max()))
+        gen = torch.full((bsz, wide, steps), -1, dtype=torch.long)
+        gen_len = torch.zeros(bsz, wide, dtype=torch.long)
+        gen_lp = torch.zeros(bsz, wide, steps, dtype=torch.float32)
+        hist = self.hist[:, lmax:lmax + steps].cpu()
+        lp = self.gen_lp[:, :steps].cpu()
+        if self.single_rows.numel():
+            slots = self.single_slots.cpu()
+            gen[self.single_rows, 0] = hist[slots]
+            gen_len[self.single_rows, 0] = self.count.cpu()
+            gen_lp[self.single_rows, 0] = lp[slots]
+        if self.beam_rows.numel():
+            slots, ok = self.beam_slots.cpu(), self.beam_ok.cpu()
+            final = self.beam_done.cpu()[:, None, None]
+            rows_wide = slots.shape[1]
+            tokens = torch.where(final, self.hyp_tokens[..., :steps].cpu(), hist[slots])
+            logprobs = torch.where(final, self.hyp_lp[..., :steps].cpu(), lp[slots])
+            lengths = torch.where(final[..., 0], self.hyp_len.cpu(), steps) * ok
+            gen[self.beam_rows, :rows_wide] = tokens
+            gen_lp[self.beam_rows, :rows_wide] = logprobs
+            gen_len[self.beam_rows, :rows_wide] = lengths
+        inside = torch.arange(steps)[None, None, :] < gen_len[..., None]
+        end = self.end[:, None, None]
+        gen_lp = torch.where(inside & self.want_log_probs[:, None, None], gen_lp, 0.0)
+        lane_ok = torch.arange(wide)[None, :] < self.width[:, None]         # [B, W]
+        # [B, W, T] = prompt | generated | end_id padding (all end_id for padding lanes).
+        col = torch.arange(lmax)
+        prompt = torch.where(col[None, :] < self.lengths[:, None], self.ids, self.end[:, None])
+        out = end.expand(bsz, wide, lmax + steps).clone()
+        out[:, :, :lmax] = torch.where(lane_ok[..., None], prompt[:, None, :], end)
+        position = self.lengths[:, None, None] + torch.arange(steps)[None, None, :]
+        out.scatter_(2, position.expand(bsz, wide, steps), torch.where(inside, gen, end))
+        return GenerationOutput(
+            output_ids=out,
+            sequence_length=torch.where(lane_ok, self.lengths[:, None] + gen_len, 0),
+            cum_log_probs=gen_lp.sum(dim=-1),
+            output_log_probs=gen_lp)
+
+
+def _word_table(rows, slot_row, device):
+    """Per-row word lists -> (tokens, valid) [N, words, K] per slot, words right-aligned
+    (a word's last token in column K-1), or None when no row has a word."""
+    count = max(len(words) for words in rows)
+    if count == 0:
+        return None
+    longest = max(len(word) for words in rows for word in words)
+    tokens = torch.zeros(len(rows), count, longest, dtype=torch.long)
+    valid = torch.zeros(len(rows), count, longest, dtype=torch.bool)
+    for row, words in enumerate(rows):
+        for index, word in enumerate(words):
+            tokens[row, index, longest - len(word):] = torch.tensor(word, dtype=torch.long)
+            valid[row, index, longest - len(word):] = True
+    return tokens.to(device)[slot_row], valid.to(device)[slot_row]
+
+
+def _word_lists(value, batch, vocab, name):
+    """FT word list [B|1, 2, L] / [2, L], or check_inputs' list of B tuples of words ->
+    list of B tuples of words (tuples of token ids)."""
+    if value is None:
+        return [()] * batch
+    if isinstance(value, list) and all(isinstance(row, tuple) for row in value):
+        if len(value) != batch:
+            raise ValueError(f"{name} has {len(value)} rows for a batch of {batch}")
+        rows = [tuple(tuple(int(t) for t in word) for word in words) for words in value]
+        for row, words in enumerate(rows):
+            _check_words(words, vocab, f"{name} row {row}")
+        return rows
+    array = value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
+    if array.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integer token ids and offsets, got dtype {array.dtype}")
+    array = array.astype(np.int64)
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3 or array.shape[1] != 2:
+        raise ValueError(f"{name} must be [batch, 2, length] (FT word list: ids, offsets), "
+                         f"got shape {list(array.shape)}")
+    if array.shape[0] not in (1, batch):
+        raise ValueError(f"{name} has {array.shape[0]} rows for a batch of {batch}")
+    rows = []
+    for row, (ids, offsets) in enumerate(array):
+        where = f"{name} row {row}"
+        used = int(np.argmax(offsets < 0)) if (offsets < 0).any() else offsets.size
+        ends = offsets[:used]
+        if (offsets[used:] != -1).any():
+            raise ValueError(f"{where}: offsets must be increasing ends padded with -1, "
+                             f"got {offsets.tolist()}")
+        starts = np.concatenate([[0], ends[:-1]])
+        if used and ((ends <= starts).any() or ends[-1] > ids.size):
+            raise ValueError(f"{where}: offsets {ends.tolist()} must be strictly increasing "
+                             f"word ends within the {ids.size} ids")
+        words = tuple(tuple(ids[s:e].tolist()) for s, e in zip(starts, ends))
+        _check_words(words, vocab, where)
+        rows.append(words)
+    return rows * batch if len(rows) == 1 else rows
+
+
+def _check_words(words, vocab, where):
+    for word in words:
+        if not word:
+            raise ValueError(f"{where}: empty word")
+        outside = [t for t in word if not 0 <= t < vocab]
+        if outside:
+            raise ValueError(f"{where}: token ids {outside[:5]} outside [0, {vocab})")
+
 
 def check_inputs(model, input_ids, input_lengths, max_new_tokens, end_id=None, top_k=None,
                  top_p=None, temperature=None, repetition_penalty=None, random_seed=None,
-                 beam_width=None):
-    """Normalise generate()'s arguments to per-row CPU tensors; ValueError if any is bad.
+                 beam_width=None, len_penalty=None, beam_search_diversity_rate=None,
+                 bad_words_list=None, stop_words_list=None, top_p_decay=None, top_p_min=None,
+                 top_p_reset_ids=None, is_return_log_probs=None, start_id=None,
+                 max_beam_width=MAX_BEAM_WIDTH):
+    """Normalise generate()'s arguments to per-row CPU values; ValueError naming the bad input.
 
-    Returns a dict with input_ids [B, L] int64, input_lengths, max_new_tokens, end_id,
-    top_k (int64 [B]), top_p, temperature, repetition_penalty (float32 [B]) and
-    random_seed (list of B python ints).
+    Returns a dict keyed by generate()'s keyword names: input_ids [B, L] int64;
+    input_lengths, max_new_tokens, end_id, top_k, beam_width, top_p_reset_ids, start_id
+    (int64 [B]); top_p, temperature, repetition_penalty, len_penalty,
+    beam_search_diversity_rate, top_p_decay, top_p_min (float32 [B]); is_return_log_probs
+    (bool [B]); random_seed (list of B python ints); bad_words_list, stop_words_list (list
+    of B tuples of words, a word = tuple of token ids). Requests' dicts concatenate row-wise.
+    Checks: beam_width in [1, max_beam_width], top_p in [0, 1], top_p_decay in (0, 1],
+    top_p_min in (0, 1], temperature / repetition_penalty > 0, word lists shaped
+    [B|1, 2, L] with increasing offsets and ids inside the vocabulary, lengths in range.
     """
-    if beam_width is not None and int(np.max(np.asarray(beam_width))) > 1:
-        raise ValueError("beam_width > 1 is not supported by the python runtime yet")
     if not torch.is_tensor(input_ids):
         input_ids = np.asarray(input_ids)
         if input_ids.dtype.kind == "u":
@@ -191,6 +576,7 @@ def check_inputs(model, input_ids, input_lengths, max_new_tokens, end_id=None, t
     bsz, lmax = ids.shape
     if bsz == 0:
         raise ValueError("empty batch")
+    vocab = model.vocab_size
     lengths = _per_row(input_lengths, bsz, 0, torch.long, "input_lengths")
     new = _per_row(max_new_tokens, bsz, 0, torch.long, "max_new_tokens")
     end = _per_row(end_id, bsz, model.end_id, torch.long, "end_id")
@@ -198,12 +584,23 @@ def check_inputs(model, input_ids, input_lengths, max_new_tokens, end_id=None, t
     top_p = _per_row(top_p, bsz, 0.0, torch.float32, "top_p")
     temp = _per_row(temperature, bsz, 1.0, torch.float32, "temperature")
     rep = _per_row(repetition_penalty, bsz, 1.0, torch.float32, "repetition_penalty")
+    width = _per_row(beam_width, bsz, 1, torch.long, "beam_width")
+    len_penalty = _per_row(len_penalty, bsz, 0.0, torch.float32, "len_penalty")
+    diversity = _per_row(beam_search_diversity_rate, bsz, 0.0, torch.float32,
+                         "beam_search_diversity_rate")
+    decay = _per_row(top_p_decay, bsz, 1.0, torch.float32, "top_p_decay")
+    p_min = _per_row(top_p_min, bsz, 1e-6, torch.float32, "top_p_min")
+    reset = _per_row(top_p_reset_ids, bsz, -1, torch.long, "top_p_reset_ids")
+    log_probs = _per_row(is_return_log_probs, bsz, True, torch.bool, "is_return_log_probs")
+    start = _per_row(start_id, bsz, model.end_id, torch.long, "start_id")
     seeds = [0] * bsz  # FT seeds its samplers with 0 when no random_seed is given
     if random_seed is not None:
         # Keep seeds as exact python ints: a numpy array built from a list mixing values
         # above 2^63 with small ones would silently become float64.
         if torch.is_tensor(random_seed) or isinstance(random_seed, np.ndarray):
             flat = random_seed.reshape(-1).tolist()
+        elif isinstance(random_seed, list) and all(isinstance(s, int) for s in random_seed):
+            flat = random_seed
         else:
             flat = np.asarray(random_seed, dtype=object).reshape(-1).tolist()
         if len(flat) not in (1, bsz):
@@ -218,24 +615,50 @@ def check_inputs(model, input_ids, input_lengths, max_new_tokens, end_id=None, t
     if model.learned_positions and bool((lengths + new > model.max_positions).any()):
         problems.append(f"input length + request_output_len exceeds max_pos_seq_len="
                         f"{model.max_positions}: {(lengths + new).tolist()}")
-    if bool((end < 0).any()):
-        problems.append("end_id must be >= 0")
+    if bool((end < 0).any()) or bool((end >= vocab).any()):
+        problems.append(f"end_id must be in [0, {vocab}), got {end.tolist()}")
+    if bool((start < 0).any()) or bool((start >= vocab).any()):
+        problems.append(f"start_id must be in [0, {vocab}), got {start.tolist()}")
     real = torch.arange(lmax)[None, :] < lengths[:, None]
-    if bool(((ids < 0) | (ids >= model.vocab_size))[real].any()):
-        problems.append(f"input_ids contain token ids outside [0, {model.vocab_size})")
+    if bool(((ids < 0) | (ids >= vocab))[real].any()):
+        problems.append(f"input_ids contain token ids outside [0, {vocab})")
     if bool((top_k < 0).any()):
         problems.append("runtime_top_k must be >= 0")
-    if bool(((top_p < 0) | (top_p > 1)).any()) or bool(top_p.isnan().any()):
-        problems.append("runtime_top_p must be in [0, 1]")
+    if not bool(((top_p >= 0) & (top_p <= 1)).all()):
+        problems.append(f"runtime_top_p must be in [0, 1], got {top_p.tolist()}")
+    if not bool(((decay > 0) & (decay <= 1)).all()):
+        problems.append(f"top_p_decay must be in (0, 1], got {decay.tolist()}")
+    if not bool(((p_min > 0) & (p_min <= 1)).all()):
+        problems.append(f"top_p_min must be in (0, 1], got {p_min.tolist()}")
+    if bool(((reset < -1) | (reset >= vocab)).any()):
+        problems.append(f"top_p_reset_ids must be -1 (none) or in [0, {vocab}), "
+                        f"got {reset.tolist()}")
     if not bool((temp > 0).all()):
         problems.append("temperature must be > 0")
     if not bool((rep > 0).all()):
         problems.append("repetition_penalty must be > 0")
+    cap = min(int(max_beam_width), vocab // 2)  # 2W candidates per beam must exist
+    if bool(((width < 1) | (width > cap)).any()):
+        problems.append(f"beam_width must be in [1, {cap}] (max_beam_width), got {width.tolist()}")
+    if not bool(len_penalty.isfinite().all()):
+        problems.append("len_penalty must be finite")
+    if not bool(diversity.isfinite().all()):
+        problems.append("beam_search_diversity_rate must be finite")
+    words = {}
+    for name, value in (("bad_words_list", bad_words_list), ("stop_words_list", stop_words_list)):
+        try:
+            words[name] = _word_lists(value, bsz, vocab, name)
+        except ValueError as exc:
+            problems.append(str(exc))
     if problems:
         raise ValueError("; ".join(problems))
     return {"input_ids": ids, "input_lengths": lengths, "max_new_tokens": new,
             "end_id": end, "top_k": top_k, "top_p": top_p, "temperature": temp,
-            "repetition_penalty": rep, "random_seed": seeds}
+            "repetition_penalty": rep, "random_seed": seeds, "beam_width": width,
+            "len_penalty": len_penalty, "beam_search_diversity_rate": diversity,
+            "top_p_decay": decay, "top_p_min": p_min, "top_p_reset_ids": reset,
+            "is_return_log_probs": log_probs, "start_id": start, **words}
+
 
 def _sample(logits, top_k, top_p, u):
     """Sample one token per row of logits [R, V] (temperature already applied).

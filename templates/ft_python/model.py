@@ -1,15 +1,30 @@
 """Triton python-backend model that serves FasterTransformer GPT shards with PyTorch.
 
 Copied into `<model_name>/1/` of a generated model repository together with ft_checkpoint.py
-ft_gpt.py and ft_generate.py. Same tensors as the fastertransformer backend (see the project contract):
-inputs input_ids [B, L] (right-padded), input_lengths [B], request_output_len [B, 1] and
-optional per-row sampling parameters; outputs output_ids [B, 1, T], sequence_length [B, 1],
-cum_log_probs [B, 1], output_log_probs [B, 1, request_output_len].
+ft_gpt.py and ft_generate.py. Same tensors as the fastertransformer backend (FT's GPT config.pbtxt):
+inputs input_ids [B, L] (right-padded), input_lengths [B], request_output_len [B, 1], optional per-row
+runtime_top_k, runtime_top_p, temperature, len_penalty, repetition_penalty, random_seed,
+is_return_log_probs, beam_width, beam_search_diversity_rate, start_id, end_id, top_p_decay, top_p_min,
+top_p_reset_ids and the word lists bad_words_list / stop_words_list [B, 2, W]; outputs output_ids
+[B, beam, T], sequence_length [B, beam], cum_log_probs [B, beam], output_log_probs [B, beam, steps],
+beam = the request's largest beam_width. Decoding semantics: ft_generate.generate.
+
+Dynamic batching: the valid requests of one execute() form one generation batch (each keeps its own
+options per row; ft_generate guarantees rows never influence each other). Requests arrive with their own
+shapes (ragged), so nothing needs BATCH_ITEM_SHAPE. A bad request gets its own error response.
+
+Decoupled (model_transaction_policy { decoupled: true }): every request gets one response after each
+decoding step that grew one of its sequences (the sequences so far, T = its longest prompt + steps so far),
+then a final response with the complete result (the same tensors as without streaming) flagged
+TRITONSERVER_RESPONSE_COMPLETE_FINAL. Every response also carries prompt_lengths [B, 1] and is_final [B, 1]
+for the streaming ensemble's postprocessing (render.STREAMING_OUTPUTS). A request its client cancelled gets no
+more responses, and its stream is closed with a flags-only final.
 
 Parameters (config.pbtxt, string_value): model_checkpoint_path (relative paths are resolved
 against this file's directory, e.g. "1-gpu"), tensor_para_size (must match config.ini),
 pipeline_para_size (stages run in sequence on one device), data_type (compute type on CUDA; CPU always computes in fp32),
-int8_mode (0), device ("auto" | "cpu" | "cuda"; auto = cuda when available).
+int8_mode (0), device ("auto" | "cpu" | "cuda"; auto = cuda when available), max_beam_width (largest beam_width
+a request may ask for).
 """
 
 import json
@@ -23,22 +38,28 @@ import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 import ft_checkpoint  # noqa: E402
+import ft_generate  # noqa: E402
 import ft_gpt  # noqa: E402
 
-# Optional scalar-per-row inputs: Triton name -> FTGPT.generate keyword.
+# Optional per-row inputs: Triton name -> ft_generate.generate keyword.
 OPTIONAL_INPUTS = {
     "runtime_top_k": "top_k",
     "runtime_top_p": "top_p",
     "temperature": "temperature",
+    "len_penalty": "len_penalty",
     "repetition_penalty": "repetition_penalty",
     "random_seed": "random_seed",
-    "end_id": "end_id",
+    "is_return_log_probs": "is_return_log_probs",
     "beam_width": "beam_width",
+    "beam_search_diversity_rate": "beam_search_diversity_rate",
+    "start_id": "start_id",
+    "end_id": "end_id",
+    "top_p_decay": "top_p_decay",
+    "top_p_min": "top_p_min",
+    "top_p_reset_ids": "top_p_reset_ids",
 }
-# Accepted for compatibility with the FT backend's interface but without effect here:
-# len_penalty and beam_search_diversity_rate only matter for beam search (rejected anyway),
-# start_id is not used by GPT generation, and log probs are always returned.
-IGNORED_INPUTS = ("len_penalty", "beam_search_diversity_rate", "start_id", "is_return_log_probs")
+# FT's word-list format [B, 2, W] (ids + cumulative offsets), checked and parsed by ft_generate.
+WORD_LIST_INPUTS = {"bad_words_list": "bad_words_list", "stop_words_list": "stop_words_list"}
 
 
 def _log(message):
@@ -66,6 +87,45 @@ def _rows(array, batch, name, take_first=False):
         raise ValueError(f"{name} has shape {list(np.shape(array))}, expected [{batch}] or "
                          f"[{batch}, 1] for a batch of {batch}")
     return flat
+
+
+def _concatenate(items):
+    """Row-wise concatenation of check_inputs dicts: input_ids padded to a common width, lists joined."""
+    width = max(int(it["input_lengths"].max()) for it in items)
+    merged = {}
+    for key, first in items[0].items():
+        values = [it[key] for it in items]
+        if key == "input_ids":
+            merged[key] = torch.cat([torch.nn.functional.pad(v[:, :width], (0, max(0, width - v.shape[1])))
+                                     for v in values])
+        elif torch.is_tensor(first):
+            merged[key] = torch.cat(values)
+        else:  # python lists (seeds, word lists)
+            merged[key] = [x for v in values for x in v]
+    return merged
+
+
+def _send(sender, response, flags=0):
+    """Send on a decoupled request's stream (response None: flags only); False (logged) when that fails."""
+    try:
+        if response is None:
+            sender.send(flags=flags)
+        else:
+            sender.send(response, flags=flags)
+    except Exception as exc:  # noqa: BLE001 - one lost stream must not fail the rest of the batch
+        _log(f"ft_python: could not send a response: {type(exc).__name__}: {exc}")
+        return False
+    return True
+
+
+def _cancelled(request):
+    """Whether the client cancelled the request (python backend >= 23.10; False where unknown)."""
+    is_cancelled = getattr(request, "is_cancelled", None)
+    return bool(is_cancelled()) if callable(is_cancelled) else False
+
+
+def _error(message):
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
 
 
 class TritonPythonModel:
@@ -110,20 +170,27 @@ class TritonPythonModel:
         data_type = params.get("data_type", "").strip() or None
         dtype = ft_gpt.resolve_dtype(device, data_type, config["weight_data_type"])
 
+        beam_param = params.get("max_beam_width", "").strip()
+        self.max_beam_width = int(beam_param) if beam_param else ft_generate.MAX_BEAM_WIDTH
+        if self.max_beam_width < 1:
+            raise ValueError(f"parameter max_beam_width={beam_param}: must be >= 1")
+        # Read from the config itself (same as pb_utils.using_decoupled_model_transaction_policy).
+        self.decoupled = bool(self.model_config.get("model_transaction_policy", {}).get("decoupled", False))
+
         self.model = ft_gpt.FTGPT.from_shards(checkpoint, device=device, dtype=dtype)
         _log(f"ft_python: loaded {checkpoint} (tp={config['tensor_para_size']}, "
              f"weights {config['weight_data_type']}) on {device} computing in {dtype}")
 
     def _parse(self, request):
-        """One request's inputs -> normalised per-row arguments (ValueError if invalid)."""
+        """One request's inputs -> check_inputs' per-row values (ValueError if invalid)."""
         ids = _input(request, "input_ids")
         if ids is None:
             raise ValueError("input_ids is required")
         ids = np.asarray(ids)
         if ids.ndim == 1:
             ids = ids[None, :]
-        if ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {list(ids.shape)}")
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, length >= 1], got shape {list(ids.shape)}")
         batch = ids.shape[0]
         lengths = _input(request, "input_lengths")
         lengths = (np.full(batch, ids.shape[1]) if lengths is None
@@ -136,80 +203,107 @@ class TritonPythonModel:
             value = _input(request, name)
             if value is not None:
                 value = _rows(value, batch, name)
-                if key != "random_seed":  # seeds stay uint64 (python ints later)
-                    value = value.astype(np.int64 if value.dtype.kind in "uib" else np.float64)
+                if value.dtype.kind == "u" and key != "random_seed":  # seeds stay uint64 (python ints later)
+                    value = value.astype(np.int64)
                 kwargs[key] = value
+        for name, key in WORD_LIST_INPUTS.items():
+            value = _input(request, name)
+            if value is not None:
+                kwargs[key] = np.asarray(value).astype(np.int64)
         return self.model.check_inputs(
             ids.astype(np.int64), lengths.astype(np.int64),
             _rows(output_len, batch, "request_output_len", take_first=True).astype(np.int64),
-            **kwargs)
+            max_beam_width=self.max_beam_width, **kwargs)
 
     def execute(self, requests):
-        """All valid requests form one generation batch; one response per request, in order."""
+        """All valid requests form one generation batch; each gets its own response(s), in order."""
         parsed = []
         for request in requests:
             try:
                 parsed.append(self._parse(request))
             except Exception as exc:  # noqa: BLE001 - a bad request fails alone
                 parsed.append(exc)
-        good = [p for p in parsed if isinstance(p, dict)]
-        results = None
-        failure = None
+        good = [(request, item) for request, item in zip(requests, parsed) if isinstance(item, dict)]
+        senders = [request.get_response_sender() for request in requests] if self.decoupled else None
+        results, failure = None, None
         if good:
             try:
-                results = self._generate(good)
+                stream = self._streamer(good, senders, requests) if self.decoupled else None
+                results = self.model.generate(**_concatenate([item for _, item in good]),
+                                              max_beam_width=self.max_beam_width, stream=stream)
             except Exception as exc:  # noqa: BLE001 - report to every client instead of dying
                 failure = f"generation failed: {type(exc).__name__}: {exc}"
         responses, row = [], 0
         for item in parsed:
             if not isinstance(item, dict):
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(f"bad request: {item}")))
-                continue
-            if failure is not None:
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(failure)))
-                continue
+                responses.append(_error(f"bad request: {item}"))
+            elif failure is not None:
+                responses.append(_error(failure))
+            else:
+                batch = item["input_ids"].shape[0]
+                responses.append(self._response(results, slice(row, row + batch), item))
+                row += batch
+        if not self.decoupled:
+            return responses
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        for request, sender, response in zip(requests, senders, responses):
+            if _cancelled(request):  # its client went away: close the stream without a result
+                _log("ft_python: a request was cancelled by its client; its stream is closed")
+                _send(sender, None, flags=final)
+            else:
+                _send(sender, response, flags=final)
+        return None
+
+    def _streamer(self, good, senders, requests):
+        """The stream callback: after each step, a response to every request whose sequences grew."""
+        sender_of = {id(request): sender for request, sender in zip(requests, senders)}
+        targets, row = [], 0
+        for request, item in good:
             batch = item["input_ids"].shape[0]
-            responses.append(self._response(results, slice(row, row + batch), item))
+            targets.append([sender_of[id(request)], slice(row, row + batch), item, None, request])
             row += batch
-        return responses
+        batch_prompt = max(int(item["input_lengths"].max()) for _, item in good)
 
-    def _generate(self, items):
-        """Concatenate the rows of all requests (padded to a common width) and generate."""
-        width = max(int(it["input_lengths"].max()) for it in items)
-        ids = torch.cat([
-            torch.nn.functional.pad(it["input_ids"][:, :width],
-                                    (0, max(0, width - it["input_ids"].shape[1])), value=0)
-            for it in items])
-        cat = {key: torch.cat([it[key] for it in items])
-               for key in ("input_lengths", "max_new_tokens", "end_id", "top_k", "top_p",
-                           "temperature", "repetition_penalty")}
-        seeds = [s for it in items for s in it["random_seed"]]
-        return self.model.generate(
-            ids, cat["input_lengths"], cat["max_new_tokens"], end_id=cat["end_id"],
-            top_k=cat["top_k"], top_p=cat["top_p"], temperature=cat["temperature"],
-            repetition_penalty=cat["repetition_penalty"], random_seed=seeds)
+        def send(partial):
+            steps = partial.output_ids.shape[-1] - batch_prompt
+            for target in targets:
+                sender, rows, item, last, request = target
+                lengths = partial.sequence_length[rows]
+                if sender is None or (last is not None and torch.equal(lengths, last)):
+                    continue  # gone, or finished: nothing new to say until the final response
+                target[3] = lengths.clone()
+                if _cancelled(request) or not _send(sender, self._response(partial, rows, item, steps=steps)):
+                    target[0] = None  # its client went away; the other requests go on
 
-    @staticmethod
-    def _response(results, rows, item):
-        """Cut one request's rows out of the batch result, sized for that request."""
-        # T = this request's longest prompt + its largest request_output_len; every position
-        # after a row's sequence_length already holds that row's end_id.
-        width = int(item["input_lengths"].max()) + int(item["max_new_tokens"].max())
-        steps = int(item["max_new_tokens"].max())
-        outputs = [
-            pb_utils.Tensor("output_ids",
-                            results.output_ids[rows, :, :width].numpy().astype(np.uint32)),
-            pb_utils.Tensor("sequence_length",
-                            results.sequence_length[rows].numpy().astype(np.uint32)),
-            pb_utils.Tensor("cum_log_probs",
-                            results.cum_log_probs[rows].numpy().astype(np.float32)),
-            pb_utils.Tensor("output_log_probs",
-                            np.ascontiguousarray(
-                                results.output_log_probs[rows, :, :steps].numpy(),
-                                dtype=np.float32)),
-        ]
+        return send
+
+    def _response(self, results, rows, item, steps=None):
+        """Cut one request's rows and beams out of the batch result, sized for that request.
+
+        steps: None for a complete result (T = its longest prompt + its largest request_output_len; every
+        position after a row's sequence_length holds end_id), else the steps decoded so far (streaming).
+        """
+        max_new = int(item["max_new_tokens"].max())
+        final = steps is None
+        steps = max_new if final else min(steps, max_new)
+        width = int(item["input_lengths"].max()) + steps
+        beams = int(item["beam_width"].max()) if "beam_width" in item else 1
+        # Owned copies (np.array(..., copy=True)), never views of torch memory: a decoupled response is
+        # serialised by the stub with the GIL released, and freeing a torch-backed view there aborts the stub.
+        cut = {
+            "output_ids": (results.output_ids[rows, :beams, :width], np.uint32),
+            "sequence_length": (results.sequence_length[rows, :beams], np.uint32),
+            "cum_log_probs": (results.cum_log_probs[rows, :beams], np.float32),
+            "output_log_probs": (results.output_log_probs[rows, :beams, :steps], np.float32),
+        }
+        outputs = [pb_utils.Tensor(name, np.array(tensor.numpy(), dtype=dtype, copy=True, order="C"))
+                   for name, (tensor, dtype) in cut.items()]
+        if self.decoupled:  # what the streaming ensemble's postprocessing needs (see render.STREAMING_OUTPUTS)
+            batch = item["input_ids"].shape[0]
+            outputs += [
+                pb_utils.Tensor("prompt_lengths", item["input_lengths"].numpy().astype(np.uint32).reshape(batch, 1)),
+                pb_utils.Tensor("is_final", np.full((batch, 1), final, dtype=bool)),
+            ]
         return pb_utils.InferenceResponse(output_tensors=outputs)
 
     def finalize(self):

@@ -6,8 +6,15 @@ triton_python_backend_utils available. Tokenizer: `tokenizer/tokenizer.json` nex
 inputs : TOKENS_BATCH    UINT32 [B, beam, T]  prompt + generated ids, end_id after sequence_length
          SEQUENCE_LENGTH UINT32 [B, beam]     prompt + generated length (an emitted end_id counts)
          INPUT_LENGTHS   UINT32 [B, 1]        prompt length
+         IS_FINAL        BOOL   [B, 1]        optional (streaming): false while the row is still generating
+         END_ID          UINT32 [B, 1]        optional per-row end id (default: the end_id parameter)
 output : OUTPUT          BYTES  [B, beam]     utf-8 text of tokens[input_length : sequence_length] only,
                                               cut before the first end_id (the end token is not text)
+
+Streaming (decoupled model upstream): this model runs once per streamed model response, each carrying the
+sequences so far, so OUTPUT is the text generated so far and grows token by token. Stateless: while IS_FINAL is
+false the text is cut before a trailing incomplete multi-byte character (decoded as U+FFFD), which a later
+response completes; the final response's text is the full decode, the same as without streaming.
 Config parameter `end_id` (string_value). A bad request gets its own error response; the others are unaffected.
 """
 
@@ -26,7 +33,8 @@ from tokenizer_model import RequestError, load_tokenizer_and_end_id, respond_eac
 def generated_slices(tokens, seq_len, in_len, end_id, vocab_size):
     """Per (b, beam): the generated ids tokens[b, k, in_len[b] : seq_len[b, k]] up to the first end_id.
 
-    tokens [B, beam, T], seq_len [B, beam], in_len [B] -> nested list [B][beam] of python int lists.
+    tokens [B, beam, T], seq_len [B, beam], in_len [B], end_id: int or per-row [B]
+    -> (nested list [B][beam] of python int lists, nested list [B][beam] of bools: an end_id was cut).
     """
     if tokens.ndim == 2:  # [B, T] from a caller without a beam dimension
         tokens = tokens[:, None, :]
@@ -41,10 +49,11 @@ def generated_slices(tokens, seq_len, in_len, end_id, vocab_size):
         raise RequestError(f"SEQUENCE_LENGTH must be [{batch}, {beam}], got {list(seq_len.shape)}")
     if in_len.shape != (batch,):
         raise RequestError(f"INPUT_LENGTHS must be [{batch}, 1], got {list(in_len.shape)}")
-    out = []
+    end_ids = np.broadcast_to(np.asarray(end_id, dtype=np.int64).reshape(-1), (batch,))
+    out, ended = [], []
     for b in range(batch):
         start = int(in_len[b])
-        row = []
+        row, row_ended = [], []
         for k in range(beam):
             stop = int(seq_len[b, k])
             if not 0 <= start <= stop <= t_max:
@@ -52,14 +61,19 @@ def generated_slices(tokens, seq_len, in_len, end_id, vocab_size):
                     f"row {b} beam {k}: need 0 <= input_length ({start}) <= sequence_length ({stop}) <= T ({t_max})"
                 )
             ids = tokens[b, k, start:stop].astype(np.int64)
-            ends = np.nonzero(ids == end_id)[0]
+            ends = np.nonzero(ids == end_ids[b])[0]
             if ends.size:
                 ids = ids[: ends[0]]
             if ids.size and int(ids.max()) >= vocab_size:
                 raise RequestError(f"row {b} beam {k}: token id {int(ids.max())} outside the vocabulary ({vocab_size})")
             row.append(ids.tolist())
+            row_ended.append(bool(ends.size))
         out.append(row)
-    return out
+        ended.append(row_ended)
+    return out, ended
+
+
+REPLACEMENT = "\ufffd"  # what decoding gives for an incomplete (or invalid) utf-8 byte sequence
 
 
 class TritonPythonModel:
@@ -74,17 +88,29 @@ class TritonPythonModel:
             raise RequestError(f"{name} is missing")
         return tensor.as_numpy()
 
+    def _optional(self, request, name):
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        return None if tensor is None else np.asarray(tensor.as_numpy())
+
     def _one(self, request):
-        slices = generated_slices(
-            np.asarray(self._input(request, "TOKENS_BATCH")),
+        tokens = np.asarray(self._input(request, "TOKENS_BATCH"))
+        end_id = self._optional(request, "END_ID")
+        slices, ended = generated_slices(
+            tokens,
             self._input(request, "SEQUENCE_LENGTH"),
             self._input(request, "INPUT_LENGTHS"),
-            self.end_id,
+            self.end_id if end_id is None else end_id,
             self.vocab_size,
         )
         batch, beam = len(slices), len(slices[0])
         flat = [ids for row in slices for ids in row]
         texts = self.tokenizer.decode_batch(flat, skip_special_tokens=True)
+        is_final = self._optional(request, "IS_FINAL")
+        if is_final is not None:  # streaming: hold back a trailing partial character until the row is final
+            is_final = is_final.reshape(batch, -1)[:, 0].astype(bool)
+            for i in range(batch * beam):
+                if not is_final[i // beam]:
+                    texts[i] = texts[i].rstrip(REPLACEMENT)
         output = np.empty(batch * beam, dtype=object)
         output[:] = [t.encode("utf-8") for t in texts]  # BYTES tensors carry utf-8 bytes
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT", output.reshape(batch, beam))])

@@ -5,13 +5,18 @@ triton_python_backend_utils available. Tokenizer: `tokenizer/tokenizer.json` nex
 
 inputs : QUERY              BYTES  [B, 1]  utf-8 prompt per row
          REQUEST_OUTPUT_LEN UINT32 [B, 1]  passed through
+         BAD_WORDS_DICT     BYTES  [B, 1]  optional: comma-separated words (CSV, quotes allowed) never to generate
+         STOP_WORDS_DICT    BYTES  [B, 1]  optional: comma-separated words that end a row's generation
 outputs: INPUT_ID           UINT32 [B, Lmax]  right-padded with end_id
          REQUEST_INPUT_LEN  UINT32 [B, 1]     real lengths
+         BAD_WORDS_IDS      INT32  [B, 2, W]  FT's word-list format (see word_list), also when no words are given
+         STOP_WORDS_IDS     INT32  [B, 2, W]
          REQUEST_OUTPUT_LEN UINT32 [B, 1]
 Config parameter `end_id` (string_value): the pad / end token id.
 A bad request (empty, not utf-8, mismatched batch) gets its own error response; the others are unaffected.
 """
 
+import csv
 import json
 import os
 import sys
@@ -58,6 +63,51 @@ def pad_ids(id_lists, pad_id):
     return out, lengths
 
 
+def parse_words(item, name, row):
+    """One row's CSV word string (bytes or str) -> list of words; '' means no words."""
+    if isinstance(item, (bytes, np.bytes_)):
+        try:
+            item = bytes(item).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RequestError(f"{name}[{row}] is not valid utf-8: {e}") from None
+    if not isinstance(item, str):
+        raise RequestError(f"{name}[{row}] is not a string (got {type(item).__name__})")
+    if item == "":
+        return []
+    try:
+        rows = list(csv.reader([item], strict=True))
+    except csv.Error as e:
+        raise RequestError(f"{name}[{row}] is not a comma-separated word list: {e}") from None
+    return [word for line in rows for word in line]
+
+
+def word_list(words_per_row, encode, name):
+    """FT's word-list tensor [B, 2, W] int32 from B lists of words.
+
+    Row 0 holds the token ids of all the row's words one after the other, row 1 the cumulative end offset of each
+    word (word i is ids[offsets[i-1]:offsets[i]]); W = the batch's longest id list (at least 1). Ids are padded
+    with 0 and offsets with -1, so a row without words is [[0, ...], [-1, ...]].
+    """
+    flat_rows, offset_rows = [], []
+    for row, words in enumerate(words_per_row):
+        flat, offsets = [], []
+        for index, word in enumerate(words):
+            ids = encode(word)
+            if not ids:
+                raise RequestError(f"{name}[{row}] word {index} ({word!r}) encodes to no tokens")
+            flat += ids
+            offsets.append(len(flat))
+        flat_rows.append(flat)
+        offset_rows.append(offsets)
+    width = max([1] + [len(flat) for flat in flat_rows])
+    out = np.zeros((len(flat_rows), 2, width), dtype=np.int32)
+    out[:, 1, :] = -1
+    for row, (flat, offsets) in enumerate(zip(flat_rows, offset_rows)):
+        out[row, 0, : len(flat)] = flat
+        out[row, 1, : len(offsets)] = offsets
+    return out
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -86,9 +136,28 @@ class TritonPythonModel:
             output_tensors=[
                 pb_utils.Tensor("INPUT_ID", input_id),
                 pb_utils.Tensor("REQUEST_INPUT_LEN", input_len),
+                pb_utils.Tensor("BAD_WORDS_IDS", self._words(request, "BAD_WORDS_DICT", len(texts))),
+                pb_utils.Tensor("STOP_WORDS_IDS", self._words(request, "STOP_WORDS_DICT", len(texts))),
                 pb_utils.Tensor("REQUEST_OUTPUT_LEN", out_len),
             ]
         )
+
+    def _words(self, request, name, batch):
+        """The word-list tensor for input `name` ([B, 1] CSV strings; absent = no words)."""
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            return word_list([[] for _ in range(batch)], self._encode, name)
+        items = np.asarray(tensor.as_numpy())
+        if items.ndim == 1:
+            items = items.reshape(-1, 1)
+        if items.ndim != 2 or items.shape != (batch, 1):
+            raise RequestError(f"{name} must have shape [{batch}, 1] (one CSV string per QUERY row), "
+                               f"got {list(items.shape)}")
+        words = [parse_words(items[row, 0], name, row) for row in range(batch)]
+        return word_list(words, self._encode, name)
+
+    def _encode(self, word):
+        return self.tokenizer.encode(word, add_special_tokens=False).ids
 
     def execute(self, requests):
         return respond_each(requests, self._one, "preprocessing", pb_utils)
