@@ -45,11 +45,16 @@ class ArchiveError(CheckpointError):
 
 
 def is_nemo_source(path: Path) -> bool:
-    """A `.nemo` archive, or a directory with NeMo's model_config.yaml (an extracted .nemo)."""
+    """A `.nemo` archive, or a directory with NeMo's model_config.yaml (an extracted .nemo) not yet staged."""
     path = Path(path)
     if path.is_dir():
-        return (path / CONFIG_NAME).is_file()
+        return (path / CONFIG_NAME).is_file() and not is_staged(path)
     return path.is_file() and (path.suffix == ".nemo" or _is_tar(path))
+
+
+def is_staged(path: Path) -> bool:
+    """A directory made by `stage`."""
+    return (Path(path) / SOURCE_NOTE).is_file()
 
 
 def _is_tar(path: Path) -> bool:
