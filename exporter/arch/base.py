@@ -1,24 +1,34 @@
 """What every architecture shares: name tables -> a plan of FT tensors, and the checks on that plan.
 
-An architecture file supplies data (two name tables, ignored names) and overrides a hook only for what is really
-different about its family (`ft_shape` / `to_ft` for a layout change such as fusing or reshaping q/k/v).
+The FT shard layout every architecture targets (FT's own files where FT has them; this project's conventions for
+gated MLP, RMSNorm, rotary, grouped-query attention and untied output layers) is documented in `layout.md` next to
+this file; the authoritative file table is `templates/ft_python/ft_checkpoint.py:tensor_table`, and the exporter
+checks each plan against it before writing (`ft/convert.py:check_plan`).
+
+An architecture file supplies data (name tables, ignored names, `params()`) and overrides a hook only for what is
+really different about its family (`to_ft` for fusing or reshaping, `tables` when the names depend on the config).
+A table value names one source tensor, or a tuple of them when an FT tensor is built from several (q, k, v fused;
+an embedding folded with a projection); `to_ft` then receives them all.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Union
 
 import torch
 
 from ..ft.sharding import Split
 from ..readers.hf import CheckpointError, HFCheckpoint, Scratch
 
+Sources = Union[str, tuple[str, ...]]
+Table = dict[str, tuple[Sources, Split]]
+
 
 @dataclass(frozen=True)
 class ModelParams:
-    """Hyper-parameters FT's config.ini needs."""
+    """Hyper-parameters config.ini records (see layout.md for each key)."""
 
     model_name: str
     head_num: int
@@ -31,23 +41,46 @@ class ModelParams:
     end_id: int
     layernorm_eps: float
     tied_embeddings: bool = True
-    activation_type: str = "Gelu"
-    layernorm_type: str = "pre_layernorm"
+    activation_type: str = "Gelu"  # Gelu | Relu | Silu | GeGLU | SiGLU (the last two gated)
+    layernorm_type: str = "pre_layernorm"  # | post_layernorm
+    kv_head_num: int = 0  # 0: same as head_num
+    norm_type: str = "layernorm"  # | rmsnorm
+    has_positional_encoding: bool = True
+    has_post_decoder_layernorm: bool = True
+    rotary_embedding: int = 0  # rotary dims per head, 0 = none
+    rotary_style: str = "neox"  # gptj (interleaved pairs) | neox (halves)
+    rope_theta: float = 10000.0
+    use_gptj_residual: bool = False  # parallel attention + MLP
+    attention_bias: bool = True
+    mlp_bias: bool = True
+    lm_head_bias: bool = False
 
     @property
     def hidden_size(self) -> int:
         return self.head_num * self.size_per_head
 
+    @property
+    def kv_heads(self) -> int:
+        return self.kv_head_num or self.head_num
+
+    @property
+    def gated(self) -> bool:
+        return self.activation_type.lower() in ("geglu", "siglu")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One FT tensor: its name, the source tensor it comes from, its full FT shape and how it is split."""
+    """One FT tensor: its name, the source tensor(s) it comes from, its full FT shape and how it is split."""
 
     ft_name: str  # e.g. "model.layers.0.attention.query_key_value.weight"
-    source: str  # source checkpoint tensor name
+    source: tuple[str, ...]  # full source checkpoint tensor names
     shape: tuple[int, ...]  # full (unsplit) FT shape
     split: Split
     layer: int | None = None  # None for global tensors
+    sections: tuple[int, ...] = ()  # Split.QKV: sizes of the q | k | v blocks of the last dim (full tensor)
 
 
 @dataclass
@@ -62,14 +95,20 @@ class Plan:
         return groups
 
 
+def _as_tuple(sources: Sources) -> tuple[str, ...]:
+    return (sources,) if isinstance(sources, str) else tuple(sources)
+
+
 class Architecture:
     """Base class: subclasses fill the tables and `params()`; hooks default to "no change"."""
 
     # FT section name in config.ini.
     section: ClassVar[str] = "gpt"
-    # FT name -> (source name without prefix, split); `{i}` is the layer index in per-layer tables.
-    global_tensors: ClassVar[dict[str, tuple[str, Split]]] = {}
-    layer_tensors: ClassVar[dict[str, tuple[str, Split]]] = {}
+    # FT Triton backend `model_type` that serves this section; None: FT has no backend for it (python runtime only).
+    ft_model_type: ClassVar[str | None] = "GPT"
+    # FT name -> (source name(s) without prefix, split); `{i}` is the layer index in per-layer tables.
+    global_tensors: ClassVar[Table] = {}
+    layer_tensors: ClassVar[Table] = {}
     # Source names (regular expressions, without prefix) that carry no weights FT needs.
     ignored: ClassVar[tuple[str, ...]] = ()
     # Prefixes the source names may carry (e.g. "transformer." for GPT2LMHeadModel, "" for GPT2Model).
@@ -84,13 +123,23 @@ class Architecture:
     def params(self) -> ModelParams:
         raise NotImplementedError
 
-    def ft_shape(self, ft_name: str, source_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Full FT shape of `ft_name` given its source shape (default: unchanged)."""
-        return source_shape
+    def tables(self, params: ModelParams) -> tuple[Table, Table]:
+        """(global, per-layer) name tables; override when the tensor set depends on the config."""
+        return self.global_tensors, self.layer_tensors
 
-    def to_ft(self, ft_name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Source tensor -> full FT layout (default: unchanged)."""
-        return tensor
+    def ft_shape(self, ft_name: str, source_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+        """Full FT shape of `ft_name` given its source shape(s) (default: the single source's shape)."""
+        return source_shapes[0]
+
+    def to_ft(self, ft_name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Source tensor(s) -> full FT layout (default: the single source unchanged)."""
+        return tensors[0]
+
+    def sections(self, ft_name: str, params: ModelParams) -> tuple[int, ...]:
+        """Split.QKV tensors: the q | k | v block sizes of the full tensor's last dim."""
+        q = params.head_num * params.size_per_head
+        kv = params.kv_heads * params.size_per_head
+        return (q, kv, kv)
 
     def extra_ignored(self) -> tuple[str, ...]:
         """Ignored names that depend on the config (e.g. a tied lm_head)."""
@@ -98,8 +147,8 @@ class Architecture:
 
     # -- shared machinery -----------------------------------------------------------------------------------
     def _detect_prefix(self) -> str:
-        names = self.checkpoint.names()
-        anchor = next(iter(self.global_tensors.values()))[0]
+        names = set(self.checkpoint.names())
+        anchor = _as_tuple(next(iter(self.global_tensors.values()))[0])[0]
         for prefix in self.prefixes:
             if prefix + anchor in names:
                 return prefix
@@ -110,18 +159,19 @@ class Architecture:
     def plan(self) -> Plan:
         """Every FT tensor to write, with full shapes; errors name missing and unknown source tensors."""
         params = self.params()
-        specs: list[TensorSpec] = []
-        wanted: list[tuple[str, str, Split, int | None]] = [
-            (ft_name, source, split, None) for ft_name, (source, split) in self.global_tensors.items()
+        global_table, layer_table = self.tables(params)
+        wanted: list[tuple[str, tuple[str, ...], Split, int | None]] = [
+            (ft_name, _as_tuple(sources), split, None) for ft_name, (sources, split) in global_table.items()
         ]
         for layer in range(params.num_layer):
-            for suffix, (source, split) in self.layer_tensors.items():
-                wanted.append((f"model.layers.{layer}.{suffix}", source.format(i=layer), split, layer))
+            for suffix, (sources, split) in layer_table.items():
+                names = tuple(source.format(i=layer) for source in _as_tuple(sources))
+                wanted.append((f"model.layers.{layer}.{suffix}", names, split, layer))
         available = set(self.checkpoint.names())
-        missing = [self.prefix + source for _, source, _, _ in wanted if self.prefix + source not in available]
+        used = {self.prefix + source for _, sources, _, _ in wanted for source in sources}
+        missing = sorted(used - available)
         if missing:
             raise CheckpointError(f"checkpoint {self.checkpoint.path} lacks tensors: {missing}")
-        used = {self.prefix + source for _, source, _, _ in wanted}
         ignored = re.compile("|".join(f"(?:{pattern})" for pattern in self.ignored + self.extra_ignored()) or "(?!)")
         unknown = sorted(
             name for name in available - used if not ignored.fullmatch(name.removeprefix(self.prefix))
@@ -131,14 +181,37 @@ class Architecture:
                 f"checkpoint {self.checkpoint.path} has tensors the {type(self).__name__} mapping does not know: "
                 f"{unknown}"
             )
-        for ft_name, source, split, layer in wanted:
-            full_source = self.prefix + source
-            shape = self.ft_shape(ft_name, self.checkpoint.shape(full_source))
-            specs.append(TensorSpec(ft_name, full_source, shape, split, layer))
+        specs: list[TensorSpec] = []
+        for ft_name, sources, split, layer in wanted:
+            full = tuple(self.prefix + source for source in sources)
+            shape = tuple(self.ft_shape(ft_name, [self.checkpoint.shape(name) for name in full]))
+            sections = self.sections(ft_name, params) if split is Split.QKV else ()
+            specs.append(TensorSpec(ft_name, full, shape, split, layer, sections))
         return Plan(params, specs)
 
     def load(self, spec: TensorSpec, scratch: Scratch | None = None) -> torch.Tensor:
-        tensor = self.to_ft(spec.ft_name, self.checkpoint.load(spec.source, scratch))
+        """The full FT tensor of `spec` (one source read into `scratch`; several each into their own buffer)."""
+        if len(spec.source) == 1:
+            tensors = [self.checkpoint.load(spec.source[0], scratch)]
+        else:
+            tensors = [self.checkpoint.load(name) for name in spec.source]
+        tensor = self.to_ft(spec.ft_name, tensors)
         if tuple(tensor.shape) != spec.shape:
             raise CheckpointError(f"{spec.source}: produced shape {list(tensor.shape)}, planned {list(spec.shape)}")
         return tensor
+
+
+def rope_theta(config: dict[str, Any], key: str = "rope_theta", default: float = 10000.0) -> float:
+    """The rotary base from an HF config (transformers 4 `rope_theta`/`rotary_emb_base`, 5 `rope_parameters`);
+    refuses scaled RoPE variants, whose maths the runtime does not implement."""
+    parameters = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or {}
+    rope_type = parameters.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise CheckpointError(f"config.json rope type {rope_type!r} is not supported (only unscaled RoPE)")
+    return float(parameters.get("rope_theta") or config.get(key) or default)
+
+
+def linear_t(tensor: torch.Tensor) -> torch.Tensor:
+    """nn.Linear weight [out, in] -> FT [in, out] (a view; the writer copies it in chunks)."""
+    return tensor.t()

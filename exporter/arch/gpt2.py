@@ -86,12 +86,13 @@ class GPT2(Architecture):
             raise CheckpointError("untied GPT-2 output embeddings are not supported yet (tie_word_embeddings=false)")
         return plan
 
-    def ft_shape(self, ft_name: str, source_shape: tuple[int, ...]) -> tuple[int, ...]:
+    def ft_shape(self, ft_name: str, source_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+        source_shape = source_shapes[0]
         if ft_name.endswith(QKV_WEIGHT):  # [h, 3h] -> [h, 3, h]
             return (source_shape[0], 3, source_shape[1] // 3)
         if ft_name.endswith(QKV_BIAS):  # [3h] -> [3, h]
             return (3, source_shape[0] // 3)
         return source_shape
 
-    def to_ft(self, ft_name: str, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.reshape(self.ft_shape(ft_name, tuple(tensor.shape)))
+    def to_ft(self, ft_name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return tensors[0].reshape(self.ft_shape(ft_name, [tuple(tensors[0].shape)]))

@@ -12,16 +12,17 @@ from pathlib import Path
 from typing import Iterator
 
 from ..arch import Architecture, architecture_for
-from ..arch.base import Plan
+from ..arch.base import ModelParams, Plan
 from ..readers import nemo_archive
 from ..readers.hf import HFCheckpoint
 from ..tokenizer import find_tokenizer, save_tokenizer_json
 from .sharding import ParallelLayout, ShardingError, file_names, rank_shape
-from .verify import DTYPE_BYTES, expected_files, verify_shards
+from .verify import DTYPE_BYTES, expected_files, read_config, verify_shards
 from ..atomic import AtomicDirectory
 from .writer import config_ini, write_plan
 
 log = logging.getLogger(__name__)
+
 
 def _open(checkpoint_path: Path) -> Architecture:
     if nemo_archive.is_staged(checkpoint_path):
@@ -42,12 +43,15 @@ def _staged_nemo(checkpoint_path: Path, work_dir: Path) -> Iterator[Path]:
         yield nemo_archive.stage(checkpoint_path, Path(staging))
 
 
-def check_plan(plan: Plan, layout: ParallelLayout, weight_data_type: str) -> None:
-    """Every file the plan will write has exactly the size FT's loader will read (checked before writing)."""
-    expected = expected_files(_ini_values(plan, layout.tensor_parallel, weight_data_type))
+def check_plan(plan: Plan, layout: ParallelLayout, weight_data_type: str, section: str = "gpt") -> None:
+    """Every file the plan will write has exactly the size the runtime's table (FT's loader rules) reads; checked
+    before writing."""
+    untied = any(spec.ft_name == "model.lm_head.weight" for spec in plan.specs)
+    values = ini_values(plan.params, section, layout, weight_data_type)
+    expected = expected_files(values, untied=untied)
     planned: dict[str, int] = {}
     for spec in plan.specs:
-        piece = rank_shape(spec.shape, spec.split, layout.tensor_parallel, spec.source)
+        piece = rank_shape(spec.shape, spec.split, layout.tensor_parallel, spec.source[0], spec.sections)
         nbytes = DTYPE_BYTES[weight_data_type]
         for dim in piece:
             nbytes *= dim
@@ -67,19 +71,13 @@ def check_plan(plan: Plan, layout: ParallelLayout, weight_data_type: str) -> Non
         raise ShardingError("; ".join(details))
 
 
-def _ini_values(plan: Plan, tensor_parallel: int, weight_data_type: str) -> dict:
-    """The config.ini [gpt] values as the runtime's reader would type them."""
-    params = plan.params
-    return {
-        "head_num": params.head_num,
-        "size_per_head": params.size_per_head,
-        "inter_size": params.inter_size,
-        "num_layer": params.num_layer,
-        "max_pos_seq_len": params.max_pos_seq_len,
-        "vocab_size": params.vocab_size,
-        "weight_data_type": weight_data_type,
-        "tensor_para_size": tensor_parallel,
-    }
+def ini_values(params: ModelParams, section: str, layout: ParallelLayout, weight_data_type: str) -> dict:
+    """The config.ini values as the runtime's reader types them (read back from the very text written)."""
+    parser = config_ini(params, section, layout.tensor_parallel, weight_data_type, layout.pipeline_parallel)
+    with tempfile.TemporaryDirectory() as scratch:
+        with open(Path(scratch) / "config.ini", "w") as handle:
+            parser.write(handle)
+        return read_config(scratch)
 
 
 def convert_checkpoint(
@@ -100,19 +98,21 @@ def convert_checkpoint(
     arch = _open(checkpoint_path)
     find_tokenizer(checkpoint_path)  # pre/postprocessing need it: fail now, not after writing gigabytes
     plan = arch.plan()
-    layout = ParallelLayout(tensor_parallel, pipeline_parallel, plan.params.num_layer)
-    layout.check(plan.params.head_num)
-    check_plan(plan, layout, weight_data_type)
+    params = plan.params
+    layout = ParallelLayout(tensor_parallel, pipeline_parallel, params.num_layer)
+    layout.check(params.head_num, params.kv_heads, params.inter_size)
+    check_plan(plan, layout, weight_data_type, arch.section)
 
     final = Path(out_dir) / f"{tensor_parallel}-gpu"
     started = time.monotonic()
     log.info(
-        "converting %s (%s, %d layers) to %s, tp=%d, %s",
+        "converting %s (%s, %d layers) to %s, tp=%d, pp=%d, %s",
         checkpoint_path,
         type(arch).__name__,
         plan.params.num_layer,
         final,
         tensor_parallel,
+        pipeline_parallel,
         weight_data_type,
     )
     with AtomicDirectory(final) as partial_dir:
@@ -131,7 +131,7 @@ def convert_checkpoint(
             save_tokenizer_json(checkpoint_path, partial_dir / "tokenizer.json")
         # config.ini last: a directory without it is never mistaken for a finished export.
         with open(partial_dir / "config.ini", "w") as handle:
-            config_ini(plan.params, arch.section, tensor_parallel, weight_data_type).write(handle)
+            config_ini(plan.params, arch.section, tensor_parallel, weight_data_type, pipeline_parallel).write(handle)
         verify_shards(partial_dir)
     log.info("wrote %.1f MB of FT shards in %.1fs", nbytes / 1e6, time.monotonic() - started)
     return final

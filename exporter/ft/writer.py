@@ -24,9 +24,15 @@ from .verify import TORCH_DTYPES
 log = logging.getLogger(__name__)
 
 
+def config_ini(
+    params: ModelParams, section: str, tensor_parallel: int, weight_data_type: str, pipeline_parallel: int = 1
+) -> configparser.ConfigParser:
+    """Every key FT's loaders (GPT, GPT-J, GPT-NeoX, and its Triton backend) read from config.ini, plus this
+    project's keys for what FT has no key for (exporter/arch/layout.md)."""
 
-def config_ini(params: ModelParams, section: str, tensor_parallel: int, weight_data_type: str) -> configparser.ConfigParser:
-    """Every key FT's C++ GPT loader (and its Triton backend) reads from config.ini."""
+    def flag(value: bool) -> str:
+        return "1" if value else "0"
+
     config = configparser.ConfigParser()
     config[section] = {
         "model_name": params.model_name,
@@ -40,16 +46,26 @@ def config_ini(params: ModelParams, section: str, tensor_parallel: int, weight_d
         "end_id": str(params.end_id),
         "weight_data_type": weight_data_type,
         "tensor_para_size": str(tensor_parallel),
+        "pipeline_para_size": str(pipeline_parallel),
         "layernorm_eps": repr(float(params.layernorm_eps)),
         "layernorm_type": params.layernorm_type,
         "activation_type": params.activation_type,
-        "has_positional_encoding": "1",
+        "has_positional_encoding": flag(params.has_positional_encoding),
         "has_pre_decoder_layernorm": "0",
-        "has_post_decoder_layernorm": "1",
+        "has_post_decoder_layernorm": flag(params.has_post_decoder_layernorm),
         "has_adapters": "0",
         "adapter_inter_size": "0",
         "use_attention_linear_bias": "0",
         "int8_mode": "0",
+        "rotary_embedding": str(params.rotary_embedding),
+        "rotary_style": params.rotary_style,
+        "rope_theta": repr(float(params.rope_theta)),
+        "use_gptj_residual": flag(params.use_gptj_residual),
+        "kv_head_num": str(params.kv_heads),
+        "norm_type": params.norm_type,
+        "attention_bias": flag(params.attention_bias),
+        "mlp_bias": flag(params.mlp_bias),
+        "lm_head_bias": flag(params.lm_head_bias),
     }
     # FT's loader also looks up the mixture-of-experts structure; a dense model has none.
     config["structure"] = {"gpt_with_moe": "0", "expert_num": "0", "moe_layers": "[]"}
@@ -124,7 +140,7 @@ def write_specs(
         for spec in specs:
             tensor = arch.load(spec, scratch)
             for piece, name in zip(
-                split_tensor(tensor, spec.split, tensor_parallel),
+                split_tensor(tensor, spec.split, tensor_parallel, spec.sections),
                 file_names(spec.ft_name, spec.split, tensor_parallel),
             ):
                 written += writer.write(piece, out_dir / name)

@@ -21,18 +21,40 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LM_HEAD_FILE = "model.lm_head.weight.bin"
 
+# config.ini sections: FT's GPT (also OPT), GPT-J, GPT-NeoX, and Llama (no FT backend; python runtime only).
+SECTIONS = ("gpt", "gptj", "gptneox", "llama")
+
 _INT_KEYS = ("head_num", "size_per_head", "inter_size", "num_layer", "max_pos_seq_len",
-             "vocab_size", "start_id", "end_id", "tensor_para_size", "adapter_inter_size")
-_FLOAT_KEYS = ("layernorm_eps",)
+             "vocab_size", "start_id", "end_id", "tensor_para_size", "adapter_inter_size",
+             "pipeline_para_size", "kv_head_num", "rotary_embedding")
+_FLOAT_KEYS = ("layernorm_eps", "rope_theta")
 _BOOL_KEYS = ("has_positional_encoding", "has_pre_decoder_layernorm",
-              "has_post_decoder_layernorm", "use_attention_linear_bias", "has_adapters")
+              "has_post_decoder_layernorm", "use_attention_linear_bias", "has_adapters",
+              "use_gptj_residual", "attention_bias", "mlp_bias", "lm_head_bias")
 _REQUIRED = ("head_num", "size_per_head", "inter_size", "num_layer", "max_pos_seq_len",
              "vocab_size", "end_id", "weight_data_type", "tensor_para_size")
-# Values FT uses when a key is absent from config.ini (GPT-2 style model).
+# Values used when a key is absent from config.ini (FT's GPT defaults), then per section
+# what FT's GPT-J / GPT-NeoX loaders imply without a key. See exporter/arch/layout.md.
 _DEFAULTS = {"start_id": 0, "layernorm_eps": 1e-5, "layernorm_type": "pre_layernorm",
              "activation_type": "Gelu", "has_positional_encoding": True,
              "has_pre_decoder_layernorm": False, "has_post_decoder_layernorm": True,
-             "use_attention_linear_bias": False, "has_adapters": False, "adapter_inter_size": 0}
+             "use_attention_linear_bias": False, "has_adapters": False, "adapter_inter_size": 0,
+             "pipeline_para_size": 1, "kv_head_num": 0, "norm_type": "layernorm",
+             "rotary_embedding": 0, "rotary_style": "neox", "rope_theta": 10000.0,
+             "use_gptj_residual": False, "attention_bias": True, "mlp_bias": True,
+             "lm_head_bias": False}
+_SECTION_DEFAULTS = {
+    "gpt": {},
+    "gptj": {"has_positional_encoding": False, "rotary_style": "gptj", "use_gptj_residual": True,
+             "attention_bias": False, "lm_head_bias": True},
+    "gptneox": {"has_positional_encoding": False, "rotary_style": "neox", "use_gptj_residual": True},
+    "llama": {"has_positional_encoding": False, "norm_type": "rmsnorm", "activation_type": "SiGLU",
+              "attention_bias": False, "mlp_bias": False},
+}
+GATED_ACTIVATIONS = ("geglu", "siglu")
+# FT's NeoX converter stores these biases divided by tensor_para_size (each rank adds its share
+# before the all-reduce); merged weights multiply them back.
+_NEOX_RANK_SCALED = ("attention.dense.bias", "mlp.dense_4h_to_h.bias", "mlp.attention.bias.sum")
 
 
 class CheckpointError(RuntimeError):
@@ -45,27 +67,32 @@ def _parse_bool(key, text):
         return True
     if low in ("0", "false", "no", "off"):
         return False
-    raise CheckpointError(f"config.ini [gpt] {key} = {text!r} is not a boolean (1/0/true/false)")
+    raise CheckpointError(f"config.ini {key} = {text!r} is not a boolean (1/0/true/false)")
 
 
 def read_config(shard_dir):
-    """Parse `<shard_dir>/config.ini` section [gpt] into a dict of typed values.
+    """Parse `<shard_dir>/config.ini` (section [gpt], [gptj], [gptneox] or [llama]) into typed values.
 
     Integers, floats and booleans (1/0/true/false) are converted; other keys stay strings.
-    Missing optional keys get FT's defaults; missing required keys raise CheckpointError.
+    Missing optional keys get FT's defaults (per section); missing required keys raise
+    CheckpointError. The section is returned as "section"; kv_head_num 0 becomes head_num.
     """
     path = os.path.join(os.fspath(shard_dir), "config.ini")
     if not os.path.isfile(path):
         raise CheckpointError(f"missing file: {path}")
     parser = configparser.ConfigParser()
     parser.read(path)
-    if not parser.has_section("gpt"):
-        raise CheckpointError(f"{path}: no [gpt] section")
-    raw = dict(parser.items("gpt"))
+    found = [name for name in SECTIONS if parser.has_section(name)]
+    if len(found) != 1:
+        raise CheckpointError(f"{path}: expected exactly one of the sections {list(SECTIONS)}, found {found}")
+    section = found[0]
+    raw = dict(parser.items(section))
     missing = [k for k in _REQUIRED if k not in raw]
     if missing:
-        raise CheckpointError(f"{path}: [gpt] lacks required keys: {', '.join(missing)}")
+        raise CheckpointError(f"{path}: [{section}] lacks required keys: {', '.join(missing)}")
     cfg = dict(_DEFAULTS)
+    cfg.update(_SECTION_DEFAULTS[section])
+    cfg["section"] = section
     for key, text in raw.items():
         try:
             if key in _INT_KEYS:
@@ -73,66 +100,117 @@ def read_config(shard_dir):
             elif key in _FLOAT_KEYS:
                 cfg[key] = float(text)
             elif key in _BOOL_KEYS:
-                cfg[key] = _parse_bool(key, text)
+                cfg[key] = _parse_bool(f"[{section}] {key}", text)
             else:
                 cfg[key] = text.strip()
         except ValueError as exc:
-            raise CheckpointError(f"{path}: [gpt] {key} = {text!r}: {exc}") from None
+            raise CheckpointError(f"{path}: [{section}] {key} = {text!r}: {exc}") from None
     if cfg["weight_data_type"] not in DTYPE_BYTES:
         raise CheckpointError(f"{path}: weight_data_type {cfg['weight_data_type']!r} "
                               f"is not one of {sorted(DTYPE_BYTES)}")
+    if not cfg["kv_head_num"]:
+        cfg["kv_head_num"] = cfg["head_num"]
     return cfg
+
+
+def stage_layers(num_layers, pipeline_para_size, stage):
+    """Global layer indices of pipeline stage `stage`: FT's C++ rule, ceil(layers / pp) per stage
+    (the last stages may get fewer, even none; the exporter refuses layouts with an empty stage)."""
+    per_stage = -(-num_layers // pipeline_para_size)
+    return range(min(per_stage * stage, num_layers), min(per_stage * (stage + 1), num_layers))
 
 
 def _check_divisible(config):
     tp = config["tensor_para_size"]
     if tp < 1:
         raise CheckpointError(f"tensor_para_size must be >= 1, got {tp}")
-    for key in ("head_num", "inter_size"):
-        if config[key] % tp:
-            raise CheckpointError(f"{key}={config[key]} is not divisible by tensor_para_size={tp}")
+    for key in ("head_num", "kv_head_num", "inter_size"):
+        value = config.get(key) or config["head_num"]
+        if value % tp:
+            raise CheckpointError(f"{key}={value} is not divisible by tensor_para_size={tp}")
+    if config["head_num"] % (config.get("kv_head_num") or config["head_num"]):
+        raise CheckpointError(f"head_num={config['head_num']} is not a multiple of "
+                              f"kv_head_num={config['kv_head_num']}")
+
+
+def tensor_table(config, untied=False):
+    """Ordered [(stem, per-file shape, split)] for every tensor of a shard directory.
+
+    split: None (one file `<stem>.bin`), "column" / "row" (TP pieces `<stem>.<rank>.bin`
+    concatenated on the last / first dim) or "qkv" (pieces are [q_r | k_r | v_r] blocks).
+    The layout is documented in exporter/arch/layout.md. `config` needs at least head_num,
+    size_per_head, inter_size, num_layer, max_pos_seq_len, vocab_size, tensor_para_size;
+    other keys default as in read_config. `untied` adds model.lm_head.weight (FT: used iff present).
+    """
+    cfg = dict(_DEFAULTS)
+    cfg.update(_SECTION_DEFAULTS[config.get("section", "gpt")])
+    cfg.update(config)
+    _check_divisible(cfg)
+    if cfg.get("has_adapters"):
+        raise CheckpointError("has_adapters=1 checkpoints are not supported")
+    section = cfg.get("section", "gpt")
+    tp = cfg["tensor_para_size"]
+    d = cfg["size_per_head"]
+    heads, kv = cfg["head_num"], cfg.get("kv_head_num") or cfg["head_num"]
+    h = heads * d
+    inter = cfg["inter_size"]
+    vocab, max_pos = cfg["vocab_size"], cfg["max_pos_seq_len"]
+    norm_files = ("weight",) if cfg["norm_type"] == "rmsnorm" else ("weight", "bias")
+    gated = str(cfg["activation_type"]).lower() in GATED_ACTIVATIONS
+    attn_bias, mlp_bias = cfg["attention_bias"], cfg["mlp_bias"]
+    parallel = cfg["use_gptj_residual"]
+    bias_sum = parallel and attn_bias and mlp_bias  # FT NeoX: one summed output bias
+
+    table = [("model.wte", (vocab, h), None)]
+    if cfg["has_positional_encoding"]:
+        table.append(("model.wpe", (max_pos, h), None))
+    if cfg["has_pre_decoder_layernorm"]:
+        table += [(f"model.pre_decoder_layernorm.{p}", (h,), None) for p in norm_files]
+    if cfg["has_post_decoder_layernorm"]:
+        table += [(f"model.final_layernorm.{p}", (h,), None) for p in norm_files]
+    if untied:
+        table.append(("model.lm_head.weight", (vocab, h), None))
+    if cfg["lm_head_bias"]:
+        table.append(("model.lm_head.bias", (vocab,), None))
+    if kv == heads:  # FT's own layout: [h, 3, h/tp]
+        qkv_w, qkv_b = (h, 3, h // tp), (3, h // tp)
+    else:
+        width = (heads + 2 * kv) * d // tp
+        qkv_w, qkv_b = (h, width), (width,)
+    for i in range(cfg["num_layer"]):
+        p = f"model.layers.{i}."
+        table += [(p + f"input_layernorm.{n}", (h,), None) for n in norm_files]
+        table.append((p + "attention.query_key_value.weight", qkv_w, "qkv"))
+        if attn_bias:
+            table.append((p + "attention.query_key_value.bias", qkv_b, "qkv"))
+        table.append((p + "attention.dense.weight", (h // tp, h), "row"))
+        if attn_bias and not bias_sum:
+            table.append((p + "attention.dense.bias", (h,), None))
+        if section != "gptj":  # GPT-J: one layernorm feeds attention and MLP
+            table += [(p + f"post_attention_layernorm.{n}", (h,), None) for n in norm_files]
+        for fc in ("mlp.dense_h_to_4h", "mlp.dense_h_to_4h_2") if gated else ("mlp.dense_h_to_4h",):
+            table.append((p + fc + ".weight", (h, inter // tp), "column"))
+            if mlp_bias:
+                table.append((p + fc + ".bias", (inter // tp,), "column"))
+        table.append((p + "mlp.dense_4h_to_h.weight", (inter // tp, h), "row"))
+        if bias_sum:
+            table.append((p + "mlp.attention.bias.sum", (h,), None))
+        elif mlp_bias:
+            table.append((p + "mlp.dense_4h_to_h.bias", (h,), None))
+    return table
 
 
 def weight_shapes(config, untied=False):
-    """Ordered {file name: element shape} for every file FT's GPT loader opens.
-
-    Shapes are those of one file (one TP rank for split tensors). `untied` adds
-    model.lm_head.weight.bin (FT uses it when present, otherwise wte is the output layer).
-    """
-    _check_divisible(config)
-    if config.get("has_adapters"):
-        raise CheckpointError("has_adapters=1 checkpoints are not supported")
+    """Ordered {file name: element shape} for every file the loader opens (one TP rank's shape
+    for split tensors); see tensor_table."""
     tp = config["tensor_para_size"]
-    h = config["head_num"] * config["size_per_head"]
-    inter = config["inter_size"]
-    vocab, max_pos = config["vocab_size"], config["max_pos_seq_len"]
-    shapes = {"model.wte.bin": (vocab, h)}
-    if config.get("has_positional_encoding", True):
-        shapes["model.wpe.bin"] = (max_pos, h)
-    if config.get("has_pre_decoder_layernorm", False):
-        shapes["model.pre_decoder_layernorm.weight.bin"] = (h,)
-        shapes["model.pre_decoder_layernorm.bias.bin"] = (h,)
-    if config.get("has_post_decoder_layernorm", True):
-        shapes["model.final_layernorm.weight.bin"] = (h,)
-        shapes["model.final_layernorm.bias.bin"] = (h,)
-    if untied:
-        shapes[LM_HEAD_FILE] = (vocab, h)
-    for i in range(config["num_layer"]):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight.bin"] = (h,)
-        shapes[p + "input_layernorm.bias.bin"] = (h,)
-        for r in range(tp):
-            shapes[p + f"attention.query_key_value.weight.{r}.bin"] = (h, 3, h // tp)
-            shapes[p + f"attention.query_key_value.bias.{r}.bin"] = (3, h // tp)
-            shapes[p + f"attention.dense.weight.{r}.bin"] = (h // tp, h)
-        shapes[p + "attention.dense.bias.bin"] = (h,)
-        shapes[p + "post_attention_layernorm.weight.bin"] = (h,)
-        shapes[p + "post_attention_layernorm.bias.bin"] = (h,)
-        for r in range(tp):
-            shapes[p + f"mlp.dense_h_to_4h.weight.{r}.bin"] = (h, inter // tp)
-            shapes[p + f"mlp.dense_h_to_4h.bias.{r}.bin"] = (inter // tp,)
-            shapes[p + f"mlp.dense_4h_to_h.weight.{r}.bin"] = (inter // tp, h)
-        shapes[p + "mlp.dense_4h_to_h.bias.bin"] = (h,)
+    shapes = {}
+    for stem, shape, split in tensor_table(config, untied):
+        if split is None:
+            shapes[stem + ".bin"] = shape
+        else:
+            for r in range(tp):
+                shapes[f"{stem}.{r}.bin"] = shape
     return shapes
 
 
@@ -199,38 +277,47 @@ def _read_raw(path, shape, weight_dtype):
     return tensor.reshape(shape)
 
 
-def load_weights(shard_dir, device="cpu", dtype=torch.float32):
+def _merge_qkv(pieces, config):
+    """Per-rank [.., q_r | k_r | v_r] pieces -> full [.., q | k | v] (GQA layout, see tensor_table)."""
+    tp, d = config["tensor_para_size"], config["size_per_head"]
+    q, kv = config["head_num"] * d // tp, config["kv_head_num"] * d // tp
+    blocks = [torch.split(piece, [q, kv, kv], dim=-1) for piece in pieces]
+    return torch.cat([torch.cat([b[j] for b in blocks], dim=-1) for j in range(3)], dim=-1)
+
+
+def load_weights(shard_dir, device="cpu", dtype=torch.float32, layers=None):
     """Load a verified shard directory into full (TP-merged) tensors on `device` in `dtype`.
 
-    Keys are the FT file names without the `.bin` / `.<rank>.bin` suffix, e.g.
-    "model.layers.0.attention.query_key_value.weight". Merged shapes:
-      qkv weight [h, 3, h] (ranks concatenated on the last dim; heads in order),
-      qkv bias [3, h], attention.dense.weight [h, h] (row split: ranks on dim 0),
-      dense_h_to_4h weight [h, inter] / bias [inter] (column split: last dim),
-      dense_4h_to_h weight [inter, h] (row split), everything else as stored.
+    Keys are the file names without the `.bin` / `.<rank>.bin` suffix, e.g.
+    "model.layers.0.attention.query_key_value.weight". Merged shapes: qkv weight [h, 3, h]
+    (FT's layout, heads in order) or, with grouped-query attention, [h, (n_q + 2 n_kv) d]
+    = q | k | v; qkv bias [3, h] or [(n_q + 2 n_kv) d]; row-split tensors (attention.dense,
+    dense_4h_to_h weights) concatenated on dim 0, column-split ones on the last dim; FT NeoX's
+    rank-scaled biases multiplied back by tensor_para_size. `layers` (an iterable of layer
+    indices) loads only those layers' tensors plus the global ones.
     """
     shard_dir = os.fspath(shard_dir)
     config = verify(shard_dir)
     wdt = config["weight_data_type"]
     tp = config["tensor_para_size"]
-    shapes = weight_shapes(config, untied=is_untied(shard_dir))
-    # Row-split (input dim) tensors are concatenated on dim 0, all other split ones on the last.
-    row_split = ("attention.dense.weight", "mlp.dense_4h_to_h.weight")
-    pieces = {}
-    for name, shape in shapes.items():
-        stem = name[:-len(".bin")]
-        head, _, last = stem.rpartition(".")
-        if last.isdigit() and head.split(".")[-1] in ("weight", "bias"):
-            pieces.setdefault(head, [None] * tp)[int(last)] = (name, shape)
-        else:
-            pieces[stem] = [(name, shape)]
+    wanted = None if layers is None else {f"model.layers.{i}." for i in layers}
     weights = {}
-    for key, parts in pieces.items():
-        tensors = [_read_raw(os.path.join(shard_dir, n), s, wdt) for n, s in parts]
-        if len(tensors) == 1:
-            full = tensors[0]
+    for stem, shape, split in tensor_table(config, untied=is_untied(shard_dir)):
+        if wanted is not None and stem.startswith("model.layers.") and \
+                stem[:stem.index(".", len("model.layers.")) + 1] not in wanted:
+            continue
+        if split is None:
+            full = _read_raw(os.path.join(shard_dir, stem + ".bin"), shape, wdt)
         else:
-            dim = 0 if key.endswith(row_split) else -1
-            full = torch.cat(tensors, dim=dim)
-        weights[key] = full.to(device=device, dtype=dtype).contiguous()
+            parts = [_read_raw(os.path.join(shard_dir, f"{stem}.{r}.bin"), shape, wdt)
+                     for r in range(tp)]
+            if split == "row":
+                full = torch.cat(parts, dim=0)
+            elif split == "qkv" and config["kv_head_num"] != config["head_num"]:
+                full = _merge_qkv(parts, config)
+            else:
+                full = torch.cat(parts, dim=-1)
+        if config["section"] == "gptneox" and stem.endswith(_NEOX_RANK_SCALED):
+            full = full.float() * tp
+        weights[stem] = full.to(device=device, dtype=dtype).contiguous()
     return weights

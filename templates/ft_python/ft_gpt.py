@@ -1,9 +1,13 @@
-"""A PyTorch GPT-2 style decoder that runs FasterTransformer GPT shards.
+"""A PyTorch decoder that runs FasterTransformer shards of every family this project exports.
 
 Copied into generated Triton model repositories next to ft_checkpoint.py and model.py; it
-needs only torch and numpy. The maths follows FT's GPT with the config.ini this project
-writes: pre-layernorm blocks, GELU (tanh approximation), learned positions, a final
-layernorm and logits = h @ wte^T (or model.lm_head.weight when that file exists).
+needs only torch and numpy. Everything comes from config.ini (see exporter/arch/layout.md):
+pre- or post-layernorm (OPT), LayerNorm or RMSNorm, Gelu (tanh approximation, FT's kernel) /
+Relu / Silu or gated GeGLU / SiGLU MLPs, learned positions or rotary embeddings (GPT-J's
+interleaved pairs or NeoX/Llama halves, partial rotary), sequential or parallel residual
+(GPT-J, NeoX), grouped-query attention, optional biases, a final layernorm and logits =
+h @ lm_head^T (+ bias) with lm_head = wte unless model.lm_head.weight exists. Pipeline
+parallel layouts run stage after stage, on one device or one device per stage.
 
 The decoder only: embeddings, blocks with a KV cache, logits. Decoding (sampling, batching
 rules, the output layout) lives in ft_generate.py and uses the public methods below.
@@ -44,22 +48,51 @@ def resolve_dtype(device, requested=None, weight_data_type="fp32"):
     return DTYPES[name]
 
 
-class FTGPT:
-    """GPT decoder over TP-merged FT weights (see ft_checkpoint.load_weights for names)."""
+ACTIVATIONS = ("gelu", "relu", "silu", "geglu", "siglu")
 
-    def __init__(self, weights, config, device="cpu", dtype=torch.float32):
-        if config.get("layernorm_type", "pre_layernorm") != "pre_layernorm":
-            raise ValueError(f"layernorm_type {config['layernorm_type']!r} is not supported "
-                             "(only pre_layernorm)")
+
+def _activation(name, x):
+    if name in ("gelu", "geglu"):
+        return F.gelu(x, approximate="tanh")  # FT's Gelu kernel is the tanh approximation
+    if name in ("silu", "siglu"):
+        return F.silu(x)
+    return F.relu(x)
+
+
+def _linear(x, weight, bias=None):
+    # x [N, in] @ weight [in, out] (+ bias [out])
+    return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
+
+
+class FTGPT:
+    """Decoder over TP-merged FT weights (see ft_checkpoint.load_weights for names).
+
+    devices: None (everything on `device`) or one device per pipeline stage (config.ini
+    pipeline_para_size; a single entry puts every stage on it). Stage s owns the layers
+    ft_checkpoint.stage_layers gives it (FT's rule); embeddings and the output layer live on
+    the first stage's device, which is also `self.device`.
+    """
+
+    def __init__(self, weights, config, device="cpu", dtype=torch.float32, devices=None):
+        layernorm_type = config.get("layernorm_type", "pre_layernorm")
+        if layernorm_type not in ("pre_layernorm", "post_layernorm"):
+            raise ValueError(f"layernorm_type {layernorm_type!r} is not supported")
         if config.get("use_attention_linear_bias", False):
             raise ValueError("use_attention_linear_bias=1 (ALiBi) is not supported")
         act = str(config.get("activation_type", "Gelu")).lower()
-        if act not in ("gelu", "relu"):
-            raise ValueError(f"activation_type {config['activation_type']!r} is not supported")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"activation_type {config['activation_type']!r} is not supported "
+                             f"(one of Gelu, Relu, Silu, GeGLU, SiGLU)")
+        norm = config.get("norm_type", "layernorm")
+        if norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"norm_type {norm!r} is not supported (layernorm or rmsnorm)")
+        style = config.get("rotary_style", "neox")
+        if style not in ("gptj", "neox"):
+            raise ValueError(f"rotary_style {style!r} is not supported (gptj or neox)")
         self.config = config
-        self.device = torch.device(device)
         self.dtype = dtype
         self.num_heads = config["head_num"]
+        self.kv_heads = config.get("kv_head_num") or self.num_heads
         self.head_dim = config["size_per_head"]
         self.hidden = self.num_heads * self.head_dim
         self.num_layers = config["num_layer"]
@@ -67,108 +100,229 @@ class FTGPT:
         self.max_positions = config["max_pos_seq_len"]
         self.eps = float(config.get("layernorm_eps", 1e-5))
         self.act = act
+        self.gated = act in ("geglu", "siglu")
+        self.rmsnorm = norm == "rmsnorm"
+        self.post_layernorm = layernorm_type == "post_layernorm"
+        self.parallel_residual = bool(config.get("use_gptj_residual", False))
         self.end_id = config["end_id"]
+        self.rotary_dim = int(config.get("rotary_embedding", 0) or 0)
+        self.rotary_style = style
+        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            raise ValueError(f"rotary_embedding {self.rotary_dim} must be even and <= size_per_head "
+                             f"{self.head_dim}")
+
+        pp = int(config.get("pipeline_para_size", 1) or 1)
+        if devices is None:
+            devices = [device]
+        devices = [torch.device(d) for d in devices]
+        if len(devices) not in (1, pp):
+            raise ValueError(f"{len(devices)} devices for pipeline_para_size={pp}: give one or {pp}")
+        self.stage_devices = devices * pp if len(devices) == 1 else devices
+        self.stages = [ft_checkpoint.stage_layers(self.num_layers, pp, s) for s in range(pp)]
+        self.device = self.stage_devices[0]
         h = self.hidden
 
-        def w(name):
-            return weights[name].to(device=self.device, dtype=dtype)
+        def w(name, dev=None):
+            return weights[name].to(device=dev or self.device, dtype=dtype)
+
+        def optional(name, dev=None):
+            return w(name, dev) if name in weights else None
+
+        def norm_weights(prefix, dev=None):
+            return (w(prefix + ".weight", dev), optional(prefix + ".bias", dev))
 
         self.wte = w("model.wte")                                     # [V, h]
         self.wpe = w("model.wpe") if config.get("has_positional_encoding", True) else None
         self.learned_positions = self.wpe is not None  # bounds prompt + output length
-        self.pre_ln = ((w("model.pre_decoder_layernorm.weight"),
-                        w("model.pre_decoder_layernorm.bias"))
+        self.pre_ln = (norm_weights("model.pre_decoder_layernorm")
                        if config.get("has_pre_decoder_layernorm", False) else None)
-        self.final_ln = ((w("model.final_layernorm.weight"), w("model.final_layernorm.bias"))
+        last = self.stage_devices[-1]
+        self.final_ln = (norm_weights("model.final_layernorm", last)
                          if config.get("has_post_decoder_layernorm", True) else None)
         # Output projection [V, h]: tied to wte unless FT would load a separate lm_head.
         self.lm_head = w("model.lm_head.weight") if "model.lm_head.weight" in weights else self.wte
+        self.lm_head_bias = optional("model.lm_head.bias")            # [V] (GPT-J)
+        self.inv_freq = None
+        if self.rotary_dim:
+            theta = float(config.get("rope_theta", 10000.0))
+            exponent = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64) / self.rotary_dim
+            self.inv_freq = (1.0 / theta ** exponent).float()            # [r/2], fp32 on CPU
         self.layers = []
-        for i in range(self.num_layers):
-            p = f"model.layers.{i}."
-            self.layers.append({
-                "ln1_w": w(p + "input_layernorm.weight"), "ln1_b": w(p + "input_layernorm.bias"),
-                # [h, 3, h] -> [h, 3h]: columns are q | k | v, heads in order inside each.
-                "qkv_w": w(p + "attention.query_key_value.weight").reshape(h, 3 * h),
-                "qkv_b": w(p + "attention.query_key_value.bias").reshape(3 * h),
-                "o_w": w(p + "attention.dense.weight"), "o_b": w(p + "attention.dense.bias"),
-                "ln2_w": w(p + "post_attention_layernorm.weight"),
-                "ln2_b": w(p + "post_attention_layernorm.bias"),
-                "fc1_w": w(p + "mlp.dense_h_to_4h.weight"),
-                "fc1_b": w(p + "mlp.dense_h_to_4h.bias"),
-                "fc2_w": w(p + "mlp.dense_4h_to_h.weight"),
-                "fc2_b": w(p + "mlp.dense_4h_to_h.bias"),
-            })
+        for stage, layer_range in enumerate(self.stages):
+            dev = self.stage_devices[stage]
+            for i in layer_range:
+                p = f"model.layers.{i}."
+                qkv_w = w(p + "attention.query_key_value.weight", dev)
+                qkv_b = optional(p + "attention.query_key_value.bias", dev)
+                out_bias = optional(p + "mlp.dense_4h_to_h.bias", dev)
+                if out_bias is None:  # FT NeoX: the attention and MLP output biases summed in one file
+                    out_bias = optional(p + "mlp.attention.bias.sum", dev)
+                ln2 = (norm_weights(p + "post_attention_layernorm", dev)
+                       if p + "post_attention_layernorm.weight" in weights else None)
+                self.layers.append({
+                    "device": dev,
+                    "ln1": norm_weights(p + "input_layernorm", dev), "ln2": ln2,
+                    # [h, 3, h] or [h, q + 2kv] -> [h, q + 2kv]: columns are q | k | v, heads in order.
+                    "qkv_w": qkv_w.reshape(h, -1),
+                    "qkv_b": None if qkv_b is None else qkv_b.reshape(-1),
+                    "o_w": w(p + "attention.dense.weight", dev),
+                    "o_b": optional(p + "attention.dense.bias", dev),
+                    "fc1_w": w(p + "mlp.dense_h_to_4h.weight", dev),
+                    "fc1_b": optional(p + "mlp.dense_h_to_4h.bias", dev),
+                    "up_w": optional(p + "mlp.dense_h_to_4h_2.weight", dev) if self.gated else None,
+                    "up_b": optional(p + "mlp.dense_h_to_4h_2.bias", dev) if self.gated else None,
+                    "fc2_w": w(p + "mlp.dense_4h_to_h.weight", dev),
+                    "fc2_b": out_bias,
+                })
+        if self.gated and any(lw["up_w"] is None for lw in self.layers):
+            raise ValueError(f"activation_type {config['activation_type']} needs "
+                             "mlp.dense_h_to_4h_2.weight in every layer")
 
     @classmethod
-    def from_shards(cls, shard_dir, device="cpu", dtype=None):
-        """Verify and load a `<tp>-gpu/` directory; dtype None -> resolve_dtype's choice."""
+    def from_shards(cls, shard_dir, device="cpu", dtype=None, devices=None):
+        """Verify and load a `<tp>-gpu/` directory; dtype None -> resolve_dtype's choice.
+
+        devices: optional list, one device per pipeline stage (see the class docstring).
+        """
         device = resolve_device(device)
         config = ft_checkpoint.verify(shard_dir)
         compute = resolve_dtype(device, dtype, config["weight_data_type"])
         # Load (and merge) on CPU, then move tensor by tensor in __init__.
         weights = ft_checkpoint.load_weights(shard_dir, device="cpu", dtype=compute)
-        return cls(weights, config, device=device, dtype=compute)
+        if devices is not None:
+            devices = [resolve_device(d) for d in devices]
+            device = devices[0]
+        return cls(weights, config, device=device, dtype=compute, devices=devices)
 
     # ------------------------------------------------------------------ forward pieces
+    def _norm(self, x, weights):
+        weight, bias = weights
+        if self.rmsnorm:
+            # y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32
+            xf = x.float()
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            return xf.to(x.dtype) * weight
+        return F.layer_norm(x, (self.hidden,), weight, bias, self.eps)
+
     def _embed(self, ids, pos):
         # ids, pos [B, S] -> [B, S, h]
         x = F.embedding(ids, self.wte)
         if self.wpe is not None:
             x = x + F.embedding(pos, self.wpe)
         if self.pre_ln is not None:
-            x = F.layer_norm(x, (self.hidden,), self.pre_ln[0], self.pre_ln[1], self.eps)
+            x = self._norm(x, self.pre_ln)
         return x
 
-    def _blocks(self, x, cache, start, mask):
-        """Run all layers on x [B, S, h] whose tokens go to cache slots start..start+S-1.
+    def _rotary_tables(self, pos, device):
+        """cos, sin [B, 1, S, r/2] (fp32) for positions pos [B, S]."""
+        angles = pos.to("cpu", torch.float32)[..., None] * self.inv_freq    # [B, S, r/2]
+        angles = angles[:, None].to(device)
+        return angles.cos(), angles.sin()
 
-        cache: (k, v) each [layers, B, heads, Smax, d]; mask [B, 1, S|1, start+S] bool,
-        True = may attend. Returns the final hidden states [B, S, h].
-        """
-        bsz, seq, h = x.shape
+    def _rotate(self, x, cos, sin):
+        # x [B, heads, S, d]: rotate the first rotary_dim dims of each head, in fp32.
+        r = self.rotary_dim
+        rot, rest = x[..., :r].float(), x[..., r:]
+        if self.rotary_style == "gptj":  # pairs (0, 1), (2, 3), ...
+            even, odd = rot[..., 0::2], rot[..., 1::2]
+            rot = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+        else:  # halves [0, r/2) and [r/2, r)
+            first, second = rot[..., :r // 2], rot[..., r // 2:]
+            rot = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+        return torch.cat((rot.to(x.dtype), rest), dim=-1)
+
+    def _attention(self, y, lw, layer_cache, start, mask, rotary):
+        """Self-attention of y [B, S, h] -> [B, S, h] (without the output bias), filling the cache."""
+        bsz, seq, h = y.shape
         end = start + seq
-        k_cache, v_cache = cache
+        d, nq, nkv = self.head_dim, self.num_heads, self.kv_heads
+        qkv = _linear(y.reshape(-1, h), lw["qkv_w"], lw["qkv_b"])          # [B*S, (nq + 2 nkv) d]
+        q, k, v = torch.split(qkv, [nq * d, nkv * d, nkv * d], dim=-1)
+        q = q.view(bsz, seq, nq, d).transpose(1, 2)                         # [B, nq, S, d]
+        k = k.view(bsz, seq, nkv, d).transpose(1, 2)                        # [B, nkv, S, d]
+        v = v.view(bsz, seq, nkv, d).transpose(1, 2)
+        if rotary is not None:
+            q, k = self._rotate(q, *rotary), self._rotate(k, *rotary)
+        k_cache, v_cache = layer_cache
+        k_cache[:, :, start:end] = k
+        v_cache[:, :, start:end] = v
+        keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
+        if nkv != nq:  # grouped-query attention: q head j reads kv head j // (nq / nkv)
+            keys = keys.repeat_interleave(nq // nkv, dim=1)
+            values = values.repeat_interleave(nq // nkv, dim=1)
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        attn = attn.transpose(1, 2).reshape(-1, nq * d)                    # [B*S, h]
+        return torch.mm(attn, lw["o_w"]).view(bsz, seq, h)
+
+    def _mlp(self, y, lw):
+        bsz, seq, h = y.shape
+        flat = y.reshape(-1, h)
+        inner = _activation(self.act, _linear(flat, lw["fc1_w"], lw["fc1_b"]))
+        if self.gated:  # act(x W_gate) * (x W_up)
+            inner = inner * _linear(flat, lw["up_w"], lw["up_b"])
+        return torch.mm(inner, lw["fc2_w"]).view(bsz, seq, h)
+
+    def _blocks(self, x, pos, cache, start, mask):
+        """Run all layers on x [B, S, h] (positions pos [B, S]) whose tokens go to cache slots
+        start..start+S-1.
+
+        cache: per layer (k, v) each [B, kv_heads, Smax, d] on the layer's device; mask
+        [B, 1, S|1, start+S] bool, True = may attend. Returns final hidden states [B, S, h]
+        on self.device.
+        """
+        device, rotary, layer_mask = None, None, None
         for i, lw in enumerate(self.layers):
-            y = F.layer_norm(x, (h,), lw["ln1_w"], lw["ln1_b"], self.eps)
-            qkv = torch.addmm(lw["qkv_b"], y.reshape(-1, h), lw["qkv_w"])
-            # [B*S, 3h] -> [3, B, heads, S, d]
-            qkv = qkv.view(bsz, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            k_cache[i, :, :, start:end] = qkv[1]
-            v_cache[i, :, :, start:end] = qkv[2]
-            attn = F.scaled_dot_product_attention(
-                qkv[0], k_cache[i, :, :, :end], v_cache[i, :, :, :end], attn_mask=mask)
-            attn = attn.transpose(1, 2).reshape(-1, h)                      # [B*S, h]
-            x = x + torch.addmm(lw["o_b"], attn, lw["o_w"]).view(bsz, seq, h)
-            y = F.layer_norm(x, (h,), lw["ln2_w"], lw["ln2_b"], self.eps)
-            y = torch.addmm(lw["fc1_b"], y.reshape(-1, h), lw["fc1_w"])
-            y = F.gelu(y, approximate="tanh") if self.act == "gelu" else F.relu(y)
-            x = x + torch.addmm(lw["fc2_b"], y, lw["fc2_w"]).view(bsz, seq, h)
+            if lw["device"] != device:  # first layer of a pipeline stage on a new device
+                device = lw["device"]
+                x = x.to(device)
+                layer_mask = mask.to(device)
+                rotary = self._rotary_tables(pos, device) if self.rotary_dim else None
+            if self.post_layernorm:  # OPT with do_layer_norm_before=False
+                x = self._norm(x + self._bias(self._attention(x, lw, cache[i], start, layer_mask, rotary),
+                                              lw["o_b"]), lw["ln1"])
+                x = self._norm(x + self._bias(self._mlp(x, lw), lw["fc2_b"]), lw["ln2"])
+            elif self.parallel_residual:  # GPT-J (one layernorm) / NeoX (two)
+                y = self._norm(x, lw["ln1"])
+                attn = self._attention(y, lw, cache[i], start, layer_mask, rotary)
+                mlp = self._mlp(self._norm(x, lw["ln2"]) if lw["ln2"] is not None else y, lw)
+                x = self._bias(self._bias(x + attn + mlp, lw["o_b"]), lw["fc2_b"])
+            else:
+                y = self._norm(x, lw["ln1"])
+                x = x + self._bias(self._attention(y, lw, cache[i], start, layer_mask, rotary), lw["o_b"])
+                x = x + self._bias(self._mlp(self._norm(x, lw["ln2"]), lw), lw["fc2_b"])
         if self.final_ln is not None:
-            x = F.layer_norm(x, (h,), self.final_ln[0], self.final_ln[1], self.eps)
-        return x
+            x = self._norm(x, self.final_ln)
+        return x.to(self.device)
+
+    @staticmethod
+    def _bias(x, bias):
+        return x if bias is None else x + bias
 
     def logits(self, hidden):
         # [..., h] -> [..., V] in fp32 (sampling and log-probs are done in fp32)
-        return (hidden @ self.lm_head.t()).float()
+        logits = hidden @ self.lm_head.t()
+        if self.lm_head_bias is not None:
+            logits = logits + self.lm_head_bias
+        return logits.float()
 
     def new_cache(self, batch, slots):
-        """Empty KV cache for `batch` rows and `slots` positions."""
-        shape = (self.num_layers, batch, self.num_heads, slots, self.head_dim)
-        return (torch.empty(shape, device=self.device, dtype=self.dtype),
-                torch.empty(shape, device=self.device, dtype=self.dtype))
+        """Empty KV cache for `batch` rows and `slots` positions: per layer (k, v), each
+        [batch, kv_heads, slots, d] on the layer's device."""
+        shape = (batch, self.kv_heads, slots, self.head_dim)
+        return [(torch.empty(shape, device=lw["device"], dtype=self.dtype),
+                 torch.empty(shape, device=lw["device"], dtype=self.dtype)) for lw in self.layers]
 
     @staticmethod
     def reorder_cache(cache, rows):
         """The cache with batch rows taken in the order of `rows` (a LongTensor), e.g. beams."""
-        return tuple(part.index_select(1, rows) for part in cache)
+        return [tuple(part.index_select(0, rows.to(part.device)) for part in layer) for layer in cache]
 
     def hidden_states(self, ids, pos, cache, start, mask):
         """Final hidden states [B, S, h] for ids/pos [B, S] written to cache slots start..
 
         mask [B, 1, S|1, start+S] bool, True = may attend.
         """
-        return self._blocks(self._embed(ids, pos), cache, start, mask)
+        return self._blocks(self._embed(ids, pos), pos, cache, start, mask)
 
     @torch.inference_mode()
     def forward_logits(self, input_ids):
@@ -181,7 +335,7 @@ class FTGPT:
         bsz, seq = ids.shape
         pos = torch.arange(seq, device=self.device).expand(bsz, seq)
         mask = torch.ones(seq, seq, dtype=torch.bool, device=self.device).tril()
-        hidden = self._blocks(self._embed(ids, pos), self.new_cache(bsz, seq), 0, mask)
+        hidden = self.hidden_states(ids, pos, self.new_cache(bsz, seq), 0, mask)
         return self.logits(hidden).cpu()
 
     # ------------------------------------------------------------------ decoding
