@@ -39,11 +39,20 @@ COLUMN_PARALLEL = re.compile(
 )
 ROW_PARALLEL = re.compile(r".*(linear_proj\.weight|linear_fc2\.weight|self_attention\.dense\.weight"
                           r"|dense_4h_to_h\.weight)")
-# Fused gated MLP input (fc1 = [gate; up]): each TP rank holds its own [gate_r; up_r].
-GATED_FC1 = re.compile(r".*(linear_fc1|dense_h_to_4h)\.(weight|bias)")
 GLU_ACTIVATIONS = ("swiglu", "geglu", "reglu", "fast-swiglu", "fast-geglu", "fast-reglu")
 LAYER_NAME = re.compile(r"(.*\.layers\.)(\d+)(\..*)")
 RANK_DIR = re.compile(r"(?:mp_rank_(\d+)|tp_rank_(\d+)_pp_rank_(\d+))")
+
+
+def gated_fc1(name: str, activation: str) -> bool:
+    """Whether `name` is a fused gated MLP input [gate; up] (each TP rank then holds its own [gate_r; up_r]):
+    Megatron-core's linear_fc1 with any GLU activation, legacy dense_h_to_4h with a fused `fast-*glu` one
+    (legacy plain `swiglu` keeps the up projection in dense_h_to_4h_2)."""
+    if activation not in GLU_ACTIVATIONS:
+        return False
+    if re.fullmatch(r".*linear_fc1\.(weight|bias)", name):
+        return True
+    return activation.startswith("fast-") and bool(re.fullmatch(r".*dense_h_to_4h\.(weight|bias)", name))
 
 
 @dataclass(frozen=True)
@@ -170,7 +179,7 @@ class NemoCheckpoint:
             shape = list(shapes[0])
             shape[dim] = sum(s[dim] for s in shapes)
             shape = tuple(shape)
-        gated = dim == 0 and self.activation in GLU_ACTIVATIONS and bool(GATED_FC1.fullmatch(name))
+        gated = dim == 0 and gated_fc1(name, self.activation)
         if gated and any(s[0] % 2 for s in shapes):
             raise CheckpointError(f"{self.origin}: gated MLP input {local_name} has an odd row count: {shapes}")
         self._shapes[name] = shape
