@@ -1,0 +1,260 @@
+"""NeMo Megatron GPT checkpoints -> FT shards, against NeMo's own outputs.
+
+The fixtures in ../shared/fixtures/nemo/ were saved by NeMo 2.4.1 itself, with NeMo's forward-pass logits and greedy
+tokens (`*.reference.npz`): the independent reference. Model A (learned positions, GELU, LayerNorm, biases, tied
+output) comes as a distributed checkpoint, a legacy single file and a legacy TP=2 checkpoint; model B (rotary,
+SwiGLU, RMSNorm, no biases, untied output, 2 query groups) as a distributed checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from exporter.ft.convert import convert_checkpoint
+from exporter.ft.sharding import ShardingError
+from exporter.readers.hf import CheckpointError
+from exporter.readers.nemo_archive import ArchiveError
+from templates.ft_python import ft_gpt
+
+FIXTURES = Path(os.environ.get("NEMO_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "nemo"))
+if not FIXTURES.is_dir():
+    FIXTURES = Path("/work/shared/fixtures/nemo")
+pytestmark = pytest.mark.skipif(not (FIXTURES / "gpt_tp1.nemo").is_file(),
+                                reason=f"NeMo fixtures not found in {FIXTURES} (set NEMO_FIXTURES)")
+
+MODEL_A = ("gpt_tp1", "gpt_tp1_legacy", "gpt_tp2_legacy")
+MODEL_B = "gpt_rope_swiglu_tp1"
+REAL_VOCAB = 50257  # GPT-2 BPE; NeMo pads the table to 50304 and masks the padding in greedy decoding
+GREEDY_STEPS = 8
+
+
+def reference(name: str) -> dict[str, np.ndarray]:
+    stem = MODEL_B if name == MODEL_B else "gpt_tp1"  # model A's reference holds for its three layouts
+    with np.load(FIXTURES / f"{stem}.reference.npz") as data:
+        return {key: data[key] for key in data.files}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(fixture name, tp) -> converted shard directory, each converted once per module."""
+    cache: dict[tuple[str, int], Path] = {}
+
+    def get(name: str, tp: int) -> Path:
+        if (name, tp) not in cache:
+            out = tmp_path_factory.mktemp(f"{name}-tp{tp}")
+            cache[(name, tp)] = convert_checkpoint(FIXTURES / f"{name}.nemo", out, tensor_parallel=tp)
+        return cache[(name, tp)]
+
+    return get
+
+
+@pytest.fixture
+def exact_gelu(monkeypatch):
+    """The runtime's `Gelu` is FT's kernel, the tanh approximation; NeMo's `activation: gelu` with
+    `openai_gelu: false` is the exact (erf) GELU. To check the exported weights to 1e-4 the runtime computes erf
+    GELU here; `test_model_a_with_ft_tanh_gelu` covers the runtime as it serves."""
+    original = ft_gpt._activation
+    monkeypatch.setattr(ft_gpt, "_activation", lambda name, x: F.gelu(x) if name == "gelu" else original(name, x))
+
+
+def run(shard_dir: Path, ref: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [3, 12, V], greedy ids [3, 8]) from the python runtime, fp32, in process."""
+    model = ft_gpt.FTGPT.from_shards(shard_dir, device="cpu")
+    logits = model.forward_logits(ref["input_ids"]).numpy()
+    batch, width = ref["input_ids"].shape
+    out = model.generate(torch.as_tensor(ref["input_ids"]), torch.full((batch,), width),
+                         torch.full((batch,), GREEDY_STEPS))
+    return logits, out.output_ids[:, 0, width:width + GREEDY_STEPS].numpy()
+
+
+@pytest.mark.parametrize("name, tp", [("gpt_tp1", 1), ("gpt_tp1_legacy", 1), ("gpt_tp2_legacy", 1),
+                                      ("gpt_tp2_legacy", 2), ("gpt_tp2_legacy", 4), ("gpt_tp1", 2)])
+def test_model_a_matches_nemo(exported, exact_gelu, name, tp):
+    ref = reference(name)
+    logits, greedy = run(exported(name, tp), ref)
+    assert logits.shape[-1] == REAL_VOCAB
+    assert np.abs(logits - ref["logits"][..., :REAL_VOCAB]).max() <= 1e-4
+    np.testing.assert_array_equal(greedy, ref["greedy_ids"])
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_model_b_matches_nemo(exported, tp):
+    """Rotary, fused SwiGLU, RMSNorm, no biases, untied output layer, 2 query groups (kv heads split at TP=2)."""
+    ref = reference(MODEL_B)
+    logits, greedy = run(exported(MODEL_B, tp), ref)
+    assert np.abs(logits - ref["logits"][..., :REAL_VOCAB]).max() <= 1e-4
+    np.testing.assert_array_equal(greedy, ref["greedy_ids"])
+
+
+def test_model_a_with_ft_tanh_gelu(exported):
+    """As served (FT's tanh GELU): same greedy tokens; logits off by the approximation alone (measured 1.9e-3,
+    against 5e-6 with erf GELU)."""
+    ref = reference("gpt_tp1")
+    logits, greedy = run(exported("gpt_tp1", 1), ref)
+    assert np.abs(logits - ref["logits"][..., :REAL_VOCAB]).max() <= 5e-3
+    np.testing.assert_array_equal(greedy, ref["greedy_ids"])
+
+
+def _bytes(shard_dir: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(shard_dir.glob("*.bin"))}
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_layouts_give_identical_shards(exported, tp):
+    """TP=2 merged (and re-split), the legacy single file and the distributed checkpoint hold the same weights."""
+    reference_bytes = _bytes(exported("gpt_tp1_legacy", tp))
+    assert _bytes(exported("gpt_tp2_legacy", tp)) == reference_bytes
+    assert _bytes(exported("gpt_tp1", tp)) == reference_bytes
+
+
+def test_config_and_tokenizer(exported):
+    shard_dir = exported(MODEL_B, 2)
+    config = ft_gpt.ft_checkpoint.read_config(shard_dir)
+    assert (config["vocab_size"], config["end_id"], config["kv_head_num"]) == (REAL_VOCAB, 50256, 2)
+    assert (config["norm_type"], config["activation_type"], config["rotary_embedding"]) == ("rmsnorm", "SiGLU", 16)
+    assert not config["has_positional_encoding"] and (shard_dir / "model.lm_head.weight.bin").is_file()
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(shard_dir / "tokenizer.json"))
+    assert tokenizer.encode("Hello world").ids == [15496, 995]  # GPT-2 BPE from the archive's uuid-named files
+    assert {"vocab.json", "merges.txt"} <= {path.name for path in shard_dir.iterdir()}
+
+
+def test_extracted_directory(tmp_path, exported):
+    directory = tmp_path / "extracted"
+    directory.mkdir()
+    with tarfile.open(FIXTURES / "gpt_tp2_legacy.nemo") as tar:
+        tar.extractall(directory, filter="data")
+    shard_dir = convert_checkpoint(directory, tmp_path / "out", tensor_parallel=2)
+    assert _bytes(shard_dir) == _bytes(exported("gpt_tp2_legacy", 2))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["2-gpu"]  # staging removed
+
+
+def _pack(directory: Path, destination: Path) -> Path:
+    with tarfile.open(destination, "w") as tar:
+        tar.add(directory, arcname=".")
+    return destination
+
+
+def test_pipeline_sharded_source(tmp_path, exported):
+    """A TP=2 x PP=2 checkpoint `tp_rank_XX_pp_rank_XXX/`, DERIVED from gpt_tp2_legacy by re-saving its tensors
+    split by stage as Megatron does: local layer numbers per stage, embeddings in stage 0, final norm in the last
+    stage, which with tied embeddings also holds a copy of the embedding table as `output_layer.weight`."""
+    source = tmp_path / "source"
+    with tarfile.open(FIXTURES / "gpt_tp2_legacy.nemo") as tar:
+        tar.extractall(source, filter="data")
+    derived = tmp_path / "derived"
+    derived.mkdir()
+    for member in source.iterdir():
+        if member.is_file():
+            shutil.copy2(member, derived / member.name)
+    config = (derived / "model_config.yaml").read_text()
+    (derived / "model_config.yaml").write_text(config.replace("pipeline_model_parallel_size: 1",
+                                                              "pipeline_model_parallel_size: 2"))
+    for tp in range(2):
+        state = torch.load(source / f"mp_rank_{tp:02d}" / "model_weights.ckpt", weights_only=True)
+        stages: list[dict] = [{}, {}]
+        for name, value in state.items():
+            if ".layers." in name:
+                layer = int(name.split(".layers.")[1].split(".")[0])
+                stages[layer][name.replace(f".layers.{layer}.", ".layers.0.")] = value
+            elif "final_layernorm" in name or "output_layer" in name:
+                stages[1][name] = value
+            else:
+                stages[0][name] = value
+        stages[1]["model.output_layer.weight"] = state["model.embedding.word_embeddings.weight"].clone()
+        for pp, stage in enumerate(stages):
+            rank_dir = derived / f"tp_rank_{tp:02d}_pp_rank_{pp:03d}"
+            rank_dir.mkdir()
+            torch.save(stage, rank_dir / "model_weights.ckpt")
+    archive = _pack(derived, tmp_path / "pp2.nemo")
+    shard_dir = convert_checkpoint(archive, tmp_path / "out", tensor_parallel=2)
+    assert _bytes(shard_dir) == _bytes(exported("gpt_tp2_legacy", 2))
+
+
+def nothing_written(out_dir: Path) -> bool:
+    return not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_divisibility_refused_before_writing(tmp_path):
+    with pytest.raises(ShardingError, match="kv_head_num 2 is not divisible by tensor_para_size 4"):
+        convert_checkpoint(FIXTURES / f"{MODEL_B}.nemo", tmp_path / "out", tensor_parallel=4)
+    assert nothing_written(tmp_path / "out")
+    with pytest.raises(ShardingError, match="head_num 4 is not divisible by tensor_para_size 3"):
+        convert_checkpoint(FIXTURES / "gpt_tp2_legacy.nemo", tmp_path / "out", tensor_parallel=3)
+    assert nothing_written(tmp_path / "out")
+
+
+def _evil_archive(path: Path, member: tarfile.TarInfo, data: bytes = b"") -> Path:
+    """A copy of gpt_tp1_legacy.nemo with one extra member."""
+    with tarfile.open(FIXTURES / "gpt_tp1_legacy.nemo") as good, tarfile.open(path, "w") as tar:
+        for item in good.getmembers():
+            tar.addfile(item, good.extractfile(item) if item.isfile() else None)
+        tar.addfile(member, io.BytesIO(data) if member.isfile() else None)
+    return path
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "", data: bytes = b"") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size = kind, linkname, len(data) if kind == tarfile.REGTYPE else 0
+    return info
+
+
+@pytest.mark.parametrize("member, message", [
+    (_member("/tmp/nemo-evil-absolute", data=b"x"), "absolute path"),
+    (_member("../nemo-evil-parent", data=b"x"), "'..' component"),
+    (_member("./model_weights/../../nemo-evil-nested", data=b"x"), "'..' component"),
+    (_member("evil-link", tarfile.SYMTYPE, "../../../etc/passwd"), "links outside the archive"),
+    (_member("evil-abs-link", tarfile.SYMTYPE, "/etc/passwd"), "links outside the archive"),
+    (_member("evil-hard-link", tarfile.LNKTYPE, "../outside"), "links outside the archive"),
+    (_member("evil-device", tarfile.CHRTYPE), "device file"),
+    (_member("evil-fifo", tarfile.FIFOTYPE), "device file or fifo"),
+])
+def test_unsafe_archive_members_are_refused(tmp_path, member, message):
+    archive = _evil_archive(tmp_path / "evil.nemo", member, b"x" if member.isfile() else b"")
+    out = tmp_path / "deep" / "out"
+    with pytest.raises(ArchiveError, match=message):
+        convert_checkpoint(archive, out)
+    assert nothing_written(out)
+    assert not any(tmp_path.glob("**/nemo-evil-*")) and not Path("/tmp/nemo-evil-absolute").exists()
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/nemo-evil-metadata-ran",))
+
+
+def test_distributed_checkpoint_metadata_cannot_run_code(tmp_path):
+    """torch's FileSystemReader unpickles `.metadata` with plain pickle; ours refuses anything but DCP's classes."""
+    directory = tmp_path / "extracted"
+    directory.mkdir()
+    with tarfile.open(FIXTURES / "gpt_tp1.nemo") as tar:
+        tar.extractall(directory, filter="data")
+    (directory / "model_weights" / ".metadata").write_bytes(pickle.dumps(_Payload()))
+    with pytest.raises(CheckpointError, match="posix.system is not allowed|os.system is not allowed"):
+        convert_checkpoint(directory, tmp_path / "out")
+    assert not Path("/tmp/nemo-evil-metadata-ran").exists()
+    assert nothing_written(tmp_path / "out")
+
+
+def test_unsupported_config_is_named(tmp_path):
+    directory = tmp_path / "extracted"
+    directory.mkdir()
+    with tarfile.open(FIXTURES / "gpt_tp1_legacy.nemo") as tar:
+        tar.extractall(directory, filter="data")
+    config = directory / "model_config.yaml"
+    config.write_text(config.read_text().replace("position_embedding_type: learned_absolute",
+                                                 "position_embedding_type: alibi"))
+    with pytest.raises(CheckpointError, match="position_embedding_type = 'alibi'"):
+        convert_checkpoint(directory, tmp_path / "out")
+    assert nothing_written(tmp_path / "out")
