@@ -258,3 +258,33 @@ def test_unsupported_config_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="position_embedding_type = 'alibi'"):
         convert_checkpoint(directory, tmp_path / "out")
     assert nothing_written(tmp_path / "out")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name, tp", [(MODEL_B, 2), ("gpt_tp2_legacy", 1)])
+def test_served_greedy_ids_equal_nemo(tmp_path, name, tp):
+    """Through a real tritonserver: the model repository built from the .nemo, its FT-contract model asked for
+    8 greedy tokens of NeMo's prompts (token ids, as the ensemble's preprocessing would send them)."""
+    httpclient = pytest.importorskip("tritonclient.http")
+    from exporter.serve.tritonserver import TritonServer
+    from exporter.triton.render import ModelSettings
+    from exporter.triton.repo import build_repository
+
+    settings = ModelSettings(name="nemo_gpt", runtime="python", max_batch_size=8, tensor_para_size=tp,
+                             pipeline_para_size=1, data_type="fp32", model_checkpoint_path="", device="cpu")
+    repo = build_repository(tmp_path / "repo", FIXTURES / f"{name}.nemo", settings, "fp32")
+    ref = reference(name)
+    ids = ref["input_ids"].astype(np.uint32)
+    batch, width = ids.shape
+    arrays = {"input_ids": ids, "input_lengths": np.full((batch, 1), width, np.uint32),
+              "request_output_len": np.full((batch, 1), GREEDY_STEPS, np.uint32)}
+    with TritonServer(repo, tmp_path / "server.log") as server:
+        client = httpclient.InferenceServerClient(server.http_url)
+        inputs = []
+        for key, array in arrays.items():
+            inputs.append(httpclient.InferInput(key, list(array.shape), "UINT32"))
+            inputs[-1].set_data_from_numpy(array)
+        response = client.infer("nemo_gpt", inputs, outputs=[httpclient.InferRequestedOutput("output_ids")])
+    output_ids = response.as_numpy("output_ids")
+    np.testing.assert_array_equal(output_ids[:, 0, :width], ref["input_ids"])
+    np.testing.assert_array_equal(output_ids[:, 0, width:width + GREEDY_STEPS], ref["greedy_ids"])
