@@ -288,3 +288,24 @@ def test_served_greedy_ids_equal_nemo(tmp_path, name, tp):
     output_ids = response.as_numpy("output_ids")
     np.testing.assert_array_equal(output_ids[:, 0, :width], ref["input_ids"])
     np.testing.assert_array_equal(output_ids[:, 0, width:width + GREEDY_STEPS], ref["greedy_ids"])
+
+
+@pytest.mark.triton
+def test_main_exports_and_serves_a_nemo_file(tmp_path):
+    """`python main.py export.model.checkpoint_path=<x.nemo>`: convert at TP=2, serve, score LAMBADA. A NeMo source
+    has no HF transformers reference, so the run says accuracy.reference=none."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "main.py", f"base_results_dir={tmp_path}",
+         f"export.model.checkpoint_path={FIXTURES / (MODEL_B + '.nemo')}", "export.model.tensor_model_parallel_size=2",
+         "export.run.model_train_name=nemo_gpt", "export.accuracy.reference=none", "export.accuracy.limit=8",
+         "export.triton_deployment.device=cpu"],
+        cwd=root, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    shard_dir = tmp_path / "nemo_gpt" / "export_tp2_pp1_fp32_fp32" / "model_repo" / "nemo_gpt" / "1" / "2-gpu"
+    assert ft_gpt.ft_checkpoint.read_config(shard_dir)["kv_head_num"] == 2
+    assert "LAMBADA (8 examples)" in done.stdout and "parity: passed" in done.stdout
