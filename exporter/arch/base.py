@@ -113,11 +113,17 @@ class Architecture:
     ignored: ClassVar[tuple[str, ...]] = ()
     # Prefixes the source names may carry (e.g. "transformer." for GPT2LMHeadModel, "" for GPT2Model).
     prefixes: ClassVar[tuple[str, ...]] = ("",)
+    # Source names used verbatim, outside the base model's prefix (HF *ForCausalLM output layers).
+    unprefixed: ClassVar[tuple[str, ...]] = ("lm_head.weight", "lm_head.bias", "embed_out.weight", "embed_out.bias")
 
-    def __init__(self, checkpoint: HFCheckpoint):
+    def __init__(self, checkpoint: HFCheckpoint, tensor_parallel: int = 1):
         self.checkpoint = checkpoint
         self.config: dict[str, Any] = checkpoint.config
+        self.tensor_parallel = tensor_parallel  # for layouts whose file contents depend on it (FT NeoX biases)
         self.prefix = self._detect_prefix()
+
+    def full_name(self, source: str) -> str:
+        return source if source in self.unprefixed else self.prefix + source
 
     # -- hooks for the quirks -------------------------------------------------------------------------------
     def params(self) -> ModelParams:
@@ -168,13 +174,15 @@ class Architecture:
                 names = tuple(source.format(i=layer) for source in _as_tuple(sources))
                 wanted.append((f"model.layers.{layer}.{suffix}", names, split, layer))
         available = set(self.checkpoint.names())
-        used = {self.prefix + source for _, sources, _, _ in wanted for source in sources}
+        used = {self.full_name(source) for _, sources, _, _ in wanted for source in sources}
         missing = sorted(used - available)
         if missing:
             raise CheckpointError(f"checkpoint {self.checkpoint.path} lacks tensors: {missing}")
         ignored = re.compile("|".join(f"(?:{pattern})" for pattern in self.ignored + self.extra_ignored()) or "(?!)")
         unknown = sorted(
-            name for name in available - used if not ignored.fullmatch(name.removeprefix(self.prefix))
+            name
+            for name in available - used
+            if not ignored.fullmatch(name.removeprefix(self.prefix)) and not ignored.fullmatch(name)
         )
         if unknown:
             raise CheckpointError(
@@ -183,7 +191,7 @@ class Architecture:
             )
         specs: list[TensorSpec] = []
         for ft_name, sources, split, layer in wanted:
-            full = tuple(self.prefix + source for source in sources)
+            full = tuple(self.full_name(source) for source in sources)
             shape = tuple(self.ft_shape(ft_name, [self.checkpoint.shape(name) for name in full]))
             sections = self.sections(ft_name, params) if split is Split.QKV else ()
             specs.append(TensorSpec(ft_name, full, shape, split, layer, sections))
@@ -201,6 +209,35 @@ class Architecture:
         return tensor
 
 
+class LinearArchitecture(Architecture):
+    """HF families built from nn.Linear ([out, in] weights): transposes to FT's [in, out], fuses separate q, k, v
+    projections into q | k | v blocks (Split.QKV; with as many kv as q heads these are FT's [h, 3, h/tp] bytes)."""
+
+    QKV_WEIGHT = "attention.query_key_value.weight"
+    QKV_BIAS = "attention.query_key_value.bias"
+    # FT matrices whose source is an nn.Linear weight.
+    LINEAR = ("attention.dense.weight", "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h_2.weight",
+              "mlp.dense_4h_to_h.weight")
+
+    def ft_shape(self, ft_name: str, source_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+        if ft_name.endswith(self.QKV_WEIGHT):  # [out_i, in] each -> [in, sum out_i]
+            return (source_shapes[0][1], sum(shape[0] for shape in source_shapes))
+        if ft_name.endswith(self.QKV_BIAS):
+            return (sum(shape[0] for shape in source_shapes),)
+        if ft_name.endswith(self.LINEAR):
+            return tuple(reversed(source_shapes[0]))
+        return source_shapes[0]
+
+    def to_ft(self, ft_name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if ft_name.endswith(self.QKV_WEIGHT):
+            return torch.cat(tensors, dim=0).t()  # [q + 2kv, in] -> [in, q | k | v]
+        if ft_name.endswith(self.QKV_BIAS):
+            return torch.cat(tensors, dim=0)
+        if ft_name.endswith(self.LINEAR):
+            return tensors[0].t()
+        return tensors[0]
+
+
 def rope_theta(config: dict[str, Any], key: str = "rope_theta", default: float = 10000.0) -> float:
     """The rotary base from an HF config (transformers 4 `rope_theta`/`rotary_emb_base`, 5 `rope_parameters`);
     refuses scaled RoPE variants, whose maths the runtime does not implement."""
@@ -211,7 +248,3 @@ def rope_theta(config: dict[str, Any], key: str = "rope_theta", default: float =
         raise CheckpointError(f"config.json rope type {rope_type!r} is not supported (only unscaled RoPE)")
     return float(parameters.get("rope_theta") or config.get(key) or default)
 
-
-def linear_t(tensor: torch.Tensor) -> torch.Tensor:
-    """nn.Linear weight [out, in] -> FT [in, out] (a view; the writer copies it in chunks)."""
-    return tensor.t()

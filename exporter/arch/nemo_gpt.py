@@ -22,7 +22,7 @@ from ..readers.hf import CheckpointError
 from ..readers.nemo import NemoCheckpoint, gated_fc1
 from ..tokenizer import load_tokenizer
 from . import register, registered
-from .base import Architecture, ModelParams, Table, linear_t
+from .base import Architecture, ModelParams, Table
 
 # FT name -> source names without the `model.` prefix (alternatives: the first the checkpoint has). `{i}`: layer.
 MCORE_GLOBAL = {
@@ -99,7 +99,7 @@ class NemoGPT(Architecture):
     prefixes = ("model.", "")
     ignored = IGNORED
 
-    def __init__(self, checkpoint: NemoCheckpoint):
+    def __init__(self, checkpoint: NemoCheckpoint, tensor_parallel: int = 1):
         self.config = checkpoint.config
         self.origin = checkpoint.origin
         self.activation = str(self.config.get("activation", "gelu"))
@@ -116,7 +116,7 @@ class NemoGPT(Architecture):
             for kind in ("weight", "bias"):
                 self.layer_tensors[f"mlp.dense_h_to_4h_2.{kind}"] = self.layer_tensors[f"mlp.dense_h_to_4h.{kind}"]
         self._params: ModelParams | None = None
-        super().__init__(checkpoint)
+        super().__init__(checkpoint, tensor_parallel)
 
     @staticmethod
     def _pick(options: tuple[str, ...], names: set[str], prefix: str, layer: int | None = None) -> str:
@@ -252,11 +252,11 @@ class NemoGPT(Architecture):
         if self._fused_gate(ft_name):  # [gate; up]: dense_h_to_4h takes the gate, dense_h_to_4h_2 the up half
             half = tensor.shape[0] // 2
             tensor = tensor[:half] if ".dense_h_to_4h." in ft_name else tensor[half:]
-            return linear_t(tensor) if tensor.dim() == 2 else tensor
+            return tensor.t() if tensor.dim() == 2 else tensor
         if ".attention.query_key_value." in ft_name:
             return self._qkv_blocks(tensor)
         if ft_name.endswith(TRANSPOSED):
-            return linear_t(tensor)
+            return tensor.t()
         if ft_name.endswith("layernorm.weight") and self.config.get("normalization") == "layernorm1p":
             return tensor + 1  # LN(x) (1 + w) + b
         return tensor
@@ -274,7 +274,7 @@ class NemoGPT(Architecture):
         return blocks.t() if tensor.dim() == 2 else blocks.reshape(-1)
 
 
-def open_nemo(staged_path) -> Architecture:
+def open_nemo(staged_path, tensor_parallel: int = 1) -> Architecture:
     """The registered architecture for a staged NeMo checkpoint, keyed by the model class model_config.yaml's
     `target` names (MegatronGPTModel when it names none)."""
     checkpoint = NemoCheckpoint(staged_path)
@@ -283,4 +283,4 @@ def open_nemo(staged_path) -> Architecture:
     if architecture is None:
         raise CheckpointError(f"{checkpoint.origin}: NeMo model {model_class!r} is not supported; supported: "
                               f"{sorted(registered())}")
-    return architecture(checkpoint)
+    return architecture(checkpoint, tensor_parallel)

@@ -24,13 +24,13 @@ from .writer import config_ini, write_plan
 log = logging.getLogger(__name__)
 
 
-def _open(checkpoint_path: Path) -> Architecture:
+def _open(checkpoint_path: Path, tensor_parallel: int = 1) -> Architecture:
     if nemo_archive.is_staged(checkpoint_path):
         from ..arch.nemo_gpt import open_nemo
 
-        return open_nemo(checkpoint_path)
+        return open_nemo(checkpoint_path, tensor_parallel)
     checkpoint = HFCheckpoint(checkpoint_path)
-    return architecture_for(checkpoint.config)(checkpoint)
+    return architecture_for(checkpoint.config)(checkpoint, tensor_parallel)
 
 
 @contextmanager
@@ -95,7 +95,7 @@ def convert_checkpoint(
     if nemo_archive.is_nemo_source(checkpoint_path):
         with _staged_nemo(checkpoint_path, Path(out_dir)) as staged:
             return convert_checkpoint(staged, out_dir, tensor_parallel, weight_data_type, processes, pipeline_parallel)
-    arch = _open(checkpoint_path)
+    arch = _open(checkpoint_path, tensor_parallel)
     find_tokenizer(checkpoint_path)  # pre/postprocessing need it: fail now, not after writing gigabytes
     plan = arch.plan()
     params = plan.params
@@ -118,7 +118,7 @@ def convert_checkpoint(
     with AtomicDirectory(final) as partial_dir:
         nbytes = write_plan(
             arch,
-            partial(_open, checkpoint_path),
+            partial(_open, checkpoint_path, tensor_parallel),
             plan,
             partial_dir,
             tensor_parallel,

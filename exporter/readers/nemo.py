@@ -23,13 +23,15 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from . import nemo_archive
 from .hf import CheckpointError, Scratch
-from .nemo_dist import DistCheckpoint
+
+if TYPE_CHECKING:
+    from .nemo_dist import DistCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +219,8 @@ class NemoCheckpoint:
         self._sources[name] = _Pieces(tuple(files), local_name, dim, gated)
 
     def _index_dist(self, directory: Path) -> None:
+        from .nemo_dist import DistCheckpoint  # torch.distributed.checkpoint takes ~1.5 s to import: only if needed
+
         self.dist = DistCheckpoint(directory)
         self.tensor_parallel = self.pipeline_parallel = 1  # stored merged: global shapes
         num_layers = self.config.get("num_layers")

@@ -1,0 +1,124 @@
+"""Tiny seeded HF checkpoints of every registered architecture, built with transformers (the independent reference).
+
+`FIXTURES` is keyed by registered architecture name; `tests/test_registry.py` fails when a registered name has no
+entry. Each entry lists variants (name -> builder) that together exercise the family's quirks. An entry whose
+reference is not HF transformers (e.g. NeMo, whose reference is NeMo's own saved outputs) sets `reference` to a
+callable giving greedy tokens, see `Fixture`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+SHARED_TOKENIZER = Path(__file__).resolve().parents[1] / "exporter" / "data" / "gpt2-tokenizer"
+VOCAB = 50257  # the GPT-2 tokenizer's, so text through the ensemble maps onto every tiny model
+END_ID = 50256
+
+
+def _finish(model, directory: Path, noise: float = 0.2) -> Path:
+    """Noise on norms and biases (so a wrong mapping of any tensor changes outputs), save, add the tokenizer."""
+    import torch
+
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or ".ln_" in name:
+                parameter.add_(torch.randn_like(parameter) * noise)
+    model.save_pretrained(directory)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy2(SHARED_TOKENIZER / name, directory / name)
+    return directory
+
+
+def build_opt(directory: Path, *, seed: int = 1, post_layernorm: bool = False, project: bool = False,
+              n_layer: int = 2) -> Path:
+    """OPT; post_layernorm + project = opt-350m's shape (no final layernorm, project_in/out around 32-wide embeddings)."""
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config = OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=n_layer, ffn_dim=128,
+                       num_attention_heads=4, max_position_embeddings=128, do_layer_norm_before=not post_layernorm,
+                       word_embed_proj_dim=32 if project else 64, init_std=0.2, bos_token_id=END_ID,
+                       eos_token_id=END_ID, pad_token_id=1, dropout=0.0)
+    return _finish(OPTForCausalLM(config).eval(), directory)
+
+
+def build_gptj(directory: Path, *, seed: int = 2, n_layer: int = 2) -> Path:
+    import torch
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    torch.manual_seed(seed)
+    config = GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=n_layer, n_head=4, rotary_dim=8, n_positions=128,
+                        initializer_range=0.2, bos_token_id=END_ID, eos_token_id=END_ID)
+    return _finish(GPTJForCausalLM(config).eval(), directory)
+
+
+def build_gptneox(directory: Path, *, seed: int = 3, parallel: bool = True, n_layer: int = 2) -> Path:
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    # gelu_new: FT's tanh Gelu, so greedy tokens can be compared exactly (Pythia's exact gelu differs slightly).
+    config = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=n_layer, num_attention_heads=4,
+                           intermediate_size=128, rotary_pct=0.5, rotary_emb_base=5000, hidden_act="gelu_new",
+                           max_position_embeddings=128, use_parallel_residual=parallel, initializer_range=0.2,
+                           bos_token_id=END_ID, eos_token_id=END_ID, tie_word_embeddings=False)
+    return _finish(GPTNeoXForCausalLM(config).eval(), directory)
+
+
+def build_llama(directory: Path, *, seed: int = 4, kv_heads: int = 2, tied: bool = False, n_layer: int = 2,
+                bias: bool = False) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=n_layer, num_attention_heads=4,
+                         num_key_value_heads=kv_heads, intermediate_size=96, max_position_embeddings=128,
+                         rope_theta=50000.0, rms_norm_eps=1e-5, initializer_range=0.2, tie_word_embeddings=tied,
+                         attention_bias=bias, mlp_bias=bias, bos_token_id=END_ID, eos_token_id=END_ID)
+    return _finish(LlamaForCausalLM(config).eval(), directory)
+
+
+def build_gpt2(directory: Path) -> Path:
+    from conftest import build_hf_gpt2
+
+    return build_hf_gpt2(directory)
+
+
+@dataclass(frozen=True)
+class Fixture:
+    """Variants of one registered architecture: name -> builder(directory) -> checkpoint directory.
+
+    reference: None = HF transformers (`AutoModelForCausalLM`) on the checkpoint; otherwise a callable
+    (checkpoint_dir, prompts: list[list[int]], new_tokens) -> list[list[int]] of greedy tokens from an independent
+    implementation (e.g. NeMo's saved outputs), for sources transformers cannot load.
+    """
+
+    variants: dict[str, Callable[[Path], Path]]
+    reference: Callable | None = None
+    max_tp: int = 2  # largest TP the variants support (heads, kv heads, FFN divisibility)
+    extra: dict = field(default_factory=dict)
+
+
+FIXTURES: dict[str, Fixture] = {
+    "GPT2LMHeadModel": Fixture({"gpt2": build_gpt2}),
+    "OPTForCausalLM": Fixture({
+        "opt-pre-ln": build_opt,
+        "opt-350m-like": lambda d: build_opt(d, post_layernorm=True, project=True),
+    }),
+    "GPTJForCausalLM": Fixture({"gptj": build_gptj}),
+    "GPTNeoXForCausalLM": Fixture({
+        "neox-parallel": build_gptneox,
+        "neox-sequential": lambda d: build_gptneox(d, parallel=False),
+    }),
+    "LlamaForCausalLM": Fixture({
+        "llama-gqa": build_llama,
+        "llama-tied-bias": lambda d: build_llama(d, kv_heads=4, tied=True, bias=True),
+    }),
+}
+# Registered aliases (the bare base models) share their family's fixture: they differ only in the name prefix.
+ALIASES = {"GPT2Model": "GPT2LMHeadModel", "OPTModel": "OPTForCausalLM", "GPTJModel": "GPTJForCausalLM",
+           "GPTNeoXModel": "GPTNeoXForCausalLM", "LlamaModel": "LlamaForCausalLM"}
