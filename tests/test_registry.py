@@ -105,15 +105,17 @@ def served(tmp_path_factory):
                 continue
             checkpoint = build(root / "checkpoints" / variant)
             reference = fixture.reference or hf_greedy
-            expected = reference(checkpoint, PROMPTS, NEW_TOKENS)
+            # A saved reference (NeMo's) holds tokens for its own prompts only.
+            prompts, new_tokens = fixture.extra.get("prompts", PROMPTS), fixture.extra.get("new_tokens", NEW_TOKENS)
+            expected = reference(checkpoint, prompts, new_tokens)
             for tp, pp in layouts(architecture, fixture, variant):
                 name = f"{variant}-tp{tp}-pp{pp}"
                 add_model(repo, name, checkpoint, tp, pp)
-                models[name] = (architecture, expected)
+                models[name] = (architecture, expected, prompts, new_tokens)
     with TritonServer(repo, root / "server.log") as server:
         client = http.InferenceServerClient(server.http_url)
-        return {name: (architecture, served_greedy(client, name, PROMPTS, NEW_TOKENS), expected)
-                for name, (architecture, expected) in models.items()}
+        return {name: (architecture, served_greedy(client, name, prompts, new_tokens), expected)
+                for name, (architecture, expected, prompts, new_tokens) in models.items()}
 
 
 @pytest.mark.triton
