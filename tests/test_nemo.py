@@ -309,3 +309,18 @@ def test_main_exports_and_serves_a_nemo_file(tmp_path):
     shard_dir = tmp_path / "nemo_gpt" / "export_tp2_pp1_fp32_fp32" / "model_repo" / "nemo_gpt" / "1" / "2-gpu"
     assert ft_gpt.ft_checkpoint.read_config(shard_dir)["kv_head_num"] == 2
     assert "LAMBADA (8 examples)" in done.stdout and "parity: passed" in done.stdout
+
+
+def test_rank_files_read_by_offset_and_through_the_map_agree(tmp_path, exported, monkeypatch):
+    """Rank-sharded tensors are located in the file and read with positioned reads; reading through the memory map
+    (the fallback when the data cannot be located) gives the same shards."""
+    from exporter.readers import nemo_archive
+    from exporter.readers.nemo import NemoCheckpoint, _RankFile
+
+    (tmp_path / "staged").mkdir()
+    staged = nemo_archive.stage(FIXTURES / "gpt_tp2_legacy.nemo", tmp_path / "staged")
+    checkpoint = NemoCheckpoint(staged)
+    assert checkpoint._files and all(rank_file.base is not None for rank_file in checkpoint._files.values())
+    monkeypatch.setattr(_RankFile, "_mapping_base", lambda self: None)
+    shard_dir = convert_checkpoint(FIXTURES / "gpt_tp2_legacy.nemo", tmp_path / "out", tensor_parallel=2)
+    assert _bytes(shard_dir) == _bytes(exported("gpt_tp2_legacy", 2))

@@ -4,11 +4,10 @@ Input: a directory staged by `nemo_archive.stage` (from a `.nemo` file or an ext
 
 - legacy `model_weights.ckpt`: one torch.save'd state dict;
 - `mp_rank_XX/model_weights.ckpt` (tensor parallel) and `tp_rank_XX_pp_rank_XXX/model_weights.ckpt` (tensor and
-  pipeline parallel): one state dict per rank. A tensor is read rank by rank from files opened with
-  `torch.load(mmap=True, weights_only=True)` and merged by Megatron's split rule for its name; layers of pipeline
-  stage p are renumbered by the layers of stages < p. Opening a file costs ~0.1 s (the pickle of every entry), so
-  opened files are kept, but pages read through a map stay resident until it is unmapped: `_MappedFiles` unmaps
-  them all once as many bytes as the largest tensor have been read through them;
+  pipeline parallel): one state dict per rank. Each file is opened once with `torch.load(mmap=True,
+  weights_only=True)`; a tensor is read rank by rank with positioned reads straight into its place in the merged
+  tensor (see `_RankFile`), by Megatron's split rule for its name; layers of pipeline stage p are renumbered by the
+  layers of stages < p;
 - `model_weights/`: a distributed checkpoint (see nemo_dist.py), global shapes, layers stacked on a leading dimension;
   each layer is read as its own region.
 
@@ -21,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -45,7 +46,6 @@ ROW_PARALLEL = re.compile(r".*(linear_proj\.weight|linear_fc2\.weight|self_atten
                           r"|dense_4h_to_h\.weight)")
 GLU_ACTIVATIONS = ("swiglu", "geglu", "reglu", "fast-swiglu", "fast-geglu", "fast-reglu")
 LAYER_NAME = re.compile(r"(.*\.layers\.)(\d+)(\..*)")
-MIN_MAP_BUDGET = 64 << 20  # bytes read through mapped rank files before they are unmapped (at least)
 RANK_DIR = re.compile(r"(?:mp_rank_(\d+)|tp_rank_(\d+)_pp_rank_(\d+))")
 
 
@@ -78,28 +78,52 @@ class _Region:
     layer: int | None  # index into a stacked [layers, ...] tensor
 
 
-class _MappedFiles:
-    """Rank files opened with mmap, kept open until `budget` bytes have been read through them, then all closed."""
+class _RankFile:
+    """One rank's torch.save file, opened once with `torch.load(mmap=True, weights_only=True)` for names, shapes and
+    where each tensor's bytes lie; the bytes are then read with positioned reads. No page of the mapping is ever
+    touched, so nothing stays resident (pages read through a map count towards RSS until it is unmapped, and
+    faulting them in one by one is slower than a read)."""
 
-    def __init__(self, budget: int):
-        self.budget = budget
-        self.states: dict[Path, dict] = {}
-        self.touched = 0
+    def __init__(self, path: Path):
+        self.path = path
+        self.state = NemoCheckpoint._open(path)
+        self.base = self._mapping_base()
+        if self.base is None:
+            log.warning("%s: cannot locate tensor data in the file; reading through the memory map", path)
 
-    def get(self, file: Path) -> dict:
-        state = self.states.get(file)
-        if state is None:
-            state = self.states[file] = NemoCheckpoint._open(file)
-        return state
+    def _mapping_base(self) -> int | None:
+        """Address of file offset 0 in the mapping: each storage is one `data/<key>` zip record, both in file order."""
+        storages = sorted({tensor.untyped_storage().data_ptr() for tensor in self.state.values()
+                           if isinstance(tensor, torch.Tensor) and tensor.numel()})
+        records = []
+        try:
+            with zipfile.ZipFile(self.path) as archive, open(self.path, "rb") as handle:
+                for info in archive.infolist():
+                    if info.filename.split("/")[-2:-1] == ["data"] and info.file_size:
+                        handle.seek(info.header_offset)
+                        header = handle.read(30)  # zip local file header; data follows its name and extra field
+                        name_length, extra_length = struct.unpack("<HH", header[26:30])
+                        records.append(info.header_offset + 30 + name_length + extra_length)
+        except (zipfile.BadZipFile, OSError, struct.error):
+            return None
+        bases = {pointer - offset for pointer, offset in zip(storages, sorted(records))}
+        return bases.pop() if len(storages) == len(records) and len(bases) == 1 else None
 
-    def read(self, nbytes: int) -> None:
-        self.touched += nbytes
-        if self.touched >= self.budget:
-            self.close()
-
-    def close(self) -> None:
-        self.states.clear()  # the last reference to each mapping: unmapped here
-        self.touched = 0
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Copy tensor `name` into `out` (same shape and dtype; any strides)."""
+        tensor = self.state[name]
+        if self.base is None or not tensor.is_contiguous():
+            out.copy_(tensor)
+            return
+        offset = tensor.untyped_storage().data_ptr() - self.base + tensor.storage_offset() * tensor.element_size()
+        target = out if out.is_contiguous() else torch.empty(tensor.shape, dtype=tensor.dtype)
+        buffer = memoryview(target.reshape(-1).view(torch.uint8).numpy())
+        with open(self.path, "rb", buffering=0) as handle:
+            handle.seek(offset)
+            if handle.readinto(buffer) != len(buffer):
+                raise CheckpointError(f"{self.path} is truncated: cannot read {name}")
+        if target is not out:
+            out.copy_(target)
 
 
 class NemoCheckpoint:
@@ -124,9 +148,6 @@ class NemoCheckpoint:
             self._index_dist(self.path / nemo_archive.DIST_WEIGHTS)
         else:
             self._index_shards()
-        largest = max((torch.Size(shape).numel() * self._dtypes[name].itemsize
-                       for name, shape in self._shapes.items()), default=0)
-        self._mapped = _MappedFiles(max(largest, MIN_MAP_BUDGET))
 
     # -- discovery -------------------------------------------------------------------------------------------
     def _rank_files(self) -> dict[tuple[int, int], Path]:
@@ -166,8 +187,9 @@ class NemoCheckpoint:
                 raise CheckpointError(f"{self.origin}: model_config.yaml {key} is {stated} but the checkpoint has "
                                       f"{expected} rank(s)")
         layer_offset = 0
+        self._files = {file: _RankFile(file) for file in files.values()}
         for stage in range(self.pipeline_parallel):
-            states = [self._open(files[(tp, stage)]) for tp in range(self.tensor_parallel)]
+            states = [self._files[files[(tp, stage)]].state for tp in range(self.tensor_parallel)]
             stage_layers = 0
             for local_name, tensor in states[0].items():
                 if not isinstance(tensor, torch.Tensor):
@@ -288,22 +310,22 @@ class NemoCheckpoint:
         files = source.files if source.dim is not None else source.files[:1]
         offset = 0
         for file in files:
-            piece = self._mapped.get(file)[source.local_name]
+            rank_file = self._files[file]
+            shape = rank_file.state[source.local_name].shape
             if source.dim is None:
-                out.copy_(piece)
+                rank_file.read_into(source.local_name, out)
             elif source.gated:
                 # [gate_r; up_r] -> gate_r into the gate half, up_r into the up half: [gate_0 .. ; up_0 ..]
-                half, total = piece.shape[0] // 2, out.shape[0] // 2
+                half, total = shape[0] // 2, out.shape[0] // 2
+                piece = torch.empty(shape, dtype=out.dtype)
+                rank_file.read_into(source.local_name, piece)
                 out.narrow(0, offset, half).copy_(piece[:half])
                 out.narrow(0, total + offset, half).copy_(piece[half:])
                 offset += half
             else:
-                width = piece.shape[source.dim]
-                out.narrow(source.dim, offset, width).copy_(piece)
+                width = shape[source.dim]
+                rank_file.read_into(source.local_name, out.narrow(source.dim, offset, width))
                 offset += width
-            nbytes = piece.numel() * piece.element_size()
-            del piece
-            self._mapped.read(nbytes)
         return out
 
     def tokenizer_files(self) -> Iterator[Path]:
