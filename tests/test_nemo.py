@@ -324,3 +324,22 @@ def test_rank_files_read_by_offset_and_through_the_map_agree(tmp_path, exported,
     monkeypatch.setattr(_RankFile, "_mapping_base", lambda self: None)
     shard_dir = convert_checkpoint(FIXTURES / "gpt_tp2_legacy.nemo", tmp_path / "out", tensor_parallel=2)
     assert _bytes(shard_dir) == _bytes(exported("gpt_tp2_legacy", 2))
+
+
+def test_sentencepiece_tokenizer_is_refused_before_writing(tmp_path):
+    """Not built into a tokenizer.json yet: said plainly, before any shard is written."""
+    from exporter.tokenizer import TokenizerError
+
+    directory = tmp_path / "extracted"
+    directory.mkdir()
+    with tarfile.open(FIXTURES / "gpt_tp1_legacy.nemo") as tar:
+        tar.extractall(directory, filter="data")
+    (directory / "abc_tokenizer.model").write_bytes(b"\x00")
+    config = directory / "model_config.yaml"
+    text = config.read_text()
+    for key in ("vocab_file", "merge_file"):
+        text = "\n".join(f"  {key}: null" if line.startswith(f"  {key}:") else line for line in text.splitlines())
+    config.write_text(text.replace("  model: null", "  model: nemo:abc_tokenizer.model"))
+    with pytest.raises(TokenizerError, match="SentencePiece"):
+        convert_checkpoint(directory, tmp_path / "out")
+    assert nothing_written(tmp_path / "out")

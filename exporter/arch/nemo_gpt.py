@@ -20,7 +20,7 @@ import torch
 from ..ft.sharding import Split
 from ..readers.hf import CheckpointError
 from ..readers.nemo import NemoCheckpoint, gated_fc1
-from ..tokenizer import load_tokenizer
+from ..tokenizer import TokenizerError, load_tokenizer
 from . import register, registered
 from .base import Architecture, ModelParams, Table
 
@@ -102,6 +102,9 @@ class NemoGPT(Architecture):
     def __init__(self, checkpoint: NemoCheckpoint, tensor_parallel: int = 1):
         self.config = checkpoint.config
         self.origin = checkpoint.origin
+        if (checkpoint.path / "tokenizer.model").is_file() and not (checkpoint.path / "vocab.json").is_file():
+            raise TokenizerError(f"{self.origin}: its tokenizer is SentencePiece (tokenizer.model); serving needs a "
+                                 "tokenizer.json, which is not built from SentencePiece models yet")
         self.activation = str(self.config.get("activation", "gelu"))
         names = set(checkpoint.names())
         self.legacy = any(".language_model." in f".{name}" for name in names)
