@@ -343,3 +343,13 @@ def test_sentencepiece_tokenizer_is_refused_before_writing(tmp_path):
     with pytest.raises(TokenizerError, match="SentencePiece"):
         convert_checkpoint(directory, tmp_path / "out")
     assert nothing_written(tmp_path / "out")
+
+
+def test_pipeline_parallel_export(tmp_path):
+    """Exported for pipeline_para_size 2 (layers keep global indices; the runtime runs the stages in sequence)."""
+    ref = reference(MODEL_B)
+    shard_dir = convert_checkpoint(FIXTURES / f"{MODEL_B}.nemo", tmp_path, tensor_parallel=2, pipeline_parallel=2)
+    assert ft_gpt.ft_checkpoint.read_config(shard_dir)["pipeline_para_size"] == 2
+    logits, greedy = run(shard_dir, ref)
+    assert np.abs(logits - ref["logits"][..., :REAL_VOCAB]).max() <= 1e-4
+    np.testing.assert_array_equal(greedy, ref["greedy_ids"])
