@@ -265,16 +265,17 @@ class NemoGPT(Architecture):
         return tensor
 
     def _qkv_blocks(self, tensor: torch.Tensor) -> torch.Tensor:
-        """[groups x (q heads of the group, k, v) x d, (h)] -> [(h,) q | k | v] with heads in order in each."""
+        """[groups x (q heads of the group, k, v) x d, (h)] -> [(h,) q | k | v] with heads in order in each
+        (one row gather; the transpose is a view)."""
         params = self.params()
         groups, d = params.kv_heads, params.size_per_head
         per_group = params.head_num // groups
-        grouped = tensor.reshape(groups, per_group + 2, d, -1)  # bias: trailing dim 1
-        q = grouped[:, :per_group].reshape(groups * per_group * d, -1)
-        k = grouped[:, per_group].reshape(groups * d, -1)
-        v = grouped[:, per_group + 1].reshape(groups * d, -1)
-        blocks = torch.cat((q, k, v))  # [q + 2 kv, h or 1]
-        return blocks.t() if tensor.dim() == 2 else blocks.reshape(-1)
+        # row index of (group, slot, dim) in Megatron's layout; slots 0..per_group-1 are q, then k, then v
+        rows = torch.arange(groups * (per_group + 2) * d).view(groups, per_group + 2, d)
+        order = torch.cat((rows[:, :per_group].reshape(-1), rows[:, per_group].reshape(-1),
+                           rows[:, per_group + 1].reshape(-1)))
+        blocks = tensor.index_select(0, order)  # [q + 2 kv, (h)]
+        return blocks.t() if tensor.dim() == 2 else blocks
 
 
 def open_nemo(staged_path, tensor_parallel: int = 1) -> Architecture:
