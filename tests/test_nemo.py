@@ -354,3 +354,40 @@ def test_pipeline_parallel_export(tmp_path):
     logits, greedy = run(shard_dir, ref)
     assert np.abs(logits - ref["logits"][..., :REAL_VOCAB]).max() <= 1e-4
     np.testing.assert_array_equal(greedy, ref["greedy_ids"])
+
+
+# Megatron-core name -> legacy Megatron name (NeMo's mcore_gpt: false models), for the derived checkpoint below.
+LEGACY_NAMES = [
+    ("model.embedding.", "model.language_model.embedding."),
+    ("model.decoder.final_layernorm.", "model.language_model.encoder.final_layernorm."),
+    ("model.decoder.layers.", "model.language_model.encoder.layers."),
+    (".self_attention.linear_qkv.", ".self_attention.query_key_value."),
+    (".self_attention.linear_proj.", ".self_attention.dense."),
+    (".pre_mlp_layernorm.", ".post_attention_layernorm."),
+    (".mlp.linear_fc1.", ".mlp.dense_h_to_4h."),
+    (".mlp.linear_fc2.", ".mlp.dense_4h_to_h."),
+]
+
+
+@pytest.mark.parametrize("name, tp", [("gpt_tp1_legacy", 1), ("gpt_tp2_legacy", 2)])
+def test_legacy_megatron_names(tmp_path, exported, name, tp):
+    """DERIVED from model A: the same tensors re-saved under legacy Megatron names (`language_model.encoder.
+    layers.N.self_attention.query_key_value`, ...; same per-head q|k|v row layout) give the same shards."""
+    directory = tmp_path / "legacy"
+    directory.mkdir()
+    with tarfile.open(FIXTURES / f"{name}.nemo") as tar:
+        tar.extractall(directory, filter="data")
+    config = directory / "model_config.yaml"
+    config.write_text(config.read_text().replace("mcore_gpt: true", "mcore_gpt: false"))
+    for file in directory.glob("**/model_weights.ckpt"):
+        renamed = {}
+        for key, value in torch.load(file, weights_only=True).items():
+            if value is None:
+                continue  # _extra_state
+            for mcore, legacy in LEGACY_NAMES:
+                key = key.replace(mcore, legacy)
+            renamed[key] = value
+        assert any(".query_key_value." in key for key in renamed)
+        torch.save(renamed, file)
+    shard_dir = convert_checkpoint(directory, tmp_path / "out", tensor_parallel=tp)
+    assert _bytes(shard_dir) == _bytes(exported(name, tp))
