@@ -391,3 +391,45 @@ def test_legacy_megatron_names(tmp_path, exported, name, tp):
         torch.save(renamed, file)
     shard_dir = convert_checkpoint(directory, tmp_path / "out", tensor_parallel=tp)
     assert _bytes(shard_dir) == _bytes(exported(name, tp))
+
+
+def test_rank_sharded_gated_model(tmp_path, exported):
+    """DERIVED from model B: its tensors split into two legacy rank files as Megatron lays them out (q|k|v by
+    whole query groups, fused SwiGLU fc1 as each rank's own [gate_r; up_r], proj/fc2 on dim 1, embeddings and
+    output layer on dim 0) merge back to the shards of the distributed checkpoint."""
+    from exporter.readers import nemo_archive
+    from exporter.readers.nemo import NemoCheckpoint
+
+    (tmp_path / "staged").mkdir()
+    source = NemoCheckpoint(nemo_archive.stage(FIXTURES / f"{MODEL_B}.nemo", tmp_path / "staged"))
+    derived = tmp_path / "derived"
+    derived.mkdir()
+    config = (tmp_path / "staged" / "model_config.yaml").read_text()
+    lines = []
+    for line in config.replace("tensor_model_parallel_size: 1", "tensor_model_parallel_size: 2").splitlines():
+        for key, staged_name in (("vocab_file", "vocab.json"), ("merge_file", "merges.txt")):
+            if line.startswith(f"  {key}:"):  # the tokenizer files, under new nemo: names
+                shutil.copy2(tmp_path / "staged" / staged_name, derived / f"derived_{staged_name}")
+                line = f"  {key}: nemo:derived_{staged_name}"
+        lines.append(line)
+    (derived / "model_config.yaml").write_text("\n".join(lines))
+    ranks: list[dict] = [{}, {}]
+    for name in source.names():
+        tensor = source.load(name).clone()
+        if "linear_fc1.weight" in name:
+            gate, up = tensor.chunk(2)
+            pieces = [torch.cat((g, u)) for g, u in zip(gate.chunk(2), up.chunk(2))]
+        elif any(key in name for key in ("linear_qkv.weight", "word_embeddings", "output_layer")):
+            pieces = list(tensor.chunk(2, dim=0))
+        elif any(key in name for key in ("linear_proj.weight", "linear_fc2.weight")):
+            pieces = list(tensor.chunk(2, dim=1))
+        else:
+            pieces = [tensor, tensor]
+        for rank, piece in enumerate(pieces):
+            ranks[rank][name] = piece.contiguous()
+    for rank, state in enumerate(ranks):
+        (derived / f"mp_rank_{rank:02d}").mkdir()
+        torch.save(state, derived / f"mp_rank_{rank:02d}" / "model_weights.ckpt")
+    for tp in (1, 2):
+        shard_dir = convert_checkpoint(derived, tmp_path / f"out{tp}", tensor_parallel=tp)
+        assert _bytes(shard_dir) == _bytes(exported(MODEL_B, tp))
