@@ -433,3 +433,22 @@ def test_rank_sharded_gated_model(tmp_path, exported):
     for tp in (1, 2):
         shard_dir = convert_checkpoint(derived, tmp_path / f"out{tp}", tensor_parallel=tp)
         assert _bytes(shard_dir) == _bytes(exported(MODEL_B, tp))
+
+
+def test_layernorm1p(tmp_path, exported):
+    """DERIVED from model A: `normalization: layernorm1p` computes LN(x) (1 + w) + b, so storing w - 1 under it
+    must give model A's shards again."""
+    directory = tmp_path / "ln1p"
+    directory.mkdir()
+    with tarfile.open(FIXTURES / "gpt_tp1_legacy.nemo") as tar:
+        tar.extractall(directory, filter="data")
+    config = directory / "model_config.yaml"
+    config.write_text(config.read_text().replace("normalization: layernorm", "normalization: layernorm1p"))
+    file = directory / "model_weights.ckpt"
+    state = torch.load(file, weights_only=True)
+    norms = [key for key in state if "layernorm.weight" in key]
+    assert len(norms) == 5
+    for key in norms:
+        state[key] = state[key] - 1
+    torch.save(state, file)
+    assert _bytes(convert_checkpoint(directory, tmp_path / "out")) == _bytes(exported("gpt_tp1_legacy", 1))
