@@ -104,7 +104,7 @@ def _nemo_reference_file(checkpoint: Path) -> Path:
 
 
 def nemo_reference(checkpoint: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """NeMo's greedy tokens, saved with the fixture for its own prompts (the fixture's `extra["prompts"]`)."""
+    """NeMo's greedy tokens, saved with the fixture for its own prompts (the fixture's `prompts`)."""
     import numpy as np
 
     with np.load(_nemo_reference_file(Path(checkpoint))) as data:
@@ -127,13 +127,17 @@ class Fixture:
     """Variants of one registered architecture: name -> builder(directory) -> checkpoint directory.
 
     reference: None = HF transformers (`AutoModelForCausalLM`) on the checkpoint; otherwise a callable
-    (checkpoint_dir, prompts: list[list[int]], new_tokens) -> list[list[int]] of greedy tokens from an independent
-    implementation (e.g. NeMo's saved outputs), for sources transformers cannot load.
+    (checkpoint_path, prompts: list[list[int]], new_tokens) -> list[list[int]] of greedy tokens from an independent
+    implementation (e.g. NeMo's saved outputs), for sources transformers cannot load. A builder may return any
+    path `convert_checkpoint` accepts (a .nemo file, say). `prompts` / `new_tokens` override the registry test's
+    defaults when the reference only exists for its own prompts (NeMo's `*.reference.npz`).
     """
 
     variants: dict[str, Callable[[Path], Path]]
     reference: Callable | None = None
     max_tp: int = 2  # largest TP the variants support (heads, kv heads, FFN divisibility)
+    prompts: list[list[int]] | None = None
+    new_tokens: int | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -156,7 +160,7 @@ FIXTURES: dict[str, Fixture] = {
     "MegatronGPTModel": Fixture({
         "nemo-rope-swiglu-gqa": nemo_checkpoint("gpt_rope_swiglu_tp1"),
         "nemo-tp2-legacy": nemo_checkpoint("gpt_tp2_legacy"),
-    }, reference=nemo_reference, extra={"prompts": nemo_prompts(), "new_tokens": 8}),
+    }, reference=nemo_reference, prompts=nemo_prompts(), new_tokens=8),
 }
 # Registered aliases (the bare base models) share their family's fixture: they differ only in the name prefix.
 ALIASES = {"GPT2Model": "GPT2LMHeadModel", "OPTModel": "OPTForCausalLM", "GPTJModel": "GPTJForCausalLM",

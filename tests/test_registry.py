@@ -105,17 +105,16 @@ def served(tmp_path_factory):
                 continue
             checkpoint = build(root / "checkpoints" / variant)
             reference = fixture.reference or hf_greedy
-            # A saved reference (NeMo's) holds tokens for its own prompts only.
-            prompts, new_tokens = fixture.extra.get("prompts", PROMPTS), fixture.extra.get("new_tokens", NEW_TOKENS)
+            prompts, new_tokens = fixture.prompts or PROMPTS, fixture.new_tokens or NEW_TOKENS
             expected = reference(checkpoint, prompts, new_tokens)
             for tp, pp in layouts(architecture, fixture, variant):
                 name = f"{variant}-tp{tp}-pp{pp}"
                 add_model(repo, name, checkpoint, tp, pp)
-                models[name] = (architecture, expected, prompts, new_tokens)
+                models[name] = (architecture, prompts, new_tokens, expected)
     with TritonServer(repo, root / "server.log") as server:
         client = http.InferenceServerClient(server.http_url)
         return {name: (architecture, served_greedy(client, name, prompts, new_tokens), expected)
-                for name, (architecture, expected, prompts, new_tokens) in models.items()}
+                for name, (architecture, prompts, new_tokens, expected) in models.items()}
 
 
 @pytest.mark.triton

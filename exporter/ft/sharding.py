@@ -91,6 +91,11 @@ def split_tensor(
     if split is Split.REPLICATED:
         return [tensor]
     if split is Split.QKV:
+        if tensor.dim() == 2 and not tensor.is_contiguous() and tensor.t().is_contiguous():
+            # A transposed nn.Linear [out, in]: cut contiguous row blocks there and hand back transposed views (the
+            # writer's cast does the one strided copy) instead of gathering columns twice.
+            rows = [torch.chunk(block, tensor_parallel, dim=0) for block in torch.split(tensor.t(), list(sections), 0)]
+            return [torch.cat([block[rank] for block in rows], dim=0).t() for rank in range(tensor_parallel)]
         blocks = [torch.chunk(block, tensor_parallel, dim=-1) for block in torch.split(tensor, list(sections), -1)]
         return [torch.cat([block[rank] for block in blocks], dim=-1) for rank in range(tensor_parallel)]
     dim = -1 if split is Split.COLUMN else 0

@@ -94,6 +94,10 @@ class _ChunkWriter:
 
     def write(self, piece: torch.Tensor, path: Path) -> int:
         """Append `piece` (any strides, any dtype) to `path` as contiguous `dtype`, in row chunks."""
+        if piece.dim() == 2 and piece.dtype != self.dtype and piece.stride(0) == 1 and piece.stride(1) > 1:
+            # (A slice of) a transposed nn.Linear weight: cast in its own row-major layout first, then gather the
+            # transpose in the narrower type (~3.5x faster than a strided cast; one extra copy of the piece).
+            piece = piece.t().to(self.dtype).t()
         rows = piece.shape[0] if piece.dim() else 1
         row_bytes = max(1, piece.numel() // max(rows, 1)) * self.dtype.itemsize
         step = max(1, CHUNK_BYTES // row_bytes)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from ..builtin import resolve_checkpoint
 from ..ft.verify import read_config
+from ..readers.hf import CheckpointError
 from ..triton.render import ModelSettings
 from ..triton.repo import build_repository
 
@@ -51,10 +52,35 @@ def export_paths(cfg: DictConfig) -> ExportPaths:
     )
 
 
+def check_ft_backend(checkpoint: Path) -> None:
+    """Refuse runtime=fastertransformer up front for sources FT's Triton backend cannot serve from this export."""
+    from ..arch import architecture_for
+    from ..readers.hf import HFCheckpoint
+
+    if not (Path(checkpoint) / "config.json").is_file():
+        return  # not an HF checkpoint: its reader decides
+    config = HFCheckpoint(checkpoint).config
+    arch = architecture_for(config)
+    name = (config.get("architectures") or ["?"])[0]
+    if arch.ft_model_type is None:
+        raise CheckpointError(
+            f"{name}: FasterTransformer has no backend for this architecture (no Llama-family model: RMSNorm, "
+            f"SwiGLU, grouped-query attention); serve it with export.triton_deployment.runtime=python"
+        )
+    if arch.ft_model_type != "GPT":
+        raise CheckpointError(
+            f"{name}: FT's backend serves it as model_type {arch.ft_model_type!r} (config.ini [{arch.section}]), "
+            f"but the rendered config.pbtxt declares model_type 'GPT'; serve it with "
+            f"export.triton_deployment.runtime=python"
+        )
+
+
 def convert(cfg: DictConfig) -> Path:
     paths = export_paths(cfg)
     model, deploy = cfg.export.model, cfg.export.triton_deployment
     checkpoint = resolve_checkpoint(model.checkpoint_path, paths.checkpoint_cache)
+    if deploy.runtime.value == "fastertransformer":
+        check_ft_backend(checkpoint)
     settings = ModelSettings(
         name=paths.model_name,
         runtime=deploy.runtime.value,

@@ -4,10 +4,11 @@ Self-contained (stdlib + numpy + torch): this file is copied into generated Trit
 repositories and must work without the exporter project installed. The exporter imports
 `expected_files` from here to verify what it wrote, so the file list lives in one place.
 
-Shard layout (FT's GPT C++ loader): raw row-major little-endian arrays, element type =
+Shard layout (FT's GPT / GPT-J / GPT-NeoX C++ loaders, plus this project's conventions for
+what FT lacks: exporter/arch/layout.md): raw row-major little-endian arrays, element type =
 config.ini `weight_data_type`, matrices stored [in, out], tensor-parallel (TP) pieces
-suffixed `.<rank>.bin`. FT itself only warns about a missing or short file and then serves
-uninitialised weights; `verify` refuses instead.
+suffixed `.<rank>.bin`; `tensor_table` is the one table of files and shapes. FT itself only
+warns about a missing or short file and then serves uninitialised weights; `verify` refuses.
 """
 
 import configparser
