@@ -452,3 +452,13 @@ def test_layernorm1p(tmp_path, exported):
         state[key] = state[key] - 1
     torch.save(state, file)
     assert _bytes(convert_checkpoint(directory, tmp_path / "out")) == _bytes(exported("gpt_tp1_legacy", 1))
+
+
+def test_ft_backend_model_type(tmp_path):
+    """Model A is within FT's GPT backend; model B (rotary, RMSNorm, SwiGLU, GQA) is for the python runtime only."""
+    from exporter.arch.nemo_gpt import open_nemo
+    from exporter.readers import nemo_archive
+
+    for name, expected in (("gpt_tp1", "GPT"), (MODEL_B, None)):
+        (tmp_path / name).mkdir()
+        assert open_nemo(nemo_archive.stage(FIXTURES / f"{name}.nemo", tmp_path / name)).ft_model_type == expected

@@ -106,6 +106,16 @@ class NemoGPT(Architecture):
             raise TokenizerError(f"{self.origin}: its tokenizer is SentencePiece (tokenizer.model); serving needs a "
                                  "tokenizer.json, which is not built from SentencePiece models yet")
         self.activation = str(self.config.get("activation", "gelu"))
+        # FT's GPT backend serves learned positions, LayerNorm, GELU / ReLU MLPs, as many kv as q heads; anything
+        # else (rotary, RMSNorm, gated MLPs, grouped-query attention) the python runtime only.
+        heads = self.config.get("num_attention_heads")
+        ft_gpt_features = (
+            self.config.get("position_embedding_type", "learned_absolute") == "learned_absolute"
+            and self.config.get("normalization", "layernorm") in ("layernorm", "layernorm1p")
+            and self.activation in ("gelu", "relu")
+            and (self.config.get("num_query_groups") or heads) == heads
+        )
+        self.ft_model_type = "GPT" if ft_gpt_features else None
         names = set(checkpoint.names())
         self.legacy = any(".language_model." in f".{name}" for name in names)
         prefix = "model." if any(name.startswith("model.") for name in names) else ""
