@@ -455,10 +455,12 @@ def test_layernorm1p(tmp_path, exported):
 
 
 def test_ft_backend_model_type(tmp_path):
-    """Model A is within FT's GPT backend; model B (rotary, RMSNorm, SwiGLU, GQA) is for the python runtime only."""
-    from exporter.arch.nemo_gpt import open_nemo
+    """Model A is within FT's GPT backend; model B (rotary, RMSNorm, SwiGLU, GQA) is for the python runtime only;
+    the config alone (read from the archive without staging) says so too."""
+    from exporter.arch.nemo_gpt import ft_model_type_for, open_nemo
     from exporter.readers import nemo_archive
 
     for name, expected in (("gpt_tp1", "GPT"), (MODEL_B, None)):
         (tmp_path / name).mkdir()
         assert open_nemo(nemo_archive.stage(FIXTURES / f"{name}.nemo", tmp_path / name)).ft_model_type == expected
+        assert ft_model_type_for(nemo_archive.source_config(FIXTURES / f"{name}.nemo")) == expected

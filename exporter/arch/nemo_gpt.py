@@ -87,6 +87,20 @@ IGNORED = (r".*\._extra_state.*", r".*rotary_pos_emb\.inv_freq")
 TIED_COPIES = (r"output_layer\.weight", r"word_embeddings\.weight", r"language_model\.output_layer\.weight")
 
 
+def ft_model_type_for(config: dict) -> str | None:
+    """"GPT" when FT's GPT backend can serve the model model_config.yaml describes (learned positions, LayerNorm,
+    GELU / ReLU, as many kv as q heads); None when only the python runtime can (rotary, RMSNorm, gated MLPs,
+    grouped-query attention)."""
+    heads = config.get("num_attention_heads")
+    supported = (
+        config.get("position_embedding_type", "learned_absolute") == "learned_absolute"
+        and config.get("normalization", "layernorm") in ("layernorm", "layernorm1p")
+        and config.get("activation", "gelu") in ("gelu", "relu")
+        and (config.get("num_query_groups") or heads) == heads
+    )
+    return "GPT" if supported else None
+
+
 def _split(ft_name: str) -> Split:
     for key, split in SPLITS.items():
         if ft_name.startswith(key):
@@ -106,16 +120,7 @@ class NemoGPT(Architecture):
             raise TokenizerError(f"{self.origin}: its tokenizer is SentencePiece (tokenizer.model); serving needs a "
                                  "tokenizer.json, which is not built from SentencePiece models yet")
         self.activation = str(self.config.get("activation", "gelu"))
-        # FT's GPT backend serves learned positions, LayerNorm, GELU / ReLU MLPs, as many kv as q heads; anything
-        # else (rotary, RMSNorm, gated MLPs, grouped-query attention) the python runtime only.
-        heads = self.config.get("num_attention_heads")
-        ft_gpt_features = (
-            self.config.get("position_embedding_type", "learned_absolute") == "learned_absolute"
-            and self.config.get("normalization", "layernorm") in ("layernorm", "layernorm1p")
-            and self.activation in ("gelu", "relu")
-            and (self.config.get("num_query_groups") or heads) == heads
-        )
-        self.ft_model_type = "GPT" if ft_gpt_features else None
+        self.ft_model_type = ft_model_type_for(self.config)
         names = set(checkpoint.names())
         self.legacy = any(".language_model." in f".{name}" for name in names)
         prefix = "model." if any(name.startswith("model.") for name in names) else ""

@@ -164,6 +164,20 @@ def read_config(text: str, origin: Path) -> dict:
     return config
 
 
+def source_config(source: Path) -> dict:
+    """model_config.yaml of a .nemo archive or extracted directory, without staging anything (for checks that run
+    before the conversion, e.g. which runtime can serve the model)."""
+    source = Path(source)
+    if source.is_dir():
+        return read_config((source / CONFIG_NAME).read_text(), source)
+    archive = NemoArchive(source)
+    try:
+        with archive.open(CONFIG_NAME) as handle:
+            return read_config(handle.read().decode(), source)
+    finally:
+        archive.close()
+
+
 def stage(source: Path, staging: Path) -> Path:
     """Fill the empty directory `staging` from a .nemo archive or an extracted NeMo directory; returns `staging`."""
     source = Path(source).resolve()
