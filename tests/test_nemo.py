@@ -464,3 +464,14 @@ def test_ft_backend_model_type(tmp_path):
         (tmp_path / name).mkdir()
         assert open_nemo(nemo_archive.stage(FIXTURES / f"{name}.nemo", tmp_path / name)).ft_model_type == expected
         assert ft_model_type_for(nemo_archive.source_config(FIXTURES / f"{name}.nemo")) == expected
+
+
+def test_gzipped_nemo(tmp_path, exported):
+    """Older NeMo versions wrote .nemo files as tar.gz: read the same way."""
+    import gzip
+
+    archive = tmp_path / "gpt_tp2_legacy.nemo"
+    with open(FIXTURES / "gpt_tp2_legacy.nemo", "rb") as plain, gzip.open(archive, "wb", compresslevel=1) as packed:
+        shutil.copyfileobj(plain, packed)
+    shard_dir = convert_checkpoint(archive, tmp_path / "out", tensor_parallel=2)
+    assert _bytes(shard_dir) == _bytes(exported("gpt_tp2_legacy", 2))
