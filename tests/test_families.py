@@ -160,9 +160,31 @@ def test_gqa_rank_files_hold_whole_kv_groups(checkpoints, exported):
     assert not list(shard.glob("*layernorm.bias*"))
 
 
-def test_kv_heads_not_divisible_by_tp_fails_before_writing(checkpoints, tmp_path):
-    from exporter.ft.sharding import ShardingError
+def test_more_ranks_than_kv_heads_replicate_each_kv_head(checkpoints, exported):
+    """TP=4 with 2 kv heads: each rank holds its q head and the one kv head it reads (ranks 0,1: kv 0; 2,3: kv 1)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
-    with pytest.raises(ShardingError, match="kv_head_num 2 is not divisible by tensor_para_size 4"):
-        convert_checkpoint(checkpoints("LlamaForCausalLM", "llama-gqa"), tmp_path, tensor_parallel=4)
-    assert not list(tmp_path.iterdir())
+    checkpoint = checkpoints("LlamaForCausalLM", "llama-gqa")
+    shard = exported("LlamaForCausalLM", "llama-gqa", 4)
+    state = load_file(checkpoint / "model.safetensors")
+    q, k, v = (state[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv")
+    for rank in range(4):
+        piece = np.fromfile(shard / f"model.layers.0.attention.query_key_value.weight.{rank}.bin", dtype=np.float32)
+        kv = rank // 2
+        expected = torch.cat([q[rank * 16:(rank + 1) * 16], k[kv * 16:(kv + 1) * 16], v[kv * 16:(kv + 1) * 16]]).t()
+        assert torch.equal(torch.from_numpy(piece).view(64, 48), expected), rank
+    model = ft_gpt.FTGPT.from_shards(shard)
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        reference = hf(torch.tensor([PROMPTS[0]])).logits
+    assert (model.forward_logits([PROMPTS[0]]) - reference).abs().max().item() < 1e-4
+
+
+def test_kv_heads_and_tp_that_do_not_divide_fail_before_writing(tmp_path):
+    from exporter.ft.sharding import ParallelLayout, ShardingError
+
+    with pytest.raises(ShardingError, match="kv_head_num 3 and tensor_para_size 2: one must divide the other"):
+        ParallelLayout(2, 1, 4).check(head_num=12, kv_head_num=3, inter_size=64)
+    with pytest.raises(ShardingError, match="inter_size 90 is not divisible by tensor_para_size 4"):
+        ParallelLayout(4, 1, 4).check(head_num=4, kv_head_num=4, inter_size=90)

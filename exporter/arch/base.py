@@ -80,7 +80,7 @@ class TensorSpec:
     shape: tuple[int, ...]  # full (unsplit) FT shape
     split: Split
     layer: int | None = None  # None for global tensors
-    sections: tuple[int, ...] = ()  # Split.QKV: sizes of the q | k | v blocks of the last dim (full tensor)
+    sections: tuple[int, ...] = ()  # Split.QKV: (heads, kv heads, head dim) of the q | k | v last dim
 
 
 @dataclass
@@ -142,10 +142,8 @@ class Architecture:
         return tensors[0]
 
     def sections(self, ft_name: str, params: ModelParams) -> tuple[int, ...]:
-        """Split.QKV tensors: the q | k | v block sizes of the full tensor's last dim."""
-        q = params.head_num * params.size_per_head
-        kv = params.kv_heads * params.size_per_head
-        return (q, kv, kv)
+        """Split.QKV tensors: (heads, kv heads, head dim) of the full tensor's q | k | v last dim."""
+        return (params.head_num, params.kv_heads, params.size_per_head)
 
     def extra_ignored(self) -> tuple[str, ...]:
         """Ignored names that depend on the config (e.g. a tied lm_head)."""

@@ -121,17 +121,36 @@ def stage_layers(num_layers, pipeline_para_size, stage):
     return range(min(per_stage * stage, num_layers), min(per_stage * (stage + 1), num_layers))
 
 
+def qkv_rank_heads(heads, kv_heads, tp):
+    """(q heads, kv heads) each TP rank holds. kv heads are split whole when kv_heads % tp == 0;
+    with fewer kv heads than ranks (tp % kv_heads == 0) each rank holds the one kv head its q
+    heads read, replicated on tp / kv_heads ranks. Raises CheckpointError otherwise."""
+    if heads % tp:
+        raise CheckpointError(f"head_num={heads} is not divisible by tensor_para_size={tp}")
+    if heads % kv_heads:
+        raise CheckpointError(f"head_num={heads} is not a multiple of kv_head_num={kv_heads}")
+    if kv_heads % tp == 0:
+        return heads // tp, kv_heads // tp
+    if tp % kv_heads == 0:
+        return heads // tp, 1
+    raise CheckpointError(f"kv_head_num={kv_heads} and tensor_para_size={tp}: one must divide the "
+                          "other (each rank needs whole key/value heads)")
+
+
+def first_kv_head(kv_heads, tp, rank):
+    """Index of the first kv head TP rank `rank` holds (see qkv_rank_heads)."""
+    if kv_heads % tp == 0:
+        return rank * (kv_heads // tp)
+    return rank // (tp // kv_heads)
+
+
 def _check_divisible(config):
     tp = config["tensor_para_size"]
     if tp < 1:
         raise CheckpointError(f"tensor_para_size must be >= 1, got {tp}")
-    for key in ("head_num", "kv_head_num", "inter_size"):
-        value = config.get(key) or config["head_num"]
-        if value % tp:
-            raise CheckpointError(f"{key}={value} is not divisible by tensor_para_size={tp}")
-    if config["head_num"] % (config.get("kv_head_num") or config["head_num"]):
-        raise CheckpointError(f"head_num={config['head_num']} is not a multiple of "
-                              f"kv_head_num={config['kv_head_num']}")
+    if config["inter_size"] % tp:
+        raise CheckpointError(f"inter_size={config['inter_size']} is not divisible by tensor_para_size={tp}")
+    qkv_rank_heads(config["head_num"], config.get("kv_head_num") or config["head_num"], tp)
 
 
 def tensor_table(config, untied=False):
@@ -176,7 +195,8 @@ def tensor_table(config, untied=False):
     if kv == heads:  # FT's own layout: [h, 3, h/tp]
         qkv_w, qkv_b = (h, 3, h // tp), (3, h // tp)
     else:
-        width = (heads + 2 * kv) * d // tp
+        q_rank, kv_rank = qkv_rank_heads(heads, kv, tp)
+        width = (q_rank + 2 * kv_rank) * d
         qkv_w, qkv_b = (h, width), (width,)
     for i in range(cfg["num_layer"]):
         p = f"model.layers.{i}."
@@ -279,11 +299,16 @@ def _read_raw(path, shape, weight_dtype):
 
 
 def _merge_qkv(pieces, config):
-    """Per-rank [.., q_r | k_r | v_r] pieces -> full [.., q | k | v] (GQA layout, see tensor_table)."""
-    tp, d = config["tensor_para_size"], config["size_per_head"]
-    q, kv = config["head_num"] * d // tp, config["kv_head_num"] * d // tp
-    blocks = [torch.split(piece, [q, kv, kv], dim=-1) for piece in pieces]
-    return torch.cat([torch.cat([b[j] for b in blocks], dim=-1) for j in range(3)], dim=-1)
+    """Per-rank [.., q_r | k_r | v_r] pieces -> full [.., q | k | v] (GQA layout, see tensor_table);
+    kv heads replicated over ranks are taken once."""
+    tp, d, kv_heads = config["tensor_para_size"], config["size_per_head"], config["kv_head_num"]
+    q_rank, kv_rank = qkv_rank_heads(config["head_num"], kv_heads, tp)
+    blocks = [torch.split(piece, [q_rank * d, kv_rank * d, kv_rank * d], dim=-1) for piece in pieces]
+    owners = [r for r in range(tp) if r == 0 or first_kv_head(kv_heads, tp, r) != first_kv_head(kv_heads, tp, r - 1)]
+    q = torch.cat([b[0] for b in blocks], dim=-1)
+    k = torch.cat([blocks[r][1] for r in owners], dim=-1)
+    v = torch.cat([blocks[r][2] for r in owners], dim=-1)
+    return torch.cat([q, k, v], dim=-1)
 
 
 def load_weights(shard_dir, device="cpu", dtype=torch.float32, layers=None):
