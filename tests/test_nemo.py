@@ -87,9 +87,10 @@ def test_model_a_matches_nemo(exported, exact_gelu, name, tp):
     np.testing.assert_array_equal(greedy, ref["greedy_ids"])
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, 2, 4])
 def test_model_b_matches_nemo(exported, tp):
-    """Rotary, fused SwiGLU, RMSNorm, no biases, untied output layer, 2 query groups (kv heads split at TP=2)."""
+    """Rotary, fused SwiGLU, RMSNorm, no biases, untied output layer, 2 query groups (kv heads split at TP=2,
+    replicated at TP=4)."""
     ref = reference(MODEL_B)
     logits, greedy = run(exported(MODEL_B, tp), ref)
     assert np.abs(logits - ref["logits"][..., :REAL_VOCAB]).max() <= 1e-4
@@ -186,12 +187,10 @@ def nothing_written(out_dir: Path) -> bool:
     return not out_dir.exists() or not any(out_dir.iterdir())
 
 
-def test_divisibility_refused_before_writing(tmp_path):
-    with pytest.raises(ShardingError, match="kv_head_num 2 is not divisible by tensor_para_size 4"):
-        convert_checkpoint(FIXTURES / f"{MODEL_B}.nemo", tmp_path / "out", tensor_parallel=4)
-    assert nothing_written(tmp_path / "out")
+@pytest.mark.parametrize("name", ["gpt_tp2_legacy", MODEL_B])
+def test_divisibility_refused_before_writing(tmp_path, name):
     with pytest.raises(ShardingError, match="head_num 4 is not divisible by tensor_para_size 3"):
-        convert_checkpoint(FIXTURES / "gpt_tp2_legacy.nemo", tmp_path / "out", tensor_parallel=3)
+        convert_checkpoint(FIXTURES / f"{name}.nemo", tmp_path / "out", tensor_parallel=3)
     assert nothing_written(tmp_path / "out")
 
 
