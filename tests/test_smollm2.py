@@ -58,3 +58,36 @@ def test_served_lambada_equals_transformers(tmp_path, smollm2):
     # The checkpoint's own tokenizer flowed into the repository (SmolLM2's vocabulary, not GPT-2's).
     repo_tokenizer = next(tmp_path.glob("smollm2_135m/export_*/model_repo/preprocessing/1/tokenizer/tokenizer.json"))
     assert repo_tokenizer.read_bytes() == (smollm2 / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_ensemble_text_uses_the_checkpoint_tokenizer(tmp_path, smollm2):
+    """Text in, text out through preprocessing -> model -> postprocessing with SmolLM2's own tokenizer.json: the
+    served continuation equals HF transformers' greedy continuation decoded by HF's tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from exporter.serve.tritonserver import TritonServer
+    from exporter.triton.render import ModelSettings
+    from exporter.triton.repo import build_repository
+    from test_e2e import infer_ensemble
+
+    prompts = ["The capital of France is", "Once upon a time, there was a little"]
+    settings = ModelSettings(name="smollm2", runtime="python", max_batch_size=4, tensor_para_size=3,
+                             pipeline_para_size=1, data_type="fp32", model_checkpoint_path="", device="cpu")
+    repo = build_repository(tmp_path / "model_repo", smollm2, settings, "fp32")
+    with TritonServer(repo, tmp_path / "server.log") as server:
+        served = infer_ensemble(server.http_url, prompts, 8)
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    for row, prompt in enumerate(prompts):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                 num_beams=1, pad_token_id=tokenizer.eos_token_id)
+        new = out[0, ids.shape[1]:].tolist()
+        seq_len = int(served["sequence_length"][row, 0])
+        assert served["output_ids"][row, 0, ids.shape[1]:seq_len].tolist() == new, prompt
+        assert served["OUTPUT_0"][row, 0].decode() == tokenizer.decode(new, skip_special_tokens=True), prompt
