@@ -8,6 +8,7 @@ callable giving greedy tokens, see `Fixture`.
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,39 @@ def build_gpt2(directory: Path) -> Path:
     return build_hf_gpt2(directory)
 
 
+# NeMo checkpoints saved by NeMo itself, with NeMo's own greedy tokens (see tests/test_nemo.py).
+NEMO_FIXTURES = Path(os.environ.get("NEMO_FIXTURES", "/work/shared/fixtures/nemo"))
+
+
+def nemo_checkpoint(name: str):
+    """A builder that returns the fixture file itself (NeMo saved it; nothing to build)."""
+    return lambda directory: NEMO_FIXTURES / f"{name}.nemo"
+
+
+def _nemo_reference_file(checkpoint: Path) -> Path:
+    stem = "gpt_rope_swiglu_tp1" if checkpoint.stem == "gpt_rope_swiglu_tp1" else "gpt_tp1"  # A: all its layouts
+    return NEMO_FIXTURES / f"{stem}.reference.npz"
+
+
+def nemo_reference(checkpoint: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """NeMo's greedy tokens, saved with the fixture for its own prompts (the fixture's `prompts`)."""
+    import numpy as np
+
+    with np.load(_nemo_reference_file(Path(checkpoint))) as data:
+        if prompts != data["input_ids"].tolist() or new_tokens != data["greedy_ids"].shape[1]:
+            raise ValueError("NeMo's reference holds greedy tokens for its own prompts and length only")
+        return data["greedy_ids"].tolist()
+
+
+def nemo_prompts() -> list[list[int]]:
+    import numpy as np
+
+    if not (NEMO_FIXTURES / "gpt_tp1.reference.npz").is_file():
+        return []
+    with np.load(NEMO_FIXTURES / "gpt_tp1.reference.npz") as data:
+        return data["input_ids"].tolist()
+
+
 @dataclass(frozen=True)
 class Fixture:
     """Variants of one registered architecture: name -> builder(directory) -> checkpoint directory.
@@ -122,6 +156,11 @@ FIXTURES: dict[str, Fixture] = {
         "llama-gqa": build_llama,
         "llama-tied-bias": lambda d: build_llama(d, kv_heads=4, tied=True, bias=True),
     }),
+    # Served: model B (rotary, SwiGLU, RMSNorm, GQA, untied; no GELU, whose erf form the runtime approximates).
+    "MegatronGPTModel": Fixture({
+        "nemo-rope-swiglu-gqa": nemo_checkpoint("gpt_rope_swiglu_tp1"),
+        "nemo-tp2-legacy": nemo_checkpoint("gpt_tp2_legacy"),
+    }, reference=nemo_reference, prompts=nemo_prompts(), new_tokens=8),
 }
 # Registered aliases (the bare base models) share their family's fixture: they differ only in the name prefix.
 ALIASES = {"GPT2Model": "GPT2LMHeadModel", "OPTModel": "OPTForCausalLM", "GPTJModel": "GPTJForCausalLM",

@@ -38,6 +38,6 @@ def architecture_for(hf_config: dict) -> type[Architecture]:
 
 
 # Import the architecture files so they register themselves.
-from . import gpt2, gptj, gptneox, llama, opt  # noqa: E402,F401
+from . import gpt2, gptj, gptneox, llama, nemo_gpt, opt  # noqa: E402,F401
 
 __all__ = ["Architecture", "ModelParams", "TensorSpec", "architecture_for", "register", "registered"]

@@ -6,11 +6,14 @@ import logging
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 from ..arch import Architecture, architecture_for
 from ..arch.base import ModelParams, Plan
+from ..readers import nemo_archive
 from ..readers.hf import HFCheckpoint
 from ..tokenizer import find_tokenizer, save_tokenizer_json
 from .sharding import ParallelLayout, ShardingError, file_names, rank_shape
@@ -22,8 +25,22 @@ log = logging.getLogger(__name__)
 
 
 def _open(checkpoint_path: Path, tensor_parallel: int = 1) -> Architecture:
+    if nemo_archive.is_staged(checkpoint_path):
+        from ..arch.nemo_gpt import open_nemo
+
+        return open_nemo(checkpoint_path, tensor_parallel)
     checkpoint = HFCheckpoint(checkpoint_path)
     return architecture_for(checkpoint.config)(checkpoint, tensor_parallel)
+
+
+@contextmanager
+def _staged_nemo(checkpoint_path: Path, work_dir: Path) -> Iterator[Path]:
+    """A .nemo archive or extracted NeMo directory staged for the reader (tokenizer under fixed names, weights
+    unpacked or linked) in a temporary directory under `work_dir`, removed afterwards."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".nemo-source-", dir=work_dir) as staging:
+        log.info("staging NeMo checkpoint %s in %s", checkpoint_path, staging)
+        yield nemo_archive.stage(checkpoint_path, Path(staging))
 
 
 def check_plan(plan: Plan, layout: ParallelLayout, weight_data_type: str, section: str = "gpt") -> None:
@@ -75,6 +92,9 @@ def convert_checkpoint(
     if weight_data_type not in DTYPE_BYTES:
         raise ValueError(f"weight_data_type {weight_data_type!r} is not one of {sorted(DTYPE_BYTES)}")
     checkpoint_path = Path(checkpoint_path)
+    if nemo_archive.is_nemo_source(checkpoint_path):
+        with _staged_nemo(checkpoint_path, Path(out_dir)) as staged:
+            return convert_checkpoint(staged, out_dir, tensor_parallel, weight_data_type, processes, pipeline_parallel)
     arch = _open(checkpoint_path, tensor_parallel)
     find_tokenizer(checkpoint_path)  # pre/postprocessing need it: fail now, not after writing gigabytes
     plan = arch.plan()
