@@ -90,7 +90,18 @@ def build_gpt2(directory: Path) -> Path:
 
 
 # NeMo checkpoints saved by NeMo itself, with NeMo's own greedy tokens (see tests/test_nemo.py).
-NEMO_FIXTURES = Path(os.environ.get("NEMO_FIXTURES", "/work/shared/fixtures/nemo"))
+# Resolved once for every test: $NEMO_FIXTURES, else ../shared/fixtures/nemo beside this checkout, else the
+# team's shared copy.
+def _nemo_fixtures() -> Path:
+    if os.environ.get("NEMO_FIXTURES"):
+        return Path(os.environ["NEMO_FIXTURES"])
+    beside = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "nemo"
+    return beside if beside.is_dir() else Path("/work/shared/fixtures/nemo")
+
+
+NEMO_FIXTURES = _nemo_fixtures()
+NEMO_AVAILABLE = (NEMO_FIXTURES / "gpt_tp1.nemo").is_file()
+NEMO_MISSING = f"NeMo fixtures not found in {NEMO_FIXTURES} (set NEMO_FIXTURES)"
 
 
 def nemo_checkpoint(name: str):
@@ -156,7 +167,7 @@ FIXTURES: dict[str, Fixture] = {
         "llama-gqa": build_llama,
         "llama-tied-bias": lambda d: build_llama(d, kv_heads=4, tied=True, bias=True),
     }),
-    # Served: model B (rotary, SwiGLU, RMSNorm, GQA, untied; no GELU, whose erf form the runtime approximates).
+    # Model B (rotary, SwiGLU, RMSNorm, GQA, untied) and model A trained at TP=2 (learned positions, exact GELU).
     "MegatronGPTModel": Fixture({
         "nemo-rope-swiglu-gqa": nemo_checkpoint("gpt_rope_swiglu_tp1"),
         "nemo-tp2-legacy": nemo_checkpoint("gpt_tp2_legacy"),

@@ -42,6 +42,9 @@ class ModelParams:
     layernorm_eps: float
     tied_embeddings: bool = True
     activation_type: str = "Gelu"  # Gelu | Relu | Silu | GeGLU | SiGLU (the last two gated)
+    # GELU flavour for Gelu/GeGLU: "tanh" (FT's kernel, GPT-2's gelu_new) or "none" (exact erf GELU: NeMo's
+    # default, Pythia's `gelu`). FT's backend always computes tanh; the python runtime follows the key.
+    gelu_approximation: str = "tanh"
     layernorm_type: str = "pre_layernorm"  # | post_layernorm
     kv_head_num: int = 0  # 0: same as head_num
     norm_type: str = "layernorm"  # | rmsnorm

@@ -16,6 +16,16 @@ from .base import Architecture, ModelParams
 # GPT-2's "gelu_new" is the tanh approximation, which is what FT's Gelu kernel computes.
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
+
+def gelu_approximation(activation: str, key: str) -> str:
+    """config.ini gelu_approximation for an HF activation name: tanh flavours -> "tanh", exact "gelu" -> "none"
+    (the python runtime computes it exactly; FT's backend would use its tanh kernel)."""
+    if activation in TANH_GELUS:
+        return "tanh"
+    if activation == "gelu":
+        return "none"
+    raise CheckpointError(f"config.json {key} {activation!r} is not supported (gelu or {', '.join(TANH_GELUS)})")
+
 QKV_WEIGHT = "attention.query_key_value.weight"
 QKV_BIAS = "attention.query_key_value.bias"
 
@@ -48,12 +58,7 @@ class GPT2(Architecture):
 
     def params(self) -> ModelParams:
         config = self.config
-        activation = config.get("activation_function", "gelu_new")
-        if activation not in TANH_GELUS:
-            raise CheckpointError(
-                f"config.json activation_function {activation!r} is not supported: FT's Gelu is the tanh "
-                f"approximation ({', '.join(TANH_GELUS)})"
-            )
+        approximation = gelu_approximation(config.get("activation_function", "gelu_new"), "activation_function")
         for flag, supported in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True)):
             if config.get(flag, supported) != supported:
                 raise CheckpointError(f"config.json {flag}={config.get(flag)} is not supported by FT's GPT")
@@ -62,6 +67,7 @@ class GPT2(Architecture):
             raise CheckpointError(f"config.json n_embd {hidden} is not divisible by n_head {heads}")
         return ModelParams(
             model_name=config.get("model_type", "gpt2"),
+            gelu_approximation=approximation,
             head_num=heads,
             size_per_head=hidden // heads,
             inter_size=config.get("n_inner") or 4 * hidden,

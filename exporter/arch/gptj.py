@@ -11,7 +11,7 @@ from ..ft.sharding import Split
 from ..readers.hf import CheckpointError
 from . import register
 from .base import LinearArchitecture, ModelParams
-from .gpt2 import TANH_GELUS
+from .gpt2 import gelu_approximation
 
 
 @register("GPTJForCausalLM", "GPTJModel")
@@ -41,9 +41,7 @@ class GPTJ(LinearArchitecture):
 
     def params(self) -> ModelParams:
         config = self.config
-        activation = config.get("activation_function", "gelu_new")
-        if activation not in TANH_GELUS:
-            raise CheckpointError(f"config.json activation_function {activation!r}: FT's Gelu is the tanh approximation")
+        approximation = gelu_approximation(config.get("activation_function", "gelu_new"), "activation_function")
         hidden, heads = config["n_embd"], config["n_head"]
         if hidden % heads:
             raise CheckpointError(f"config.json n_embd {hidden} is not divisible by n_head {heads}")
@@ -51,6 +49,7 @@ class GPTJ(LinearArchitecture):
         rotary = config.get("rotary_dim") or head_dim
         return ModelParams(
             model_name=config.get("model_type", "gptj"),
+            gelu_approximation=approximation,
             head_num=heads,
             size_per_head=head_dim,
             inter_size=config.get("n_inner") or 4 * hidden,

@@ -17,7 +17,7 @@ from ..ft.sharding import Split
 from ..readers.hf import CheckpointError
 from . import register
 from .base import LinearArchitecture, ModelParams, Table, rope_theta
-from .gpt2 import TANH_GELUS
+from .gpt2 import gelu_approximation
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,7 @@ class GPTNeoX(LinearArchitecture):
 
     def params(self) -> ModelParams:
         config = self.config
-        activation = config.get("hidden_act", "gelu")
-        if activation == "gelu":
-            log.warning("hidden_act 'gelu' (exact): FT and the python runtime compute the tanh approximation; "
-                        "outputs deviate slightly from HF")
-        elif activation not in TANH_GELUS:
-            raise CheckpointError(f"config.json hidden_act {activation!r} is not supported (FT's Gelu)")
+        approximation = gelu_approximation(config.get("hidden_act", "gelu"), "hidden_act")
         hidden, heads = config["hidden_size"], config["num_attention_heads"]
         if hidden % heads:
             raise CheckpointError(f"config.json hidden_size {hidden} is not divisible by num_attention_heads {heads}")
@@ -68,6 +63,7 @@ class GPTNeoX(LinearArchitecture):
             raise CheckpointError("config.json attention_bias=false: FT's GPT-NeoX layout has biases")
         return ModelParams(
             model_name=config.get("model_type", "gpt_neox"),
+            gelu_approximation=approximation,
             head_num=heads,
             size_per_head=head_dim,
             inter_size=config["intermediate_size"],

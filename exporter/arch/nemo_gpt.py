@@ -220,6 +220,7 @@ class NemoGPT(Architecture):
             layernorm_eps=config.get("layernorm_epsilon", 1e-5),
             tied_embeddings=config.get("share_embeddings_and_output_weights", True),
             activation_type=ACTIVATIONS[activation],
+            gelu_approximation=self._gelu_approximation(activation),
             kv_head_num=groups,
             norm_type=NORMS[normalization],
             has_positional_encoding=positions == "learned_absolute",
@@ -229,6 +230,14 @@ class NemoGPT(Architecture):
             attention_bias=bias,
             mlp_bias=bias,
         )
+
+    def _gelu_approximation(self, activation: str) -> str:
+        """Megatron computes GELU exactly (F.gelu) unless `openai_gelu`, or `bias_activation_fusion` picks its fused
+        bias-gelu / bias-geglu kernels: both of those are the tanh approximation."""
+        if activation not in ("gelu", "geglu"):
+            return "tanh"  # unused: no GELU in this model
+        fused = bool(self.config.get("bias_activation_fusion", False)) and bool(self.config.get("bias", True))
+        return "tanh" if self.config.get("openai_gelu", False) or fused else "none"
 
     def _tokenizer_vocab(self) -> tuple[int, int]:
         """(real vocabulary size, end-of-text id) from the checkpoint's own tokenizer."""

@@ -50,6 +50,7 @@ def config_ini(
         "layernorm_eps": repr(float(params.layernorm_eps)),
         "layernorm_type": params.layernorm_type,
         "activation_type": params.activation_type,
+        "gelu_approximation": params.gelu_approximation,
         "has_positional_encoding": flag(params.has_positional_encoding),
         "has_pre_decoder_layernorm": "0",
         "has_post_decoder_layernorm": flag(params.has_post_decoder_layernorm),

@@ -37,7 +37,7 @@ _REQUIRED = ("head_num", "size_per_head", "inter_size", "num_layer", "max_pos_se
 # Values used when a key is absent from config.ini (FT's GPT defaults), then per section
 # what FT's GPT-J / GPT-NeoX loaders imply without a key. See exporter/arch/layout.md.
 _DEFAULTS = {"start_id": 0, "layernorm_eps": 1e-5, "layernorm_type": "pre_layernorm",
-             "activation_type": "Gelu", "has_positional_encoding": True,
+             "activation_type": "Gelu", "gelu_approximation": "tanh", "has_positional_encoding": True,
              "has_pre_decoder_layernorm": False, "has_post_decoder_layernorm": True,
              "use_attention_linear_bias": False, "has_adapters": False, "adapter_inter_size": 0,
              "pipeline_para_size": 1, "kv_head_num": 0, "norm_type": "layernorm",

@@ -51,9 +51,10 @@ def resolve_dtype(device, requested=None, weight_data_type="fp32"):
 ACTIVATIONS = ("gelu", "relu", "silu", "geglu", "siglu")
 
 
-def _activation(name, x):
+def _activation(name, x, gelu_approximation="tanh"):
     if name in ("gelu", "geglu"):
-        return F.gelu(x, approximate="tanh")  # FT's Gelu kernel is the tanh approximation
+        # FT's Gelu kernel is the tanh approximation; config.ini gelu_approximation=none asks for exact GELU.
+        return F.gelu(x, approximate=gelu_approximation)
     if name in ("silu", "siglu"):
         return F.silu(x)
     return F.relu(x)
@@ -100,6 +101,9 @@ class FTGPT:
         self.max_positions = config["max_pos_seq_len"]
         self.eps = float(config.get("layernorm_eps", 1e-5))
         self.act = act
+        self.gelu_approximation = config.get("gelu_approximation", "tanh")
+        if self.gelu_approximation not in ("tanh", "none"):
+            raise ValueError(f"gelu_approximation {self.gelu_approximation!r} is not supported (tanh or none)")
         self.gated = act in ("geglu", "siglu")
         self.rmsnorm = norm == "rmsnorm"
         self.post_layernorm = layernorm_type == "post_layernorm"
@@ -257,7 +261,7 @@ class FTGPT:
     def _mlp(self, y, lw):
         bsz, seq, h = y.shape
         flat = y.reshape(-1, h)
-        inner = _activation(self.act, _linear(flat, lw["fc1_w"], lw["fc1_b"]))
+        inner = _activation(self.act, _linear(flat, lw["fc1_w"], lw["fc1_b"]), self.gelu_approximation)
         if self.gated:  # act(x W_gate) * (x W_up)
             inner = inner * _linear(flat, lw["up_w"], lw["up_b"])
         return torch.mm(inner, lw["fc2_w"]).view(bsz, seq, h)
