@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import queue
+import sys
 import uuid
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -216,3 +217,15 @@ def sampling_options(args: argparse.Namespace) -> dict:
 
 def resolve_url(args: argparse.Namespace) -> str:
     return args.url or DEFAULT_URLS[args.protocol]
+
+
+def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], object], argv: list[str] | None,
+            succeeded: Callable[[object], bool] = lambda result: True) -> int:
+    """Parse argv, run; exit status 0 when `succeeded(result)`, 1 (with the message on stderr) on a ClientError."""
+    args = parser.parse_args(argv)
+    try:
+        result = run(args)
+    except ClientError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0 if succeeded(result) else 1

@@ -86,13 +86,7 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        result = run(args)
-    except common.ClientError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0 if result["agree"] else 1
+    return common.run_cli(parser(), run, argv, lambda result: result["agree"])
 
 
 if __name__ == "__main__":

@@ -86,13 +86,7 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        run(args)
-    except common.ClientError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return common.run_cli(parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -62,13 +62,7 @@ def decode(output: "object") -> list[list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        run(args)
-    except common.ClientError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return common.run_cli(parser(), run, argv)
 
 
 if __name__ == "__main__":
