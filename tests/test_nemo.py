@@ -261,7 +261,7 @@ def test_unsupported_config_is_named(tmp_path):
 @pytest.mark.parametrize("name, tp", [("gpt_tp2_legacy", 1)])
 def test_served_greedy_ids_equal_nemo(tmp_path, name, tp):
     """Through a real tritonserver: the model repository built from the .nemo (model A, trained at TP=2, merged
-    to TP=1, served with FT's tanh GELU), its FT-contract model asked for 8 greedy tokens of NeMo's prompts (token
+    to TP=1, exact GELU as NeMo computes it), its FT-contract model asked for 8 greedy tokens of NeMo's prompts (token
     ids, as the ensemble's preprocessing would send them). Model B is served at TP 1 and 2 by test_registry.py."""
     httpclient = pytest.importorskip("tritonclient.http")
     from exporter.serve.tritonserver import TritonServer

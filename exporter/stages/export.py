@@ -63,7 +63,7 @@ def check_ft_backend(checkpoint: Path) -> None:
 
         if ft_model_type_for(nemo_archive.source_config(Path(checkpoint))) is None:
             raise CheckpointError(
-                f"{checkpoint}: FT's GPT backend cannot serve this NeMo model (rotary positions, RMSNorm, gated MLP "
+                f"{checkpoint}: FT's GPT backend cannot serve this NeMo model (rotary positions, RMSNorm, SiLU or gated MLP "
                 f"or grouped-query attention); serve it with export.triton_deployment.runtime=python"
             )
         return
