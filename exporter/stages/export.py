@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 from omegaconf import DictConfig
 
-from ..builtin import resolve_checkpoint
+from ..builtin import BUILTIN_CHECKPOINT, resolve_checkpoint
 from ..ft.verify import read_config
 from ..readers.hf import CheckpointError
 from ..triton.render import ModelSettings
@@ -89,8 +89,6 @@ def convert(cfg: DictConfig) -> Path:
     paths = export_paths(cfg)
     model, deploy = cfg.export.model, cfg.export.triton_deployment
     checkpoint = resolve_checkpoint(model.checkpoint_path, paths.checkpoint_cache)
-    if deploy.runtime.value == "fastertransformer":
-        check_ft_backend(checkpoint)
     settings = ModelSettings(
         name=paths.model_name,
         runtime=deploy.runtime.value,
@@ -239,10 +237,15 @@ RUNNERS: dict[str, Callable[..., object]] = {"convert": convert, "accuracy": acc
 def plan(cfg: DictConfig) -> list[SubStage]:
     """convert: one task, no GPUs. accuracy (when enabled): the serving shape of the parallel layout, after convert.
 
-    Raises JobShapeError (before anything is written or submitted) when the layout does not fit the nodes.
+    Raises JobShapeError (before anything is written or submitted) when the layout does not fit the nodes, and
+    CheckpointError when runtime=fastertransformer is asked for a model FT's backend cannot serve.
     """
     paths = export_paths(cfg)
     run, deploy = cfg.export.run, cfg.export.triton_deployment
+    if deploy.runtime.value == "fastertransformer" and cfg.export.model.checkpoint_path != BUILTIN_CHECKPOINT:
+        # Here, not in the convert job: refused before anything is written or submitted (the built-in GPT-2 is
+        # within FT's GPT).
+        check_ft_backend(Path(cfg.export.model.checkpoint_path).expanduser())
 
     def sub_stage(name: str, steps: tuple[Step, ...], **kwargs) -> SubStage:
         return SubStage(name=name, stage="export", results_dir=paths.results_dir / name, config_name=run.name,
