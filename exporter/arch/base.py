@@ -128,6 +128,13 @@ class Architecture:
     def full_name(self, source: str) -> str:
         return source if source in self.unprefixed else self.prefix + source
 
+    def head_shape(self, hidden_key: str, heads_key: str) -> tuple[int, int, int]:
+        """(hidden, heads, head_dim) from config.json; refused when the heads do not divide the hidden size."""
+        hidden, heads = self.config[hidden_key], self.config[heads_key]
+        if hidden % heads:
+            raise CheckpointError(f"config.json {hidden_key} {hidden} is not divisible by {heads_key} {heads}")
+        return hidden, heads, hidden // heads
+
     # -- hooks for the quirks -------------------------------------------------------------------------------
     def params(self) -> ModelParams:
         raise NotImplementedError

@@ -62,14 +62,12 @@ class GPT2(Architecture):
         for flag, supported in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True)):
             if config.get(flag, supported) != supported:
                 raise CheckpointError(f"config.json {flag}={config.get(flag)} is not supported by FT's GPT")
-        hidden, heads = config["n_embd"], config["n_head"]
-        if hidden % heads:
-            raise CheckpointError(f"config.json n_embd {hidden} is not divisible by n_head {heads}")
+        hidden, heads, head_dim = self.head_shape("n_embd", "n_head")
         return ModelParams(
             model_name=config.get("model_type", "gpt2"),
             gelu_approximation=approximation,
             head_num=heads,
-            size_per_head=hidden // heads,
+            size_per_head=head_dim,
             inter_size=config.get("n_inner") or 4 * hidden,
             num_layer=config["n_layer"],
             max_pos_seq_len=config["n_positions"],

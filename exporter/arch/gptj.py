@@ -8,7 +8,6 @@ MLP run in parallel off one layernorm (`ln_1`; no post_attention_layernorm files
 from __future__ import annotations
 
 from ..ft.sharding import Split
-from ..readers.hf import CheckpointError
 from . import register
 from .base import LinearArchitecture, ModelParams
 from .gpt2 import gelu_approximation
@@ -42,10 +41,7 @@ class GPTJ(LinearArchitecture):
     def params(self) -> ModelParams:
         config = self.config
         approximation = gelu_approximation(config.get("activation_function", "gelu_new"), "activation_function")
-        hidden, heads = config["n_embd"], config["n_head"]
-        if hidden % heads:
-            raise CheckpointError(f"config.json n_embd {hidden} is not divisible by n_head {heads}")
-        head_dim = hidden // heads
+        hidden, heads, head_dim = self.head_shape("n_embd", "n_head")
         rotary = config.get("rotary_dim") or head_dim
         return ModelParams(
             model_name=config.get("model_type", "gptj"),

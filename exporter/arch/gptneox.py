@@ -52,10 +52,7 @@ class GPTNeoX(LinearArchitecture):
     def params(self) -> ModelParams:
         config = self.config
         approximation = gelu_approximation(config.get("hidden_act", "gelu"), "hidden_act")
-        hidden, heads = config["hidden_size"], config["num_attention_heads"]
-        if hidden % heads:
-            raise CheckpointError(f"config.json hidden_size {hidden} is not divisible by num_attention_heads {heads}")
-        head_dim = hidden // heads
+        _, heads, head_dim = self.head_shape("hidden_size", "num_attention_heads")
         fraction = config.get("rotary_pct")
         if fraction is None:
             fraction = (config.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)

@@ -41,11 +41,8 @@ class Llama(LinearArchitecture):
         config = self.config
         if config.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"config.json hidden_act {config['hidden_act']!r} is not supported (SwiGLU: silu)")
-        hidden, heads = config["hidden_size"], config["num_attention_heads"]
+        _, heads, head_dim = self.head_shape("hidden_size", "num_attention_heads")
         kv_heads = config.get("num_key_value_heads") or heads
-        if hidden % heads:
-            raise CheckpointError(f"config.json hidden_size {hidden} is not divisible by num_attention_heads {heads}")
-        head_dim = hidden // heads
         if config.get("head_dim", head_dim) != head_dim:
             raise CheckpointError(f"config.json head_dim {config['head_dim']} != hidden_size / heads {head_dim}")
         if heads % kv_heads:

@@ -49,13 +49,11 @@ class OPT(LinearArchitecture):
             raise CheckpointError(f"config.json activation_function {config['activation_function']!r}: FT's OPT is ReLU")
         if not config.get("enable_bias", True):
             raise CheckpointError("config.json enable_bias=false: FT's OPT layout has biases")
-        hidden, heads = config["hidden_size"], config["num_attention_heads"]
-        if hidden % heads:
-            raise CheckpointError(f"config.json hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+        _, heads, head_dim = self.head_shape("hidden_size", "num_attention_heads")
         return ModelParams(
             model_name=config.get("model_type", "opt"),
             head_num=heads,
-            size_per_head=hidden // heads,
+            size_per_head=head_dim,
             inter_size=config["ffn_dim"],
             num_layer=config["num_hidden_layers"],
             max_pos_seq_len=config["max_position_embeddings"],
