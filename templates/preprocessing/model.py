@@ -29,6 +29,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tokenizer_model import RequestError, load_tokenizer_and_end_id, respond_each  # noqa: E402
 
 
+def as_text(item, name, row):
+    """One BYTES element (bytes or str) -> str; a RequestError naming `name[row]` if it is not utf-8 text."""
+    if isinstance(item, (bytes, np.bytes_)):
+        try:
+            return bytes(item).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RequestError(f"{name}[{row}] is not valid utf-8: {e}") from None
+    if not isinstance(item, str):
+        raise RequestError(f"{name}[{row}] is not a string (got {type(item).__name__})")
+    return item
+
+
 def decode_queries(query):
     """QUERY [B, 1] object/bytes array -> list of B python strings."""
     query = np.asarray(query)
@@ -40,14 +52,7 @@ def decode_queries(query):
         raise RequestError("QUERY is empty (batch of 0)")
     texts = []
     for b in range(query.shape[0]):
-        item = query[b, 0]
-        if isinstance(item, (bytes, np.bytes_)):
-            try:
-                item = bytes(item).decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise RequestError(f"QUERY[{b}] is not valid utf-8: {e}") from None
-        elif not isinstance(item, str):
-            raise RequestError(f"QUERY[{b}] is not a string (got {type(item).__name__})")
+        item = as_text(query[b, 0], "QUERY", b)
         if item == "":
             raise RequestError(f"QUERY[{b}] is empty")
         texts.append(item)
@@ -65,13 +70,7 @@ def pad_ids(id_lists, pad_id):
 
 def parse_words(item, name, row):
     """One row's CSV word string (bytes or str) -> list of words; '' means no words."""
-    if isinstance(item, (bytes, np.bytes_)):
-        try:
-            item = bytes(item).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise RequestError(f"{name}[{row}] is not valid utf-8: {e}") from None
-    if not isinstance(item, str):
-        raise RequestError(f"{name}[{row}] is not a string (got {type(item).__name__})")
+    item = as_text(item, name, row)
     if item == "":
         return []
     try:
