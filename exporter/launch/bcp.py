@@ -25,9 +25,8 @@ from .common import (
     prepare,
     python_for,
     record_command,
-    run_teeing,
+    run_logged,
     step_argv,
-    failure,
     write_script,
 )
 
@@ -72,8 +71,4 @@ def run_bcp(cfg: DictConfig, sub_stages: Sequence[SubStage]) -> None:
             continue
         out, err = log_paths(sub_stage, job_name(cfg, sub_stage), "bcp")
         print(f"{sub_stage.name}: running {line} (logs: {out.name}, {err.name})")
-        for path in (out, err):
-            path.write_bytes(b"")
-        code = run_teeing(argv, out, err, cwd=workdir, env=dict(os.environ))
-        if code != 0:
-            raise failure(sub_stage, code, out, err)
+        run_logged(sub_stage, [argv], out, err, cwd=workdir, env=dict(os.environ))

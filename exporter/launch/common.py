@@ -122,6 +122,17 @@ def run_teeing(argv: Sequence[str], out_path: Path, err_path: Path, *, cwd: Path
     return code
 
 
+def run_logged(sub_stage: SubStage, argvs: Sequence[Sequence[str]], out: Path, err: Path, *, cwd: Path,
+               env: dict[str, str]) -> None:
+    """Run a sub-stage's commands here in order, into fresh logs; LaunchError (with the logs' ends) on a failure."""
+    for path in (out, err):
+        path.write_bytes(b"")
+    for argv in argvs:
+        code = run_teeing(argv, out, err, cwd=cwd, env=env)
+        if code != 0:
+            raise failure(sub_stage, code, out, err)
+
+
 def tail(path: Path, lines: int = 10) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

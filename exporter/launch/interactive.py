@@ -26,9 +26,8 @@ from .common import (
     python_for,
     pythonpath_line,
     record_command,
-    run_teeing,
+    run_logged,
     step_argv,
-    failure,
     write_script,
 )
 
@@ -66,10 +65,5 @@ def run_interactive(cfg: DictConfig, sub_stages: Sequence[SubStage]) -> None:
         out, err = log_paths(sub_stage, job_name(cfg, sub_stage), "local")
         log.info("== %s == (logs: %s, %s)", sub_stage.name, out, err)
         started = time.monotonic()
-        for path in (out, err):
-            path.write_bytes(b"")
-        for argv in argvs:
-            code = run_teeing(argv, out, err, cwd=workdir, env=env)
-            if code != 0:
-                raise failure(sub_stage, code, out, err)
+        run_logged(sub_stage, argvs, out, err, cwd=workdir, env=env)
         log.info("== %s done in %.1fs ==", sub_stage.name, time.monotonic() - started)
