@@ -24,8 +24,10 @@ import statistics
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convert_gpt2_medium import time_cp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "exporter" / "data" / "gpt2-tokenizer"
@@ -139,14 +141,6 @@ def run_child(source: Path, out: Path, tp: int, convert: bool) -> dict:
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def time_cp(source: Path, destination: Path) -> float:
-    started = time.monotonic()
-    subprocess.run(["cp", str(source), str(destination)], check=True)
-    seconds = time.monotonic() - started
-    destination.unlink()
-    return seconds
 
 
 def main() -> None:
