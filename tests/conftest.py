@@ -54,6 +54,17 @@ def hf_model(tiny_gpt2):
     return GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval()
 
 
+def right_padded(prompts: list[list[int]], pad: int):
+    """Right-padded [B, Lmax] int64 ids + lengths [B], as clients send them."""
+    import numpy as np
+
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad, dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = prompt
+    return ids, np.array([len(p) for p in prompts])
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -19,26 +19,25 @@ pytestmark = pytest.mark.triton
 GOOD_IDS = [[464, 2068, 7586], [15496, 50256, 50256]]  # right-padded with end_id
 
 
-def ensemble_case(**change):
-    arrays = common.ensemble_arrays(["Hello there"], 4)
+def _changed(arrays, change):
+    """`arrays` with each named input replaced, or removed where the change is None."""
     for name, value in change.items():
         if value is None:
             arrays.pop(name)
         else:
             arrays[name] = value
-    return ENSEMBLE, arrays
+    return arrays
+
+
+def ensemble_case(**change):
+    return ENSEMBLE, _changed(common.ensemble_arrays(["Hello there"], 4), change)
 
 
 def model_case(**change):
     arrays = {"input_ids": np.array(GOOD_IDS, dtype=np.uint32),
               "input_lengths": np.array([[3], [1]], dtype=np.uint32),
               "request_output_len": np.array([[4], [4]], dtype=np.uint32)}
-    for name, value in change.items():
-        if value is None:
-            arrays.pop(name)
-        else:
-            arrays[name] = value
-    return MODEL, arrays
+    return MODEL, _changed(arrays, change)
 
 
 def word_list(ids, offsets, rows=2):

@@ -16,6 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from exporter.ft.convert import convert_checkpoint  # noqa: E402
+from conftest import right_padded  # noqa: E402
 from templates.ft_python import ft_gpt  # noqa: E402
 
 END = 50256
@@ -23,11 +24,7 @@ PROMPTS = [[464, 2068, 7586, 21831, 18045], [40], [1212, 318, 257, 1332, 286, 26
 
 
 def _padded(prompts, pad=END):
-    width = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), width), pad, dtype=np.int64)
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)] = prompt
-    return ids, np.array([len(p) for p in prompts])
+    return right_padded(prompts, pad)
 
 
 def _word_list(rows):

@@ -22,6 +22,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from exporter.ft.convert import convert_checkpoint  # noqa: E402
+from conftest import right_padded  # noqa: E402
 from templates.ft_python import ft_checkpoint, ft_gpt  # noqa: E402
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates" / "ft_python"
@@ -33,12 +34,7 @@ NEW_TOKENS = [20, 12, 16, 9]
 
 
 def _padded(prompts, pad=END_ID):
-    """Right-padded [B, Lmax] int64 ids + lengths [B], as clients send them."""
-    width = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), width), pad, dtype=np.int64)
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)] = prompt
-    return ids, np.array([len(p) for p in prompts])
+    return right_padded(prompts, pad)
 
 
 @pytest.fixture(scope="module")
