@@ -15,7 +15,7 @@ from typing import IO, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from ..atomic import write_text_atomic
-from ..stages.job import Step, SubStage
+from ..jobs import Step, SubStage
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # holds the `exporter` package: put on PYTHONPATH in jobs
 CONTAINER_PYTHON = "python3"  # inside a container, its own interpreter; on the host, the one running main.py

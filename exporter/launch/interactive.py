@@ -15,7 +15,7 @@ from typing import Sequence
 
 from omegaconf import DictConfig
 
-from ..stages.job import SubStage
+from ..jobs import SubStage
 from .common import (
     PROJECT_ROOT,
     LaunchError,
