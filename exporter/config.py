@@ -16,6 +16,8 @@ from typing import Any, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .runtimes import runtime_for, runtime_names
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BUILTIN_CHECKPOINT = "builtin:tiny-gpt2"
 
@@ -37,9 +39,9 @@ class DataType(_Choice):
     bf16 = "bf16"
 
 
-class Runtime(_Choice):
-    python = "python"  # Triton python backend reading the FT shards with PyTorch (default, CPU or GPU)
-    fastertransformer = "fastertransformer"  # the FT Triton backend (GPU clusters that have it)
+# The registered serving runtimes (exporter/runtimes/): python, the default (Triton's python backend reading the FT
+# shards with PyTorch, CPU or GPU), and fastertransformer (FT's Triton backend, GPU clusters that have it).
+Runtime = _Choice("Runtime", {name: name for name in runtime_names()})
 
 
 class ClusterType(_Choice):
@@ -87,7 +89,7 @@ class TritonDeploymentConfig:
     enable_custom_all_reduce: bool = False
     data_type: DataType = DataType.fp32
     # Additions to NeMo-Launcher's keys:
-    runtime: Runtime = Runtime.python
+    runtime: Runtime = Runtime(runtime_names()[0])
     device: str = "auto"  # python runtime: auto | cpu | cuda
     instance_count: int = 1
     decoupled: bool = False  # streaming: one response per generated token (model_transaction_policy.decoupled)
@@ -198,22 +200,12 @@ def _check_values(cfg: DictConfig) -> None:
         deploy.max_queue_delay_microseconds >= 0, "export.triton_deployment.max_queue_delay_microseconds", "must be >= 0"
     )
     _require(deploy.max_beam_width >= 1, "export.triton_deployment.max_beam_width", "must be >= 1")
-    _require(
-        not (deploy.decoupled and deploy.runtime == Runtime.fastertransformer),
-        "export.triton_deployment.decoupled",
-        "streaming through the ensemble needs the python runtime (FT's backend's streamed responses lack the "
-        "prompt lengths postprocessing needs)",
-    )
+    runtime_for(deploy.runtime).validate(cfg, _require)
     _require(
         not (deploy.decoupled and cfg.export.accuracy.enabled),
         "export.triton_deployment.decoupled",
         "a decoupled (streaming) model answers gRPC streams only; LAMBADA scoring sends plain requests: "
         "set export.accuracy.enabled=False",
-    )
-    _require(
-        not (deploy.int8_mode and deploy.runtime == Runtime.python),
-        "export.triton_deployment.int8_mode",
-        "int8 weight-only mode needs the fastertransformer runtime; the python runtime serves fp32/fp16/bf16",
     )
     _require(accuracy.batch_size >= 1, "export.accuracy.batch_size", "must be >= 1")
     _require(accuracy.limit is None or accuracy.limit >= 1, "export.accuracy.limit", "must be >= 1 or null")

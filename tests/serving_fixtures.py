@@ -36,13 +36,14 @@ class Served:
 def build_serving_repository(root: Path, checkpoint: Path) -> Path:
     """`root/model_repo` with both the plain and the decoupled model and their ensembles."""
     from exporter.triton import render
-    from exporter.triton.render import ModelSettings
-    from exporter.triton.repo import build_repository
+    from exporter.parallel import ParallelLayout
+    from exporter.runtimes import ModelSettings
+    from exporter.stages.export import build_repository
 
     def settings(name: str, decoupled: bool) -> ModelSettings:
         return ModelSettings(
-            name=name, runtime="python", max_batch_size=MAX_BATCH_SIZE, tensor_para_size=1, pipeline_para_size=1,
-            data_type="fp32", model_checkpoint_path="", device="cpu", max_queue_delay_microseconds=QUEUE_DELAY_US,
+            name=name, runtime="python", max_batch_size=MAX_BATCH_SIZE, layout=ParallelLayout(1, 1),
+            data_type="fp32", device="cpu", max_queue_delay_microseconds=QUEUE_DELAY_US,
             decoupled=decoupled, max_beam_width=MAX_BEAM_WIDTH,
         )
 

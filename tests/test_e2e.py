@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from exporter.serve.tritonserver import TritonServer, TritonServerError
-from exporter.triton.render import ModelSettings
-from exporter.triton.repo import build_repository
+from exporter.parallel import ParallelLayout
+from exporter.runtimes import ModelSettings
+from exporter.stages.export import build_repository
 
 pytestmark = pytest.mark.triton
 tritonclient_http = pytest.importorskip("tritonclient.http")
@@ -29,8 +30,8 @@ OUTPUT_LEN = 8
 
 def make_repo(tmp_path: Path, checkpoint: Path, tp: int, dtype: str, name: str = "gpt2") -> Path:
     settings = ModelSettings(
-        name=name, runtime="python", max_batch_size=8, tensor_para_size=tp, pipeline_para_size=1,
-        data_type="fp32", model_checkpoint_path="", device="cpu",
+        name=name, runtime="python", max_batch_size=8, layout=ParallelLayout(tp, 1),
+        data_type="fp32", device="cpu",
     )
     return build_repository(tmp_path / f"repo-tp{tp}-{dtype}", checkpoint, settings, dtype)
 

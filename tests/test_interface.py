@@ -19,6 +19,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from exporter.clients import common
+from exporter.parallel import ParallelLayout
+from exporter.runtimes import ModelSettings, runtime_for
 from exporter.triton import render
 from serving_fixtures import ENSEMBLE, MAX_BEAM_WIDTH, MODEL, QUEUE_DELAY_US
 
@@ -30,11 +32,16 @@ OUTPUT_LEN = 8
 
 
 # -- rendering (no server) ----------------------------------------------------------------------------------------
-def _settings(runtime: str, decoupled: bool = False) -> render.ModelSettings:
-    return render.ModelSettings(
-        name="gpt", runtime=runtime, max_batch_size=8, tensor_para_size=1, pipeline_para_size=1, data_type="fp32",
-        model_checkpoint_path="1-gpu", max_queue_delay_microseconds=1234, decoupled=decoupled, max_beam_width=3,
+def _settings(runtime: str, decoupled: bool = False) -> ModelSettings:
+    return ModelSettings(
+        name="gpt", runtime=runtime, max_batch_size=8, layout=ParallelLayout(1, 1), data_type="fp32",
+        max_queue_delay_microseconds=1234, decoupled=decoupled, max_beam_width=3,
     )
+
+
+def _model_config(settings: ModelSettings) -> pb.ModelConfig:
+    """The model's config.pbtxt as the settings' runtime renders it, for a repository at /repo."""
+    return runtime_for(settings.runtime).model_config(settings, Path("/repo"))
 
 
 def _parsed(config: pb.ModelConfig) -> pb.ModelConfig:
@@ -43,7 +50,7 @@ def _parsed(config: pb.ModelConfig) -> pb.ModelConfig:
 
 
 def test_python_runtime_batches_ragged_requests_with_queue_delay():
-    config = _parsed(render.model_config(_settings("python")))
+    config = _parsed(_model_config(_settings("python")))
     ragged = {i.name for i in config.input if i.allow_ragged_batch}
     assert ragged == {"input_ids", "request_output_len", "bad_words_list", "stop_words_list"}
     assert config.dynamic_batching.max_queue_delay_microseconds == 1234
@@ -58,7 +65,7 @@ def test_python_runtime_batches_ragged_requests_with_queue_delay():
 
 
 def test_decoupled_model_and_streaming_ensemble():
-    config = _parsed(render.model_config(_settings("python", decoupled=True)))
+    config = _parsed(_model_config(_settings("python", decoupled=True)))
     assert config.model_transaction_policy.decoupled
     assert {"prompt_lengths", "is_final"} <= {o.name for o in config.output}
     ensemble = _parsed(render.ensemble_config("gpt", 8, decoupled=True))
@@ -68,11 +75,11 @@ def test_decoupled_model_and_streaming_ensemble():
     # Triton: a step after a decoupled model may read that model's tensors only.
     assert set(post.input_map.values()) <= set(model_step.output_map.values())
     with pytest.raises(ValueError, match="python runtime"):
-        render.model_config(_settings("fastertransformer", decoupled=True))
+        _model_config(_settings("fastertransformer", decoupled=True))
 
 
 def test_ft_backend_config_renders_word_lists_and_no_python_extras():
-    config = _parsed(render.model_config(_settings("fastertransformer")))
+    config = _parsed(_model_config(_settings("fastertransformer")))
     inputs = {i.name: (i.data_type, list(i.dims), i.optional) for i in config.input}
     assert inputs["bad_words_list"] == (pb.TYPE_INT32, [2, -1], True)
     assert inputs["stop_words_list"] == (pb.TYPE_INT32, [2, -1], True)

@@ -17,7 +17,9 @@ from exporter.config import ConfigError, validate
 from exporter.launch import LaunchError
 from exporter.launch.slurm import parse_job_id, sbatch_argv
 from exporter.stages import JobShapeError
-from exporter.stages.job import Resources, serving_resources
+from exporter.jobs import Resources
+from exporter.parallel import ParallelLayout
+from exporter.runtimes import runtime_for
 from test_config import composed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,7 +174,9 @@ def test_golden_bcprun(tmp_path, monkeypatch):
     ],
 )
 def test_serving_shape(kwargs, expected):
-    assert serving_resources(**kwargs) == Resources(*expected)
+    runtime = runtime_for(kwargs.pop("runtime"))
+    layout = ParallelLayout(kwargs.pop("tensor_parallel"), kwargs.pop("pipeline_parallel"))
+    assert runtime.serving_resources(layout, **kwargs) == Resources(*expected)
 
 
 @pytest.mark.parametrize(

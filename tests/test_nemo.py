@@ -265,11 +265,12 @@ def test_served_greedy_ids_equal_nemo(tmp_path, name, tp):
     ids, as the ensemble's preprocessing would send them). Model B is served at TP 1 and 2 by test_registry.py."""
     httpclient = pytest.importorskip("tritonclient.http")
     from exporter.serve.tritonserver import TritonServer
-    from exporter.triton.render import ModelSettings
-    from exporter.triton.repo import build_repository
+    from exporter.parallel import ParallelLayout
+    from exporter.runtimes import ModelSettings
+    from exporter.stages.export import build_repository
 
-    settings = ModelSettings(name="nemo_gpt", runtime="python", max_batch_size=8, tensor_para_size=tp,
-                             pipeline_para_size=1, data_type="fp32", model_checkpoint_path="", device="cpu")
+    settings = ModelSettings(name="nemo_gpt", runtime="python", max_batch_size=8, layout=ParallelLayout(tp, 1),
+                             data_type="fp32", device="cpu")
     repo = build_repository(tmp_path / "repo", FIXTURES / f"{name}.nemo", settings, "fp32")
     ref = reference(name)
     ids = ref["input_ids"].astype(np.uint32)
@@ -467,8 +468,9 @@ def test_ft_backend_model_type(tmp_path):
 
 def test_ft_runtime_refused_for_a_model_ft_cannot_serve():
     """runtime=fastertransformer is refused before converting for model B (read from the archive's config only)."""
-    from exporter.stages.export import check_ft_backend
+    from exporter.runtimes import runtime_for
 
+    check_ft_backend = runtime_for("fastertransformer").check_source
     with pytest.raises(CheckpointError, match="runtime=python"):
         check_ft_backend(FIXTURES / f"{MODEL_B}.nemo")
     check_ft_backend(FIXTURES / "gpt_tp1.nemo")  # within FT's GPT: accepted

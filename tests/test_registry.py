@@ -16,8 +16,9 @@ import torch
 
 from exporter.arch import registered
 from exporter.ft.convert import convert_checkpoint
+from exporter.parallel import ParallelLayout
+from exporter.runtimes import ModelSettings, runtime_for
 from exporter.triton import render
-from exporter.triton.repo import install_python_model
 from family_fixtures import ALIASES, END_ID, FIXTURES, NEMO_AVAILABLE, NEMO_MISSING
 
 PROMPTS = [[464, 2068, 7586, 21831, 18045, 625, 262], [40, 1101, 257], [15496, 11, 616, 1438, 318, 3271, 13, 314]]
@@ -37,11 +38,11 @@ def add_model(repo: Path, name: str, checkpoint: Path, tp: int, pp: int = 1) -> 
     """`<repo>/<name>/{config.pbtxt, 1/<tp>-gpu, 1/*.py}`: the exporter's conversion + python runtime model."""
     version_dir = repo / name / "1"
     convert_checkpoint(checkpoint, version_dir, tensor_parallel=tp, pipeline_parallel=pp)
-    install_python_model("ft_python", version_dir)
-    settings = render.ModelSettings(name=name, runtime="python", max_batch_size=8, tensor_para_size=tp,
-                                    pipeline_para_size=pp, data_type="fp32", model_checkpoint_path=f"{tp}-gpu",
-                                    device="cpu")
-    render.write_config(render.model_config(settings), repo / name)
+    settings = ModelSettings(name=name, runtime="python", max_batch_size=8, layout=ParallelLayout(tp, pp),
+                             data_type="fp32", device="cpu")
+    runtime = runtime_for(settings.runtime)
+    runtime.install(version_dir, settings)
+    render.write_config(runtime.model_config(settings, repo), repo / name)
 
 
 def served_greedy(client, model: str, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:

@@ -8,8 +8,9 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from exporter.triton.render import ModelSettings
-from exporter.triton.repo import build_repository
+from exporter.parallel import ParallelLayout
+from exporter.runtimes import ModelSettings
+from exporter.stages.export import build_repository
 
 FT_BACKEND_INPUTS = {
     # name: (data type, dims) as FT's GPT backend declares them (all_models/gpt/fastertransformer/config.pbtxt)
@@ -36,8 +37,8 @@ def parse(path: Path) -> pb.ModelConfig:
 @pytest.fixture(scope="module", params=["python", "fastertransformer"])
 def repo(request, tmp_path_factory, tiny_gpt2):
     settings = ModelSettings(
-        name="my_gpt", runtime=request.param, max_batch_size=16, tensor_para_size=2, pipeline_para_size=1,
-        data_type="fp16", model_checkpoint_path="", int8_mode=False, enable_custom_all_reduce=True,
+        name="my_gpt", runtime=request.param, max_batch_size=16, layout=ParallelLayout(2, 1),
+        data_type="fp16", int8_mode=False, enable_custom_all_reduce=True,
     )
     return build_repository(tmp_path_factory.mktemp(request.param) / "model_repo", tiny_gpt2, settings, "fp16")
 

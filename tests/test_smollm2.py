@@ -69,13 +69,14 @@ def test_ensemble_text_uses_the_checkpoint_tokenizer(tmp_path, smollm2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from exporter.serve.tritonserver import TritonServer
-    from exporter.triton.render import ModelSettings
-    from exporter.triton.repo import build_repository
+    from exporter.parallel import ParallelLayout
+    from exporter.runtimes import ModelSettings
+    from exporter.stages.export import build_repository
     from test_e2e import infer_ensemble
 
     prompts = ["The capital of France is", "Once upon a time, there was a little"]
-    settings = ModelSettings(name="smollm2", runtime="python", max_batch_size=4, tensor_para_size=3,
-                             pipeline_para_size=1, data_type="fp32", model_checkpoint_path="", device="cpu")
+    settings = ModelSettings(name="smollm2", runtime="python", max_batch_size=4, layout=ParallelLayout(3, 1),
+                             data_type="fp32", device="cpu")
     repo = build_repository(tmp_path / "model_repo", smollm2, settings, "fp32")
     with TritonServer(repo, tmp_path / "server.log") as server:
         served = infer_ensemble(server.http_url, prompts, 8)

@@ -16,17 +16,19 @@ from typing import Callable, Iterator
 
 from omegaconf import DictConfig
 
+from ..atomic import AtomicDirectory
 from ..builtin import BUILTIN_CHECKPOINT, resolve_checkpoint
+from ..config import Reference
+from ..ft.convert import convert_checkpoint
 from ..ft.verify import read_config
-from ..readers.hf import CheckpointError
-from ..triton.render import ModelSettings
-from ..triton.repo import build_repository
-from .job import Resources, Step, SubStage, serving_resources
+from ..jobs import Resources, Step, SubStage
+from ..parallel import ParallelLayout
+from ..readers.source import SourceKind, source_kind
+from ..runtimes import ModelKind, ModelSettings, runtime_for
+from ..triton import render
+from ..triton.repo import add_decoder_ensemble
 
 log = logging.getLogger(__name__)
-
-# Ports of the multi-node server on each node (whole nodes are allocated, so the defaults are free).
-SERVER_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
 
 @dataclass(frozen=True)
@@ -52,51 +54,19 @@ def export_paths(cfg: DictConfig) -> ExportPaths:
     )
 
 
-def check_ft_backend(checkpoint: Path) -> None:
-    """Refuse runtime=fastertransformer up front for sources FT's Triton backend cannot serve from this export."""
-    from ..arch import architecture_for
-    from ..readers import nemo_archive
-    from ..readers.hf import HFCheckpoint
-
-    if nemo_archive.is_nemo_source(Path(checkpoint)):
-        from ..arch.nemo_gpt import ft_model_type_for
-
-        if ft_model_type_for(nemo_archive.source_config(Path(checkpoint))) is None:
-            raise CheckpointError(
-                f"{checkpoint}: FT's GPT backend cannot serve this NeMo model (rotary positions, RMSNorm, SiLU or gated MLP "
-                f"or grouped-query attention); serve it with export.triton_deployment.runtime=python"
-            )
-        return
-    if not (Path(checkpoint) / "config.json").is_file():
-        return  # neither HF nor NeMo: the converter refuses it with the reason
-    config = HFCheckpoint(checkpoint).config
-    arch = architecture_for(config)
-    name = (config.get("architectures") or ["?"])[0]
-    if arch.ft_model_type is None:
-        raise CheckpointError(
-            f"{name}: FasterTransformer has no backend for this architecture (no Llama-family model: RMSNorm, "
-            f"SwiGLU, grouped-query attention); serve it with export.triton_deployment.runtime=python"
-        )
-    if arch.ft_model_type != "GPT":
-        raise CheckpointError(
-            f"{name}: FT's backend serves it as model_type {arch.ft_model_type!r} (config.ini [{arch.section}]), "
-            f"but the rendered config.pbtxt declares model_type 'GPT'; serve it with "
-            f"export.triton_deployment.runtime=python"
-        )
+def layout_of(cfg: DictConfig) -> ParallelLayout:
+    return ParallelLayout(cfg.export.model.tensor_model_parallel_size,
+                          cfg.export.triton_deployment.pipeline_model_parallel_size)
 
 
-def convert(cfg: DictConfig) -> Path:
-    paths = export_paths(cfg)
-    model, deploy = cfg.export.model, cfg.export.triton_deployment
-    checkpoint = resolve_checkpoint(model.checkpoint_path, paths.checkpoint_cache)
-    settings = ModelSettings(
-        name=paths.model_name,
+def model_settings(cfg: DictConfig) -> ModelSettings:
+    deploy = cfg.export.triton_deployment
+    return ModelSettings(
+        name=export_paths(cfg).model_name,
         runtime=deploy.runtime.value,
         max_batch_size=deploy.max_batch_size,
-        tensor_para_size=model.tensor_model_parallel_size,
-        pipeline_para_size=deploy.pipeline_model_parallel_size,
+        layout=layout_of(cfg),
         data_type=deploy.data_type.value,
-        model_checkpoint_path="",  # filled in by build_repository
         int8_mode=deploy.int8_mode,
         enable_custom_all_reduce=deploy.enable_custom_all_reduce,
         device=deploy.device,
@@ -105,9 +75,46 @@ def convert(cfg: DictConfig) -> Path:
         max_queue_delay_microseconds=deploy.max_queue_delay_microseconds,
         max_beam_width=deploy.max_beam_width,
     )
-    return build_repository(
-        paths.repository, checkpoint, settings, model.weight_data_type.value, processes=model.processes
-    )
+
+
+def build_repository(repo_root: Path, checkpoint_path: Path, settings: ModelSettings, weight_data_type: str,
+                     processes: int = 1) -> Path:
+    """Fill one temporary directory in order, then rename it to `repo_root` (replacing an older one) when whole:
+
+    1. convert: the checkpoint -> FT shards in `<model>/1/<tp>-gpu` (every check passes before anything is written);
+    2. the runtime installs its model: its files beside the shards and its config.pbtxt;
+    3. the text models around it for the model's kind: preprocessing, postprocessing, ensemble.
+    """
+    runtime = runtime_for(settings.runtime)
+    repo_root = Path(repo_root).resolve()
+    with AtomicDirectory(repo_root) as partial:
+        model_dir = partial / settings.name
+        shard_dir = convert_checkpoint(checkpoint_path, model_dir / "1", settings.layout, weight_data_type,
+                                       processes=processes)
+        kind = ModelKind.DECODER  # every converter writes decoder-only FT shards today
+        runtime.check_kind(kind)
+        runtime.install(model_dir / "1", settings)
+        render.write_config(runtime.model_config(settings, repo_root), model_dir)
+        TEXT_MODELS[kind](partial, settings, shard_dir)
+    log.info("model repository ready: %s", repo_root)
+    return repo_root
+
+
+def _decoder_text_models(repository: Path, settings: ModelSettings, shard_dir: Path) -> None:
+    add_decoder_ensemble(repository, settings.name, settings.max_batch_size, read_config(shard_dir).end_id,
+                         shard_dir / "tokenizer.json", settings.max_queue_delay_microseconds, settings.decoupled)
+
+
+# The pre/postprocessing and ensemble that surround each kind of model.
+TEXT_MODELS = {ModelKind.DECODER: _decoder_text_models}
+
+
+def convert(cfg: DictConfig) -> Path:
+    paths = export_paths(cfg)
+    model = cfg.export.model
+    checkpoint = resolve_checkpoint(model.checkpoint_path, paths.checkpoint_cache)
+    return build_repository(paths.repository, checkpoint, model_settings(cfg), model.weight_data_type.value,
+                            processes=model.processes)
 
 
 def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
@@ -117,13 +124,13 @@ def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
 
     paths = export_paths(cfg)
     acc = cfg.export.accuracy
-    shard_dir = paths.model_dir / "1" / f"{cfg.export.model.tensor_model_parallel_size}-gpu"
+    shard_dir = paths.model_dir / "1" / layout_of(cfg).shard_dir_name
     if not (shard_dir / "config.ini").is_file():
         raise FileNotFoundError(f"no exported model at {shard_dir}: run the convert sub-stage first")
     ft_config = read_config(shard_dir)
-    end_id = ft_config["end_id"]
+    end_id = ft_config.end_id
     # Context + label must fit both the requested length and the model's position table.
-    max_seq_len = min(acc.runtime.max_seq_len, ft_config["max_pos_seq_len"])
+    max_seq_len = min(acc.runtime.max_seq_len, ft_config.max_pos_seq_len)
     batch_size = min(acc.batch_size, cfg.export.triton_deployment.max_batch_size)
     if batch_size < acc.batch_size:
         log.warning("accuracy.batch_size %d exceeds the model's max_batch_size; using %d", acc.batch_size, batch_size)
@@ -132,16 +139,14 @@ def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
     texts = lambada.read_texts(Path(acc.test_data), acc.limit)
 
     reference = None
-    if acc.reference.value == "hf":
-        from ..readers import nemo_archive
-
+    if acc.reference == Reference.hf:
         checkpoint = resolve_checkpoint(cfg.export.model.checkpoint_path, paths.checkpoint_cache)
         try:
             import transformers  # noqa: F401
         except ImportError:
             log.warning("transformers is not installed: skipping the in-process reference accuracy")
         else:
-            if nemo_archive.is_nemo_source(Path(checkpoint)):
+            if source_kind(checkpoint) is SourceKind.NEMO:
                 # No independent NeMo forward pass here (nemo_toolkit is optional): the exported shards are checked
                 # against NeMo's own outputs by the tests; this run reports the served accuracy alone.
                 log.warning("accuracy.reference=hf: %s is a NeMo checkpoint, which transformers cannot load; "
@@ -170,7 +175,7 @@ def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
 @contextlib.contextmanager
 def _serving(cfg: DictConfig, paths: ExportPaths, server_url: str | None) -> Iterator[str]:
     """Yield the URL of a ready tritonserver on the repository: `server_url`'s, or one started (and stopped) here."""
-    from ..serve.tritonserver import TritonServer, TritonServerError, find_tritonserver
+    from ..serve.tritonserver import TritonServer, find_tritonserver
 
     acc = cfg.export.accuracy
     if server_url is not None:
@@ -180,14 +185,7 @@ def _serving(cfg: DictConfig, paths: ExportPaths, server_url: str | None) -> Ite
         yield address
         return
     install = find_tritonserver(acc.tritonserver)
-    backend = cfg.export.triton_deployment.runtime.value
-    if backend == "fastertransformer" and install.backend_dir is not None:
-        if not (install.backend_dir / "fastertransformer").is_dir():
-            raise TritonServerError(
-                f"the fastertransformer runtime needs a tritonserver with FT's backend; {install.binary} has "
-                f"none in {install.backend_dir} (use NVIDIA's FasterTransformer Triton container, set "
-                f"export.accuracy.tritonserver, or serve with export.triton_deployment.runtime=python)"
-            )
+    runtime_for(cfg.export.triton_deployment.runtime).check_server(install.backend_dir, install.binary)
     log_path = paths.results_dir / "accuracy" / "tritonserver.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with TritonServer(paths.repository, log_path, install=install, startup_timeout_s=acc.server_timeout_s) as server:
@@ -235,17 +233,18 @@ RUNNERS: dict[str, Callable[..., object]] = {"convert": convert, "accuracy": acc
 
 
 def plan(cfg: DictConfig) -> list[SubStage]:
-    """convert: one task, no GPUs. accuracy (when enabled): the serving shape of the parallel layout, after convert.
+    """convert: one task, no GPUs. accuracy (when enabled): the runtime's serving shape, after convert.
 
     Raises JobShapeError (before anything is written or submitted) when the layout does not fit the nodes, and
-    CheckpointError when runtime=fastertransformer is asked for a model FT's backend cannot serve.
+    CheckpointError when the runtime cannot serve the checkpoint.
     """
     paths = export_paths(cfg)
     run, deploy = cfg.export.run, cfg.export.triton_deployment
-    if deploy.runtime.value == "fastertransformer" and cfg.export.model.checkpoint_path != BUILTIN_CHECKPOINT:
-        # Here, not in the convert job: refused before anything is written or submitted (the built-in GPT-2 is
-        # within FT's GPT).
-        check_ft_backend(Path(cfg.export.model.checkpoint_path).expanduser())
+    runtime = runtime_for(deploy.runtime)
+    if cfg.export.model.checkpoint_path != BUILTIN_CHECKPOINT:
+        # Here, not in the convert job: refused before anything is written or submitted (the built-in GPT-2, built
+        # by the convert job, is served by every runtime).
+        runtime.check_source(Path(cfg.export.model.checkpoint_path).expanduser())
 
     def sub_stage(name: str, steps: tuple[Step, ...], **kwargs) -> SubStage:
         return SubStage(name=name, stage="export", results_dir=paths.results_dir / name, config_name=run.name,
@@ -254,33 +253,14 @@ def plan(cfg: DictConfig) -> list[SubStage]:
     stages = [sub_stage("convert", (Step(entry=("export", "convert")),), resources=Resources())]
     if not cfg.export.accuracy.enabled:
         return stages
-    tp, pp = cfg.export.model.tensor_model_parallel_size, deploy.pipeline_model_parallel_size
-    shape = serving_resources(runtime=deploy.runtime.value, device=deploy.device, tensor_parallel=tp,
-                              pipeline_parallel=pp, gpus_per_node=cfg.cluster.gpus_per_node)
+    layout = layout_of(cfg)
+    shape = runtime.serving_resources(layout, deploy.device, cfg.cluster.gpus_per_node)
     if shape.nodes == 1:
         # One node: the accuracy code launches tritonserver itself, next to the client.
         steps: tuple[Step, ...] = (Step(entry=("export", "accuracy")),)
     else:
-        steps = _multi_node_serving(cfg, paths, tp, pp, shape)
+        binary = cfg.export.accuracy.tritonserver or "tritonserver"  # NVIDIA's Triton containers have it on PATH
+        servers, url = runtime.multi_node_server(paths.repository, binary, shape, layout)
+        steps = (*servers, Step(entry=("export", "accuracy", "--server-url", url)))
     stages.append(sub_stage("accuracy", steps, resources=shape, depends_on=("convert",)))
     return stages
-
-
-def _multi_node_serving(cfg: DictConfig, paths: ExportPaths, tp: int, pp: int, shape: Resources) -> tuple[Step, ...]:
-    """One tritonserver per node as one MPI world (FT's multi-node backend); the client talks to rank 0."""
-    binary = cfg.export.accuracy.tritonserver or "tritonserver"  # NVIDIA's Triton container has it on PATH
-    server = Step(
-        argv=(binary, f"--model-repository={paths.repository}",
-              *(f"--{name}-port={port}" for name, port in SERVER_PORTS.items())),
-        every_node=True,
-        mpi=True,
-        notes=(
-            f"FT backend, multi-node: {shape.nodes} MPI ranks, one tritonserver per node, each driving its "
-            f"{shape.gpus_per_node} GPUs;",
-            f"NCCL world size = TP*PP = {tp}*{pp} = {tp * pp} = {shape.nodes} nodes x {shape.gpus_per_node} GPUs; "
-            "TP groups stay inside a node, PP spans nodes.",
-            "Rank 0 (the first node, where this script runs) serves requests; the client below talks to it.",
-        ),
-    )
-    client = Step(entry=("export", "accuracy", "--server-url", f"http://127.0.0.1:{SERVER_PORTS['http']}"))
-    return server, client

@@ -14,6 +14,9 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from ..atomic import write_text_atomic
 
+# Triton's python backend: it runs the text models (and the python runtime's model).
+PYTHON_BACKEND = "python"
+
 UINT32, UINT64, INT32, FP32, BOOL, STRING = (
     pb.TYPE_UINT32,
     pb.TYPE_UINT64,
@@ -130,54 +133,24 @@ def _parameters(config: pb.ModelConfig, values: dict[str, object]) -> None:
         config.parameters[key].string_value = str(value)
 
 
-@dataclass(frozen=True)
-class ModelSettings:
-    name: str
-    runtime: str  # "python" | "fastertransformer"
-    max_batch_size: int
-    tensor_para_size: int
-    pipeline_para_size: int
-    data_type: str
-    model_checkpoint_path: str
-    int8_mode: bool = False
-    enable_custom_all_reduce: bool = False
-    device: str = "auto"
-    instance_count: int = 1
-    max_queue_delay_microseconds: int = 0
-    # Streaming: the model answers each request with one response per generated token, then a final one.
-    decoupled: bool = False
-    max_beam_width: int = 4  # python runtime: larger beam_width requests are refused
+def decoder_model_config(name: str, backend: str, max_batch_size: int, instance_count: int,
+                         parameters: dict[str, object], *, ragged: bool = False, decoupled: bool = False,
+                         max_queue_delay_microseconds: int | None = None) -> pb.ModelConfig:
+    """The middle model of a decoder-only ensemble, with FT's GPT backend's tensors whichever runtime serves it.
 
-
-def model_config(settings: ModelSettings) -> pb.ModelConfig:
-    if settings.decoupled and settings.runtime != "python":
-        raise ValueError("decoupled (streaming) serving needs the python runtime")
-    config = pb.ModelConfig(name=settings.name, max_batch_size=settings.max_batch_size)
-    config.backend = "fastertransformer" if settings.runtime == "fastertransformer" else "python"
-    config.model_transaction_policy.decoupled = settings.decoupled
-    # The python backend hands every request's tensors to execute() separately, so requests with different prompt
-    # (and word-list) lengths can share a dynamic batch without padding; no BATCH_ITEM_SHAPE batch input is needed
-    # (tritonserver 2.51's python backend accepts one in the config but never provides the tensor). FT's backend is
-    # rendered without ragged inputs.
-    ragged = _ragged(MODEL_INPUTS + SAMPLING_INPUTS) if settings.runtime == "python" else ()
-    _add_inputs(config, MODEL_INPUTS + SAMPLING_INPUTS, ragged=ragged)
-    _add_outputs(config, MODEL_OUTPUTS + (STREAMING_OUTPUTS if settings.decoupled else ()))
-    # FT's backend manages its GPUs itself and wants KIND_CPU; the python runtime picks its device by parameter.
-    config.instance_group.add(count=settings.instance_count, kind=pb.ModelInstanceGroup.KIND_CPU)
-    if settings.runtime == "python":
-        config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_microseconds
-    parameters: dict[str, object] = {
-        "tensor_para_size": settings.tensor_para_size,
-        "pipeline_para_size": settings.pipeline_para_size,
-        "data_type": settings.data_type,
-        "model_type": "GPT",
-        "model_checkpoint_path": settings.model_checkpoint_path,
-        "int8_mode": settings.int8_mode,
-        "enable_custom_all_reduce": settings.enable_custom_all_reduce,
-    }
-    if settings.runtime == "python":
-        parameters["device"] = settings.device
-        parameters["max_beam_width"] = settings.max_beam_width
+    ragged: every input with a -1 dimension may differ in shape between the requests of one batch. decoupled: the
+    model streams, and adds STREAMING_OUTPUTS. max_queue_delay_microseconds: dynamic batching (None: none). The
+    runtime (exporter/runtimes/) chooses these and the parameters.
+    """
+    config = pb.ModelConfig(name=name, max_batch_size=max_batch_size)
+    config.backend = backend
+    config.model_transaction_policy.decoupled = decoupled
+    inputs = MODEL_INPUTS + SAMPLING_INPUTS
+    _add_inputs(config, inputs, ragged=_ragged(inputs) if ragged else ())
+    _add_outputs(config, MODEL_OUTPUTS + (STREAMING_OUTPUTS if decoupled else ()))
+    config.instance_group.add(count=instance_count, kind=pb.ModelInstanceGroup.KIND_CPU)
+    if max_queue_delay_microseconds is not None:
+        config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_microseconds
     _parameters(config, parameters)
     return config
 
@@ -189,7 +162,7 @@ def _ragged(tensors: tuple[Tensor, ...]) -> tuple[str, ...]:
 
 def _python_model(name: str, max_batch_size: int, inputs, outputs, parameters: dict[str, object],
                   max_queue_delay_microseconds: int | None = None) -> pb.ModelConfig:
-    config = pb.ModelConfig(name=name, backend="python", max_batch_size=max_batch_size)
+    config = pb.ModelConfig(name=name, backend=PYTHON_BACKEND, max_batch_size=max_batch_size)
     _add_inputs(config, inputs, ragged=_ragged(inputs))
     _add_outputs(config, outputs)
     config.instance_group.add(count=1, kind=pb.ModelInstanceGroup.KIND_CPU)

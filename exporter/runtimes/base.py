@@ -1,0 +1,105 @@
+"""What a serving runtime is: the one interface the rest of the exporter talks to.
+
+A runtime serves the middle model of the ensemble (preprocessing -> model -> postprocessing). Every runtime takes
+the same tensors (templates/ft_python/ft_interface.py) and reads the same FT shards; they differ in which Triton
+backend runs the model, what goes into the model's version directory, its config.pbtxt, the job shape it needs,
+and what it must check before serving. Nothing outside exporter/runtimes/ names a runtime: the rest asks the
+registry (exporter/runtimes/__init__.py) for the configured one and calls these methods.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar
+
+from tritonclient.grpc import model_config_pb2 as pb
+
+from ..parallel import ParallelLayout
+from ..jobs import Resources, Step
+
+# require(condition, dotted config key, message): raises the configuration error naming the key when false.
+Require = Callable[[bool, str, str], None]
+
+
+class ModelKind(enum.Enum):
+    """What the converter produced, and so which ensemble surrounds the model: decoder-only GPT models today;
+    encoder-decoder models (T5, UL2) are the planned second kind."""
+
+    DECODER = "decoder"
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How the middle model is served: the config.pbtxt settings every runtime shares (some ignore a few)."""
+
+    name: str
+    runtime: str  # a registered runtime's name (exporter/runtimes/__init__.py)
+    max_batch_size: int
+    layout: ParallelLayout
+    data_type: str  # compute type: fp32 | fp16 | bf16
+    int8_mode: bool = False
+    enable_custom_all_reduce: bool = False
+    device: str = "auto"
+    instance_count: int = 1
+    max_queue_delay_microseconds: int = 0
+    # Streaming: the model answers each request with one response per generated token, then a final one.
+    decoupled: bool = False
+    max_beam_width: int = 4  # largest beam_width a request may ask for, where the runtime enforces one
+
+
+class Runtime:
+    """One serving runtime; subclasses register themselves with `exporter.runtimes.register`."""
+
+    name: ClassVar[str]
+    backend: ClassVar[str]  # the Triton backend that runs the model
+    model_kinds: ClassVar[tuple[ModelKind, ...]] = (ModelKind.DECODER,)
+    streams: ClassVar[bool] = False  # can serve decoupled (one response per generated token)
+
+    def validate(self, cfg, require: Require) -> None:
+        """Check the runtime's part of the validated config (`cfg` = the root DictConfig)."""
+
+    def check_source(self, checkpoint: Path) -> None:
+        """Refuse, before anything is written or submitted, a source this runtime cannot serve (CheckpointError)."""
+
+    def serving_resources(self, layout: ParallelLayout, device: str, gpus_per_node: int) -> Resources:
+        """The shape of the job that serves the model (raises JobShapeError when it cannot be placed)."""
+        raise NotImplementedError
+
+    def install(self, version_dir: Path, settings: ModelSettings) -> None:
+        """Put what the runtime needs beside the shards in `<model>/1/` (the shards are already there)."""
+
+    def model_config(self, settings: ModelSettings, repository: Path) -> pb.ModelConfig:
+        """The model's config.pbtxt; `repository` is where the finished repository will be."""
+        raise NotImplementedError
+
+    def check_server(self, backend_dir: Path | None, binary: Path) -> None:
+        """Refuse a tritonserver that cannot run this runtime's backend (TritonServerError)."""
+
+    def multi_node_server(self, repository: Path, tritonserver: str, shape: Resources,
+                          layout: ParallelLayout) -> tuple[tuple[Step, ...], str]:
+        """The steps that start the server on every node of a multi-node serving job (`shape`), and the URL at
+        which the job's first node reaches it."""
+        raise NotImplementedError(f"the {self.name} runtime serves on one node")
+
+    def common_parameters(self, settings: ModelSettings, checkpoint_path: str) -> dict[str, object]:
+        """The parameters FT's GPT backend reads, in its config.pbtxt's order; every runtime renders them."""
+        return {
+            "tensor_para_size": settings.layout.tensor_parallel,
+            "pipeline_para_size": settings.layout.pipeline_parallel,
+            "data_type": settings.data_type,
+            "model_type": "GPT",
+            "model_checkpoint_path": checkpoint_path,
+            "int8_mode": settings.int8_mode,
+            "enable_custom_all_reduce": settings.enable_custom_all_reduce,
+        }
+
+    def check_kind(self, kind: ModelKind) -> None:
+        if kind not in self.model_kinds:
+            raise ValueError(f"the {self.name} runtime does not serve {kind.value} models")
+
+    @staticmethod
+    def shard_path(settings: ModelSettings, repository: Path) -> Path:
+        """Where the model's shards are once the repository is in place: <repository>/<model>/1/<tp>-gpu."""
+        return Path(repository) / settings.name / "1" / settings.layout.shard_dir_name

@@ -1,0 +1,129 @@
+"""FasterTransformer's own Triton backend, for GPU clusters that have it: serves the FT shards directly, one
+tritonserver per node across nodes (one MPI world)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from tritonclient.grpc import model_config_pb2 as pb
+
+from ..jobs import JobShapeError, Resources, Step
+from ..parallel import ParallelLayout
+from ..triton import render
+from .base import ModelSettings, Require, Runtime
+from .registry import register
+
+# Ports of the multi-node server on each node (whole nodes are allocated, so the defaults are free).
+SERVER_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+
+
+@register
+class FasterTransformerRuntime(Runtime):
+    name = "fastertransformer"
+    backend = "fastertransformer"
+
+    def validate(self, cfg, require: Require) -> None:
+        require(
+            not cfg.export.triton_deployment.decoupled,
+            "export.triton_deployment.decoupled",
+            "streaming through the ensemble needs the python runtime (FT's backend's streamed responses lack the "
+            "prompt lengths postprocessing needs)",
+        )
+
+    def check_source(self, checkpoint: Path) -> None:
+        """Refuse up front the sources FT's Triton backend cannot serve from this export."""
+        from ..arch import architecture_for
+        from ..readers import nemo_archive
+        from ..readers.hf import CheckpointError, HFCheckpoint
+
+        if nemo_archive.is_nemo_source(Path(checkpoint)):
+            from ..arch.nemo_gpt import ft_model_type_for
+
+            if ft_model_type_for(nemo_archive.source_config(Path(checkpoint))) is None:
+                raise CheckpointError(
+                    f"{checkpoint}: FT's GPT backend cannot serve this NeMo model (rotary positions, RMSNorm, SiLU or "
+                    f"gated MLP or grouped-query attention); serve it with export.triton_deployment.runtime=python"
+                )
+            return
+        if not (Path(checkpoint) / "config.json").is_file():
+            return  # neither HF nor NeMo: the converter refuses it with the reason
+        config = HFCheckpoint(checkpoint).config
+        arch = architecture_for(config)
+        name = (config.get("architectures") or ["?"])[0]
+        if arch.ft_model_type is None:
+            raise CheckpointError(
+                f"{name}: FasterTransformer has no backend for this architecture (no Llama-family model: RMSNorm, "
+                f"SwiGLU, grouped-query attention); serve it with export.triton_deployment.runtime=python"
+            )
+        if arch.ft_model_type != "GPT":
+            raise CheckpointError(
+                f"{name}: FT's backend serves it as model_type {arch.ft_model_type!r} (config.ini [{arch.section}]), "
+                f"but the rendered config.pbtxt declares model_type 'GPT'; serve it with "
+                f"export.triton_deployment.runtime=python"
+            )
+
+    def serving_resources(self, layout: ParallelLayout, device: str, gpus_per_node: int) -> Resources:
+        """TP*PP GPUs in all. On one node, one tritonserver uses them all. Across nodes, FT's Triton backend runs one
+        tritonserver (one MPI rank) per node driving all of that node's GPUs, and keeps a tensor-parallel group
+        inside a node: nodes = TP*PP / gpus_per_node whole nodes, TP dividing gpus_per_node."""
+        tensor_parallel, pipeline_parallel = layout.tensor_parallel, layout.pipeline_parallel
+        world = tensor_parallel * pipeline_parallel
+        if gpus_per_node < 1:
+            raise JobShapeError(
+                f"the fastertransformer runtime needs GPUs (TP*PP = {world}) but cluster.gpus_per_node=0"
+            )
+        if world <= gpus_per_node:
+            return Resources(nodes=1, tasks_per_node=1, gpus_per_node=world)
+        nodes = math.ceil(world / gpus_per_node)
+        if tensor_parallel > gpus_per_node or gpus_per_node % tensor_parallel:
+            raise JobShapeError(
+                f"TP={tensor_parallel} does not fit inside one node of {gpus_per_node} GPUs: FT's multi-node Triton "
+                f"backend keeps each tensor-parallel group within a node (use TP dividing {gpus_per_node}, and "
+                "pipeline parallelism across nodes)"
+            )
+        if world != nodes * gpus_per_node:
+            raise JobShapeError(
+                f"TP*PP = {tensor_parallel}*{pipeline_parallel} = {world} GPUs does not fill whole nodes of "
+                f"{gpus_per_node} GPUs ({nodes} nodes have {nodes * gpus_per_node}): FT's multi-node Triton backend "
+                "runs one process per node using every GPU of it"
+            )
+        return Resources(nodes=nodes, tasks_per_node=1, gpus_per_node=gpus_per_node)
+
+    def model_config(self, settings: ModelSettings, repository: Path) -> pb.ModelConfig:
+        if settings.decoupled:
+            raise ValueError("decoupled (streaming) serving needs the python runtime")
+        # FT's backend wants the absolute path of the shards: where they will be once the repository is in place.
+        # It manages its GPUs itself (KIND_CPU instances) and is rendered without ragged inputs or dynamic batching.
+        parameters = self.common_parameters(settings, str(self.shard_path(settings, repository)))
+        return render.decoder_model_config(settings.name, self.backend, settings.max_batch_size,
+                                           settings.instance_count, parameters)
+
+    def check_server(self, backend_dir: Path | None, binary: Path) -> None:
+        from ..serve.tritonserver import TritonServerError
+
+        if backend_dir is not None and not (backend_dir / self.backend).is_dir():
+            raise TritonServerError(
+                f"the fastertransformer runtime needs a tritonserver with FT's backend; {binary} has "
+                f"none in {backend_dir} (use NVIDIA's FasterTransformer Triton container, set "
+                f"export.accuracy.tritonserver, or serve with export.triton_deployment.runtime=python)"
+            )
+
+    def multi_node_server(self, repository: Path, tritonserver: str, shape: Resources,
+                          layout: ParallelLayout) -> tuple[tuple[Step, ...], str]:
+        """One tritonserver per node as one MPI world (FT's multi-node backend); clients talk to rank 0."""
+        tp, pp = layout.tensor_parallel, layout.pipeline_parallel
+        server = Step(
+            argv=(tritonserver, f"--model-repository={repository}",
+                  *(f"--{name}-port={port}" for name, port in SERVER_PORTS.items())),
+            every_node=True,
+            mpi=True,
+            notes=(
+                f"FT backend, multi-node: {shape.nodes} MPI ranks, one tritonserver per node, each driving its "
+                f"{shape.gpus_per_node} GPUs;",
+                f"NCCL world size = TP*PP = {tp}*{pp} = {tp * pp} = {shape.nodes} nodes x {shape.gpus_per_node} GPUs; "
+                "TP groups stay inside a node, PP spans nodes.",
+                "Rank 0 (the first node, where this script runs) serves requests; the client below talks to it.",
+            ),
+        )
+        return (server,), f"http://127.0.0.1:{SERVER_PORTS['http']}"

@@ -1,0 +1,61 @@
+"""The embedded default: Triton's python backend running templates/ft_python/, which reads the FT shards with
+PyTorch on CPU or GPU. It is how everything is served on machines without FT's backend, and how the shards are
+proven right."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from tritonclient.grpc import model_config_pb2 as pb
+
+from ..jobs import JobShapeError, Resources
+from ..parallel import ParallelLayout
+from ..triton import render
+from .base import ModelSettings, Require, Runtime
+from .registry import register
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+# Copied flat into the model's version directory, beside the shards: the python backend's model.py and the modules
+# it imports (stdlib + numpy + torch only), so a stock tritonserver serves the repository without this package.
+FILES = ("ft_python/model.py", "ft_python/ft_checkpoint.py", "ft_python/ft_gpt.py", "ft_python/ft_generate.py")
+
+
+@register
+class PythonRuntime(Runtime):
+    name = "python"
+    backend = render.PYTHON_BACKEND
+    streams = True
+
+    def validate(self, cfg, require: Require) -> None:
+        require(
+            not cfg.export.triton_deployment.int8_mode,
+            "export.triton_deployment.int8_mode",
+            "int8 weight-only mode needs the fastertransformer runtime; the python runtime serves fp32/fp16/bf16",
+        )
+
+    def serving_resources(self, layout: ParallelLayout, device: str, gpus_per_node: int) -> Resources:
+        """One process serves every rank on one device -> 1 node, 1 task, 1 GPU (none on CPU)."""
+        if device == "cuda" and gpus_per_node == 0:
+            raise JobShapeError("triton_deployment.device=cuda but cluster.gpus_per_node=0 (CPU-only nodes)")
+        gpus = 0 if device == "cpu" or gpus_per_node == 0 else 1
+        return Resources(nodes=1, tasks_per_node=1, gpus_per_node=gpus)
+
+    def install(self, version_dir: Path, settings: ModelSettings) -> None:
+        version_dir.mkdir(parents=True, exist_ok=True)
+        for relative in FILES:
+            shutil.copy2(TEMPLATES / relative, version_dir / Path(relative).name)
+
+    def model_config(self, settings: ModelSettings, repository: Path) -> pb.ModelConfig:
+        # The python backend hands every request's tensors to execute() separately, so requests with different
+        # prompt (and word-list) lengths share a dynamic batch without padding: every -1 input is ragged. No
+        # BATCH_ITEM_SHAPE batch input is needed (tritonserver 2.51's python backend accepts one in the config but
+        # never provides the tensor).
+        parameters = self.common_parameters(settings, settings.layout.shard_dir_name)  # relative: movable repository
+        parameters["device"] = settings.device
+        parameters["max_beam_width"] = settings.max_beam_width
+        return render.decoder_model_config(
+            settings.name, self.backend, settings.max_batch_size, settings.instance_count, parameters,
+            ragged=True, decoupled=settings.decoupled,
+            max_queue_delay_microseconds=settings.max_queue_delay_microseconds,
+        )
