@@ -23,7 +23,7 @@ TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 # What each python-backend model's version directory gets, as paths under templates/.
 TEMPLATE_FILES = {
     "ft_python": ("ft_python/model.py", "ft_python/ft_checkpoint.py", "ft_python/ft_gpt.py",
-                  "ft_python/ft_generate.py"),
+                  "ft_python/ft_generate.py", "ft_python/ft_interface.py"),
     "preprocessing": ("preprocessing/model.py", "tokenizer_model.py"),
     "postprocessing": ("postprocessing/model.py", "tokenizer_model.py"),
 }
