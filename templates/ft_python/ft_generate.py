@@ -615,8 +615,7 @@ def _check_words(words, vocab, where):
 
 
 def check_inputs(model, input_ids, input_lengths, max_new_tokens, params=None, max_beam_width=MAX_BEAM_WIDTH):
-    """Normalise one request (prompts + SamplingParams) to a Batch of per-row CPU values; ValueError naming the bad
-    input.
+    """One request (prompts + SamplingParams) -> a Batch of per-row CPU values; ValueError naming the bad input.
 
     input_ids [B, L] right-padded, input_lengths [B], max_new_tokens [B] (each a sequence, array or tensor);
     params None = every option's default. Defaults and simple bounds come from ft_interface's table.

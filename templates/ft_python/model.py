@@ -43,6 +43,7 @@ import ft_generate  # noqa: E402
 import ft_gpt  # noqa: E402
 import ft_interface  # noqa: E402
 
+
 def _log(message):
     logger = getattr(pb_utils, "Logger", None)
     if logger is not None:
@@ -194,8 +195,8 @@ class TritonPythonModel:
         if good:
             try:
                 stream = self._streamer(good, senders, requests) if self.decoupled else None
-                batch = ft_generate.Batch.concatenate([item for _, item in good])
-                results = ft_generate.generate(self.model, batch, stream=stream)
+                merged = ft_generate.Batch.concatenate([item for _, item in good])
+                results = ft_generate.generate(self.model, merged, stream=stream)
             except Exception as exc:  # noqa: BLE001 - report to every client instead of dying
                 failure = f"generation failed: {type(exc).__name__}: {exc}"
         responses, row = [], 0
