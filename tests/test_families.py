@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from exporter.ft.convert import convert_checkpoint
+from conftest import generate
 from family_fixtures import END_ID, FIXTURES
 from templates.ft_python import ft_checkpoint, ft_gpt
 
@@ -77,7 +78,7 @@ def test_logits_and_greedy_match_hf(checkpoints, exported, arch, name):
         padded = np.full((len(PROMPTS), lengths.max()), END_ID)
         for row, prompt in enumerate(PROMPTS):
             padded[row, : len(prompt)] = prompt
-        out = model.generate(padded, lengths, NEW_TOKENS)
+        out = generate(model, padded, lengths, NEW_TOKENS)
         for row, prompt in enumerate(PROMPTS):
             got = out.output_ids[row, 0, len(prompt): len(prompt) + NEW_TOKENS].tolist()
             got = got[: out.sequence_length[row, 0].item() - len(prompt)]

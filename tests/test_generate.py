@@ -16,7 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from exporter.ft.convert import convert_checkpoint  # noqa: E402
-from conftest import right_padded  # noqa: E402
+from conftest import check_inputs, generate, right_padded  # noqa: E402
 from templates.ft_python import ft_gpt  # noqa: E402
 
 END = 50256
@@ -75,8 +75,8 @@ def test_greedy_temperature_top_k1_and_repetition_penalty_match_hf(model, hf_mod
     temperature = [1.0, 0.7, 1.0, 1.6]
     top_k = [0, 1, 0, 1]
     penalty = [1.0, 1.0, 1.8, 1.3]
-    out = model.generate(ids, lengths, new, top_k=top_k, temperature=temperature, repetition_penalty=penalty,
-                         random_seed=[5, 6, 7, 8])
+    out = generate(model, ids, lengths, new, top_k=top_k, temperature=temperature, repetition_penalty=penalty,
+                          random_seed=[5, 6, 7, 8])
     for row, prompt in enumerate(PROMPTS):
         kwargs = {"repetition_penalty": penalty[row], "output_logits": True, "output_scores": True}
         if top_k[row] == 1:
@@ -105,8 +105,8 @@ def test_greedy_temperature_top_k1_and_repetition_penalty_match_hf(model, hf_mod
 def test_repetition_penalty_changes_the_output(model):
     """Guards the test above: the penalties in it are strong enough to change greedy tokens."""
     ids, lengths = _padded(PROMPTS[2:3])
-    plain = model.generate(ids, lengths, [6])
-    penalised = model.generate(ids, lengths, [6], repetition_penalty=1.8)
+    plain = generate(model, ids, lengths, [6])
+    penalised = generate(model, ids, lengths, [6], repetition_penalty=1.8)
     assert plain.output_ids.tolist() != penalised.output_ids.tolist()
 
 
@@ -124,7 +124,7 @@ def test_beam_search_matches_hf(model, hf_model, width, len_penalty):
     new = [8, 10, 7, 9]
     ends = [_end_for(hf_model, p) if row % 2 == 0 else END for row, p in enumerate(PROMPTS)]
     ids, lengths = _padded(PROMPTS)
-    out = model.generate(ids, lengths, new, beam_width=width, len_penalty=len_penalty, end_id=ends)
+    out = generate(model, ids, lengths, new, beam_width=width, len_penalty=len_penalty, end_id=ends)
     assert out.output_ids.shape == (len(PROMPTS), width, lengths.max() + max(new))
     assert out.cum_log_probs.shape == (len(PROMPTS), width)
     assert out.output_log_probs.shape == (len(PROMPTS), width, max(new))
@@ -150,8 +150,8 @@ def test_beam_search_matches_hf(model, hf_model, width, len_penalty):
 
 def test_beam_width_one_is_greedy_and_start_id_is_accepted(model):
     ids, lengths = _padded(PROMPTS)
-    greedy = model.generate(ids, lengths, [7, 7, 7, 7])
-    beam1 = model.generate(ids, lengths, [7, 7, 7, 7], beam_width=1, len_penalty=2.0, start_id=END)
+    greedy = generate(model, ids, lengths, [7, 7, 7, 7])
+    beam1 = generate(model, ids, lengths, [7, 7, 7, 7], beam_width=1, len_penalty=2.0, start_id=END)
     assert beam1.output_ids.tolist() == greedy.output_ids.tolist()
     torch.testing.assert_close(beam1.output_log_probs, greedy.output_log_probs)
 
@@ -160,8 +160,8 @@ def test_diversity_rate_makes_each_beam_follow_its_own_best_token(model, hf_mode
     """With a rate far below any log-prob gap, after the first step each beam is extended by its own best
     token: the beams are the W best first tokens, each continued greedily (computed with HF)."""
     prompt, width, new = PROMPTS[0], 3, 6
-    out = model.generate([prompt], [len(prompt)], [new], beam_width=width, beam_search_diversity_rate=-1e4)
-    plain = model.generate([prompt], [len(prompt)], [new], beam_width=width)
+    out = generate(model, [prompt], [len(prompt)], [new], beam_width=width, beam_search_diversity_rate=-1e4)
+    plain = generate(model, [prompt], [len(prompt)], [new], beam_width=width)
     with torch.no_grad():
         first = torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0, -1], -1)
     expected = []
@@ -188,7 +188,7 @@ def test_bad_words_match_hf_and_never_appear(model, hf_model):
     single, pair = [free[1]], free[3:5]  # greedy would produce both
     assert single[0] in free and any(free[i: i + 2] == pair for i in range(len(free) - 1))
     words = _word_list([[single, pair]])
-    out = model.generate([prompt], [len(prompt)], [new], bad_words_list=words)
+    out = generate(model, [prompt], [len(prompt)], [new], bad_words_list=words)
     ref = _hf(hf_model, prompt, new, do_sample=False, bad_words_ids=[single, pair], output_scores=True)
     tokens = _until(ref.sequences[0, len(prompt):].tolist(), END)
     generated = _row(out, 0)[len(prompt):]
@@ -198,7 +198,7 @@ def test_bad_words_match_hf_and_never_appear(model, hf_model):
     torch.testing.assert_close(out.output_log_probs[0, 0, : len(tokens)], torch.tensor(expected), atol=1e-4, rtol=0)
     # Beam search and sampling never produce them either.
     for kwargs in ({"beam_width": 4}, {"top_k": 0, "top_p": 1.0, "random_seed": 3}):
-        other = model.generate([prompt], [len(prompt)], [new], bad_words_list=words, **kwargs)
+        other = generate(model, [prompt], [len(prompt)], [new], bad_words_list=words, **kwargs)
         for beam in range(other.output_ids.shape[1]):
             generated = _row(other, 0, beam)[len(prompt):]
             assert single[0] not in generated
@@ -210,7 +210,7 @@ def test_stop_words_end_generation_and_are_kept(model, hf_model):
     new = [12, 12, 12, 12]
     free = [_hf_greedy_tokens(hf_model, p, n) for p, n in zip(PROMPTS, new)]
     stops = [[[free[0][4]]], [free[1][5:7], [7]], [], [[free[3][2]], [free[3][1], 99]]]
-    out = model.generate(ids, lengths, new, stop_words_list=_word_list(stops))
+    out = generate(model, ids, lengths, new, stop_words_list=_word_list(stops))
     for row, prompt in enumerate(PROMPTS):
         expected = free[row]
         ends = [i + len(w) for w in stops[row] for i in range(len(expected))
@@ -235,8 +235,8 @@ def test_stop_words_in_beam_search_match_hf(model, hf_model):
     prompt, width, new = PROMPTS[0], 3, 10
     free = _hf_greedy_tokens(hf_model, prompt, new)
     word = free[2:4]
-    out = model.generate([prompt], [len(prompt)], [new], beam_width=width, len_penalty=1.0,
-                         stop_words_list=_word_list([[word]]))
+    out = generate(model, [prompt], [len(prompt)], [new], beam_width=width, len_penalty=1.0,
+                          stop_words_list=_word_list([[word]]))
     ref = _hf(hf_model, prompt, new, do_sample=False, num_beams=width, num_return_sequences=width,
               length_penalty=1.0, early_stopping=True, output_scores=True,
               stopping_criteria=transformers.StoppingCriteriaList([_EndsWith(word)]))
@@ -284,12 +284,12 @@ def test_top_p_decay_min_and_reset_follow_ft_rule(model, hf_model):
     reset = probe[5]
     expected, ps = _nucleus_reference(hf_model, prompt, new, seed, top_p, decay, p_min, reset)
     assert min(ps) == pytest.approx(p_min) and reset in expected[:-1]
-    out = model.generate([prompt], [len(prompt)], [new], top_k=0, top_p=top_p, top_p_decay=decay,
-                         top_p_min=p_min, top_p_reset_ids=reset, random_seed=seed)
+    out = generate(model, [prompt], [len(prompt)], [new], top_k=0, top_p=top_p, top_p_decay=decay,
+                          top_p_min=p_min, top_p_reset_ids=reset, random_seed=seed)
     assert _row(out, 0)[len(prompt):] == expected
     undecayed, _ = _nucleus_reference(hf_model, prompt, new, seed, top_p, 1.0, p_min, -1)
     assert undecayed != expected  # the decay matters for this seed
-    plain = model.generate([prompt], [len(prompt)], [new], top_k=0, top_p=top_p, random_seed=seed)
+    plain = generate(model, [prompt], [len(prompt)], [new], top_k=0, top_p=top_p, random_seed=seed)
     assert _row(plain, 0)[len(prompt):] == undecayed
 
 
@@ -313,10 +313,10 @@ def test_mixed_batch_rows_equal_each_row_alone(model):
     for key in ("bad_words_list", "stop_words_list"):
         batch_kwargs[key] = [r[key][0] if key in r else () for r in rows]
     ids, lengths = _padded(prompts)
-    batch = model.generate(ids, lengths, new, **batch_kwargs)
+    batch = generate(model, ids, lengths, new, **batch_kwargs)
     assert batch.output_ids.shape[:2] == (len(rows), 3)
     for row, (prompt, options) in enumerate(zip(prompts, rows)):
-        alone = model.generate([prompt], [len(prompt)], [new[row]], **options)
+        alone = generate(model, [prompt], [len(prompt)], [new[row]], **options)
         width = options.get("beam_width", 1)
         total = alone.output_ids.shape[-1]
         assert batch.output_ids[row, :width, len(prompt): len(prompt) + new[row]].tolist() == \
@@ -333,12 +333,12 @@ def test_mixed_batch_rows_equal_each_row_alone(model):
 def test_seed_gives_the_same_sample_twice_whatever_the_other_rows(model):
     prompt = PROMPTS[0]
     options = {"top_k": 50, "temperature": 1.2}
-    alone = [model.generate([prompt], [len(prompt)], [10], random_seed=seed, **options) for seed in (7, 7, 8)]
+    alone = [generate(model, [prompt], [len(prompt)], [10], random_seed=seed, **options) for seed in (7, 7, 8)]
     assert alone[0].output_ids.tolist() == alone[1].output_ids.tolist()
     assert alone[0].output_ids.tolist() != alone[2].output_ids.tolist()
     ids, lengths = _padded([PROMPTS[2], prompt, PROMPTS[1]])
-    batch = model.generate(ids, lengths, [4, 10, 12], random_seed=[1, 7, 2], top_k=[0, 50, 3],
-                           temperature=[1.0, 1.2, 0.5], beam_width=[2, 1, 1])
+    batch = generate(model, ids, lengths, [4, 10, 12], random_seed=[1, 7, 2], top_k=[0, 50, 3],
+                            temperature=[1.0, 1.2, 0.5], beam_width=[2, 1, 1])
     assert _row(batch, 1) == _row(alone[0], 0)
 
 
@@ -350,8 +350,8 @@ def test_stream_reports_every_step_and_ends_with_the_result(model):
     new = [6, 9, 4, 7]
     kwargs = {"beam_width": [1, 3, 1, 2], "top_k": [1, 0, 5, 0], "random_seed": [0, 0, 4, 0]}
     seen = []
-    final = model.generate(ids, lengths, new, stream=seen.append, **kwargs)
-    plain = model.generate(ids, lengths, new, **kwargs)
+    final = generate(model, ids, lengths, new, stream=seen.append, **kwargs)
+    plain = generate(model, ids, lengths, new, **kwargs)
     assert final.output_ids.tolist() == plain.output_ids.tolist()
     assert len(seen) == max(new)
     for step, partial in enumerate(seen, start=1):
@@ -390,18 +390,18 @@ def test_stream_reports_every_step_and_ends_with_the_result(model):
 ])
 def test_invalid_options_name_the_input(model, kwargs, name):
     with pytest.raises(ValueError, match=name):
-        model.generate([[1, 2, 3]], [3], [4], **kwargs)
+        generate(model, [[1, 2, 3]], [3], [4], **kwargs)
 
 
 def test_beam_width_cap_and_word_list_forms(model):
     """beam_width > 1 is served (the runtime used to refuse it) up to max_beam_width (default 8)."""
-    out = model.generate([[1, 2, 3]], [3], [3], beam_width=8)
+    out = generate(model, [[1, 2, 3]], [3], [3], beam_width=8)
     assert out.output_ids.shape == (1, 8, 6)
     with pytest.raises(ValueError, match=r"beam_width must be in \[1, 8\]"):
-        model.generate([[1, 2, 3]], [3], [3], beam_width=9)
+        generate(model, [[1, 2, 3]], [3], [3], beam_width=9)
     # check_inputs' parsed word lists, [2, L] for every row and None are accepted.
-    args = model.check_inputs([[1, 2, 3], [4, 5, 6]], [3, 3], [3, 3],
-                              bad_words_list=np.array([[11, 12, 13], [1, 3, -1]]))
-    assert args["bad_words_list"] == [((11,), (12, 13))] * 2 and args["stop_words_list"] == [(), ()]
-    again = model.check_inputs([[1, 2, 3], [4, 5, 6]], [3, 3], [3, 3], bad_words_list=args["bad_words_list"])
-    assert again["bad_words_list"] == args["bad_words_list"]
+    args = check_inputs(model, [[1, 2, 3], [4, 5, 6]], [3, 3], [3, 3],
+                               bad_words_list=np.array([[11, 12, 13], [1, 3, -1]]))
+    assert args.bad_words_list == [((11,), (12, 13))] * 2 and args.stop_words_list == [(), ()]
+    again = check_inputs(model, [[1, 2, 3], [4, 5, 6]], [3, 3], [3, 3], bad_words_list=args.bad_words_list)
+    assert again.bad_words_list == args.bad_words_list

@@ -23,6 +23,7 @@ from exporter.ft.convert import convert_checkpoint
 from exporter.ft.sharding import ShardingError
 from exporter.readers.hf import CheckpointError
 from exporter.readers.nemo_archive import ArchiveError
+from conftest import generate
 from family_fixtures import NEMO_AVAILABLE, NEMO_FIXTURES, NEMO_MISSING
 from templates.ft_python import ft_checkpoint, ft_gpt
 
@@ -60,8 +61,8 @@ def run(shard_dir: Path, ref: dict[str, np.ndarray]) -> tuple[np.ndarray, np.nda
     model = ft_gpt.FTGPT.from_shards(shard_dir, device="cpu")
     logits = model.forward_logits(ref["input_ids"]).numpy()
     batch, width = ref["input_ids"].shape
-    out = model.generate(torch.as_tensor(ref["input_ids"]), torch.full((batch,), width),
-                         torch.full((batch,), GREEDY_STEPS))
+    out = generate(model, torch.as_tensor(ref["input_ids"]), torch.full((batch,), width),
+                          torch.full((batch,), GREEDY_STEPS))
     return logits, out.output_ids[:, 0, width:width + GREEDY_STEPS].numpy()
 
 

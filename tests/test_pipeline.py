@@ -12,6 +12,7 @@ import torch
 
 from exporter.ft.convert import convert_checkpoint
 from exporter.ft.sharding import ParallelLayout, ShardingError
+from conftest import generate
 from family_fixtures import build_gptj, build_llama
 from templates.ft_python import ft_checkpoint, ft_gpt
 from test_config import composed
@@ -66,7 +67,7 @@ def test_uneven_pipeline_stages_run_and_match_hf(llama3, tmp_path, tp):
     with torch.inference_mode():
         reference = hf(torch.tensor(IDS)).logits
     assert (model.forward_logits(IDS) - reference).abs().max().item() < 1e-4
-    out = model.generate(IDS, [len(IDS[0])], [6])
+    out = generate(model, IDS, [len(IDS[0])], [6])
     with torch.inference_mode():
         expected = hf.generate(torch.tensor(IDS), attention_mask=torch.ones(1, len(IDS[0]), dtype=torch.long),
                                max_new_tokens=6, do_sample=False, pad_token_id=50256, eos_token_id=50256)

@@ -22,7 +22,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from exporter.ft.convert import convert_checkpoint  # noqa: E402
-from conftest import right_padded  # noqa: E402
+from conftest import generate, right_padded  # noqa: E402
 from templates.ft_python import ft_checkpoint, ft_gpt  # noqa: E402
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates" / "ft_python"
@@ -152,7 +152,7 @@ def test_verify_names_missing_and_truncated_files(shards, tmp_path):
 def test_greedy_batch_matches_hf_token_for_token(hf_model, shards, tp):
     model = ft_gpt.FTGPT.from_shards(shards(tp), device="cpu")
     ids, lengths = _padded(PROMPTS)
-    out = model.generate(ids, lengths, NEW_TOKENS)
+    out = generate(model, ids, lengths, NEW_TOKENS)
     total = lengths.max() + max(NEW_TOKENS)
     assert out.output_ids.shape == (len(PROMPTS), 1, total)
     assert out.output_log_probs.shape == (len(PROMPTS), 1, max(NEW_TOKENS))
@@ -184,12 +184,12 @@ def test_logits_match_hf(hf_model, shards, tp):
 def test_batch_equals_each_prompt_alone(shards):
     model = ft_gpt.FTGPT.from_shards(shards(1))
     ids, lengths = _padded(PROMPTS)
-    batch = model.generate(ids, lengths, NEW_TOKENS, top_k=[1, 20, 0, 5], top_p=[0, 0, 0.9, 0.5],
-                           temperature=[1.0, 0.7, 1.3, 1.0], random_seed=[11, 22, 33, 44])
+    batch = generate(model, ids, lengths, NEW_TOKENS, top_k=[1, 20, 0, 5], top_p=[0, 0, 0.9, 0.5],
+                            temperature=[1.0, 0.7, 1.3, 1.0], random_seed=[11, 22, 33, 44])
     for row, prompt in enumerate(PROMPTS):
-        alone = model.generate([prompt], [len(prompt)], [NEW_TOKENS[row]], top_k=[1, 20, 0, 5][row],
-                               top_p=[0, 0, 0.9, 0.5][row], temperature=[1.0, 0.7, 1.3, 1.0][row],
-                               random_seed=[11, 22, 33, 44][row])
+        alone = generate(model, [prompt], [len(prompt)], [NEW_TOKENS[row]], top_k=[1, 20, 0, 5][row],
+                                top_p=[0, 0, 0.9, 0.5][row], temperature=[1.0, 0.7, 1.3, 1.0][row],
+                                random_seed=[11, 22, 33, 44][row])
         seq_len = int(alone.sequence_length[0, 0])
         assert int(batch.sequence_length[row, 0]) == seq_len
         assert batch.output_ids[row, 0, :seq_len].tolist() == alone.output_ids[0, 0, :seq_len].tolist()
@@ -200,12 +200,12 @@ def test_batch_equals_each_prompt_alone(shards):
 def test_end_id_stops_a_row_and_counts(shards):
     model = ft_gpt.FTGPT.from_shards(shards(1))
     ids, lengths = _padded(PROMPTS)
-    free = model.generate(ids, lengths, NEW_TOKENS)
+    free = generate(model, ids, lengths, NEW_TOKENS)
     row0 = free.output_ids[0, 0, len(PROMPTS[0]): len(PROMPTS[0]) + NEW_TOKENS[0]].tolist()
     stop = row0[3]
     first = row0.index(stop)
     end_ids = [stop, END_ID, END_ID, END_ID]
-    out = model.generate(ids, lengths, NEW_TOKENS, end_id=end_ids)
+    out = generate(model, ids, lengths, NEW_TOKENS, end_id=end_ids)
     assert int(out.sequence_length[0, 0]) == len(PROMPTS[0]) + first + 1  # the end_id token counts
     assert out.output_ids[0, 0, : len(PROMPTS[0]) + first + 1].tolist() == PROMPTS[0] + row0[: first + 1]
     assert set(out.output_ids[0, 0, len(PROMPTS[0]) + first + 1:].tolist()) == {stop}
@@ -216,8 +216,8 @@ def test_end_id_stops_a_row_and_counts(shards):
 def test_repetition_penalty_matches_hf(hf_model, shards):
     model = ft_gpt.FTGPT.from_shards(shards(1))
     ids, lengths = _padded(PROMPTS)
-    plain = model.generate(ids, lengths, NEW_TOKENS)
-    out = model.generate(ids, lengths, NEW_TOKENS, repetition_penalty=1.5)
+    plain = generate(model, ids, lengths, NEW_TOKENS)
+    out = generate(model, ids, lengths, NEW_TOKENS, repetition_penalty=1.5)
     assert out.output_ids.tolist() != plain.output_ids.tolist()  # the penalty changes something here
     for row, (prompt, new) in enumerate(zip(PROMPTS, NEW_TOKENS)):
         with torch.no_grad():
@@ -247,7 +247,7 @@ def test_half_precision_shards_within_bound(shards, dtype, tp):
     half = ft_gpt.FTGPT.from_shards(shards(tp, dtype))
     assert half.dtype == torch.float32  # CPU computes in fp32 whatever the weights are stored in
     ids, lengths = _padded(PROMPTS)
-    ref_out = ref.generate(ids, lengths, NEW_TOKENS)
+    ref_out = generate(ref, ids, lengths, NEW_TOKENS)
     # Teacher-force both models on the fp32 greedy sequences.
     seqs = ref_out.output_ids[:, 0]
     ref_logits, half_logits = ref.forward_logits(seqs), half.forward_logits(seqs)
@@ -255,7 +255,7 @@ def test_half_precision_shards_within_bound(shards, dtype, tp):
     assert float((half_logits - ref_logits).abs().max()) <= bound
     # Greedy tokens must agree wherever the fp32 top-1/top-2 margin exceeds 2 * bound (no flip
     # is possible there): check every step up to the first one with a smaller margin.
-    half_out = half.generate(ids, lengths, NEW_TOKENS)
+    half_out = generate(half, ids, lengths, NEW_TOKENS)
     top2 = ref_logits.topk(2, dim=-1).values
     margin = top2[..., 0] - top2[..., 1]
     checked = 0
@@ -276,14 +276,14 @@ def test_sampling_seeds(shards):
     prompt = [[5, 17, 300, 42, 8]]
 
     def sample(seed, **kw):
-        out = model.generate(prompt, [5], [12], top_k=kw.get("top_k", 50), top_p=kw.get("top_p", 0.0),
-                             temperature=kw.get("temperature", 1.0), random_seed=seed)
+        out = generate(model, prompt, [5], [12], top_k=kw.get("top_k", 50), top_p=kw.get("top_p", 0.0),
+                              temperature=kw.get("temperature", 1.0), random_seed=seed)
         return tuple(out.output_ids[0, 0].tolist())
 
     assert sample(7) == sample(7)
     assert sample(2**64 - 1) == sample(2**64 - 1)
     assert len({sample(seed) for seed in range(6)}) >= 4  # different seeds usually differ
-    greedy = tuple(model.generate(prompt, [5], [12]).output_ids[0, 0].tolist())
+    greedy = tuple(generate(model, prompt, [5], [12]).output_ids[0, 0].tolist())
     assert sample(3, top_k=1) == greedy  # top_k=1 is greedy whatever the seed
     assert sample(3, top_k=0, top_p=1e-6) == greedy  # a tiny nucleus keeps only the best token
     assert sample(5, top_k=0, top_p=0.9) == sample(5, top_k=0, top_p=0.9)
@@ -293,7 +293,7 @@ def test_sampling_seeds(shards):
 def test_samples_stay_inside_top_k_and_nucleus(shards, top_k, top_p):
     model = ft_gpt.FTGPT.from_shards(shards(1))
     ids, lengths = _padded(PROMPTS)
-    out = model.generate(ids, lengths, NEW_TOKENS, top_k=top_k, top_p=top_p, random_seed=[1, 2, 3, 4])
+    out = generate(model, ids, lengths, NEW_TOKENS, top_k=top_k, top_p=top_p, random_seed=[1, 2, 3, 4])
     seqs = out.output_ids[:, 0]
     logprobs = torch.log_softmax(model.forward_logits(seqs), dim=-1)  # teacher-forced on the samples
     for row, length in enumerate(lengths):
@@ -311,15 +311,15 @@ def test_samples_stay_inside_top_k_and_nucleus(shards, top_k, top_p):
 def test_invalid_arguments(shards):
     model = ft_gpt.FTGPT.from_shards(shards(1))
     with pytest.raises(ValueError, match="beam_width"):
-        model.generate([[1, 2]], [2], [4], beam_width=0)
+        generate(model, [[1, 2]], [2], [4], beam_width=0)
     with pytest.raises(ValueError, match="request_output_len"):
-        model.generate([[1, 2]], [2], [0])
+        generate(model, [[1, 2]], [2], [0])
     with pytest.raises(ValueError, match="max_pos_seq_len"):
-        model.generate([[1, 2]], [2], [127])
+        generate(model, [[1, 2]], [2], [127])
     with pytest.raises(ValueError, match="input_lengths"):
-        model.generate([[1, 2]], [3], [4])
+        generate(model, [[1, 2]], [3], [4])
     with pytest.raises(ValueError, match="outside"):
-        model.generate([[1, VOCAB]], [2], [4])
+        generate(model, [[1, VOCAB]], [2], [4])
 
 
 # ------------------------------------------------------------------------------------------- model.py
@@ -380,7 +380,7 @@ def _request(prompts, output_len, **optional):
 def _load_model_py(version_dir, monkeypatch, parameters):
     """Import a copy of model.py from `version_dir` (as Triton would) and initialize it."""
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
-    for name in ("ft_checkpoint", "ft_gpt", "ft_generate"):
+    for name in ("ft_checkpoint", "ft_gpt", "ft_generate", "ft_interface"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setattr(sys, "path", list(sys.path))
     spec = importlib.util.spec_from_file_location(f"ft_python_model_{id(version_dir)}", version_dir / "model.py")
@@ -397,7 +397,7 @@ def version_dir(shards, tmp_path):
     """<model>/1/ as the exporter lays it out: model.py + runtime modules + the 2-gpu shards."""
     root = tmp_path / "gpt" / "1"
     root.mkdir(parents=True)
-    for name in ("model.py", "ft_checkpoint.py", "ft_gpt.py", "ft_generate.py"):
+    for name in ("model.py", "ft_checkpoint.py", "ft_gpt.py", "ft_generate.py", "ft_interface.py"):
         shutil.copy(TEMPLATE_DIR / name, root / name)
     shutil.copytree(shards(2), root / "2-gpu")
     return root
@@ -438,8 +438,8 @@ def test_model_py_batches_requests_and_isolates_bad_ones(version_dir, monkeypatc
             assert output_ids[row, 0, :seq_len].tolist() == prompt + ref_tokens
             assert set(output_ids[row, 0, seq_len:].tolist()) <= {END_ID}
     # The sampled request gives the same tokens as the runtime called directly with that seed.
-    direct = ft_gpt.FTGPT.from_shards(version_dir / "2-gpu").generate(
-        [[4, 5]], [2], [7], top_k=40, random_seed=2**63 + 5)
+    direct = generate(ft_gpt.FTGPT.from_shards(version_dir / "2-gpu"), [[4, 5]], [2], [7], top_k=40,
+                      random_seed=2**63 + 5)
     assert responses[4].output("output_ids").tolist() == direct.output_ids.numpy().tolist()
 
 

@@ -11,26 +11,15 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from templates.ft_python import ft_interface
+
 PROTOCOLS = ("http", "grpc")
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
 
-# Per-row sampling inputs shared by the model and the ensemble: Triton name -> (numpy dtype, CLI option).
-SAMPLING_OPTIONS = {
-    "runtime_top_k": (np.uint32, "top_k"),
-    "runtime_top_p": (np.float32, "top_p"),
-    "temperature": (np.float32, "temperature"),
-    "repetition_penalty": (np.float32, "repetition_penalty"),
-    "len_penalty": (np.float32, "len_penalty"),
-    "beam_width": (np.uint32, "beam_width"),
-    "beam_search_diversity_rate": (np.float32, "diversity_rate"),
-    "random_seed": (np.uint64, "seed"),
-    "start_id": (np.uint32, "start_id"),
-    "end_id": (np.uint32, "end_id"),
-    "top_p_decay": (np.float32, "top_p_decay"),
-    "top_p_min": (np.float32, "top_p_min"),
-    "top_p_reset_ids": (np.uint32, "top_p_reset_ids"),
-    "is_return_log_probs": (np.bool_, "return_log_probs"),
-}
+# Per-row sampling inputs shared by the model and the ensemble: Triton name -> (numpy dtype, CLI option), from the
+# request interface's table (the word lists are sent as text to the ensemble: INPUT_2 / INPUT_3).
+SAMPLING_OPTIONS = {tensor.name: (tensor.numpy_dtype, tensor.option)
+                    for tensor in ft_interface.SAMPLING_INPUTS if tensor.option is not None}
 
 
 class ClientError(RuntimeError):

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..atomic import write_text_atomic
+from ..clients import common
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,8 @@ class TritonGenerator:
     def __init__(self, url: str, model_name: str, end_id: int):
         import tritonclient.http as httpclient
 
-        self._http = httpclient
+        self.url = url
+        # One client for every batch, with timeouts long enough for a large batch on a slow runtime.
         self.client = httpclient.InferenceServerClient(url, network_timeout=600.0, connection_timeout=600.0)
         self.model_name = model_name
         self.end_id = end_id
@@ -120,30 +122,20 @@ class TritonGenerator:
         for row, example in enumerate(batch):
             ids[row, : len(example.context)] = example.context
         output_len = np.array([[len(example.label)] for example in batch], dtype=np.uint32)
-        tensors = {
+        arrays = {
             "input_ids": ids,
             "input_lengths": lengths,
             "request_output_len": output_len,
-            "runtime_top_k": np.ones((len(batch), 1), dtype=np.uint32),
-            "runtime_top_p": np.zeros((len(batch), 1), dtype=np.float32),
+            **common.sampling_arrays({"top_k": 1, "top_p": 0.0}, len(batch)),  # greedy
         }
-        inputs = []
-        for name, array in tensors.items():
-            tensor = self._http.InferInput(name, list(array.shape), _triton_dtype(array))
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
-        outputs = [self._http.InferRequestedOutput(name) for name in ("output_ids", "sequence_length")]
-        response = self.client.infer(self.model_name, inputs, outputs=outputs)
-        output_ids = response.as_numpy("output_ids")  # [batch, beam, T]
-        sequence_length = response.as_numpy("sequence_length")  # [batch, beam]
+        response = common.infer(self.url, "http", self.model_name, arrays,
+                                output_names=("output_ids", "sequence_length"), client=self.client)
+        output_ids = response["output_ids"]  # [batch, beam, T]
+        sequence_length = response["sequence_length"]  # [batch, beam]
         return [
             output_ids[row, 0, len(example.context) : int(sequence_length[row, 0])].tolist()
             for row, example in enumerate(batch)
         ]
-
-
-def _triton_dtype(array: np.ndarray) -> str:
-    return {np.uint32: "UINT32", np.float32: "FP32", np.int32: "INT32", np.uint64: "UINT64"}[array.dtype.type]
 
 
 class HFGenerator:

@@ -12,6 +12,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from templates.ft_python import ft_interface
+
 from ..atomic import write_text_atomic
 
 # Triton's python backend: it runs the text models (and the python runtime's model).
@@ -36,46 +38,20 @@ class Tensor:
     optional: bool = False
 
 
-# FT GPT backend inputs (all_models/gpt/fastertransformer/config.pbtxt), per row of the batch.
-MODEL_INPUTS = (
-    Tensor("input_ids", UINT32, (-1,)),
-    Tensor("input_lengths", UINT32, (1,), scalar=True),
-    Tensor("request_output_len", UINT32, (-1,)),
-)
-SAMPLING_INPUTS = (
-    Tensor("runtime_top_k", UINT32, (1,), scalar=True, optional=True),
-    Tensor("runtime_top_p", FP32, (1,), scalar=True, optional=True),
-    Tensor("beam_search_diversity_rate", FP32, (1,), scalar=True, optional=True),
-    Tensor("temperature", FP32, (1,), scalar=True, optional=True),
-    Tensor("len_penalty", FP32, (1,), scalar=True, optional=True),
-    Tensor("repetition_penalty", FP32, (1,), scalar=True, optional=True),
-    Tensor("random_seed", UINT64, (1,), scalar=True, optional=True),
-    Tensor("is_return_log_probs", BOOL, (1,), scalar=True, optional=True),
-    Tensor("beam_width", UINT32, (1,), scalar=True, optional=True),
-    Tensor("start_id", UINT32, (1,), scalar=True, optional=True),
-    Tensor("end_id", UINT32, (1,), scalar=True, optional=True),
-    # FT's word-list format per row: [2, len], row 0 the ids of all words concatenated, row 1 the cumulative end
-    # offset of each word, both padded with -1 (see templates/preprocessing/model.py).
-    Tensor("bad_words_list", INT32, (2, -1), optional=True),
-    Tensor("stop_words_list", INT32, (2, -1), optional=True),
-    Tensor("top_p_decay", FP32, (1,), scalar=True, optional=True),
-    Tensor("top_p_min", FP32, (1,), scalar=True, optional=True),
-    Tensor("top_p_reset_ids", UINT32, (1,), scalar=True, optional=True),
-)
-WORD_LIST_INPUTS = ("bad_words_list", "stop_words_list")
-MODEL_OUTPUTS = (
-    Tensor("output_ids", UINT32, (-1, -1)),  # [batch, beam, prompt + generated]
-    Tensor("sequence_length", UINT32, (-1,)),  # [batch, beam]
-    Tensor("cum_log_probs", FP32, (-1,)),  # [batch, beam]
-    Tensor("output_log_probs", FP32, (-1, -1)),  # [batch, beam, request_output_len]
-)
-# Added by the python runtime when decoupled. Triton lets an ensemble step downstream of a decoupled model take
-# tensors from that model only (not from preprocessing or the ensemble's inputs), so the streamed responses carry
-# what postprocessing needs besides the ids: the prompt lengths and whether the response is the final one.
-STREAMING_OUTPUTS = (
-    Tensor("prompt_lengths", UINT32, (1,)),  # [batch, 1] = input_lengths
-    Tensor("is_final", BOOL, (1,)),  # [batch, 1]: false for per-token responses, true for the final one
-)
+def _from_interface(tensors) -> tuple[Tensor, ...]:
+    """ft_interface's tensors as config.pbtxt declares them (Triton type "UINT32" -> pb.TYPE_UINT32)."""
+    return tuple(Tensor(tensor.name, pb.DataType.Value(f"TYPE_{tensor.triton_dtype}"), tensor.dims,
+                        scalar=tensor.scalar, optional=tensor.optional) for tensor in tensors)
+
+
+# FT GPT backend inputs and outputs (all_models/gpt/fastertransformer/config.pbtxt), per row of the batch, in its
+# order: the table of templates/ft_python/ft_interface.py, which the python runtime and the clients read too.
+MODEL_INPUTS = _from_interface(ft_interface.MODEL_INPUTS)
+SAMPLING_INPUTS = _from_interface(ft_interface.SAMPLING_INPUTS)  # optional, per row
+WORD_LIST_INPUTS = tuple(tensor.name for tensor in ft_interface.WORD_LIST_INPUTS)  # FT's word-list format [2, len]
+MODEL_OUTPUTS = _from_interface(ft_interface.MODEL_OUTPUTS)
+# Added by the python runtime when decoupled, for the streaming ensemble's postprocessing (see ft_interface.OUTPUTS).
+STREAMING_OUTPUTS = _from_interface(ft_interface.STREAMING_OUTPUTS)
 
 PREPROCESSING_INPUTS = (
     Tensor("QUERY", STRING, (-1,)),

@@ -1,7 +1,9 @@
 """Decoding for FTGPT: greedy, sampling, per-row options and the FT output layout.
 
-Copied into generated Triton model repositories next to ft_gpt.py; needs only torch and numpy.
-It drives a decoder through this interface only (see ft_gpt.FTGPT):
+Copied into generated Triton model repositories next to ft_gpt.py and ft_interface.py (the
+request interface's table: defaults and bounds of the options); needs only torch and numpy.
+Use: batch = check_inputs(model, ids, lengths, max_new_tokens, SamplingParams(...)), then
+generate(model, batch). It drives a decoder through this interface only (see ft_gpt.FTGPT):
 
   model.new_cache(batch, slots) -> cache         model.reorder_cache(cache, rows) -> cache
   model.hidden_states(ids, pos, cache, start, mask) -> [B, S, h]
@@ -16,13 +18,95 @@ Row b owns W_b consecutive decoder slots (1 for greedy / sampling, beam_width fo
 search); every per-row option is expanded to the row's slots, so rows never see each other.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
+try:  # imported as templates.ft_python.ft_generate inside the project
+    from . import ft_interface
+except ImportError:  # imported as a top-level module inside a Triton model directory
+    import ft_interface
+
 
 MAX_BEAM_WIDTH = 8  # default cap on beam_width (the KV cache grows with it)
+# Triton dtype of an option -> the per-row CPU tensor decoding uses (unsigned ids widened: -1 means none).
+_TORCH_DTYPES = {"UINT32": torch.long, "UINT64": torch.long, "INT32": torch.long, "FP32": torch.float32,
+                 "BOOL": torch.bool}
+
+
+@dataclass
+class SamplingParams:
+    """A request's per-row decoding options (generate() says what each does).
+
+    Each is None (the default of ft_interface's table), one value for every row, or B values (a sequence, numpy
+    array or tensor). The word lists take FT's format [B|1, 2, L] / [2, L], or Batch's list of B tuples of words.
+    The fields are those of ft_interface.SAMPLING_INPUTS, in the same order.
+    """
+
+    top_k: object = None
+    top_p: object = None
+    beam_search_diversity_rate: object = None
+    temperature: object = None
+    len_penalty: object = None
+    repetition_penalty: object = None
+    random_seed: object = None
+    is_return_log_probs: object = None
+    beam_width: object = None
+    start_id: object = None
+    end_id: object = None
+    bad_words_list: object = None
+    stop_words_list: object = None
+    top_p_decay: object = None
+    top_p_min: object = None
+    top_p_reset_ids: object = None
+
+
+@dataclass
+class Batch:
+    """Checked per-row CPU values of one or more requests (check_inputs' result, generate()'s input).
+
+    input_ids [B, L] int64; input_lengths, max_new_tokens, end_id, top_k, beam_width, top_p_reset_ids, start_id
+    int64 [B]; top_p, temperature, repetition_penalty, len_penalty, beam_search_diversity_rate, top_p_decay,
+    top_p_min float32 [B]; is_return_log_probs bool [B]; random_seed a list of B python ints; bad_words_list,
+    stop_words_list lists of B tuples of words (a word = tuple of token ids).
+    """
+
+    input_ids: torch.Tensor
+    input_lengths: torch.Tensor
+    max_new_tokens: torch.Tensor
+    end_id: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    temperature: torch.Tensor
+    repetition_penalty: torch.Tensor
+    random_seed: list
+    beam_width: torch.Tensor
+    len_penalty: torch.Tensor
+    beam_search_diversity_rate: torch.Tensor
+    top_p_decay: torch.Tensor
+    top_p_min: torch.Tensor
+    top_p_reset_ids: torch.Tensor
+    is_return_log_probs: torch.Tensor
+    start_id: torch.Tensor
+    bad_words_list: list
+    stop_words_list: list
+
+    @classmethod
+    def concatenate(cls, batches):
+        """Row-wise concatenation: input_ids cut or right-padded (with 0) to the longest prompt, lists joined."""
+        width = max(int(batch.input_lengths.max()) for batch in batches)
+        merged = {}
+        for field in fields(cls):
+            values = [getattr(batch, field.name) for batch in batches]
+            if field.name == "input_ids":
+                merged[field.name] = torch.cat([torch.nn.functional.pad(v[:, :width], (0, max(0, width - v.shape[1])))
+                                                for v in values])
+            elif torch.is_tensor(values[0]):
+                merged[field.name] = torch.cat(values)
+            else:  # python lists (seeds, word lists)
+                merged[field.name] = [x for v in values for x in v]
+        return cls(**merged)
 
 
 @dataclass
@@ -63,19 +147,12 @@ def _per_row(value, batch, default, dtype, name):
 
 
 @torch.inference_mode()
-def generate(model, input_ids, input_lengths, max_new_tokens, end_id=None, top_k=None,
-             top_p=None, temperature=None, repetition_penalty=None, random_seed=None,
-             beam_width=None, len_penalty=None, beam_search_diversity_rate=None,
-             bad_words_list=None, stop_words_list=None, top_p_decay=None, top_p_min=None,
-             top_p_reset_ids=None, is_return_log_probs=None, start_id=None,
-             max_beam_width=MAX_BEAM_WIDTH, stream=None):
-    """Generate for a batch of right-padded prompts; every option is per row.
+def generate(model, batch, stream=None):
+    """Generate for a checked batch (check_inputs, or Batch.concatenate of several); every option is per row.
 
     Rows never influence each other: a row gives the same result alone or in any batch,
-    whatever the other rows' options. Each option takes None (default), a scalar (all rows)
-    or B values; every dict check_inputs returns can be concatenated row-wise with other
-    requests' dicts (tensors with torch.cat, lists with +) and passed back under the same
-    keyword names.
+    whatever the other rows' options. Each option (SamplingParams) takes None (default), a
+    scalar (all rows) or B values.
 
     input_ids [B, Lmax] (right-padded), input_lengths [B], max_new_tokens [B] (>= 1).
     end_id (default config.ini end_id): a row/beam stops after generating it (it counts).
@@ -100,10 +177,10 @@ def generate(model, input_ids, input_lengths, max_new_tokens, end_id=None, top_k
       word; the word stays in the output and counts in sequence_length (as FT).
     Word lists use FT's format [B, 2, L] (or [2, L] for all rows): row 0 the words' ids
       concatenated, row 1 cumulative end offsets, padded with -1 (ids padding is ignored).
-      check_inputs returns them as a list of B tuples of words (tuples of ints), which
-      generate also accepts.
+      Batch holds them as a list of B tuples of words (tuples of ints), which
+      SamplingParams also accepts.
 
-    Beam search (beam_width W > 1, at most max_beam_width; rows may have different W):
+    Beam search (beam_width W > 1, at most check_inputs' max_beam_width; rows may have different W):
       FT/HF beam search with early stopping. Each step every live beam's top 2W next tokens
       are candidates with score cum_log_prob + log_prob; beam_search_diversity_rate d
       (default 0) ranks candidates by score + d * (rank of the token among its beam's
@@ -135,19 +212,8 @@ def generate(model, input_ids, input_lengths, max_new_tokens, end_id=None, top_k
 
     Returns a GenerationOutput (CPU tensors); beam dimension = max beam_width in the batch,
     beams past a row's own beam_width are padding (end_id, sequence_length 0, zero scores).
-    Raises ValueError (from check_inputs) naming the bad input.
     """
-    args = check_inputs(model, input_ids, input_lengths, max_new_tokens, end_id=end_id,
-                        top_k=top_k, top_p=top_p, temperature=temperature,
-                        repetition_penalty=repetition_penalty, random_seed=random_seed,
-                        beam_width=beam_width, len_penalty=len_penalty,
-                        beam_search_diversity_rate=beam_search_diversity_rate,
-                        bad_words_list=bad_words_list, stop_words_list=stop_words_list,
-                        top_p_decay=top_p_decay, top_p_min=top_p_min,
-                        top_p_reset_ids=top_p_reset_ids,
-                        is_return_log_probs=is_return_log_probs, start_id=start_id,
-                        max_beam_width=max_beam_width)
-    return _Decoding(model, args, stream).run()
+    return _Decoding(model, batch, stream).run()
 
 
 class _Decoding:
@@ -158,27 +224,27 @@ class _Decoding:
     inside a row (cache, history and penalties follow the permutation).
     """
 
-    def __init__(self, model, args, stream):
+    def __init__(self, model, batch, stream):
         self.model, self.stream = model, stream
         dev = self.dev = model.device
-        ids, lengths, new = args["input_ids"], args["input_lengths"], args["max_new_tokens"]
-        self.lengths, self.end = lengths, args["end_id"]
+        ids, lengths, new = batch.input_ids, batch.input_lengths, batch.max_new_tokens
+        self.lengths, self.end = lengths, batch.end_id
         lmax = self.lmax = int(lengths.max())
         self.ids = ids = ids[:, :lmax]  # columns past every row's length are padding only
         bsz = self.bsz = ids.shape[0]
         self.steps = int(new.max())
-        self.want_log_probs = args["is_return_log_probs"]
+        self.want_log_probs = batch.is_return_log_probs
 
-        width = self.width = args["beam_width"]                           # [B]
+        width = self.width = batch.beam_width                             # [B]
         base = torch.cumsum(width, 0) - width                             # first slot per row
         self.slot_row = torch.repeat_interleave(torch.arange(bsz), width)  # [N]
         self.slots = int(width.sum())
         row_d = self.slot_row.to(dev)
-        self._prefill(args, row_d)
-        self._init_single(args, base)
-        self._init_beams(args, base)
+        self._prefill(batch, row_d)
+        self._init_single(batch, base)
+        self._init_beams(batch, base)
 
-    def _prefill(self, args, row_d):
+    def _prefill(self, batch, row_d):
         """Run the prompts once; set the per-slot cache, history, masks and penalties."""
         model, dev, lmax, bsz, slots = self.model, self.dev, self.lmax, self.bsz, self.slots
         ids, lengths = self.ids, self.lengths
@@ -215,20 +281,20 @@ class _Decoding:
         self.slot_lengths = lengths.to(dev)[row_d]
 
         # Per-slot logit processing.
-        self.rep = args["repetition_penalty"].to(dev)[row_d]
-        self.temp = args["temperature"].to(dev)[row_d]
+        self.rep = batch.repetition_penalty.to(dev)[row_d]
+        self.temp = batch.temperature.to(dev)[row_d]
         self.seen = None
-        if bool((args["repetition_penalty"] != 1.0).any()):  # [N, V] tokens in the sequence
+        if bool((batch.repetition_penalty != 1.0).any()):  # [N, V] tokens in the sequence
             seen = torch.zeros(bsz, model.vocab_size, dtype=torch.bool, device=dev)
             rows, cols = valid.nonzero(as_tuple=True)
             seen[rows.to(dev), left_ids[rows, cols].to(dev)] = True
             self.seen = seen[row_d]
-        self.bad = _word_table(args["bad_words_list"], row_d, dev)
-        self.stop = _word_table(args["stop_words_list"], row_d, dev)
+        self.bad = _word_table(batch.bad_words_list, row_d, dev)
+        self.stop = _word_table(batch.stop_words_list, row_d, dev)
 
-    def _init_single(self, args, base):
+    def _init_single(self, batch, base):
         """Greedy / sampling rows: one slot each."""
-        dev, width, new = self.dev, self.width, args["max_new_tokens"]
+        dev, width, new = self.dev, self.width, batch.max_new_tokens
         single = (width == 1).nonzero().reshape(-1)
         self.single_rows = single
         self.single_slots = base[single].to(dev)
@@ -236,28 +302,28 @@ class _Decoding:
         self.single_new = new[single].to(dev)
         self.count = torch.zeros(single.numel(), dtype=torch.long, device=dev)
         self.done = torch.zeros(single.numel(), dtype=torch.bool, device=dev)
-        top_k, top_p = args["top_k"][single], args["top_p"][single]
+        top_k, top_p = batch.top_k[single], batch.top_p[single]
         greedy = ((top_k <= 1) & (top_p <= 0)) | (top_k == 1)
         sample = (~greedy).nonzero().reshape(-1)
         self.sample = sample.to(dev)                        # indices into the single rows
         self.sample_top_k = top_k[sample].to(dev)
         self.top_p_initial = top_p[sample].to(dev)
         self.top_p = self.top_p_initial.clone()             # decays per step (FT top_p_decay)
-        self.top_p_decay = args["top_p_decay"][single][sample].to(dev)
-        self.top_p_min = args["top_p_min"][single][sample].to(dev)
-        self.top_p_reset = args["top_p_reset_ids"][single][sample].to(dev)
+        self.top_p_decay = batch.top_p_decay[single][sample].to(dev)
+        self.top_p_min = batch.top_p_min[single][sample].to(dev)
+        self.top_p_reset = batch.top_p_reset_ids[single][sample].to(dev)
         self.decays = bool((self.top_p_decay != 1.0).any()) or bool((self.top_p_reset >= 0).any())
         # Per-row uniforms for every step, drawn up front from the row's own generator
         # (numpy PCG64: its stream is sequential, so the first n draws never depend on how
         # many are drawn, i.e. on the other rows' lengths; identical on CPU and CUDA).
-        seeds = [args["random_seed"][int(single[i])] for i in sample]
+        seeds = [batch.random_seed[int(single[i])] for i in sample]
         self.uniforms = torch.from_numpy(np.stack([
             np.random.Generator(np.random.PCG64(s % (1 << 64))).random(max(self.steps, 1))
             for s in seeds]) if seeds else np.zeros((0, 1))).to(dev)  # [R, steps] f64
 
-    def _init_beams(self, args, base):
+    def _init_beams(self, batch, base):
         """Beam rows: slots base .. base + W - 1, padded to the widest beam row."""
-        dev, width, new, slots = self.dev, self.width, args["max_new_tokens"], self.slots
+        dev, width, new, slots = self.dev, self.width, batch.max_new_tokens, self.slots
         beam = (width > 1).nonzero().reshape(-1)
         self.beam_rows = beam
         wide = int(width[beam].max()) if beam.numel() else 1
@@ -268,8 +334,8 @@ class _Decoding:
                            + torch.minimum(lane[None, :], width[beam][:, None] - 1)).to(dev)
         self.beam_end = self.end[beam].to(dev)
         self.beam_new = new[beam].to(dev)
-        self.len_penalty = args["len_penalty"][beam].to(dev)
-        self.diversity = args["beam_search_diversity_rate"][beam].to(dev)
+        self.len_penalty = batch.len_penalty[beam].to(dev)
+        self.diversity = batch.beam_search_diversity_rate[beam].to(dev)
         # Running scores per slot: only the first beam is live at the start (HF: -1e9).
         self.beam_cum = torch.zeros(slots, dtype=torch.float32, device=dev)
         if beam.numel():
@@ -548,24 +614,16 @@ def _check_words(words, vocab, where):
             raise ValueError(f"{where}: token ids {outside[:5]} outside [0, {vocab})")
 
 
-def check_inputs(model, input_ids, input_lengths, max_new_tokens, end_id=None, top_k=None,
-                 top_p=None, temperature=None, repetition_penalty=None, random_seed=None,
-                 beam_width=None, len_penalty=None, beam_search_diversity_rate=None,
-                 bad_words_list=None, stop_words_list=None, top_p_decay=None, top_p_min=None,
-                 top_p_reset_ids=None, is_return_log_probs=None, start_id=None,
-                 max_beam_width=MAX_BEAM_WIDTH):
-    """Normalise generate()'s arguments to per-row CPU values; ValueError naming the bad input.
+def check_inputs(model, input_ids, input_lengths, max_new_tokens, params=None, max_beam_width=MAX_BEAM_WIDTH):
+    """One request (prompts + SamplingParams) -> a Batch of per-row CPU values; ValueError naming the bad input.
 
-    Returns a dict keyed by generate()'s keyword names: input_ids [B, L] int64;
-    input_lengths, max_new_tokens, end_id, top_k, beam_width, top_p_reset_ids, start_id
-    (int64 [B]); top_p, temperature, repetition_penalty, len_penalty,
-    beam_search_diversity_rate, top_p_decay, top_p_min (float32 [B]); is_return_log_probs
-    (bool [B]); random_seed (list of B python ints); bad_words_list, stop_words_list (list
-    of B tuples of words, a word = tuple of token ids). Requests' dicts concatenate row-wise.
+    input_ids [B, L] right-padded, input_lengths [B], max_new_tokens [B] (each a sequence, array or tensor);
+    params None = every option's default. Defaults and simple bounds come from ft_interface's table.
     Checks: beam_width in [1, max_beam_width], top_p in [0, 1], top_p_decay in (0, 1],
     top_p_min in (0, 1], temperature / repetition_penalty > 0, word lists shaped
     [B|1, 2, L] with increasing offsets and ids inside the vocabulary, lengths in range.
     """
+    params = SamplingParams() if params is None else params
     if not torch.is_tensor(input_ids):
         input_ids = np.asarray(input_ids)
         if input_ids.dtype.kind == "u":
@@ -579,21 +637,15 @@ def check_inputs(model, input_ids, input_lengths, max_new_tokens, end_id=None, t
     vocab = model.vocab_size
     lengths = _per_row(input_lengths, bsz, 0, torch.long, "input_lengths")
     new = _per_row(max_new_tokens, bsz, 0, torch.long, "max_new_tokens")
-    end = _per_row(end_id, bsz, model.end_id, torch.long, "end_id")
-    top_k = _per_row(top_k, bsz, 0, torch.long, "top_k")
-    top_p = _per_row(top_p, bsz, 0.0, torch.float32, "top_p")
-    temp = _per_row(temperature, bsz, 1.0, torch.float32, "temperature")
-    rep = _per_row(repetition_penalty, bsz, 1.0, torch.float32, "repetition_penalty")
-    width = _per_row(beam_width, bsz, 1, torch.long, "beam_width")
-    len_penalty = _per_row(len_penalty, bsz, 0.0, torch.float32, "len_penalty")
-    diversity = _per_row(beam_search_diversity_rate, bsz, 0.0, torch.float32,
-                         "beam_search_diversity_rate")
-    decay = _per_row(top_p_decay, bsz, 1.0, torch.float32, "top_p_decay")
-    p_min = _per_row(top_p_min, bsz, 1e-6, torch.float32, "top_p_min")
-    reset = _per_row(top_p_reset_ids, bsz, -1, torch.long, "top_p_reset_ids")
-    log_probs = _per_row(is_return_log_probs, bsz, True, torch.bool, "is_return_log_probs")
-    start = _per_row(start_id, bsz, model.end_id, torch.long, "start_id")
-    seeds = [0] * bsz  # FT seeds its samplers with 0 when no random_seed is given
+    rows = {}  # field -> [B] tensor, for every per-row scalar option but random_seed
+    for spec in ft_interface.SAMPLING_INPUTS:
+        if spec.scalar and spec.field != "random_seed":
+            default = model.end_id if spec.default is None else spec.default  # start_id, end_id: config.ini's
+            rows[spec.field] = _per_row(getattr(params, spec.field), bsz, default,
+                                        _TORCH_DTYPES[spec.triton_dtype], spec.field)
+    end, start, width, reset = rows["end_id"], rows["start_id"], rows["beam_width"], rows["top_p_reset_ids"]
+    seeds = [ft_interface.BY_FIELD["random_seed"].default] * bsz
+    random_seed = params.random_seed
     if random_seed is not None:
         # Keep seeds as exact python ints: a numpy array built from a list mixing values
         # above 2^63 with small ones would silently become float64.
@@ -622,42 +674,36 @@ def check_inputs(model, input_ids, input_lengths, max_new_tokens, end_id=None, t
     real = torch.arange(lmax)[None, :] < lengths[:, None]
     if bool(((ids < 0) | (ids >= vocab))[real].any()):
         problems.append(f"input_ids contain token ids outside [0, {vocab})")
-    if bool((top_k < 0).any()):
-        problems.append("runtime_top_k must be >= 0")
-    if not bool(((top_p >= 0) & (top_p <= 1)).all()):
-        problems.append(f"runtime_top_p must be in [0, 1], got {top_p.tolist()}")
-    if not bool(((decay > 0) & (decay <= 1)).all()):
-        problems.append(f"top_p_decay must be in (0, 1], got {decay.tolist()}")
-    if not bool(((p_min > 0) & (p_min <= 1)).all()):
-        problems.append(f"top_p_min must be in (0, 1], got {p_min.tolist()}")
+    # The table's bounds and the model-dependent ones, in this order (a message lists every problem in it).
+    problems += _outside_bounds(rows, ("top_k", "top_p", "top_p_decay", "top_p_min"))
     if bool(((reset < -1) | (reset >= vocab)).any()):
         problems.append(f"top_p_reset_ids must be -1 (none) or in [0, {vocab}), "
                         f"got {reset.tolist()}")
-    if not bool((temp > 0).all()):
-        problems.append("temperature must be > 0")
-    if not bool((rep > 0).all()):
-        problems.append("repetition_penalty must be > 0")
+    problems += _outside_bounds(rows, ("temperature", "repetition_penalty"))
     cap = min(int(max_beam_width), vocab // 2)  # 2W candidates per beam must exist
     if bool(((width < 1) | (width > cap)).any()):
         problems.append(f"beam_width must be in [1, {cap}] (max_beam_width), got {width.tolist()}")
-    if not bool(len_penalty.isfinite().all()):
-        problems.append("len_penalty must be finite")
-    if not bool(diversity.isfinite().all()):
-        problems.append("beam_search_diversity_rate must be finite")
+    problems += _outside_bounds(rows, ("len_penalty", "beam_search_diversity_rate"))
     words = {}
-    for name, value in (("bad_words_list", bad_words_list), ("stop_words_list", stop_words_list)):
+    for spec in ft_interface.WORD_LIST_INPUTS:
         try:
-            words[name] = _word_lists(value, bsz, vocab, name)
+            words[spec.field] = _word_lists(getattr(params, spec.field), bsz, vocab, spec.name)
         except ValueError as exc:
             problems.append(str(exc))
     if problems:
         raise ValueError("; ".join(problems))
-    return {"input_ids": ids, "input_lengths": lengths, "max_new_tokens": new,
-            "end_id": end, "top_k": top_k, "top_p": top_p, "temperature": temp,
-            "repetition_penalty": rep, "random_seed": seeds, "beam_width": width,
-            "len_penalty": len_penalty, "beam_search_diversity_rate": diversity,
-            "top_p_decay": decay, "top_p_min": p_min, "top_p_reset_ids": reset,
-            "is_return_log_probs": log_probs, "start_id": start, **words}
+    return Batch(input_ids=ids, input_lengths=lengths, max_new_tokens=new, random_seed=seeds, **rows, **words)
+
+
+def _outside_bounds(rows, names):
+    """Messages for the options among `names` (fields) with a row outside its bounds in ft_interface's table."""
+    problems = []
+    for name in names:
+        spec = ft_interface.BY_FIELD[name]
+        problem = spec.bounds.problem(spec.name, rows[name])
+        if problem is not None:
+            problems.append(problem)
+    return problems
 
 
 def _sample(logits, top_k, top_p, u):

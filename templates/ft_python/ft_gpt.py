@@ -18,12 +18,9 @@ import torch
 import torch.nn.functional as F
 
 try:  # imported as templates.ft_python.ft_gpt inside the project
-    from . import ft_checkpoint, ft_generate
+    from . import ft_checkpoint
 except ImportError:  # imported as a top-level module inside a Triton model directory
     import ft_checkpoint
-    import ft_generate
-
-GenerationOutput = ft_generate.GenerationOutput
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -341,12 +338,3 @@ class FTGPT:
         mask = torch.ones(seq, seq, dtype=torch.bool, device=self.device).tril()
         hidden = self.hidden_states(ids, pos, self.new_cache(bsz, seq), 0, mask)
         return self.logits(hidden).cpu()
-
-    # ------------------------------------------------------------------ decoding
-    def generate(self, *args, **kwargs):
-        """See ft_generate.generate."""
-        return ft_generate.generate(self, *args, **kwargs)
-
-    def check_inputs(self, *args, **kwargs):
-        """See ft_generate.check_inputs."""
-        return ft_generate.check_inputs(self, *args, **kwargs)

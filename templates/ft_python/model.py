@@ -1,7 +1,8 @@
 """Triton python-backend model that serves FasterTransformer GPT shards with PyTorch.
 
-Copied into `<model_name>/1/` of a generated model repository together with ft_checkpoint.py
-ft_gpt.py and ft_generate.py. Same tensors as the fastertransformer backend (FT's GPT config.pbtxt):
+Copied into `<model_name>/1/` of a generated model repository together with ft_checkpoint.py,
+ft_gpt.py, ft_generate.py and ft_interface.py. Same tensors as the fastertransformer backend (FT's GPT
+config.pbtxt, listed in ft_interface's table):
 inputs input_ids [B, L] (right-padded), input_lengths [B], request_output_len [B, 1], optional per-row
 runtime_top_k, runtime_top_p, temperature, len_penalty, repetition_penalty, random_seed,
 is_return_log_probs, beam_width, beam_search_diversity_rate, start_id, end_id, top_p_decay, top_p_min,
@@ -17,7 +18,7 @@ Decoupled (model_transaction_policy { decoupled: true }): every request gets one
 decoding step that grew one of its sequences (the sequences so far, T = its longest prompt + steps so far),
 then a final response with the complete result (the same tensors as without streaming) flagged
 TRITONSERVER_RESPONSE_COMPLETE_FINAL. Every response also carries prompt_lengths [B, 1] and is_final [B, 1]
-for the streaming ensemble's postprocessing (render.STREAMING_OUTPUTS). A request its client cancelled gets no
+for the streaming ensemble's postprocessing (ft_interface.STREAMING_OUTPUTS). A request its client cancelled gets no
 more responses, and its stream is closed with a flags-only final.
 
 Parameters (config.pbtxt, string_value): model_checkpoint_path (relative paths are resolved
@@ -40,26 +41,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 import ft_checkpoint  # noqa: E402
 import ft_generate  # noqa: E402
 import ft_gpt  # noqa: E402
-
-# Optional per-row inputs: Triton name -> ft_generate.generate keyword.
-OPTIONAL_INPUTS = {
-    "runtime_top_k": "top_k",
-    "runtime_top_p": "top_p",
-    "temperature": "temperature",
-    "len_penalty": "len_penalty",
-    "repetition_penalty": "repetition_penalty",
-    "random_seed": "random_seed",
-    "is_return_log_probs": "is_return_log_probs",
-    "beam_width": "beam_width",
-    "beam_search_diversity_rate": "beam_search_diversity_rate",
-    "start_id": "start_id",
-    "end_id": "end_id",
-    "top_p_decay": "top_p_decay",
-    "top_p_min": "top_p_min",
-    "top_p_reset_ids": "top_p_reset_ids",
-}
-# FT's word-list format [B, 2, W] (ids + cumulative offsets), checked and parsed by ft_generate.
-WORD_LIST_INPUTS = {"bad_words_list": "bad_words_list", "stop_words_list": "stop_words_list"}
+import ft_interface  # noqa: E402
 
 
 def _log(message):
@@ -87,22 +69,6 @@ def _rows(array, batch, name, take_first=False):
         raise ValueError(f"{name} has shape {list(np.shape(array))}, expected [{batch}] or "
                          f"[{batch}, 1] for a batch of {batch}")
     return flat
-
-
-def _concatenate(items):
-    """Row-wise concatenation of check_inputs dicts: input_ids padded to a common width, lists joined."""
-    width = max(int(it["input_lengths"].max()) for it in items)
-    merged = {}
-    for key, first in items[0].items():
-        values = [it[key] for it in items]
-        if key == "input_ids":
-            merged[key] = torch.cat([torch.nn.functional.pad(v[:, :width], (0, max(0, width - v.shape[1])))
-                                     for v in values])
-        elif torch.is_tensor(first):
-            merged[key] = torch.cat(values)
-        else:  # python lists (seeds, word lists)
-            merged[key] = [x for v in values for x in v]
-    return merged
 
 
 def _send(sender, response, flags=0):
@@ -182,7 +148,7 @@ class TritonPythonModel:
              f"weights {config['weight_data_type']}) on {device} computing in {dtype}")
 
     def _parse(self, request):
-        """One request's inputs -> check_inputs' per-row values (ValueError if invalid)."""
+        """One request's inputs -> its checked ft_generate.Batch (ValueError if invalid)."""
         ids = _input(request, "input_ids")
         if ids is None:
             raise ValueError("input_ids is required")
@@ -198,22 +164,22 @@ class TritonPythonModel:
         output_len = _input(request, "request_output_len")
         if output_len is None:
             raise ValueError("request_output_len is required")
-        kwargs = {}
-        for name, key in OPTIONAL_INPUTS.items():
-            value = _input(request, name)
-            if value is not None:
-                value = _rows(value, batch, name)
-                if value.dtype.kind == "u" and key != "random_seed":  # seeds stay uint64 (python ints later)
+        params = ft_generate.SamplingParams()
+        for tensor in ft_interface.SAMPLING_INPUTS:
+            value = _input(request, tensor.name)
+            if value is None:
+                continue
+            if not tensor.scalar:  # FT's word-list format [B, 2, W] (ids + cumulative offsets)
+                value = np.asarray(value).astype(np.int64)
+            else:
+                value = _rows(value, batch, tensor.name)
+                if value.dtype.kind == "u" and tensor.field != "random_seed":  # seeds stay uint64 (python ints later)
                     value = value.astype(np.int64)
-                kwargs[key] = value
-        for name, key in WORD_LIST_INPUTS.items():
-            value = _input(request, name)
-            if value is not None:
-                kwargs[key] = np.asarray(value).astype(np.int64)
-        return self.model.check_inputs(
-            ids.astype(np.int64), lengths.astype(np.int64),
+            setattr(params, tensor.field, value)
+        return ft_generate.check_inputs(
+            self.model, ids.astype(np.int64), lengths.astype(np.int64),
             _rows(output_len, batch, "request_output_len", take_first=True).astype(np.int64),
-            max_beam_width=self.max_beam_width, **kwargs)
+            params, max_beam_width=self.max_beam_width)
 
     def execute(self, requests):
         """All valid requests form one generation batch; each gets its own response(s), in order."""
@@ -223,24 +189,24 @@ class TritonPythonModel:
                 parsed.append(self._parse(request))
             except Exception as exc:  # noqa: BLE001 - a bad request fails alone
                 parsed.append(exc)
-        good = [(request, item) for request, item in zip(requests, parsed) if isinstance(item, dict)]
+        good = [(request, item) for request, item in zip(requests, parsed) if isinstance(item, ft_generate.Batch)]
         senders = [request.get_response_sender() for request in requests] if self.decoupled else None
         results, failure = None, None
         if good:
             try:
                 stream = self._streamer(good, senders, requests) if self.decoupled else None
-                results = self.model.generate(**_concatenate([item for _, item in good]),
-                                              max_beam_width=self.max_beam_width, stream=stream)
+                merged = ft_generate.Batch.concatenate([item for _, item in good])
+                results = ft_generate.generate(self.model, merged, stream=stream)
             except Exception as exc:  # noqa: BLE001 - report to every client instead of dying
                 failure = f"generation failed: {type(exc).__name__}: {exc}"
         responses, row = [], 0
         for item in parsed:
-            if not isinstance(item, dict):
+            if not isinstance(item, ft_generate.Batch):
                 responses.append(_error(f"bad request: {item}"))
             elif failure is not None:
                 responses.append(_error(failure))
             else:
-                batch = item["input_ids"].shape[0]
+                batch = item.input_ids.shape[0]
                 responses.append(self._response(results, slice(row, row + batch), item))
                 row += batch
         if not self.decoupled:
@@ -259,10 +225,10 @@ class TritonPythonModel:
         sender_of = {id(request): sender for request, sender in zip(requests, senders)}
         targets, row = [], 0
         for request, item in good:
-            batch = item["input_ids"].shape[0]
+            batch = item.input_ids.shape[0]
             targets.append([sender_of[id(request)], slice(row, row + batch), item, None, request])
             row += batch
-        batch_prompt = max(int(item["input_lengths"].max()) for _, item in good)
+        batch_prompt = max(int(item.input_lengths.max()) for _, item in good)
 
         def send(partial):
             steps = partial.output_ids.shape[-1] - batch_prompt
@@ -283,28 +249,27 @@ class TritonPythonModel:
         steps: None for a complete result (T = its longest prompt + its largest request_output_len; every
         position after a row's sequence_length holds end_id), else the steps decoded so far (streaming).
         """
-        max_new = int(item["max_new_tokens"].max())
+        max_new = int(item.max_new_tokens.max())
         final = steps is None
         steps = max_new if final else min(steps, max_new)
-        width = int(item["input_lengths"].max()) + steps
-        beams = int(item["beam_width"].max()) if "beam_width" in item else 1
+        width = int(item.input_lengths.max()) + steps
+        beams = int(item.beam_width.max())
         # Owned copies (np.array(..., copy=True)), never views of torch memory: a decoupled response is
         # serialised by the stub with the GIL released, and freeing a torch-backed view there aborts the stub.
         cut = {
-            "output_ids": (results.output_ids[rows, :beams, :width], np.uint32),
-            "sequence_length": (results.sequence_length[rows, :beams], np.uint32),
-            "cum_log_probs": (results.cum_log_probs[rows, :beams], np.float32),
-            "output_log_probs": (results.output_log_probs[rows, :beams, :steps], np.float32),
+            "output_ids": results.output_ids[rows, :beams, :width],
+            "sequence_length": results.sequence_length[rows, :beams],
+            "cum_log_probs": results.cum_log_probs[rows, :beams],
+            "output_log_probs": results.output_log_probs[rows, :beams, :steps],
         }
-        outputs = [pb_utils.Tensor(name, np.array(tensor.numpy(), dtype=dtype, copy=True, order="C"))
-                   for name, (tensor, dtype) in cut.items()]
-        if self.decoupled:  # what the streaming ensemble's postprocessing needs (see render.STREAMING_OUTPUTS)
-            batch = item["input_ids"].shape[0]
-            outputs += [
-                pb_utils.Tensor("prompt_lengths", item["input_lengths"].numpy().astype(np.uint32).reshape(batch, 1)),
-                pb_utils.Tensor("is_final", np.full((batch, 1), final, dtype=bool)),
-            ]
-        return pb_utils.InferenceResponse(output_tensors=outputs)
+        if self.decoupled:  # what the streaming ensemble's postprocessing needs (ft_interface.STREAMING_OUTPUTS)
+            batch = item.input_ids.shape[0]
+            cut["prompt_lengths"] = item.input_lengths.reshape(batch, 1)
+            cut["is_final"] = torch.full((batch, 1), final)
+        dtypes = {tensor.name: tensor.numpy_dtype for tensor in ft_interface.OUTPUTS}
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(name, np.array(tensor.numpy(), dtype=dtypes[name], copy=True, order="C"))
+            for name, tensor in cut.items()])
 
     def finalize(self):
         device = getattr(getattr(self, "model", None), "device", None)
