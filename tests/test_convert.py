@@ -14,7 +14,7 @@ from conftest import build_hf_gpt2
 from exporter.arch.gpt2 import GPT2
 from exporter.ft.convert import convert_checkpoint
 from exporter.ft.sharding import ShardingError
-from exporter.readers.hf import CheckpointError
+from templates.ft_python.ft_checkpoint import CheckpointError
 
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 TORCH = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -21,10 +21,10 @@ import torch
 
 from exporter.ft.convert import convert_checkpoint
 from exporter.ft.sharding import ShardingError
-from exporter.readers.hf import CheckpointError
 from exporter.readers.nemo_archive import ArchiveError
 from family_fixtures import NEMO_AVAILABLE, NEMO_FIXTURES, NEMO_MISSING
 from templates.ft_python import ft_checkpoint, ft_gpt
+from templates.ft_python.ft_checkpoint import CheckpointError
 
 FIXTURES = NEMO_FIXTURES
 pytestmark = pytest.mark.skipif(not NEMO_AVAILABLE, reason=NEMO_MISSING)

@@ -85,7 +85,7 @@ def test_devices_must_match_stages(llama3, tmp_path):
     (build_gptj, "model_type 'GPT-J'"),
 ])
 def test_fastertransformer_runtime_refused_where_ft_cannot_serve(tmp_path, builder, message):
-    from exporter.readers.hf import CheckpointError
+    from templates.ft_python.ft_checkpoint import CheckpointError
     from main import run
 
     checkpoint = builder(tmp_path / "checkpoint")

@@ -19,8 +19,10 @@ from typing import Any, ClassVar, Union
 
 import torch
 
+from templates.ft_python.ft_checkpoint import CheckpointError
+
 from ..ft.sharding import Split
-from ..readers.hf import CheckpointError, HFCheckpoint, Scratch
+from ..readers.hf import HFCheckpoint, Scratch
 
 Sources = Union[str, tuple[str, ...]]
 Table = dict[str, tuple[Sources, Split]]

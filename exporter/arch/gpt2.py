@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from templates.ft_python.ft_checkpoint import CheckpointError
+
 from ..ft.sharding import Split
-from ..readers.hf import CheckpointError
 from . import register
 from .base import Architecture, ModelParams
 

@@ -13,8 +13,9 @@ import logging
 
 import torch
 
+from templates.ft_python.ft_checkpoint import CheckpointError
+
 from ..ft.sharding import Split
-from ..readers.hf import CheckpointError
 from . import register
 from .base import LinearArchitecture, ModelParams, Table, rope_theta
 from .gpt2 import gelu_approximation

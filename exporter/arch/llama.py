@@ -8,8 +8,9 @@ tied or untied output layer. See layout.md.
 
 from __future__ import annotations
 
+from templates.ft_python.ft_checkpoint import CheckpointError
+
 from ..ft.sharding import Split
-from ..readers.hf import CheckpointError
 from . import register
 from .base import LinearArchitecture, ModelParams, Table, rope_theta
 

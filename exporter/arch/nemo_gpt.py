@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from templates.ft_python.ft_checkpoint import CheckpointError
+
 from ..ft.sharding import Split
-from ..readers.hf import CheckpointError
 from ..readers.nemo import NemoCheckpoint, gated_fc1
 from ..tokenizer import TokenizerError, load_tokenizer
 from . import register, registered

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from templates.ft_python.ft_checkpoint import CheckpointError
+
 from ..ft.sharding import Split
-from ..readers.hf import CheckpointError
 from . import register
 from .base import LinearArchitecture, ModelParams, Table
 

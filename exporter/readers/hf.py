@@ -15,10 +15,7 @@ from typing import Any, Iterator
 import torch
 from safetensors import safe_open
 
-
-class CheckpointError(ValueError):
-    """The checkpoint cannot be read or does not match what the exporter expects."""
-
+from templates.ft_python.ft_checkpoint import CheckpointError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"

@@ -58,8 +58,10 @@ GATED_ACTIVATIONS = ("geglu", "siglu")
 _NEOX_RANK_SCALED = ("attention.dense.bias", "mlp.dense_4h_to_h.bias", "mlp.attention.bias.sum")
 
 
-class CheckpointError(RuntimeError):
-    """The shard directory is missing files, has wrongly sized files or a bad config.ini."""
+class CheckpointError(ValueError, RuntimeError):
+    """A checkpoint (the source the exporter reads, or a shard directory: missing or wrongly sized files, a bad
+    config.ini) cannot be used. The one such class for the exporter and the runtime: a ValueError, as the exporter's
+    callers catch bad input, and a RuntimeError, as the runtime's callers catch a failed load."""
 
 
 def _parse_bool(key, text):
@@ -104,6 +106,8 @@ def read_config(shard_dir):
                 cfg[key] = _parse_bool(f"[{section}] {key}", text)
             else:
                 cfg[key] = text.strip()
+        except CheckpointError:
+            raise
         except ValueError as exc:
             raise CheckpointError(f"{path}: [{section}] {key} = {text!r}: {exc}") from None
     if cfg["weight_data_type"] not in DTYPE_BYTES:
