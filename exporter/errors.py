@@ -3,7 +3,7 @@
 from templates.ft_python.ft_checkpoint import CheckpointError
 
 from .evaluate.lambada import AccuracyMismatch
-from .ft.sharding import ShardingError
+from .parallel import ShardingError
 from .serve.tritonserver import TritonServerError
 from .tokenizer import TokenizerError
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from conftest import build_hf_gpt2
 from exporter.arch.gpt2 import GPT2
 from exporter.ft.convert import convert_checkpoint
-from exporter.ft.sharding import ShardingError
+from exporter.parallel import ShardingError
 from templates.ft_python.ft_checkpoint import CheckpointError
 
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}

@@ -182,7 +182,7 @@ def test_more_ranks_than_kv_heads_replicate_each_kv_head(checkpoints, exported):
 
 
 def test_kv_heads_and_tp_that_do_not_divide_fail_before_writing(tmp_path):
-    from exporter.ft.sharding import ParallelLayout, ShardingError
+    from exporter.parallel import ParallelLayout, ShardingError
 
     with pytest.raises(ShardingError, match="kv_head_num 3 and tensor_para_size 2: one must divide the other"):
         ParallelLayout(2, 1, 4).check(head_num=12, kv_head_num=3, inter_size=64)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from exporter.ft.convert import convert_checkpoint
-from exporter.ft.sharding import ShardingError
+from exporter.parallel import ShardingError
 from exporter.readers.nemo_archive import ArchiveError
 from family_fixtures import NEMO_AVAILABLE, NEMO_FIXTURES, NEMO_MISSING
 from templates.ft_python import ft_checkpoint, ft_gpt

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from exporter.ft.convert import convert_checkpoint
-from exporter.ft.sharding import ParallelLayout, ShardingError
+from exporter.parallel import ParallelLayout, ShardingError
 from family_fixtures import build_gptj, build_llama
 from templates.ft_python import ft_checkpoint, ft_gpt
 from test_config import composed

@@ -21,7 +21,7 @@ import torch
 
 from templates.ft_python.ft_checkpoint import CheckpointError
 
-from ..ft.sharding import Split
+from ..parallel import Split
 from ..readers.hf import HFCheckpoint, Scratch
 
 Sources = Union[str, tuple[str, ...]]

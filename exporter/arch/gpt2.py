@@ -10,7 +10,7 @@ import torch
 
 from templates.ft_python.ft_checkpoint import CheckpointError
 
-from ..ft.sharding import Split
+from ..parallel import Split
 from . import register
 from .base import Architecture, ModelParams
 

@@ -15,7 +15,7 @@ import torch
 
 from templates.ft_python.ft_checkpoint import CheckpointError
 
-from ..ft.sharding import Split
+from ..parallel import Split
 from . import register
 from .base import LinearArchitecture, ModelParams, Table, rope_theta
 from .gpt2 import gelu_approximation

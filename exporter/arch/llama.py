@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from templates.ft_python.ft_checkpoint import CheckpointError
 
-from ..ft.sharding import Split
+from ..parallel import Split
 from . import register
 from .base import LinearArchitecture, ModelParams, Table, rope_theta
 

@@ -19,7 +19,7 @@ import torch
 
 from templates.ft_python.ft_checkpoint import CheckpointError
 
-from ..ft.sharding import Split
+from ..parallel import Split
 from ..readers.nemo import NemoCheckpoint, gated_fc1
 from ..tokenizer import TokenizerError, load_tokenizer
 from . import register, registered

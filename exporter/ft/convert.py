@@ -16,7 +16,8 @@ from ..arch.base import ModelParams, Plan
 from ..readers import nemo_archive
 from ..readers.hf import HFCheckpoint
 from ..tokenizer import find_tokenizer, save_tokenizer_json
-from .sharding import ParallelLayout, ShardingError, file_names, rank_shape
+from ..parallel import ParallelLayout, ShardingError
+from .sharding import file_names, rank_shape
 from .verify import DTYPE_BYTES, expected_files, read_config, verify_shards
 from ..atomic import AtomicDirectory
 from .writer import config_ini, write_plan

@@ -118,6 +118,11 @@ def read_config(shard_dir):
     return cfg
 
 
+def shard_dir_name(tensor_para_size):
+    """The shard directory's name for a tensor-parallel size, e.g. "2-gpu" (FT's convention)."""
+    return f"{tensor_para_size}-gpu"
+
+
 def stage_layers(num_layers, pipeline_para_size, stage):
     """Global layer indices of pipeline stage `stage`: FT's C++ rule, ceil(layers / pp) per stage
     (the last stages may get fewer, even none; the exporter refuses layouts with an empty stage)."""
