@@ -1,43 +1,9 @@
-"""Registry of source architectures, keyed by HF `architectures[0]`."""
+"""Source architectures: the registry (registry.py) and every family file, imported here so each registers."""
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
-
+from . import gpt2, gptj, gptneox, llama, nemo_gpt, opt  # noqa: F401  (each registers itself)
 from .base import Architecture, ModelParams, TensorSpec
-
-_REGISTRY: dict[str, type[Architecture]] = {}
-ArchT = TypeVar("ArchT", bound=type[Architecture])
-
-
-def register(*names: str) -> Callable[[ArchT], ArchT]:
-    def decorate(cls: ArchT) -> ArchT:
-        for name in names:
-            if name in _REGISTRY:
-                raise ValueError(f"architecture {name!r} registered twice")
-            _REGISTRY[name] = cls
-        return cls
-
-    return decorate
-
-
-def registered() -> dict[str, type[Architecture]]:
-    return dict(_REGISTRY)
-
-
-def architecture_for(hf_config: dict) -> type[Architecture]:
-    names = hf_config.get("architectures") or []
-    if not names:
-        raise ValueError("config.json has no 'architectures' entry; cannot tell which model this is")
-    try:
-        return _REGISTRY[names[0]]
-    except KeyError:
-        raise ValueError(
-            f"unsupported architecture {names[0]!r}; supported: {sorted(_REGISTRY)}"
-        ) from None
-
-
-# Import the architecture files so they register themselves.
-from . import gpt2, gptj, gptneox, llama, nemo_gpt, opt  # noqa: E402,F401
+from .registry import architecture_for, register, registered
 
 __all__ = ["Architecture", "ModelParams", "TensorSpec", "architecture_for", "register", "registered"]

@@ -11,8 +11,8 @@ import torch
 from templates.ft_python.ft_checkpoint import CheckpointError
 
 from ..parallel import Split
-from . import register
 from .base import Architecture, ModelParams
+from .registry import register
 
 # GPT-2's "gelu_new" is the tanh approximation, which is what FT's Gelu kernel computes.
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")

@@ -8,9 +8,9 @@ MLP run in parallel off one layernorm (`ln_1`; no post_attention_layernorm files
 from __future__ import annotations
 
 from ..parallel import Split
-from . import register
 from .base import LinearArchitecture, ModelParams
 from .gpt2 import gelu_approximation
+from .registry import register
 
 
 @register("GPTJForCausalLM", "GPTJModel")

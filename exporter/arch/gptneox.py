@@ -16,9 +16,9 @@ import torch
 from templates.ft_python.ft_checkpoint import CheckpointError
 
 from ..parallel import Split
-from . import register
 from .base import LinearArchitecture, ModelParams, Table, rope_theta
 from .gpt2 import gelu_approximation
+from .registry import register
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from templates.ft_python.ft_checkpoint import CheckpointError
 
 from ..parallel import Split
-from . import register
 from .base import LinearArchitecture, ModelParams, Table, rope_theta
+from .registry import register
 
 
 @register("LlamaForCausalLM", "LlamaModel")

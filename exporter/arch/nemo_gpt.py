@@ -22,8 +22,8 @@ from templates.ft_python.ft_checkpoint import CheckpointError
 from ..parallel import Split
 from ..readers.nemo import NemoCheckpoint, gated_fc1
 from ..tokenizer import TokenizerError, load_tokenizer
-from . import register, registered
 from .base import Architecture, ModelParams, Table
+from .registry import register, registered
 
 # FT name -> source names without the `model.` prefix (alternatives: the first the checkpoint has). `{i}`: layer.
 MCORE_GLOBAL = {

@@ -13,8 +13,8 @@ import torch
 from templates.ft_python.ft_checkpoint import CheckpointError
 
 from ..parallel import Split
-from . import register
 from .base import LinearArchitecture, ModelParams, Table
+from .registry import register
 
 POSITION_OFFSET = 2  # OPT's learned positions start at row 2
 
