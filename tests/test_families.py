@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from exporter.ft.convert import convert_checkpoint
+from exporter.parallel import ParallelLayout
 from family_fixtures import END_ID, FIXTURES
 from templates.ft_python import ft_checkpoint, ft_gpt
 
@@ -40,8 +41,7 @@ def exported(checkpoints, tmp_path_factory):
         key = (arch, name, tp, pp, dtype)
         if key not in done:
             out = tmp_path_factory.mktemp(f"{name}-tp{tp}-pp{pp}-{dtype}")
-            done[key] = convert_checkpoint(checkpoints(arch, name), out, tensor_parallel=tp, pipeline_parallel=pp,
-                                           weight_data_type=dtype)
+            done[key] = convert_checkpoint(checkpoints(arch, name), out, ParallelLayout(tp, pp), weight_data_type=dtype)
         return done[key]
 
     return get
@@ -93,6 +93,15 @@ def test_tp_shards_merge_to_the_same_weights(exported, arch, name):
     for key in one:
         # NeoX biases are stored divided by TP and multiplied back: equal up to fp32 rounding.
         torch.testing.assert_close(one[key], two[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("arch,name", VARIANTS)
+def test_config_ini_reads_back_to_the_same_text(exported, arch, name):
+    """One schema: the runtime's FTConfig reads every key the exporter wrote, and writes the same bytes back."""
+    shard = exported(arch, name, 2)
+    text = (shard / "config.ini").read_text()
+    assert ft_checkpoint.read_config(shard).to_ini() == text
+    assert ft_checkpoint.FTConfig.from_text(text) == ft_checkpoint.read_config(shard)
 
 
 def test_opt_layout_is_fts(checkpoints, exported):

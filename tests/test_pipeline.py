@@ -42,7 +42,7 @@ def llama3(tmp_path_factory):
 def test_pp_export_refuses_before_writing(tmp_path):
     six = build_llama(tmp_path / "six", n_layer=6)
     with pytest.raises(ShardingError, match="empty"):
-        convert_checkpoint(six, tmp_path / "out", pipeline_parallel=4)
+        convert_checkpoint(six, tmp_path / "out", ParallelLayout(1, 4))
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
@@ -51,8 +51,8 @@ def test_uneven_pipeline_stages_run_and_match_hf(llama3, tmp_path, tp):
     """3 layers on 2 stages (2 + 1), each stage its own device entry; logits equal HF transformers'."""
     from transformers import AutoModelForCausalLM
 
-    shard = convert_checkpoint(llama3, tmp_path / "pp2", tensor_parallel=tp, pipeline_parallel=2)
-    flat = convert_checkpoint(llama3, tmp_path / "pp1", tensor_parallel=tp, pipeline_parallel=1)
+    shard = convert_checkpoint(llama3, tmp_path / "pp2", ParallelLayout(tp, 2))
+    flat = convert_checkpoint(llama3, tmp_path / "pp1", ParallelLayout(tp, 1))
     config = ft_checkpoint.read_config(shard)
     assert config["pipeline_para_size"] == 2
     # Layers keep their global indices: the same files, byte for byte, as the PP=1 export.
@@ -75,7 +75,7 @@ def test_uneven_pipeline_stages_run_and_match_hf(llama3, tmp_path, tp):
 
 
 def test_devices_must_match_stages(llama3, tmp_path):
-    shard = convert_checkpoint(llama3, tmp_path / "pp3", pipeline_parallel=3)
+    shard = convert_checkpoint(llama3, tmp_path / "pp3", ParallelLayout(1, 3))
     with pytest.raises(ValueError, match="2 devices for pipeline_para_size=3"):
         ft_gpt.FTGPT.from_shards(shard, devices=["cpu", "cpu"])
 

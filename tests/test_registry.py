@@ -16,6 +16,7 @@ import torch
 
 from exporter.arch import registered
 from exporter.ft.convert import convert_checkpoint
+from exporter.parallel import ParallelLayout
 from exporter.triton import render
 from exporter.triton.repo import install_python_model
 from family_fixtures import ALIASES, END_ID, FIXTURES, NEMO_AVAILABLE, NEMO_MISSING
@@ -36,7 +37,7 @@ def test_every_registered_architecture_has_a_fixture():
 def add_model(repo: Path, name: str, checkpoint: Path, tp: int, pp: int = 1) -> None:
     """`<repo>/<name>/{config.pbtxt, 1/<tp>-gpu, 1/*.py}`: the exporter's conversion + python runtime model."""
     version_dir = repo / name / "1"
-    convert_checkpoint(checkpoint, version_dir, tensor_parallel=tp, pipeline_parallel=pp)
+    convert_checkpoint(checkpoint, version_dir, ParallelLayout(tp, pp))
     install_python_model("ft_python", version_dir)
     settings = render.ModelSettings(name=name, runtime="python", max_batch_size=8, tensor_para_size=tp,
                                     pipeline_para_size=pp, data_type="fp32", model_checkpoint_path=f"{tp}-gpu",
