@@ -104,6 +104,17 @@ def test_config_ini_reads_back_to_the_same_text(exported, arch, name):
     assert ft_checkpoint.FTConfig.from_text(text) == ft_checkpoint.read_config(shard)
 
 
+@pytest.mark.parametrize("arch,name", VARIANTS)
+def test_describe_source_matches_the_export(checkpoints, exported, arch, name):
+    """describe_source, from config.json alone, names the architecture and the section its export gets."""
+    from exporter.arch import describe_source
+    from exporter.readers.source import SourceKind
+
+    source = describe_source(checkpoints(arch, name))
+    assert (source.kind, source.name) == (SourceKind.HF, arch)
+    assert source.section == ft_checkpoint.read_config(exported(arch, name, 2)).section
+
+
 def test_opt_layout_is_fts(checkpoints, exported):
     """FT's OPT: position rows 2.., lm_head always written, post-layernorm keys, no final layernorm for 350m."""
     from safetensors.torch import load_file

@@ -465,6 +465,17 @@ def test_ft_backend_model_type(tmp_path):
         assert ft_model_type_for(nemo_archive.source_config(FIXTURES / f"{name}.nemo")) == expected
 
 
+def test_describe_source_reads_the_archive_config_only():
+    """The up-front description of a .nemo source: its model class, section and FT backend model type."""
+    from exporter.arch import describe_source
+    from exporter.readers.source import SourceKind
+
+    for name, expected in (("gpt_tp1", "GPT"), (MODEL_B, None)):
+        source = describe_source(FIXTURES / f"{name}.nemo")
+        assert (source.kind, source.name, source.section) == (SourceKind.NEMO, "MegatronGPTModel", "gpt")
+        assert source.ft_model_type == expected
+
+
 def test_ft_runtime_refused_for_a_model_ft_cannot_serve():
     """runtime=fastertransformer is refused before converting for model B (read from the archive's config only)."""
     from exporter.stages.export import check_ft_backend

@@ -1,9 +1,55 @@
-"""Source architectures: the registry (registry.py) and every family file, imported here so each registers."""
+"""Source architectures: the registry (registry.py), every family file (imported here so each registers), and the two
+ways in from a checkpoint path: `open_architecture` (to convert it) and `describe_source` (to check it up front)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..parallel import ParallelLayout
+from ..readers import nemo_archive
+from ..readers.hf import HFCheckpoint
+from ..readers.source import SourceKind, source_kind
 from . import gpt2, gptj, gptneox, llama, nemo_gpt, opt  # noqa: F401  (each registers itself)
 from .base import Architecture, TensorSpec
+from .nemo_gpt import nemo_architecture, nemo_model_class, open_nemo
 from .registry import architecture_for, register, registered
 
-__all__ = ["Architecture", "TensorSpec", "architecture_for", "register", "registered"]
+
+def open_architecture(path: str | Path, layout: ParallelLayout = ParallelLayout()) -> Architecture:
+    """The registered architecture over a checkpoint its reader opens in place: an HF directory or a staged NeMo
+    checkpoint (convert.py stages a .nemo source first)."""
+    if source_kind(path) is SourceKind.NEMO:
+        return open_nemo(path, layout)
+    checkpoint = HFCheckpoint(path)
+    return architecture_for(checkpoint.config)(checkpoint, layout)
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """What a checkpoint holds, from its config alone (nothing staged, no weights read)."""
+
+    kind: SourceKind
+    name: str  # HF config.json architectures[0], or the NeMo model class
+    section: str  # the config.ini section its export gets
+    ft_model_type: str | None  # the FT Triton backend model_type that serves it; None: the python runtime only
+
+
+def describe_source(path: str | Path) -> SourceModel:
+    """The model at `path`. Raises CheckpointError when `path` is no checkpoint this project reads or a NeMo model no
+    architecture is registered for; architecture_for's ValueError for an unregistered HF architecture."""
+    path = Path(path)
+    kind = source_kind(path)
+    if kind is SourceKind.NEMO:
+        config = nemo_archive.source_config(path)
+        name = nemo_model_class(config)
+        architecture = nemo_architecture(config, path)
+    else:
+        config = HFCheckpoint(path).config
+        architecture = architecture_for(config)
+        name = config["architectures"][0]
+    return SourceModel(kind, name, architecture.section, architecture.ft_model_type_of(config))
+
+
+__all__ = ["Architecture", "SourceModel", "TensorSpec", "architecture_for", "describe_source", "open_architecture",
+           "register", "registered"]

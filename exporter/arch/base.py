@@ -80,6 +80,12 @@ class Architecture:
         self.layout = layout  # for layouts whose file contents depend on it (FT NeoX biases)
         self.prefix = self._detect_prefix()
 
+    @classmethod
+    def ft_model_type_of(cls, config: dict[str, Any]) -> str | None:
+        """The FT backend `model_type` that serves a source with this config (config.json, model_config.yaml): the
+        class's, unless the family's config decides (NeMo GPT)."""
+        return cls.ft_model_type
+
     def full_name(self, source: str) -> str:
         return source if source in self.unprefixed else self.prefix + source
 

@@ -121,7 +121,7 @@ class NemoGPT(Architecture):
             raise TokenizerError(f"{self.origin}: its tokenizer is SentencePiece (tokenizer.model); serving needs a "
                                  "tokenizer.json, which is not built from SentencePiece models yet")
         self.activation = str(self.config.get("activation", "gelu"))
-        self.ft_model_type = ft_model_type_for(self.config)
+        self.ft_model_type = self.ft_model_type_of(self.config)
         names = set(checkpoint.names())
         self.legacy = any(".language_model." in f".{name}" for name in names)
         prefix = "model." if any(name.startswith("model.") for name in names) else ""
@@ -136,6 +136,10 @@ class NemoGPT(Architecture):
                 self.layer_tensors[f"mlp.dense_h_to_4h_2.{kind}"] = self.layer_tensors[f"mlp.dense_h_to_4h.{kind}"]
         self._params: FTConfig | None = None
         super().__init__(checkpoint, layout)
+
+    @classmethod
+    def ft_model_type_of(cls, config: dict) -> str | None:
+        return ft_model_type_for(config)
 
     @staticmethod
     def _pick(options: tuple[str, ...], names: set[str], prefix: str, layer: int | None = None) -> str:
@@ -302,13 +306,23 @@ class NemoGPT(Architecture):
         return blocks.t() if tensor.dim() == 2 else blocks
 
 
-def open_nemo(staged_path, layout: ParallelLayout = ParallelLayout()) -> Architecture:
-    """The registered architecture for a staged NeMo checkpoint, keyed by the model class model_config.yaml's
-    `target` names (MegatronGPTModel when it names none)."""
-    checkpoint = NemoCheckpoint(staged_path)
-    model_class = str(checkpoint.config.get("target") or "MegatronGPTModel").rpartition(".")[2]
+def nemo_model_class(config: dict) -> str:
+    """The model class model_config.yaml's `target` names (MegatronGPTModel when it names none)."""
+    return str(config.get("target") or "MegatronGPTModel").rpartition(".")[2]
+
+
+def nemo_architecture(config: dict, origin: object) -> type[Architecture]:
+    """The registered architecture for a NeMo model_config.yaml, keyed by its model class; `origin` names the
+    checkpoint in the error when none is registered."""
+    model_class = nemo_model_class(config)
     architecture = registered().get(model_class)
     if architecture is None:
-        raise CheckpointError(f"{checkpoint.origin}: NeMo model {model_class!r} is not supported; supported: "
+        raise CheckpointError(f"{origin}: NeMo model {model_class!r} is not supported; supported: "
                               f"{sorted(registered())}")
-    return architecture(checkpoint, layout)
+    return architecture
+
+
+def open_nemo(staged_path, layout: ParallelLayout = ParallelLayout()) -> Architecture:
+    """The registered architecture over a staged NeMo checkpoint."""
+    checkpoint = NemoCheckpoint(staged_path)
+    return nemo_architecture(checkpoint.config, checkpoint.origin)(checkpoint, layout)

@@ -15,26 +15,18 @@ from typing import Iterator
 
 from templates.ft_python.ft_checkpoint import FTConfig
 
-from ..arch import Architecture, architecture_for
+from ..arch import open_architecture
 from ..arch.base import Plan
-from ..arch.nemo_gpt import open_nemo
 from ..atomic import AtomicDirectory
 from ..parallel import ParallelLayout, ShardingError
 from ..readers import nemo_archive
-from ..readers.hf import HFCheckpoint
+from ..readers.source import SourceKind, source_kind
 from ..tokenizer import find_tokenizer, save_tokenizer_json
 from .sharding import file_names, rank_shape
 from .verify import DTYPE_BYTES, expected_files, verify_shards
 from .writer import write_config, write_plan
 
 log = logging.getLogger(__name__)
-
-
-def _open(checkpoint_path: Path, layout: ParallelLayout) -> Architecture:
-    if nemo_archive.is_staged(checkpoint_path):
-        return open_nemo(checkpoint_path, layout)
-    checkpoint = HFCheckpoint(checkpoint_path)
-    return architecture_for(checkpoint.config)(checkpoint, layout)
 
 
 @contextmanager
@@ -92,10 +84,10 @@ def convert_checkpoint(
     if weight_data_type not in DTYPE_BYTES:
         raise ValueError(f"weight_data_type {weight_data_type!r} is not one of {sorted(DTYPE_BYTES)}")
     checkpoint_path = Path(checkpoint_path)
-    if nemo_archive.is_nemo_source(checkpoint_path):
+    if source_kind(checkpoint_path) is SourceKind.NEMO and not nemo_archive.is_staged(checkpoint_path):
         with _staged_nemo(checkpoint_path, Path(out_dir)) as staged:
             return convert_checkpoint(staged, out_dir, layout, weight_data_type, processes)
-    arch = _open(checkpoint_path, layout)
+    arch = open_architecture(checkpoint_path, layout)
     find_tokenizer(checkpoint_path)  # pre/postprocessing need it: fail now, not after writing gigabytes
     plan = arch.plan()
     params = plan.params
@@ -116,9 +108,8 @@ def convert_checkpoint(
         weight_data_type,
     )
     with AtomicDirectory(final) as partial_dir:
-        nbytes = write_plan(
-            arch, partial(_open, checkpoint_path, layout), plan, partial_dir, layout, weight_data_type, processes
-        )
+        nbytes = write_plan(arch, partial(open_architecture, checkpoint_path, layout), plan, partial_dir, layout,
+                            weight_data_type, processes)
         for tokenizer_file in arch.checkpoint.tokenizer_files():
             shutil.copy2(tokenizer_file, partial_dir / tokenizer_file.name)
         if not (partial_dir / "tokenizer.json").exists():
