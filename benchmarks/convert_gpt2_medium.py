@@ -44,9 +44,10 @@ import json, resource, sys, time
 sys.path.insert(0, {root!r})
 started = time.monotonic()
 from exporter.ft.convert import convert_checkpoint
+from exporter.parallel import ParallelLayout
 imported = time.monotonic()
 if {convert}:
-    convert_checkpoint({source!r}, {out!r}, tensor_parallel=2, weight_data_type="fp16", processes={processes})
+    convert_checkpoint({source!r}, {out!r}, ParallelLayout(2), weight_data_type="fp16", processes={processes})
 peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 print(json.dumps({{"seconds": time.monotonic() - started, "import_seconds": imported - started, "peak_rss_kib": peak}}))
 """

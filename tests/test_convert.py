@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from conftest import build_hf_gpt2
 from exporter.arch.gpt2 import GPT2
 from exporter.ft.convert import convert_checkpoint
-from exporter.ft.sharding import ShardingError
-from exporter.readers.hf import CheckpointError
+from exporter.parallel import ParallelLayout, ShardingError
+from templates.ft_python.ft_checkpoint import CheckpointError
 
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 TORCH = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -56,7 +56,7 @@ def nothing_written(out_dir: Path) -> bool:
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 def test_file_set_and_sizes_match_ft_loader(tiny_gpt2, tmp_path, tp, dtype):
-    shard_dir = convert_checkpoint(tiny_gpt2, tmp_path, tensor_parallel=tp, weight_data_type=dtype)
+    shard_dir = convert_checkpoint(tiny_gpt2, tmp_path, ParallelLayout(tp), weight_data_type=dtype)
     assert shard_dir == tmp_path / f"{tp}-gpu"
     expected = {name: count * BYTES[dtype] for name, count in ft_loader_files(2, 64, 256, 50257, 128, tp).items()}
     written = {path.name: path.stat().st_size for path in shard_dir.glob("*.bin")}
@@ -78,7 +78,7 @@ def test_file_set_and_sizes_match_ft_loader(tiny_gpt2, tmp_path, tp, dtype):
 def test_byte_layout_is_ft_layout(tiny_gpt2, tmp_path, dtype):
     """Matrices [in, out] row-major; q/k/v as [h, 3, h/tp] holding whole heads; row splits on the input dim."""
     tp, h, inter = 2, 64, 256
-    shard_dir = convert_checkpoint(tiny_gpt2, tmp_path, tensor_parallel=tp, weight_data_type=dtype)
+    shard_dir = convert_checkpoint(tiny_gpt2, tmp_path, ParallelLayout(tp), weight_data_type=dtype)
     source = load_file(tiny_gpt2 / "model.safetensors")
     cast = TORCH[dtype]
     qkv = source["transformer.h.1.attn.c_attn.weight"].to(cast).reshape(h, 3, h)  # Conv1D [in, out=q|k|v]
@@ -110,14 +110,14 @@ def test_sharded_safetensors_and_pickle_give_identical_shards(tmp_path):
     pickle = build_hf_gpt2(tmp_path / "pickle", seed=3, safe_serialization=False)
     assert (sharded / "model.safetensors.index.json").is_file()
     assert (pickle / "pytorch_model.bin").is_file()
-    reference = _all_bytes(convert_checkpoint(single, tmp_path / "out-single", 2, "fp16"))
-    assert _all_bytes(convert_checkpoint(sharded, tmp_path / "out-sharded", 2, "fp16")) == reference
-    assert _all_bytes(convert_checkpoint(pickle, tmp_path / "out-pickle", 2, "fp16")) == reference
+    reference = _all_bytes(convert_checkpoint(single, tmp_path / "out-single", ParallelLayout(2), "fp16"))
+    assert _all_bytes(convert_checkpoint(sharded, tmp_path / "out-sharded", ParallelLayout(2), "fp16")) == reference
+    assert _all_bytes(convert_checkpoint(pickle, tmp_path / "out-pickle", ParallelLayout(2), "fp16")) == reference
 
 
 def test_parallel_workers_write_the_same_shards(tiny_gpt2, tmp_path):
-    serial = _all_bytes(convert_checkpoint(tiny_gpt2, tmp_path / "serial", 2, "fp32", processes=1))
-    parallel = _all_bytes(convert_checkpoint(tiny_gpt2, tmp_path / "parallel", 2, "fp32", processes=2))
+    serial = _all_bytes(convert_checkpoint(tiny_gpt2, tmp_path / "serial", ParallelLayout(2), "fp32", processes=1))
+    parallel = _all_bytes(convert_checkpoint(tiny_gpt2, tmp_path / "parallel", ParallelLayout(2), "fp32", processes=2))
     assert parallel == serial
 
 
@@ -129,7 +129,7 @@ def test_missing_path_is_named(tmp_path):
 
 def test_heads_not_divisible_by_tp_fails_before_writing(tiny_gpt2, tmp_path):
     with pytest.raises(ShardingError, match="head_num 4 is not divisible by tensor_para_size 3"):
-        convert_checkpoint(tiny_gpt2, tmp_path / "out", tensor_parallel=3)
+        convert_checkpoint(tiny_gpt2, tmp_path / "out", ParallelLayout(3))
     assert nothing_written(tmp_path / "out")
 
 
@@ -189,12 +189,12 @@ def test_failure_mid_write_leaves_no_finished_export(tiny_gpt2, tmp_path, monkey
 
     monkeypatch.setattr(GPT2, "to_ft", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        convert_checkpoint(tiny_gpt2, tmp_path / "out", tensor_parallel=2, processes=processes)
+        convert_checkpoint(tiny_gpt2, tmp_path / "out", ParallelLayout(2), processes=processes)
     assert nothing_written(tmp_path / "out")
 
 
 def test_interrupt_keeps_the_previous_export(tiny_gpt2, tmp_path, monkeypatch):
-    shard_dir = convert_checkpoint(tiny_gpt2, tmp_path, tensor_parallel=1)
+    shard_dir = convert_checkpoint(tiny_gpt2, tmp_path, ParallelLayout(1))
     before = _all_bytes(shard_dir)
 
     def interrupted(self, ft_name, tensor):
@@ -202,6 +202,6 @@ def test_interrupt_keeps_the_previous_export(tiny_gpt2, tmp_path, monkeypatch):
 
     monkeypatch.setattr(GPT2, "to_ft", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        convert_checkpoint(tiny_gpt2, tmp_path, tensor_parallel=1, weight_data_type="fp16")
+        convert_checkpoint(tiny_gpt2, tmp_path, ParallelLayout(1), weight_data_type="fp16")
     assert _all_bytes(shard_dir) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1-gpu"]

@@ -11,6 +11,7 @@ import torch
 
 from exporter.ft.convert import convert_checkpoint
 from conftest import generate
+from exporter.parallel import ParallelLayout
 from family_fixtures import END_ID, FIXTURES
 from templates.ft_python import ft_checkpoint, ft_gpt
 
@@ -41,8 +42,7 @@ def exported(checkpoints, tmp_path_factory):
         key = (arch, name, tp, pp, dtype)
         if key not in done:
             out = tmp_path_factory.mktemp(f"{name}-tp{tp}-pp{pp}-{dtype}")
-            done[key] = convert_checkpoint(checkpoints(arch, name), out, tensor_parallel=tp, pipeline_parallel=pp,
-                                           weight_data_type=dtype)
+            done[key] = convert_checkpoint(checkpoints(arch, name), out, ParallelLayout(tp, pp), weight_data_type=dtype)
         return done[key]
 
     return get
@@ -94,6 +94,26 @@ def test_tp_shards_merge_to_the_same_weights(exported, arch, name):
     for key in one:
         # NeoX biases are stored divided by TP and multiplied back: equal up to fp32 rounding.
         torch.testing.assert_close(one[key], two[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("arch,name", VARIANTS)
+def test_config_ini_reads_back_to_the_same_text(exported, arch, name):
+    """One schema: the runtime's FTConfig reads every key the exporter wrote, and writes the same bytes back."""
+    shard = exported(arch, name, 2)
+    text = (shard / "config.ini").read_text()
+    assert ft_checkpoint.read_config(shard).to_ini() == text
+    assert ft_checkpoint.FTConfig.from_text(text) == ft_checkpoint.read_config(shard)
+
+
+@pytest.mark.parametrize("arch,name", VARIANTS)
+def test_describe_source_matches_the_export(checkpoints, exported, arch, name):
+    """describe_source, from config.json alone, names the architecture and the section its export gets."""
+    from exporter.arch import describe_source
+    from exporter.readers.source import SourceKind
+
+    source = describe_source(checkpoints(arch, name))
+    assert (source.kind, source.name) == (SourceKind.HF, arch)
+    assert source.section == ft_checkpoint.read_config(exported(arch, name, 2)).section
 
 
 def test_opt_layout_is_fts(checkpoints, exported):
@@ -183,7 +203,7 @@ def test_more_ranks_than_kv_heads_replicate_each_kv_head(checkpoints, exported):
 
 
 def test_kv_heads_and_tp_that_do_not_divide_fail_before_writing(tmp_path):
-    from exporter.ft.sharding import ParallelLayout, ShardingError
+    from exporter.parallel import ParallelLayout, ShardingError
 
     with pytest.raises(ShardingError, match="kv_head_num 3 and tensor_para_size 2: one must divide the other"):
         ParallelLayout(2, 1, 4).check(head_num=12, kv_head_num=3, inter_size=64)

@@ -16,6 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from exporter.ft.convert import convert_checkpoint  # noqa: E402
+from exporter.parallel import ParallelLayout  # noqa: E402
 from conftest import check_inputs, generate, right_padded  # noqa: E402
 from templates.ft_python import ft_gpt  # noqa: E402
 
@@ -41,7 +42,7 @@ def _word_list(rows):
 
 @pytest.fixture(scope="module")
 def model(tiny_gpt2, tmp_path_factory):
-    shard_dir = convert_checkpoint(tiny_gpt2, tmp_path_factory.mktemp("ft_generate"), 1, "fp32")
+    shard_dir = convert_checkpoint(tiny_gpt2, tmp_path_factory.mktemp("ft_generate"), ParallelLayout(1), "fp32")
     return ft_gpt.FTGPT.from_shards(shard_dir, device="cpu")
 
 

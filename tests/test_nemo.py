@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from exporter.ft.convert import convert_checkpoint
-from exporter.ft.sharding import ShardingError
-from exporter.readers.hf import CheckpointError
+from exporter.parallel import ParallelLayout, ShardingError
 from exporter.readers.nemo_archive import ArchiveError
 from conftest import generate
 from family_fixtures import NEMO_AVAILABLE, NEMO_FIXTURES, NEMO_MISSING
 from templates.ft_python import ft_checkpoint, ft_gpt
+from templates.ft_python.ft_checkpoint import CheckpointError
 
 FIXTURES = NEMO_FIXTURES
 pytestmark = pytest.mark.skipif(not NEMO_AVAILABLE, reason=NEMO_MISSING)
@@ -50,7 +50,7 @@ def exported(tmp_path_factory):
     def get(name: str, tp: int) -> Path:
         if (name, tp) not in cache:
             out = tmp_path_factory.mktemp(f"{name}-tp{tp}")
-            cache[(name, tp)] = convert_checkpoint(FIXTURES / f"{name}.nemo", out, tensor_parallel=tp)
+            cache[(name, tp)] = convert_checkpoint(FIXTURES / f"{name}.nemo", out, ParallelLayout(tp))
         return cache[(name, tp)]
 
     return get
@@ -135,7 +135,7 @@ def test_extracted_directory(tmp_path, exported):
     directory.mkdir()
     with tarfile.open(FIXTURES / "gpt_tp2_legacy.nemo") as tar:
         tar.extractall(directory, filter="data")
-    shard_dir = convert_checkpoint(directory, tmp_path / "out", tensor_parallel=2)
+    shard_dir = convert_checkpoint(directory, tmp_path / "out", ParallelLayout(2))
     assert _bytes(shard_dir) == _bytes(exported("gpt_tp2_legacy", 2))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["2-gpu"]  # staging removed
 
@@ -178,7 +178,7 @@ def test_pipeline_sharded_source(tmp_path, exported):
             rank_dir.mkdir()
             torch.save(stage, rank_dir / "model_weights.ckpt")
     archive = _pack(derived, tmp_path / "pp2.nemo")
-    shard_dir = convert_checkpoint(archive, tmp_path / "out", tensor_parallel=2)
+    shard_dir = convert_checkpoint(archive, tmp_path / "out", ParallelLayout(2))
     assert _bytes(shard_dir) == _bytes(exported("gpt_tp2_legacy", 2))
 
 
@@ -189,7 +189,7 @@ def nothing_written(out_dir: Path) -> bool:
 @pytest.mark.parametrize("name", ["gpt_tp2_legacy", MODEL_B])
 def test_divisibility_refused_before_writing(tmp_path, name):
     with pytest.raises(ShardingError, match="head_num 4 is not divisible by tensor_para_size 3"):
-        convert_checkpoint(FIXTURES / f"{name}.nemo", tmp_path / "out", tensor_parallel=3)
+        convert_checkpoint(FIXTURES / f"{name}.nemo", tmp_path / "out", ParallelLayout(3))
     assert nothing_written(tmp_path / "out")
 
 
@@ -324,7 +324,7 @@ def test_rank_files_read_by_offset_and_through_the_map_agree(tmp_path, exported,
     checkpoint = NemoCheckpoint(staged)
     assert checkpoint._files and all(rank_file.base is not None for rank_file in checkpoint._files.values())
     monkeypatch.setattr(_RankFile, "_mapping_base", lambda self: None)
-    shard_dir = convert_checkpoint(FIXTURES / "gpt_tp2_legacy.nemo", tmp_path / "out", tensor_parallel=2)
+    shard_dir = convert_checkpoint(FIXTURES / "gpt_tp2_legacy.nemo", tmp_path / "out", ParallelLayout(2))
     assert _bytes(shard_dir) == _bytes(exported("gpt_tp2_legacy", 2))
 
 
@@ -350,7 +350,7 @@ def test_sentencepiece_tokenizer_is_refused_before_writing(tmp_path):
 def test_pipeline_parallel_export(tmp_path):
     """Exported for pipeline_para_size 2 (layers keep global indices; the runtime runs the stages in sequence)."""
     ref = reference(MODEL_B)
-    shard_dir = convert_checkpoint(FIXTURES / f"{MODEL_B}.nemo", tmp_path, tensor_parallel=2, pipeline_parallel=2)
+    shard_dir = convert_checkpoint(FIXTURES / f"{MODEL_B}.nemo", tmp_path, ParallelLayout(2, 2))
     assert ft_gpt.ft_checkpoint.read_config(shard_dir)["pipeline_para_size"] == 2
     logits, greedy = run(shard_dir, ref)
     assert np.abs(logits - ref["logits"][..., :REAL_VOCAB]).max() <= 1e-4
@@ -390,7 +390,7 @@ def test_legacy_megatron_names(tmp_path, exported, name, tp):
             renamed[key] = value
         assert any(".query_key_value." in key for key in renamed)
         torch.save(renamed, file)
-    shard_dir = convert_checkpoint(directory, tmp_path / "out", tensor_parallel=tp)
+    shard_dir = convert_checkpoint(directory, tmp_path / "out", ParallelLayout(tp))
     assert _bytes(shard_dir) == _bytes(exported(name, tp))
 
 
@@ -432,7 +432,7 @@ def test_rank_sharded_gated_model(tmp_path, exported):
         (derived / f"mp_rank_{rank:02d}").mkdir()
         torch.save(state, derived / f"mp_rank_{rank:02d}" / "model_weights.ckpt")
     for tp in (1, 2):
-        shard_dir = convert_checkpoint(derived, tmp_path / f"out{tp}", tensor_parallel=tp)
+        shard_dir = convert_checkpoint(derived, tmp_path / f"out{tp}", ParallelLayout(tp))
         assert _bytes(shard_dir) == _bytes(exported(MODEL_B, tp))
 
 
@@ -467,6 +467,17 @@ def test_ft_backend_model_type(tmp_path):
         assert ft_model_type_for(nemo_archive.source_config(FIXTURES / f"{name}.nemo")) == expected
 
 
+def test_describe_source_reads_the_archive_config_only():
+    """The up-front description of a .nemo source: its model class, section and FT backend model type."""
+    from exporter.arch import describe_source
+    from exporter.readers.source import SourceKind
+
+    for name, expected in (("gpt_tp1", "GPT"), (MODEL_B, None)):
+        source = describe_source(FIXTURES / f"{name}.nemo")
+        assert (source.kind, source.name, source.section) == (SourceKind.NEMO, "MegatronGPTModel", "gpt")
+        assert source.ft_model_type == expected
+
+
 def test_ft_runtime_refused_for_a_model_ft_cannot_serve():
     """runtime=fastertransformer is refused before converting for model B (read from the archive's config only)."""
     from exporter.runtimes import runtime_for
@@ -484,5 +495,5 @@ def test_gzipped_nemo(tmp_path, exported):
     archive = tmp_path / "gpt_tp2_legacy.nemo"
     with open(FIXTURES / "gpt_tp2_legacy.nemo", "rb") as plain, gzip.open(archive, "wb", compresslevel=1) as packed:
         shutil.copyfileobj(plain, packed)
-    shard_dir = convert_checkpoint(archive, tmp_path / "out", tensor_parallel=2)
+    shard_dir = convert_checkpoint(archive, tmp_path / "out", ParallelLayout(2))
     assert _bytes(shard_dir) == _bytes(exported("gpt_tp2_legacy", 2))

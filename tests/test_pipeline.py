@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from exporter.ft.convert import convert_checkpoint
-from exporter.ft.sharding import ParallelLayout, ShardingError
+from exporter.parallel import ParallelLayout, ShardingError
 from conftest import generate
 from family_fixtures import build_gptj, build_llama
 from templates.ft_python import ft_checkpoint, ft_gpt
@@ -43,7 +43,7 @@ def llama3(tmp_path_factory):
 def test_pp_export_refuses_before_writing(tmp_path):
     six = build_llama(tmp_path / "six", n_layer=6)
     with pytest.raises(ShardingError, match="empty"):
-        convert_checkpoint(six, tmp_path / "out", pipeline_parallel=4)
+        convert_checkpoint(six, tmp_path / "out", ParallelLayout(1, 4))
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
@@ -52,8 +52,8 @@ def test_uneven_pipeline_stages_run_and_match_hf(llama3, tmp_path, tp):
     """3 layers on 2 stages (2 + 1), each stage its own device entry; logits equal HF transformers'."""
     from transformers import AutoModelForCausalLM
 
-    shard = convert_checkpoint(llama3, tmp_path / "pp2", tensor_parallel=tp, pipeline_parallel=2)
-    flat = convert_checkpoint(llama3, tmp_path / "pp1", tensor_parallel=tp, pipeline_parallel=1)
+    shard = convert_checkpoint(llama3, tmp_path / "pp2", ParallelLayout(tp, 2))
+    flat = convert_checkpoint(llama3, tmp_path / "pp1", ParallelLayout(tp, 1))
     config = ft_checkpoint.read_config(shard)
     assert config["pipeline_para_size"] == 2
     # Layers keep their global indices: the same files, byte for byte, as the PP=1 export.
@@ -76,7 +76,7 @@ def test_uneven_pipeline_stages_run_and_match_hf(llama3, tmp_path, tp):
 
 
 def test_devices_must_match_stages(llama3, tmp_path):
-    shard = convert_checkpoint(llama3, tmp_path / "pp3", pipeline_parallel=3)
+    shard = convert_checkpoint(llama3, tmp_path / "pp3", ParallelLayout(1, 3))
     with pytest.raises(ValueError, match="2 devices for pipeline_para_size=3"):
         ft_gpt.FTGPT.from_shards(shard, devices=["cpu", "cpu"])
 
@@ -86,7 +86,7 @@ def test_devices_must_match_stages(llama3, tmp_path):
     (build_gptj, "model_type 'GPT-J'"),
 ])
 def test_fastertransformer_runtime_refused_where_ft_cannot_serve(tmp_path, builder, message):
-    from exporter.readers.hf import CheckpointError
+    from templates.ft_python.ft_checkpoint import CheckpointError
     from main import run
 
     checkpoint = builder(tmp_path / "checkpoint")

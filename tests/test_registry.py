@@ -37,7 +37,7 @@ def test_every_registered_architecture_has_a_fixture():
 def add_model(repo: Path, name: str, checkpoint: Path, tp: int, pp: int = 1) -> None:
     """`<repo>/<name>/{config.pbtxt, 1/<tp>-gpu, 1/*.py}`: the exporter's conversion + python runtime model."""
     version_dir = repo / name / "1"
-    convert_checkpoint(checkpoint, version_dir, tensor_parallel=tp, pipeline_parallel=pp)
+    convert_checkpoint(checkpoint, version_dir, ParallelLayout(tp, pp))
     settings = ModelSettings(name=name, runtime="python", max_batch_size=8, layout=ParallelLayout(tp, pp),
                              data_type="fp32", device="cpu")
     runtime = runtime_for(settings.runtime)

@@ -22,6 +22,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from exporter.ft.convert import convert_checkpoint  # noqa: E402
+from exporter.parallel import ParallelLayout  # noqa: E402
 from conftest import generate, right_padded  # noqa: E402
 from templates.ft_python import ft_checkpoint, ft_gpt  # noqa: E402
 
@@ -68,7 +69,7 @@ def shards(hf_dir, tmp_path_factory):
     def get(tp, dtype="fp32"):
         if (tp, dtype) not in cache:
             out = tmp_path_factory.mktemp(f"ft_{dtype}")
-            convert_checkpoint(hf_dir, out, tp, dtype, processes=1)
+            convert_checkpoint(hf_dir, out, ParallelLayout(tp), dtype, processes=1)
             cache[tp, dtype] = out / f"{tp}-gpu"
         return cache[tp, dtype]
 

@@ -1,43 +1,55 @@
-"""Registry of source architectures, keyed by HF `architectures[0]`."""
+"""Source architectures: the registry (registry.py), every family file (imported here so each registers), and the two
+ways in from a checkpoint path: `open_architecture` (to convert it) and `describe_source` (to check it up front)."""
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from dataclasses import dataclass
+from pathlib import Path
 
-from .base import Architecture, ModelParams, TensorSpec
-
-_REGISTRY: dict[str, type[Architecture]] = {}
-ArchT = TypeVar("ArchT", bound=type[Architecture])
-
-
-def register(*names: str) -> Callable[[ArchT], ArchT]:
-    def decorate(cls: ArchT) -> ArchT:
-        for name in names:
-            if name in _REGISTRY:
-                raise ValueError(f"architecture {name!r} registered twice")
-            _REGISTRY[name] = cls
-        return cls
-
-    return decorate
+from ..parallel import ParallelLayout
+from ..readers import nemo_archive
+from ..readers.hf import HFCheckpoint
+from ..readers.source import SourceKind, source_kind
+from . import gpt2, gptj, gptneox, llama, nemo_gpt, opt  # noqa: F401  (each registers itself)
+from .base import Architecture, TensorSpec
+from .nemo_gpt import nemo_architecture, nemo_model_class, open_nemo
+from .registry import architecture_for, register, registered
 
 
-def registered() -> dict[str, type[Architecture]]:
-    return dict(_REGISTRY)
+def open_architecture(path: str | Path, layout: ParallelLayout = ParallelLayout()) -> Architecture:
+    """The registered architecture over a checkpoint its reader opens in place: an HF directory or a staged NeMo
+    checkpoint (convert.py stages a .nemo source first)."""
+    if source_kind(path) is SourceKind.NEMO:
+        return open_nemo(path, layout)
+    checkpoint = HFCheckpoint(path)
+    return architecture_for(checkpoint.config)(checkpoint, layout)
 
 
-def architecture_for(hf_config: dict) -> type[Architecture]:
-    names = hf_config.get("architectures") or []
-    if not names:
-        raise ValueError("config.json has no 'architectures' entry; cannot tell which model this is")
-    try:
-        return _REGISTRY[names[0]]
-    except KeyError:
-        raise ValueError(
-            f"unsupported architecture {names[0]!r}; supported: {sorted(_REGISTRY)}"
-        ) from None
+@dataclass(frozen=True)
+class SourceModel:
+    """What a checkpoint holds, from its config alone (nothing staged, no weights read)."""
+
+    kind: SourceKind
+    name: str  # HF config.json architectures[0], or the NeMo model class
+    section: str  # the config.ini section its export gets
+    ft_model_type: str | None  # the FT Triton backend model_type that serves it; None: the python runtime only
 
 
-# Import the architecture files so they register themselves.
-from . import gpt2, gptj, gptneox, llama, nemo_gpt, opt  # noqa: E402,F401
+def describe_source(path: str | Path) -> SourceModel:
+    """The model at `path`. Raises CheckpointError when `path` is no checkpoint this project reads or a NeMo model no
+    architecture is registered for; architecture_for's ValueError for an unregistered HF architecture."""
+    path = Path(path)
+    kind = source_kind(path)
+    if kind is SourceKind.NEMO:
+        config = nemo_archive.source_config(path)
+        name = nemo_model_class(config)
+        architecture = nemo_architecture(config, path)
+    else:
+        config = HFCheckpoint(path).config
+        architecture = architecture_for(config)
+        name = config["architectures"][0]
+    return SourceModel(kind, name, architecture.section, architecture.ft_model_type_of(config))
 
-__all__ = ["Architecture", "ModelParams", "TensorSpec", "architecture_for", "register", "registered"]
+
+__all__ = ["Architecture", "SourceModel", "TensorSpec", "architecture_for", "describe_source", "open_architecture",
+           "register", "registered"]

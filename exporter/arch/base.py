@@ -5,8 +5,9 @@ gated MLP, RMSNorm, rotary, grouped-query attention and untied output layers) is
 this file; the authoritative file table is `templates/ft_python/ft_checkpoint.py:tensor_table`, and the exporter
 checks each plan against it before writing (`ft/convert.py:check_plan`).
 
-An architecture file supplies data (name tables, ignored names, `params()`) and overrides a hook only for what is
-really different about its family (`to_ft` for fusing or reshaping, `tables` when the names depend on the config).
+An architecture file supplies data (name tables, ignored names, `params()`: the config.ini hyper-parameters as an
+`FTConfig`, the one schema, in `ft_checkpoint.py`) and overrides a hook only for what is really different about its
+family (`to_ft` for fusing or reshaping, `tables` when the names depend on the config).
 A table value names one source tensor, or a tuple of them when an FT tensor is built from several (q, k, v fused;
 an embedding folded with a projection); `to_ft` then receives them all.
 """
@@ -14,64 +15,18 @@ an embedding folded with a projection); `to_ft` then receives them all.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Union
 
 import torch
 
-from ..ft.sharding import Split
-from ..readers.hf import CheckpointError, HFCheckpoint, Scratch
+from templates.ft_python.ft_checkpoint import CheckpointError, FTConfig
+
+from ..parallel import ParallelLayout, Split
+from ..readers.hf import HFCheckpoint, Scratch
 
 Sources = Union[str, tuple[str, ...]]
 Table = dict[str, tuple[Sources, Split]]
-
-
-@dataclass(frozen=True)
-class ModelParams:
-    """Hyper-parameters config.ini records (see layout.md for each key)."""
-
-    model_name: str
-    head_num: int
-    size_per_head: int
-    inter_size: int
-    num_layer: int
-    max_pos_seq_len: int
-    vocab_size: int
-    start_id: int
-    end_id: int
-    layernorm_eps: float
-    tied_embeddings: bool = True
-    activation_type: str = "Gelu"  # Gelu | Relu | Silu | GeGLU | SiGLU (the last two gated)
-    # GELU flavour for Gelu/GeGLU: "tanh" (FT's kernel, GPT-2's gelu_new) or "none" (exact erf GELU: NeMo's
-    # default, Pythia's `gelu`). FT's backend always computes tanh; the python runtime follows the key.
-    gelu_approximation: str = "tanh"
-    layernorm_type: str = "pre_layernorm"  # | post_layernorm
-    kv_head_num: int = 0  # 0: same as head_num
-    norm_type: str = "layernorm"  # | rmsnorm
-    has_positional_encoding: bool = True
-    has_post_decoder_layernorm: bool = True
-    rotary_embedding: int = 0  # rotary dims per head, 0 = none
-    rotary_style: str = "neox"  # gptj (interleaved pairs) | neox (halves)
-    rope_theta: float = 10000.0
-    use_gptj_residual: bool = False  # parallel attention + MLP
-    attention_bias: bool = True
-    mlp_bias: bool = True
-    lm_head_bias: bool = False
-
-    @property
-    def hidden_size(self) -> int:
-        return self.head_num * self.size_per_head
-
-    @property
-    def kv_heads(self) -> int:
-        return self.kv_head_num or self.head_num
-
-    @property
-    def gated(self) -> bool:
-        return self.activation_type.lower() in ("geglu", "siglu")
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -88,7 +43,7 @@ class TensorSpec:
 
 @dataclass
 class Plan:
-    params: ModelParams
+    params: FTConfig  # the model's hyper-parameters and section; the layout and weight type are the writer's
     specs: list[TensorSpec] = field(default_factory=list)
 
     def by_layer(self) -> dict[int | None, list[TensorSpec]]:
@@ -119,11 +74,17 @@ class Architecture:
     # Source names used verbatim, outside the base model's prefix (HF *ForCausalLM output layers).
     unprefixed: ClassVar[tuple[str, ...]] = ("lm_head.weight", "lm_head.bias", "embed_out.weight", "embed_out.bias")
 
-    def __init__(self, checkpoint: HFCheckpoint, tensor_parallel: int = 1):
+    def __init__(self, checkpoint: HFCheckpoint, layout: ParallelLayout = ParallelLayout()):
         self.checkpoint = checkpoint
         self.config: dict[str, Any] = checkpoint.config
-        self.tensor_parallel = tensor_parallel  # for layouts whose file contents depend on it (FT NeoX biases)
+        self.layout = layout  # for layouts whose file contents depend on it (FT NeoX biases)
         self.prefix = self._detect_prefix()
+
+    @classmethod
+    def ft_model_type_of(cls, config: dict[str, Any]) -> str | None:
+        """The FT backend `model_type` that serves a source with this config (config.json, model_config.yaml): the
+        class's, unless the family's config decides (NeMo GPT)."""
+        return cls.ft_model_type
 
     def full_name(self, source: str) -> str:
         return source if source in self.unprefixed else self.prefix + source
@@ -136,10 +97,11 @@ class Architecture:
         return hidden, heads, hidden // heads
 
     # -- hooks for the quirks -------------------------------------------------------------------------------
-    def params(self) -> ModelParams:
+    def params(self) -> FTConfig:
+        """The model's config.ini hyper-parameters (section, layout and weight type are filled in by plan / convert)."""
         raise NotImplementedError
 
-    def tables(self, params: ModelParams) -> tuple[Table, Table]:
+    def tables(self, params: FTConfig) -> tuple[Table, Table]:
         """(global, per-layer) name tables; override when the tensor set depends on the config."""
         return self.global_tensors, self.layer_tensors
 
@@ -151,9 +113,9 @@ class Architecture:
         """Source tensor(s) -> full FT layout (default: the single source unchanged)."""
         return tensors[0]
 
-    def sections(self, ft_name: str, params: ModelParams) -> tuple[int, ...]:
+    def sections(self, ft_name: str, params: FTConfig) -> tuple[int, ...]:
         """Split.QKV tensors: (heads, kv heads, head dim) of the full tensor's q | k | v last dim."""
-        return (params.head_num, params.kv_heads, params.size_per_head)
+        return (params.head_num, params.kv_head_num, params.size_per_head)
 
     def extra_ignored(self) -> tuple[str, ...]:
         """Ignored names that depend on the config (e.g. a tied lm_head)."""
@@ -172,7 +134,7 @@ class Architecture:
 
     def plan(self) -> Plan:
         """Every FT tensor to write, with full shapes; errors name missing and unknown source tensors."""
-        params = self.params()
+        params = replace(self.params(), section=self.section)
         global_table, layer_table = self.tables(params)
         wanted: list[tuple[str, tuple[str, ...], Split, int | None]] = [
             (ft_name, _as_tuple(sources), split, None) for ft_name, (sources, split) in global_table.items()

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from ..ft.sharding import Split
-from ..readers.hf import CheckpointError
-from . import register
-from .base import Architecture, ModelParams
+from templates.ft_python.ft_checkpoint import CheckpointError, FTConfig
+
+from ..parallel import Split
+from .base import Architecture
+from .registry import register
 
 # GPT-2's "gelu_new" is the tanh approximation, which is what FT's Gelu kernel computes.
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -56,14 +57,14 @@ class GPT2(Architecture):
     # Causal-mask buffers that old checkpoints saved alongside the weights.
     ignored = (r"h\.\d+\.attn\.bias", r"h\.\d+\.attn\.masked_bias")
 
-    def params(self) -> ModelParams:
+    def params(self) -> FTConfig:
         config = self.config
         approximation = gelu_approximation(config.get("activation_function", "gelu_new"), "activation_function")
         for flag, supported in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True)):
             if config.get(flag, supported) != supported:
                 raise CheckpointError(f"config.json {flag}={config.get(flag)} is not supported by FT's GPT")
         hidden, heads, head_dim = self.head_shape("n_embd", "n_head")
-        return ModelParams(
+        return FTConfig(
             model_name=config.get("model_type", "gpt2"),
             gelu_approximation=approximation,
             head_num=heads,
@@ -75,7 +76,6 @@ class GPT2(Architecture):
             start_id=config.get("bos_token_id", 50256),
             end_id=config.get("eos_token_id", 50256),
             layernorm_eps=config.get("layer_norm_epsilon", 1e-5),
-            tied_embeddings=config.get("tie_word_embeddings", True),
         )
 
     def extra_ignored(self) -> tuple[str, ...]:
@@ -86,7 +86,7 @@ class GPT2(Architecture):
 
     def plan(self):
         plan = super().plan()
-        if not plan.params.tied_embeddings:
+        if not self.config.get("tie_word_embeddings", True):
             raise CheckpointError("untied GPT-2 output embeddings are not supported yet (tie_word_embeddings=false)")
         return plan
 

@@ -7,10 +7,12 @@ MLP run in parallel off one layernorm (`ln_1`; no post_attention_layernorm files
 
 from __future__ import annotations
 
-from ..ft.sharding import Split
-from . import register
-from .base import LinearArchitecture, ModelParams
+from templates.ft_python.ft_checkpoint import FTConfig
+
+from ..parallel import Split
+from .base import LinearArchitecture
 from .gpt2 import gelu_approximation
+from .registry import register
 
 
 @register("GPTJForCausalLM", "GPTJModel")
@@ -38,12 +40,12 @@ class GPTJ(LinearArchitecture):
     # Causal-mask buffers that old checkpoints saved alongside the weights.
     ignored = (r"h\.\d+\.attn\.bias", r"h\.\d+\.attn\.masked_bias")
 
-    def params(self) -> ModelParams:
+    def params(self) -> FTConfig:
         config = self.config
         approximation = gelu_approximation(config.get("activation_function", "gelu_new"), "activation_function")
         hidden, heads, head_dim = self.head_shape("n_embd", "n_head")
         rotary = config.get("rotary_dim") or head_dim
-        return ModelParams(
+        return FTConfig(
             model_name=config.get("model_type", "gptj"),
             gelu_approximation=approximation,
             head_num=heads,
@@ -55,7 +57,6 @@ class GPTJ(LinearArchitecture):
             start_id=config.get("bos_token_id", 50256),
             end_id=config.get("eos_token_id", 50256),
             layernorm_eps=config.get("layer_norm_epsilon", 1e-5),
-            tied_embeddings=False,
             has_positional_encoding=False,
             rotary_embedding=rotary,
             rotary_style="gptj",

@@ -13,11 +13,12 @@ import logging
 
 import torch
 
-from ..ft.sharding import Split
-from ..readers.hf import CheckpointError
-from . import register
-from .base import LinearArchitecture, ModelParams, Table, rope_theta
+from templates.ft_python.ft_checkpoint import CheckpointError, FTConfig
+
+from ..parallel import Split
+from .base import LinearArchitecture, Table, rope_theta
 from .gpt2 import gelu_approximation
+from .registry import register
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class GPTNeoX(LinearArchitecture):
     # Rotary caches and causal-mask buffers some checkpoints saved.
     ignored = (r"layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)",)
 
-    def params(self) -> ModelParams:
+    def params(self) -> FTConfig:
         config = self.config
         approximation = gelu_approximation(config.get("hidden_act", "gelu"), "hidden_act")
         _, heads, head_dim = self.head_shape("hidden_size", "num_attention_heads")
@@ -58,7 +59,7 @@ class GPTNeoX(LinearArchitecture):
             fraction = (config.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
         if config.get("attention_bias", True) is False:
             raise CheckpointError("config.json attention_bias=false: FT's GPT-NeoX layout has biases")
-        return ModelParams(
+        return FTConfig(
             model_name=config.get("model_type", "gpt_neox"),
             gelu_approximation=approximation,
             head_num=heads,
@@ -70,7 +71,6 @@ class GPTNeoX(LinearArchitecture):
             start_id=config.get("bos_token_id", 0),
             end_id=config.get("eos_token_id", 0),
             layernorm_eps=config.get("layer_norm_eps", 1e-5),
-            tied_embeddings=False,
             has_positional_encoding=False,
             rotary_embedding=int(head_dim * fraction),
             rotary_style="neox",
@@ -78,7 +78,7 @@ class GPTNeoX(LinearArchitecture):
             use_gptj_residual=bool(config.get("use_parallel_residual", True)),
         )
 
-    def tables(self, params: ModelParams) -> tuple[Table, Table]:
+    def tables(self, params: FTConfig) -> tuple[Table, Table]:
         names = set(self.checkpoint.names())
         head = "embed_out.weight" if "embed_out.weight" in names else "lm_head.weight"
         global_table = {**self.global_tensors, "model.lm_head.weight": (head, Split.REPLICATED)}
@@ -105,5 +105,5 @@ class GPTNeoX(LinearArchitecture):
             return tensors[0].view(heads, 3, -1).transpose(0, 1).reshape(-1)
         if ft_name.endswith((BIAS_SUM, "attention.dense.bias", "mlp.dense_4h_to_h.bias")):
             # FT NeoX: stored divided by the TP size (added on every rank before the all-reduce).
-            return sum(tensor.float() for tensor in tensors) / self.tensor_parallel
+            return sum(tensor.float() for tensor in tensors) / self.layout.tensor_parallel
         return super().to_ft(ft_name, tensors)

@@ -8,10 +8,11 @@ tied or untied output layer. See layout.md.
 
 from __future__ import annotations
 
-from ..ft.sharding import Split
-from ..readers.hf import CheckpointError
-from . import register
-from .base import LinearArchitecture, ModelParams, Table, rope_theta
+from templates.ft_python.ft_checkpoint import CheckpointError, FTConfig
+
+from ..parallel import Split
+from .base import LinearArchitecture, Table, rope_theta
+from .registry import register
 
 
 @register("LlamaForCausalLM", "LlamaModel")
@@ -37,7 +38,7 @@ class Llama(LinearArchitecture):
     }
     ignored = (r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 
-    def params(self) -> ModelParams:
+    def params(self) -> FTConfig:
         config = self.config
         if config.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"config.json hidden_act {config['hidden_act']!r} is not supported (SwiGLU: silu)")
@@ -47,7 +48,7 @@ class Llama(LinearArchitecture):
             raise CheckpointError(f"config.json head_dim {config['head_dim']} != hidden_size / heads {head_dim}")
         if heads % kv_heads:
             raise CheckpointError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-        return ModelParams(
+        return FTConfig(
             model_name=config.get("model_type", "llama"),
             head_num=heads,
             size_per_head=head_dim,
@@ -58,7 +59,6 @@ class Llama(LinearArchitecture):
             start_id=_token_id(config.get("bos_token_id"), 1),
             end_id=_token_id(config.get("eos_token_id"), 2),
             layernorm_eps=config.get("rms_norm_eps", 1e-6),
-            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
             activation_type="SiGLU",
             kv_head_num=kv_heads,
             norm_type="rmsnorm",
@@ -70,9 +70,9 @@ class Llama(LinearArchitecture):
             mlp_bias=bool(config.get("mlp_bias", False)),
         )
 
-    def tables(self, params: ModelParams) -> tuple[Table, Table]:
+    def tables(self, params: FTConfig) -> tuple[Table, Table]:
         global_table = dict(self.global_tensors)
-        if not params.tied_embeddings:
+        if not self.config.get("tie_word_embeddings", False):
             global_table["model.lm_head.weight"] = ("lm_head.weight", Split.REPLICATED)
         layer_table = dict(self.layer_tensors)
         if params.attention_bias:

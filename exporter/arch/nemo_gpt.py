@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from ..ft.sharding import Split
-from ..readers.hf import CheckpointError
+from templates.ft_python.ft_checkpoint import CheckpointError, FTConfig
+
+from ..parallel import ParallelLayout, Split
 from ..readers.nemo import NemoCheckpoint, gated_fc1
 from ..tokenizer import TokenizerError, load_tokenizer
-from . import register, registered
-from .base import Architecture, ModelParams, Table
+from .base import Architecture, Table
+from .registry import register, registered
 
 # FT name -> source names without the `model.` prefix (alternatives: the first the checkpoint has). `{i}`: layer.
 MCORE_GLOBAL = {
@@ -113,14 +114,14 @@ class NemoGPT(Architecture):
     prefixes = ("model.", "")
     ignored = IGNORED
 
-    def __init__(self, checkpoint: NemoCheckpoint, tensor_parallel: int = 1):
+    def __init__(self, checkpoint: NemoCheckpoint, layout: ParallelLayout = ParallelLayout()):
         self.config = checkpoint.config
         self.origin = checkpoint.origin
         if (checkpoint.path / "tokenizer.model").is_file() and not (checkpoint.path / "vocab.json").is_file():
             raise TokenizerError(f"{self.origin}: its tokenizer is SentencePiece (tokenizer.model); serving needs a "
                                  "tokenizer.json, which is not built from SentencePiece models yet")
         self.activation = str(self.config.get("activation", "gelu"))
-        self.ft_model_type = ft_model_type_for(self.config)
+        self.ft_model_type = self.ft_model_type_of(self.config)
         names = set(checkpoint.names())
         self.legacy = any(".language_model." in f".{name}" for name in names)
         prefix = "model." if any(name.startswith("model.") for name in names) else ""
@@ -133,8 +134,12 @@ class NemoGPT(Architecture):
             # fused legacy "fast-*glu": the up half comes out of dense_h_to_4h too
             for kind in ("weight", "bias"):
                 self.layer_tensors[f"mlp.dense_h_to_4h_2.{kind}"] = self.layer_tensors[f"mlp.dense_h_to_4h.{kind}"]
-        self._params: ModelParams | None = None
-        super().__init__(checkpoint, tensor_parallel)
+        self._params: FTConfig | None = None
+        super().__init__(checkpoint, layout)
+
+    @classmethod
+    def ft_model_type_of(cls, config: dict) -> str | None:
+        return ft_model_type_for(config)
 
     @staticmethod
     def _pick(options: tuple[str, ...], names: set[str], prefix: str, layer: int | None = None) -> str:
@@ -146,11 +151,11 @@ class NemoGPT(Architecture):
         return options[0]
 
     # -- which tensors, from the config ---------------------------------------------------------------------
-    def tables(self, params: ModelParams) -> tuple[Table, Table]:
+    def tables(self, params: FTConfig) -> tuple[Table, Table]:
         drop = set()
         if not params.has_positional_encoding:
             drop.add("model.wpe")
-        if params.tied_embeddings:
+        if self.config.get("share_embeddings_and_output_weights", True):
             drop.add("model.lm_head.weight")
         if params.norm_type == "rmsnorm":
             drop |= {"model.final_layernorm.bias", "input_layernorm.bias", "post_attention_layernorm.bias"}
@@ -168,7 +173,7 @@ class NemoGPT(Architecture):
         return TIED_COPIES if self.config.get("share_embeddings_and_output_weights", True) else ()
 
     # -- hyper-parameters -----------------------------------------------------------------------------------
-    def params(self) -> ModelParams:
+    def params(self) -> FTConfig:
         if self._params is None:
             self._params = self._read_params()
         return self._params
@@ -176,7 +181,7 @@ class NemoGPT(Architecture):
     def _refuse(self, key: str, why: str) -> CheckpointError:
         return CheckpointError(f"{self.origin}: model_config.yaml {key} = {self.config.get(key)!r}: {why}")
 
-    def _read_params(self) -> ModelParams:
+    def _read_params(self) -> FTConfig:
         config = self.config
         for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads"):
             if not isinstance(config.get(key), int):
@@ -207,7 +212,7 @@ class NemoGPT(Architecture):
             raise self._refuse("rotary_percentage", f"gives an odd number of rotary dims ({rotary_dim})")
         vocab, end_id = self._tokenizer_vocab()
         bias = bool(config.get("bias", True))
-        return ModelParams(
+        return FTConfig(
             model_name="nemo-megatron-gpt",
             head_num=heads,
             size_per_head=size_per_head,
@@ -218,7 +223,6 @@ class NemoGPT(Architecture):
             start_id=end_id,  # GPT2BPETokenizer: bos = eos = <|endoftext|>
             end_id=end_id,
             layernorm_eps=config.get("layernorm_epsilon", 1e-5),
-            tied_embeddings=config.get("share_embeddings_and_output_weights", True),
             activation_type=ACTIVATIONS[activation],
             gelu_approximation=self._gelu_approximation(activation),
             kv_head_num=groups,
@@ -292,7 +296,7 @@ class NemoGPT(Architecture):
         """[groups x (q heads of the group, k, v) x d, (h)] -> [(h,) q | k | v] with heads in order in each
         (one row gather; the transpose is a view)."""
         params = self.params()
-        groups, d = params.kv_heads, params.size_per_head
+        groups, d = params.kv_head_num, params.size_per_head
         per_group = params.head_num // groups
         # row index of (group, slot, dim) in Megatron's layout; slots 0..per_group-1 are q, then k, then v
         rows = torch.arange(groups * (per_group + 2) * d).view(groups, per_group + 2, d)
@@ -302,13 +306,23 @@ class NemoGPT(Architecture):
         return blocks.t() if tensor.dim() == 2 else blocks
 
 
-def open_nemo(staged_path, tensor_parallel: int = 1) -> Architecture:
-    """The registered architecture for a staged NeMo checkpoint, keyed by the model class model_config.yaml's
-    `target` names (MegatronGPTModel when it names none)."""
-    checkpoint = NemoCheckpoint(staged_path)
-    model_class = str(checkpoint.config.get("target") or "MegatronGPTModel").rpartition(".")[2]
+def nemo_model_class(config: dict) -> str:
+    """The model class model_config.yaml's `target` names (MegatronGPTModel when it names none)."""
+    return str(config.get("target") or "MegatronGPTModel").rpartition(".")[2]
+
+
+def nemo_architecture(config: dict, origin: object) -> type[Architecture]:
+    """The registered architecture for a NeMo model_config.yaml, keyed by its model class; `origin` names the
+    checkpoint in the error when none is registered."""
+    model_class = nemo_model_class(config)
     architecture = registered().get(model_class)
     if architecture is None:
-        raise CheckpointError(f"{checkpoint.origin}: NeMo model {model_class!r} is not supported; supported: "
+        raise CheckpointError(f"{origin}: NeMo model {model_class!r} is not supported; supported: "
                               f"{sorted(registered())}")
-    return architecture(checkpoint, tensor_parallel)
+    return architecture
+
+
+def open_nemo(staged_path, layout: ParallelLayout = ParallelLayout()) -> Architecture:
+    """The registered architecture over a staged NeMo checkpoint."""
+    checkpoint = NemoCheckpoint(staged_path)
+    return nemo_architecture(checkpoint.config, checkpoint.origin)(checkpoint, layout)

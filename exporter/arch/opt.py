@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from ..ft.sharding import Split
-from ..readers.hf import CheckpointError
-from . import register
-from .base import LinearArchitecture, ModelParams, Table
+from templates.ft_python.ft_checkpoint import CheckpointError, FTConfig
+
+from ..parallel import Split
+from .base import LinearArchitecture, Table
+from .registry import register
 
 POSITION_OFFSET = 2  # OPT's learned positions start at row 2
 
@@ -43,14 +44,14 @@ class OPT(LinearArchitecture):
     def _has(self, source: str) -> bool:
         return self.full_name(source) in set(self.checkpoint.names())
 
-    def params(self) -> ModelParams:
+    def params(self) -> FTConfig:
         config = self.config
         if config.get("activation_function", "relu") != "relu":
             raise CheckpointError(f"config.json activation_function {config['activation_function']!r}: FT's OPT is ReLU")
         if not config.get("enable_bias", True):
             raise CheckpointError("config.json enable_bias=false: FT's OPT layout has biases")
         _, heads, head_dim = self.head_shape("hidden_size", "num_attention_heads")
-        return ModelParams(
+        return FTConfig(
             model_name=config.get("model_type", "opt"),
             head_num=heads,
             size_per_head=head_dim,
@@ -61,13 +62,12 @@ class OPT(LinearArchitecture):
             start_id=config.get("bos_token_id", 2),
             end_id=config.get("eos_token_id", 2),
             layernorm_eps=1e-5,  # nn.LayerNorm's default, which OPT uses
-            tied_embeddings=False,  # FT's OPT always reads model.lm_head.weight.bin
             activation_type="Relu",
             layernorm_type="pre_layernorm" if config.get("do_layer_norm_before", True) else "post_layernorm",
             has_post_decoder_layernorm=self._has("final_layer_norm.weight"),
         )
 
-    def tables(self, params: ModelParams) -> tuple[Table, Table]:
+    def tables(self, params: FTConfig) -> tuple[Table, Table]:
         projected = self._has("project_in.weight")
         tied = self.config.get("tie_word_embeddings", True) or not self._has_lm_head()
         head = "embed_tokens.weight" if tied else "lm_head.weight"

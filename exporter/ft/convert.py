@@ -1,4 +1,5 @@
-"""HF checkpoint -> FasterTransformer shards `<out_dir>/<tp>-gpu/`: plan and check everything, then stream-write."""
+"""HF or NeMo checkpoint -> FasterTransformer shards `<out_dir>/<tp>-gpu/`: plan and check everything, then
+stream-write."""
 
 from __future__ import annotations
 
@@ -7,30 +8,25 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Iterator
 
-from ..arch import Architecture, architecture_for
-from ..arch.base import ModelParams, Plan
-from ..readers import nemo_archive
-from ..readers.hf import HFCheckpoint
-from ..tokenizer import find_tokenizer, save_tokenizer_json
-from .sharding import ParallelLayout, ShardingError, file_names, rank_shape
-from .verify import DTYPE_BYTES, expected_files, read_config, verify_shards
+from templates.ft_python.ft_checkpoint import FTConfig
+
+from ..arch import open_architecture
+from ..arch.base import Plan
 from ..atomic import AtomicDirectory
-from .writer import config_ini, write_plan
+from ..parallel import ParallelLayout, ShardingError
+from ..readers import nemo_archive
+from ..readers.source import SourceKind, source_kind
+from ..tokenizer import find_tokenizer, save_tokenizer_json
+from .sharding import file_names, rank_shape
+from .verify import DTYPE_BYTES, expected_files, verify_shards
+from .writer import write_config, write_plan
 
 log = logging.getLogger(__name__)
-
-
-def _open(checkpoint_path: Path, tensor_parallel: int = 1) -> Architecture:
-    if nemo_archive.is_staged(checkpoint_path):
-        from ..arch.nemo_gpt import open_nemo
-
-        return open_nemo(checkpoint_path, tensor_parallel)
-    checkpoint = HFCheckpoint(checkpoint_path)
-    return architecture_for(checkpoint.config)(checkpoint, tensor_parallel)
 
 
 @contextmanager
@@ -43,12 +39,17 @@ def _staged_nemo(checkpoint_path: Path, work_dir: Path) -> Iterator[Path]:
         yield nemo_archive.stage(checkpoint_path, Path(staging))
 
 
-def check_plan(plan: Plan, layout: ParallelLayout, weight_data_type: str, section: str = "gpt") -> None:
+def ft_config(plan: Plan, layout: ParallelLayout, weight_data_type: str) -> FTConfig:
+    """config.ini of `plan` written for `layout` in `weight_data_type`."""
+    return replace(plan.params, weight_data_type=weight_data_type, tensor_para_size=layout.tensor_parallel,
+                   pipeline_para_size=layout.pipeline_parallel)
+
+
+def check_plan(plan: Plan, layout: ParallelLayout, weight_data_type: str) -> None:
     """Every file the plan will write has exactly the size the runtime's table (FT's loader rules) reads; checked
     before writing."""
     untied = any(spec.ft_name == "model.lm_head.weight" for spec in plan.specs)
-    values = ini_values(plan.params, section, layout, weight_data_type)
-    expected = expected_files(values, untied=untied)
+    expected = expected_files(ft_config(plan, layout, weight_data_type), untied=untied)
     planned: dict[str, int] = {}
     for spec in plan.specs:
         piece = rank_shape(spec.shape, spec.split, layout.tensor_parallel, spec.source[0], spec.sections)
@@ -71,67 +72,50 @@ def check_plan(plan: Plan, layout: ParallelLayout, weight_data_type: str, sectio
         raise ShardingError("; ".join(details))
 
 
-def ini_values(params: ModelParams, section: str, layout: ParallelLayout, weight_data_type: str) -> dict:
-    """The config.ini values as the runtime's reader types them (read back from the very text written)."""
-    parser = config_ini(params, section, layout.tensor_parallel, weight_data_type, layout.pipeline_parallel)
-    with tempfile.TemporaryDirectory() as scratch:
-        with open(Path(scratch) / "config.ini", "w") as handle:
-            parser.write(handle)
-        return read_config(scratch)
-
-
 def convert_checkpoint(
     checkpoint_path: str | Path,
     out_dir: str | Path,
-    tensor_parallel: int = 1,
+    layout: ParallelLayout = ParallelLayout(),
     weight_data_type: str = "fp32",
     processes: int = 1,
-    pipeline_parallel: int = 1,
 ) -> Path:
-    """Convert; returns the finished `<out_dir>/<tp>-gpu` directory. Nothing is written before every check passes."""
+    """Convert; returns the finished `<out_dir>/<layout.shard_dir_name>` directory. Nothing is written before every
+    check passes."""
     if weight_data_type not in DTYPE_BYTES:
         raise ValueError(f"weight_data_type {weight_data_type!r} is not one of {sorted(DTYPE_BYTES)}")
     checkpoint_path = Path(checkpoint_path)
-    if nemo_archive.is_nemo_source(checkpoint_path):
+    if source_kind(checkpoint_path) is SourceKind.NEMO and not nemo_archive.is_staged(checkpoint_path):
         with _staged_nemo(checkpoint_path, Path(out_dir)) as staged:
-            return convert_checkpoint(staged, out_dir, tensor_parallel, weight_data_type, processes, pipeline_parallel)
-    arch = _open(checkpoint_path, tensor_parallel)
+            return convert_checkpoint(staged, out_dir, layout, weight_data_type, processes)
+    arch = open_architecture(checkpoint_path, layout)
     find_tokenizer(checkpoint_path)  # pre/postprocessing need it: fail now, not after writing gigabytes
     plan = arch.plan()
     params = plan.params
-    layout = ParallelLayout(tensor_parallel, pipeline_parallel, params.num_layer)
-    layout.check(params.head_num, params.kv_heads, params.inter_size)
-    check_plan(plan, layout, weight_data_type, arch.section)
+    layout = layout.with_layers(params.num_layer)
+    layout.check(params.head_num, params.kv_head_num, params.inter_size)
+    check_plan(plan, layout, weight_data_type)
 
-    final = Path(out_dir) / f"{tensor_parallel}-gpu"
+    final = Path(out_dir) / layout.shard_dir_name
     started = time.monotonic()
     log.info(
         "converting %s (%s, %d layers) to %s, tp=%d, pp=%d, %s",
         checkpoint_path,
         type(arch).__name__,
-        plan.params.num_layer,
+        params.num_layer,
         final,
-        tensor_parallel,
-        pipeline_parallel,
+        layout.tensor_parallel,
+        layout.pipeline_parallel,
         weight_data_type,
     )
     with AtomicDirectory(final) as partial_dir:
-        nbytes = write_plan(
-            arch,
-            partial(_open, checkpoint_path, tensor_parallel),
-            plan,
-            partial_dir,
-            tensor_parallel,
-            weight_data_type,
-            processes,
-        )
+        nbytes = write_plan(arch, partial(open_architecture, checkpoint_path, layout), plan, partial_dir, layout,
+                            weight_data_type, processes)
         for tokenizer_file in arch.checkpoint.tokenizer_files():
             shutil.copy2(tokenizer_file, partial_dir / tokenizer_file.name)
         if not (partial_dir / "tokenizer.json").exists():
             save_tokenizer_json(checkpoint_path, partial_dir / "tokenizer.json")
         # config.ini last: a directory without it is never mistaken for a finished export.
-        with open(partial_dir / "config.ini", "w") as handle:
-            config_ini(plan.params, arch.section, tensor_parallel, weight_data_type, pipeline_parallel).write(handle)
+        write_config(ft_config(plan, layout, weight_data_type), partial_dir)
         verify_shards(partial_dir)
     log.info("wrote %.1f MB of FT shards in %.1fs", nbytes / 1e6, time.monotonic() - started)
     return final

@@ -1,68 +1,15 @@
-"""The parallel layout, described once, and the pure functions that split full FT tensors per tensor-parallel rank.
+"""The pure functions that split full FT tensors per tensor-parallel rank (the layout itself: exporter/parallel.py).
 
-FT file naming: a replicated tensor is `<name>.bin`; a split tensor is `<name>.<rank>.bin`. The pipeline stage rule
-lives in the serving runtime (`templates/ft_python/ft_checkpoint.py:stage_layers`) so both sides use the same one.
+FT file naming: a replicated tensor is `<name>.bin`; a split tensor is `<name>.<rank>.bin`.
 """
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
-
 import torch
 
-from templates.ft_python.ft_checkpoint import CheckpointError, first_kv_head, qkv_rank_heads, stage_layers
+from templates.ft_python.ft_checkpoint import CheckpointError, first_kv_head, qkv_rank_heads
 
-
-class ShardingError(ValueError):
-    """The model cannot be laid out for the requested parallelism."""
-
-
-class Split(enum.Enum):
-    REPLICATED = "replicated"  # every rank reads the same file
-    COLUMN = "column"  # last dim split: [in, out] -> [in, out/tp]; also [h, 3, h] -> [h, 3, h/tp], bias [3, h]
-    ROW = "row"  # first dim split: [in, out] -> [in/tp, out]
-    # Last dim = q | k | v blocks (grouped-query attention: fewer kv heads): a rank gets [q_r | k_r | v_r], its q
-    # heads and the kv heads they read (split whole, or one replicated kv head when tp > kv heads).
-    # [h, (n_q + 2 n_kv) d] -> [h, (n_q/tp + 2 n_kv_r) d]; bias likewise. See qkv_rank_heads.
-    QKV = "qkv"
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    """Tensor and pipeline parallel sizes for `num_layers` transformer layers."""
-
-    tensor_parallel: int
-    pipeline_parallel: int
-    num_layers: int
-
-    def check(self, head_num: int, kv_head_num: int | None = None, inter_size: int | None = None) -> None:
-        """Every divisibility FT and the runtime need; raises naming the first that fails (nothing written yet)."""
-        tp, pp = self.tensor_parallel, self.pipeline_parallel
-        if tp < 1 or pp < 1:
-            raise ShardingError("tensor and pipeline parallel sizes must be >= 1")
-        if head_num % tp:
-            raise ShardingError(f"head_num {head_num} is not divisible by tensor_para_size {tp}")
-        if kv_head_num is not None and kv_head_num % tp and tp % kv_head_num:
-            raise ShardingError(
-                f"kv_head_num {kv_head_num} and tensor_para_size {tp}: one must divide the other (each rank must "
-                f"hold whole key/value heads, split or replicated)"
-            )
-        if inter_size is not None and inter_size % tp:
-            raise ShardingError(f"inter_size {inter_size} is not divisible by tensor_para_size {tp}")
-        if pp > self.num_layers:
-            raise ShardingError(f"pipeline_para_size {pp} exceeds the model's {self.num_layers} layers")
-        empty = [stage for stage in range(pp) if not len(self.stage_layers(stage))]
-        if empty:
-            sizes = [len(self.stage_layers(stage)) for stage in range(pp)]
-            raise ShardingError(
-                f"pipeline_para_size {pp} with {self.num_layers} layers: FT's rule (ceil(layers / pp) per stage) "
-                f"gives stages of {sizes} layers, leaving stage(s) {empty} empty; choose a pp that divides better"
-            )
-
-    def stage_layers(self, stage: int) -> range:
-        """Global layer indices run by pipeline stage `stage`, by FT's C++ rule (ceil(layers / pp) per stage)."""
-        return stage_layers(self.num_layers, self.pipeline_parallel, stage)
+from ..parallel import ShardingError, Split
 
 
 def _qkv_heads(sections: tuple[int, ...], tensor_parallel: int, name: str) -> tuple[int, int, int, int, int]:

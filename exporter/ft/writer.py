@@ -1,4 +1,4 @@
-"""Write a plan of FT tensors as `<tp>-gpu/*.bin` + `config.ini` (convert.py does so inside an AtomicDirectory).
+"""Write a plan of FT tensors as `<tp>-gpu/*.bin`, and `config.ini` (convert.py does so inside an AtomicDirectory).
 
 A failed or interrupted run leaves only a hidden `.<tp>-gpu.partial-*` directory (removed on the way out when the
 process survives), never something that looks like a finished export.
@@ -6,7 +6,6 @@ process survives), never something that looks like a finished export.
 
 from __future__ import annotations
 
-import configparser
 import logging
 import multiprocessing
 import time
@@ -16,7 +15,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..arch.base import Architecture, ModelParams, Plan, TensorSpec
+from templates.ft_python.ft_checkpoint import FTConfig
+
+from ..arch.base import Architecture, Plan, TensorSpec
+from ..parallel import ParallelLayout
 from ..readers.hf import Scratch
 from .sharding import file_names, split_tensor
 from .verify import TORCH_DTYPES
@@ -24,53 +26,10 @@ from .verify import TORCH_DTYPES
 log = logging.getLogger(__name__)
 
 
-def config_ini(
-    params: ModelParams, section: str, tensor_parallel: int, weight_data_type: str, pipeline_parallel: int = 1
-) -> configparser.ConfigParser:
-    """Every key FT's loaders (GPT, GPT-J, GPT-NeoX, and its Triton backend) read from config.ini, plus this
+def write_config(config: FTConfig, out_dir: Path) -> None:
+    """`<out_dir>/config.ini`: every key FT's loaders (GPT, GPT-J, GPT-NeoX, and its Triton backend) read, plus this
     project's keys for what FT has no key for (exporter/arch/layout.md)."""
-
-    def flag(value: bool) -> str:
-        return "1" if value else "0"
-
-    config = configparser.ConfigParser()
-    config[section] = {
-        "model_name": params.model_name,
-        "head_num": str(params.head_num),
-        "size_per_head": str(params.size_per_head),
-        "inter_size": str(params.inter_size),
-        "num_layer": str(params.num_layer),
-        "max_pos_seq_len": str(params.max_pos_seq_len),
-        "vocab_size": str(params.vocab_size),
-        "start_id": str(params.start_id),
-        "end_id": str(params.end_id),
-        "weight_data_type": weight_data_type,
-        "tensor_para_size": str(tensor_parallel),
-        "pipeline_para_size": str(pipeline_parallel),
-        "layernorm_eps": repr(float(params.layernorm_eps)),
-        "layernorm_type": params.layernorm_type,
-        "activation_type": params.activation_type,
-        "gelu_approximation": params.gelu_approximation,
-        "has_positional_encoding": flag(params.has_positional_encoding),
-        "has_pre_decoder_layernorm": "0",
-        "has_post_decoder_layernorm": flag(params.has_post_decoder_layernorm),
-        "has_adapters": "0",
-        "adapter_inter_size": "0",
-        "use_attention_linear_bias": "0",
-        "int8_mode": "0",
-        "rotary_embedding": str(params.rotary_embedding),
-        "rotary_style": params.rotary_style,
-        "rope_theta": repr(float(params.rope_theta)),
-        "use_gptj_residual": flag(params.use_gptj_residual),
-        "kv_head_num": str(params.kv_heads),
-        "norm_type": params.norm_type,
-        "attention_bias": flag(params.attention_bias),
-        "mlp_bias": flag(params.mlp_bias),
-        "lm_head_bias": flag(params.lm_head_bias),
-    }
-    # FT's loader also looks up the mixture-of-experts structure; a dense model has none.
-    config["structure"] = {"gpt_with_moe": "0", "expert_num": "0", "moe_layers": "[]"}
-    return config
+    (Path(out_dir) / "config.ini").write_text(config.to_ini())
 
 
 CHUNK_BYTES = 16 << 20  # converted output is written in pieces of about this size
@@ -131,7 +90,7 @@ class _ChunkWriter:
 
 
 def write_specs(
-    arch: Architecture, specs: Sequence[TensorSpec], out_dir: Path, tensor_parallel: int, weight_data_type: str
+    arch: Architecture, specs: Sequence[TensorSpec], out_dir: Path, layout: ParallelLayout, weight_data_type: str
 ) -> int:
     """Load, split, convert and write each spec in turn; returns bytes written.
 
@@ -145,8 +104,8 @@ def write_specs(
         for spec in specs:
             tensor = arch.load(spec, scratch)
             for piece, name in zip(
-                split_tensor(tensor, spec.split, tensor_parallel, spec.sections),
-                file_names(spec.ft_name, spec.split, tensor_parallel),
+                split_tensor(tensor, spec.split, layout.tensor_parallel, spec.sections),
+                file_names(spec.ft_name, spec.split, layout.tensor_parallel),
             ):
                 written += writer.write(piece, out_dir / name)
     finally:
@@ -164,9 +123,9 @@ def _worker_init(make_arch: Callable[[], Architecture]) -> None:
     _worker_arch = make_arch()
 
 
-def _worker_write(specs: list[TensorSpec], out_dir: Path, tensor_parallel: int, weight_data_type: str) -> int:
+def _worker_write(specs: list[TensorSpec], out_dir: Path, layout: ParallelLayout, weight_data_type: str) -> int:
     assert _worker_arch is not None
-    return write_specs(_worker_arch, specs, out_dir, tensor_parallel, weight_data_type)
+    return write_specs(_worker_arch, specs, out_dir, layout, weight_data_type)
 
 
 def _unit_name(layer: int | None, num_layers: int) -> str:
@@ -178,7 +137,7 @@ def write_plan(
     make_arch: Callable[[], Architecture],
     plan: Plan,
     out_dir: Path,
-    tensor_parallel: int,
+    layout: ParallelLayout,
     weight_data_type: str,
     processes: int = 1,
 ) -> int:
@@ -201,14 +160,14 @@ def write_plan(
 
     if processes <= 1:
         for done, (layer, specs) in enumerate(units.items(), start=1):
-            total += write_specs(arch, specs, out_dir, tensor_parallel, weight_data_type)
+            total += write_specs(arch, specs, out_dir, layout, weight_data_type)
             report(layer, done)
         return total
 
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(processes, mp_context=context, initializer=_worker_init, initargs=(make_arch,)) as pool:
         futures = {
-            pool.submit(_worker_write, specs, out_dir, tensor_parallel, weight_data_type): layer
+            pool.submit(_worker_write, specs, out_dir, layout, weight_data_type): layer
             for layer, specs in units.items()
         }
         try:

@@ -15,11 +15,9 @@ from typing import Any, Iterator
 import torch
 from safetensors import safe_open
 
+from templates.ft_python.ft_checkpoint import CheckpointError
 
-class CheckpointError(ValueError):
-    """The checkpoint cannot be read or does not match what the exporter expects."""
-
-
+CONFIG_NAME = "config.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -36,19 +34,23 @@ TOKENIZER_FILES = (
 )
 
 
+def require_hf_directory(path: Path) -> None:
+    """Raises CheckpointError saying what `path` is when it is not an HF checkpoint directory (one with config.json)."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path does not exist: {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint path is not a directory: {path}")
+    if not (path / CONFIG_NAME).is_file():
+        raise CheckpointError(f"no config.json in {path}: not a HuggingFace checkpoint directory")
+
+
 class HFCheckpoint:
     """One HF checkpoint directory. `shape()`/`dtype()` read headers only; `load()` reads one tensor."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.exists():
-            raise CheckpointError(f"checkpoint path does not exist: {self.path}")
-        if not self.path.is_dir():
-            raise CheckpointError(f"checkpoint path is not a directory: {self.path}")
-        config_path = self.path / "config.json"
-        if not config_path.is_file():
-            raise CheckpointError(f"no config.json in {self.path}: not a HuggingFace checkpoint directory")
-        self.config: dict[str, Any] = json.loads(config_path.read_text())
+        require_hf_directory(self.path)
+        self.config: dict[str, Any] = json.loads((self.path / CONFIG_NAME).read_text())
         self._handles: dict[Path, Any] = {}
         self._file_of: dict[str, Path] = self._index_tensors()
 

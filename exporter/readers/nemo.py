@@ -28,8 +28,10 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from templates.ft_python.ft_checkpoint import CheckpointError
+
 from . import nemo_archive
-from .hf import CheckpointError, Scratch
+from .hf import Scratch
 
 if TYPE_CHECKING:
     from .nemo_dist import DistCheckpoint

@@ -29,7 +29,7 @@ from typing import IO
 
 from omegaconf import OmegaConf
 
-from .hf import CheckpointError
+from templates.ft_python.ft_checkpoint import CheckpointError
 
 CONFIG_NAME = "model_config.yaml"
 SOURCE_NOTE = ".source"

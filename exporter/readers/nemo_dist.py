@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from .hf import CheckpointError
+from templates.ft_python.ft_checkpoint import CheckpointError
 
 METADATA_FILE = ".metadata"
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as pb
 
+from templates.ft_python.ft_checkpoint import CheckpointError
+
 from ..jobs import JobShapeError, Resources, Step
 from ..parallel import ParallelLayout
 from ..triton import render
@@ -32,34 +34,31 @@ class FasterTransformerRuntime(Runtime):
         )
 
     def check_source(self, checkpoint: Path) -> None:
-        """Refuse up front the sources FT's Triton backend cannot serve from this export."""
-        from ..arch import architecture_for
-        from ..readers import nemo_archive
-        from ..readers.hf import CheckpointError, HFCheckpoint
+        """Refuse up front the sources FT's Triton backend cannot serve from this export (read from configs only)."""
+        from ..arch import describe_source
+        from ..readers.source import SourceKind, source_kind
 
-        if nemo_archive.is_nemo_source(Path(checkpoint)):
-            from ..arch.nemo_gpt import ft_model_type_for
-
-            if ft_model_type_for(nemo_archive.source_config(Path(checkpoint))) is None:
+        try:
+            source_kind(checkpoint)
+        except CheckpointError:
+            return  # no checkpoint this project reads: the converter refuses it with the reason
+        source = describe_source(checkpoint)
+        if source.kind is SourceKind.NEMO:
+            if source.ft_model_type is None:
                 raise CheckpointError(
                     f"{checkpoint}: FT's GPT backend cannot serve this NeMo model (rotary positions, RMSNorm, SiLU or "
                     f"gated MLP or grouped-query attention); serve it with export.triton_deployment.runtime=python"
                 )
             return
-        if not (Path(checkpoint) / "config.json").is_file():
-            return  # neither HF nor NeMo: the converter refuses it with the reason
-        config = HFCheckpoint(checkpoint).config
-        arch = architecture_for(config)
-        name = (config.get("architectures") or ["?"])[0]
-        if arch.ft_model_type is None:
+        if source.ft_model_type is None:
             raise CheckpointError(
-                f"{name}: FasterTransformer has no backend for this architecture (no Llama-family model: RMSNorm, "
-                f"SwiGLU, grouped-query attention); serve it with export.triton_deployment.runtime=python"
+                f"{source.name}: FasterTransformer has no backend for this architecture (no Llama-family model: "
+                f"RMSNorm, SwiGLU, grouped-query attention); serve it with export.triton_deployment.runtime=python"
             )
-        if arch.ft_model_type != "GPT":
+        if source.ft_model_type != "GPT":
             raise CheckpointError(
-                f"{name}: FT's backend serves it as model_type {arch.ft_model_type!r} (config.ini [{arch.section}]), "
-                f"but the rendered config.pbtxt declares model_type 'GPT'; serve it with "
+                f"{source.name}: FT's backend serves it as model_type {source.ft_model_type!r} (config.ini "
+                f"[{source.section}]), but the rendered config.pbtxt declares model_type 'GPT'; serve it with "
                 f"export.triton_deployment.runtime=python"
             )
 

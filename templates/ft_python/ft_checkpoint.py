@@ -2,7 +2,8 @@
 
 Self-contained (stdlib + numpy + torch): this file is copied into generated Triton model
 repositories and must work without the exporter project installed. The exporter imports
-`expected_files` from here to verify what it wrote, so the file list lives in one place.
+`FTConfig` (the one config.ini schema), `CheckpointError` and `expected_files` from here, so
+the schema and the file list live in one place.
 
 Shard layout (FT's GPT / GPT-J / GPT-NeoX C++ loaders, plus this project's conventions for
 what FT lacks: exporter/arch/layout.md): raw row-major little-endian arrays, element type =
@@ -12,7 +13,10 @@ warns about a missing or short file and then serves uninitialised weights; `veri
 """
 
 import configparser
+import dataclasses
 import os
+import typing
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -25,26 +29,12 @@ LM_HEAD_FILE = "model.lm_head.weight.bin"
 # config.ini sections: FT's GPT (also OPT), GPT-J, GPT-NeoX, and Llama (no FT backend; python runtime only).
 SECTIONS = ("gpt", "gptj", "gptneox", "llama")
 
-_INT_KEYS = ("head_num", "size_per_head", "inter_size", "num_layer", "max_pos_seq_len",
-             "vocab_size", "start_id", "end_id", "tensor_para_size", "adapter_inter_size",
-             "pipeline_para_size", "kv_head_num", "rotary_embedding")
-_FLOAT_KEYS = ("layernorm_eps", "rope_theta")
-_BOOL_KEYS = ("has_positional_encoding", "has_pre_decoder_layernorm",
-              "has_post_decoder_layernorm", "use_attention_linear_bias", "has_adapters",
-              "use_gptj_residual", "attention_bias", "mlp_bias", "lm_head_bias")
-_REQUIRED = ("head_num", "size_per_head", "inter_size", "num_layer", "max_pos_seq_len",
-             "vocab_size", "end_id", "weight_data_type", "tensor_para_size")
-# Values used when a key is absent from config.ini (FT's GPT defaults), then per section
-# what FT's GPT-J / GPT-NeoX loaders imply without a key. See exporter/arch/layout.md.
-_DEFAULTS = {"start_id": 0, "layernorm_eps": 1e-5, "layernorm_type": "pre_layernorm",
-             "activation_type": "Gelu", "gelu_approximation": "tanh", "has_positional_encoding": True,
-             "has_pre_decoder_layernorm": False, "has_post_decoder_layernorm": True,
-             "use_attention_linear_bias": False, "has_adapters": False, "adapter_inter_size": 0,
-             "pipeline_para_size": 1, "kv_head_num": 0, "norm_type": "layernorm",
-             "rotary_embedding": 0, "rotary_style": "neox", "rope_theta": 10000.0,
-             "use_gptj_residual": False, "attention_bias": True, "mlp_bias": True,
-             "lm_head_bias": False}
-_SECTION_DEFAULTS = {
+# Keys config.ini must have: FT's loaders have no default for them.
+REQUIRED_KEYS = ("head_num", "size_per_head", "inter_size", "num_layer", "max_pos_seq_len",
+                 "vocab_size", "end_id", "weight_data_type", "tensor_para_size")
+# What FT's GPT-J / GPT-NeoX loaders (and this project's [llama] layout) imply where config.ini
+# has no key; FTConfig's own defaults are FT's GPT ones. See exporter/arch/layout.md.
+SECTION_DEFAULTS = {
     "gpt": {},
     "gptj": {"has_positional_encoding": False, "rotary_style": "gptj", "use_gptj_residual": True,
              "attention_bias": False, "lm_head_bias": True},
@@ -52,14 +42,180 @@ _SECTION_DEFAULTS = {
     "llama": {"has_positional_encoding": False, "norm_type": "rmsnorm", "activation_type": "SiGLU",
               "attention_bias": False, "mlp_bias": False},
 }
+# FT's loader also looks up the mixture-of-experts structure; a dense model has none.
+STRUCTURE = {"gpt_with_moe": "0", "expert_num": "0", "moe_layers": "[]"}
 GATED_ACTIVATIONS = ("geglu", "siglu")
 # FT's NeoX converter stores these biases divided by tensor_para_size (each rank adds its share
 # before the all-reduce); merged weights multiply them back.
 _NEOX_RANK_SCALED = ("attention.dense.bias", "mlp.dense_4h_to_h.bias", "mlp.attention.bias.sum")
 
 
-class CheckpointError(RuntimeError):
-    """The shard directory is missing files, has wrongly sized files or a bad config.ini."""
+class CheckpointError(ValueError, RuntimeError):
+    """A checkpoint (the source the exporter reads, or a shard directory: missing or wrongly sized files, a bad
+    config.ini) cannot be used. The one such class for the exporter and the runtime: a ValueError, as the exporter's
+    callers catch bad input, and a RuntimeError, as the runtime's callers catch a failed load."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FTConfig(Mapping):
+    """config.ini, the one schema: every key FT's loaders (GPT, GPT-J, GPT-NeoX and its Triton
+    backend) read, plus this project's keys for what FT has no key for (exporter/arch/layout.md),
+    typed and in file order, and the section they live in. Defaults are FT's GPT ones;
+    `from_mapping` / `from_ini` fill what is absent with the section's (SECTION_DEFAULTS).
+
+    Also a read-only mapping (config["end_id"], "key" in config, {**config}) with "section"
+    among its keys, for callers that index the dict read_config used to return.
+    """
+
+    model_name: str = ""
+    head_num: int
+    size_per_head: int
+    inter_size: int
+    num_layer: int
+    max_pos_seq_len: int
+    vocab_size: int
+    start_id: int = 0
+    end_id: int = 0  # required in config.ini (REQUIRED_KEYS)
+    weight_data_type: str = "fp32"
+    tensor_para_size: int = 1
+    pipeline_para_size: int = 1
+    layernorm_eps: float = 1e-5
+    layernorm_type: str = "pre_layernorm"  # | post_layernorm
+    activation_type: str = "Gelu"  # Gelu | Relu | Silu | GeGLU | SiGLU (the last two gated)
+    # GELU flavour for Gelu/GeGLU: "tanh" (FT's kernel, GPT-2's gelu_new) or "none" (exact erf
+    # GELU: NeMo's default, Pythia's `gelu`). FT's backend always computes tanh; the python
+    # runtime follows the key.
+    gelu_approximation: str = "tanh"
+    has_positional_encoding: bool = True
+    has_pre_decoder_layernorm: bool = False
+    has_post_decoder_layernorm: bool = True
+    has_adapters: bool = False
+    adapter_inter_size: int = 0
+    use_attention_linear_bias: bool = False
+    int8_mode: int = 0
+    rotary_embedding: int = 0  # rotary dims per head, 0 = none
+    rotary_style: str = "neox"  # gptj (interleaved pairs) | neox (halves)
+    rope_theta: float = 10000.0
+    use_gptj_residual: bool = False  # parallel attention + MLP
+    kv_head_num: int = 0  # 0: as many as head_num (replaced by head_num on construction)
+    norm_type: str = "layernorm"  # | rmsnorm
+    attention_bias: bool = True
+    mlp_bias: bool = True
+    lm_head_bias: bool = False
+    section: str = "gpt"  # one of SECTIONS: the [section] of config.ini, not a key
+
+    def __post_init__(self):
+        if not self.kv_head_num:
+            object.__setattr__(self, "kv_head_num", self.head_num)
+
+    @property
+    def hidden_size(self):
+        return self.head_num * self.size_per_head
+
+    @property
+    def gated(self):
+        return str(self.activation_type).lower() in GATED_ACTIVATIONS
+
+    # -- config.ini text -------------------------------------------------------------------------
+    def to_ini(self):
+        """config.ini text: [<section>] with every key in field order, then [structure]."""
+        lines = [f"[{self.section}]"]
+        lines += [f"{name} = {_format(kind, getattr(self, name))}" for name, kind in _KEY_TYPES.items()]
+        lines += ["", "[structure]"] + [f"{name} = {value}" for name, value in STRUCTURE.items()]
+        return "\n".join(lines) + "\n\n"
+
+    @classmethod
+    def from_ini(cls, path):
+        """Parse a config.ini file (section [gpt], [gptj], [gptneox] or [llama]).
+
+        Integers, floats and booleans (1/0/true/false) are converted by the field types; unknown
+        keys are ignored. Missing optional keys get FT's defaults (per section); a missing file,
+        a missing required key or a value of the wrong type raises CheckpointError.
+        """
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"missing file: {path}")
+        parser = configparser.ConfigParser()
+        parser.read(path)
+        return cls._from_parser(parser, path)
+
+    @classmethod
+    def from_text(cls, text, origin="config.ini"):
+        """Parse config.ini text (see from_ini); `origin` names it in errors."""
+        parser = configparser.ConfigParser()
+        parser.read_string(text, source=origin)
+        return cls._from_parser(parser, origin)
+
+    @classmethod
+    def _from_parser(cls, parser, path):
+        found = [name for name in SECTIONS if parser.has_section(name)]
+        if len(found) != 1:
+            raise CheckpointError(f"{path}: expected exactly one of the sections {list(SECTIONS)}, found {found}")
+        section = found[0]
+        raw = dict(parser.items(section))
+        missing = [k for k in REQUIRED_KEYS if k not in raw]
+        if missing:
+            raise CheckpointError(f"{path}: [{section}] lacks required keys: {', '.join(missing)}")
+        values = {"section": section}
+        for key, text in raw.items():
+            if key not in _KEY_TYPES:
+                continue
+            try:
+                values[key] = _parse(_KEY_TYPES[key], f"[{section}] {key}", text)
+            except CheckpointError:
+                raise
+            except ValueError as exc:
+                raise CheckpointError(f"{path}: [{section}] {key} = {text!r}: {exc}") from None
+        if values["weight_data_type"] not in DTYPE_BYTES:
+            raise CheckpointError(f"{path}: weight_data_type {values['weight_data_type']!r} "
+                                  f"is not one of {sorted(DTYPE_BYTES)}")
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_mapping(cls, values):
+        """From typed values by key (e.g. a dict read_config used to return): keys absent get the
+        defaults of values["section"] (default "gpt"); unknown keys are ignored."""
+        section = values.get("section", "gpt")
+        known = {key: value for key, value in values.items() if key in _FIELD_NAMES}
+        return cls(**{**SECTION_DEFAULTS[section], **known, "section": section})
+
+    # -- read-only mapping view -----------------------------------------------------------------
+    def __getitem__(self, key):
+        if key not in _FIELD_NAMES:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self):
+        return iter(_FIELD_NAMES)
+
+    def __len__(self):
+        return len(_FIELD_NAMES)
+
+
+_FIELD_NAMES = tuple(field.name for field in dataclasses.fields(FTConfig))
+# config.ini key -> its type (every field but the section), in file order.
+_KEY_TYPES = {name: kind for name, kind in typing.get_type_hints(FTConfig).items() if name != "section"}
+
+
+def as_config(config):
+    """`config` as an FTConfig (a mapping of typed values is completed by FTConfig.from_mapping)."""
+    return config if isinstance(config, FTConfig) else FTConfig.from_mapping(config)
+
+
+def _format(kind, value):
+    if kind is bool:
+        return "1" if value else "0"
+    if kind is float:
+        return repr(float(value))
+    return str(value)
+
+
+def _parse(kind, key, text):
+    if kind is bool:
+        return _parse_bool(key, text)
+    if kind in (int, float):
+        return kind(text)
+    return text.strip()
 
 
 def _parse_bool(key, text):
@@ -72,46 +228,13 @@ def _parse_bool(key, text):
 
 
 def read_config(shard_dir):
-    """Parse `<shard_dir>/config.ini` (section [gpt], [gptj], [gptneox] or [llama]) into typed values.
+    """`<shard_dir>/config.ini` as an FTConfig (see FTConfig.from_ini)."""
+    return FTConfig.from_ini(os.path.join(os.fspath(shard_dir), "config.ini"))
 
-    Integers, floats and booleans (1/0/true/false) are converted; other keys stay strings.
-    Missing optional keys get FT's defaults (per section); missing required keys raise
-    CheckpointError. The section is returned as "section"; kv_head_num 0 becomes head_num.
-    """
-    path = os.path.join(os.fspath(shard_dir), "config.ini")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"missing file: {path}")
-    parser = configparser.ConfigParser()
-    parser.read(path)
-    found = [name for name in SECTIONS if parser.has_section(name)]
-    if len(found) != 1:
-        raise CheckpointError(f"{path}: expected exactly one of the sections {list(SECTIONS)}, found {found}")
-    section = found[0]
-    raw = dict(parser.items(section))
-    missing = [k for k in _REQUIRED if k not in raw]
-    if missing:
-        raise CheckpointError(f"{path}: [{section}] lacks required keys: {', '.join(missing)}")
-    cfg = dict(_DEFAULTS)
-    cfg.update(_SECTION_DEFAULTS[section])
-    cfg["section"] = section
-    for key, text in raw.items():
-        try:
-            if key in _INT_KEYS:
-                cfg[key] = int(text)
-            elif key in _FLOAT_KEYS:
-                cfg[key] = float(text)
-            elif key in _BOOL_KEYS:
-                cfg[key] = _parse_bool(f"[{section}] {key}", text)
-            else:
-                cfg[key] = text.strip()
-        except ValueError as exc:
-            raise CheckpointError(f"{path}: [{section}] {key} = {text!r}: {exc}") from None
-    if cfg["weight_data_type"] not in DTYPE_BYTES:
-        raise CheckpointError(f"{path}: weight_data_type {cfg['weight_data_type']!r} "
-                              f"is not one of {sorted(DTYPE_BYTES)}")
-    if not cfg["kv_head_num"]:
-        cfg["kv_head_num"] = cfg["head_num"]
-    return cfg
+
+def shard_dir_name(tensor_para_size):
+    """The shard directory's name for a tensor-parallel size, e.g. "2-gpu" (FT's convention)."""
+    return f"{tensor_para_size}-gpu"
 
 
 def stage_layers(num_layers, pipeline_para_size, stage):
@@ -145,12 +268,12 @@ def first_kv_head(kv_heads, tp, rank):
 
 
 def _check_divisible(config):
-    tp = config["tensor_para_size"]
+    tp = config.tensor_para_size
     if tp < 1:
         raise CheckpointError(f"tensor_para_size must be >= 1, got {tp}")
-    if config["inter_size"] % tp:
-        raise CheckpointError(f"inter_size={config['inter_size']} is not divisible by tensor_para_size={tp}")
-    qkv_rank_heads(config["head_num"], config.get("kv_head_num") or config["head_num"], tp)
+    if config.inter_size % tp:
+        raise CheckpointError(f"inter_size={config.inter_size} is not divisible by tensor_para_size={tp}")
+    qkv_rank_heads(config.head_num, config.kv_head_num, tp)
 
 
 def tensor_table(config, untied=False):
@@ -158,39 +281,38 @@ def tensor_table(config, untied=False):
 
     split: None (one file `<stem>.bin`), "column" / "row" (TP pieces `<stem>.<rank>.bin`
     concatenated on the last / first dim) or "qkv" (pieces are [q_r | k_r | v_r] blocks).
-    The layout is documented in exporter/arch/layout.md. `config` needs at least head_num,
-    size_per_head, inter_size, num_layer, max_pos_seq_len, vocab_size, tensor_para_size;
-    other keys default as in read_config. `untied` adds model.lm_head.weight (FT: used iff present).
+    The layout is documented in exporter/arch/layout.md. `config`: an FTConfig, or a mapping
+    with at least head_num, size_per_head, inter_size, num_layer, max_pos_seq_len, vocab_size
+    (other keys default as in FTConfig.from_mapping). `untied` adds model.lm_head.weight (FT:
+    used iff present).
     """
-    cfg = dict(_DEFAULTS)
-    cfg.update(_SECTION_DEFAULTS[config.get("section", "gpt")])
-    cfg.update(config)
+    cfg = as_config(config)
     _check_divisible(cfg)
-    if cfg.get("has_adapters"):
+    if cfg.has_adapters:
         raise CheckpointError("has_adapters=1 checkpoints are not supported")
-    section = cfg.get("section", "gpt")
-    tp = cfg["tensor_para_size"]
-    d = cfg["size_per_head"]
-    heads, kv = cfg["head_num"], cfg.get("kv_head_num") or cfg["head_num"]
+    section = cfg.section
+    tp = cfg.tensor_para_size
+    d = cfg.size_per_head
+    heads, kv = cfg.head_num, cfg.kv_head_num
     h = heads * d
-    inter = cfg["inter_size"]
-    vocab, max_pos = cfg["vocab_size"], cfg["max_pos_seq_len"]
-    norm_files = ("weight",) if cfg["norm_type"] == "rmsnorm" else ("weight", "bias")
-    gated = str(cfg["activation_type"]).lower() in GATED_ACTIVATIONS
-    attn_bias, mlp_bias = cfg["attention_bias"], cfg["mlp_bias"]
-    parallel = cfg["use_gptj_residual"]
+    inter = cfg.inter_size
+    vocab, max_pos = cfg.vocab_size, cfg.max_pos_seq_len
+    norm_files = ("weight",) if cfg.norm_type == "rmsnorm" else ("weight", "bias")
+    gated = cfg.gated
+    attn_bias, mlp_bias = cfg.attention_bias, cfg.mlp_bias
+    parallel = cfg.use_gptj_residual
     bias_sum = parallel and attn_bias and mlp_bias  # FT NeoX: one summed output bias
 
     table = [("model.wte", (vocab, h), None)]
-    if cfg["has_positional_encoding"]:
+    if cfg.has_positional_encoding:
         table.append(("model.wpe", (max_pos, h), None))
-    if cfg["has_pre_decoder_layernorm"]:
+    if cfg.has_pre_decoder_layernorm:
         table += [(f"model.pre_decoder_layernorm.{p}", (h,), None) for p in norm_files]
-    if cfg["has_post_decoder_layernorm"]:
+    if cfg.has_post_decoder_layernorm:
         table += [(f"model.final_layernorm.{p}", (h,), None) for p in norm_files]
     if untied:
         table.append(("model.lm_head.weight", (vocab, h), None))
-    if cfg["lm_head_bias"]:
+    if cfg.lm_head_bias:
         table.append(("model.lm_head.bias", (vocab,), None))
     if kv == heads:  # FT's own layout: [h, 3, h/tp]
         qkv_w, qkv_b = (h, 3, h // tp), (3, h // tp)
@@ -198,7 +320,7 @@ def tensor_table(config, untied=False):
         q_rank, kv_rank = qkv_rank_heads(heads, kv, tp)
         width = (q_rank + 2 * kv_rank) * d
         qkv_w, qkv_b = (h, width), (width,)
-    for i in range(cfg["num_layer"]):
+    for i in range(cfg.num_layer):
         p = f"model.layers.{i}."
         table += [(p + f"input_layernorm.{n}", (h,), None) for n in norm_files]
         table.append((p + "attention.query_key_value.weight", qkv_w, "qkv"))
@@ -224,7 +346,8 @@ def tensor_table(config, untied=False):
 def weight_shapes(config, untied=False):
     """Ordered {file name: element shape} for every file the loader opens (one TP rank's shape
     for split tensors); see tensor_table."""
-    tp = config["tensor_para_size"]
+    config = as_config(config)
+    tp = config.tensor_para_size
     shapes = {}
     for stem, shape, split in tensor_table(config, untied):
         if split is None:
@@ -238,11 +361,11 @@ def weight_shapes(config, untied=False):
 def expected_files(config, untied=False):
     """Every weight file name FT's GPT loader opens for `config`, with its exact byte size.
 
-    `config` is a dict as returned by read_config (needs head_num, size_per_head, inter_size,
-    num_layer, max_pos_seq_len, vocab_size, tensor_para_size, weight_data_type). Pure: touches
-    no files. `untied=True` adds model.lm_head.weight.bin; FT decides by the file's existence.
+    `config`: an FTConfig or a mapping as tensor_table takes. Pure: touches no files.
+    `untied=True` adds model.lm_head.weight.bin; FT decides by the file's existence.
     """
-    dtype = config["weight_data_type"]
+    config = as_config(config)
+    dtype = config.weight_data_type
     if dtype not in DTYPE_BYTES:
         raise CheckpointError(f"weight_data_type {dtype!r} is not one of {sorted(DTYPE_BYTES)}")
     nbytes = DTYPE_BYTES[dtype]
@@ -256,7 +379,7 @@ def is_untied(shard_dir):
 
 
 def verify(shard_dir):
-    """Check config.ini and every weight file; return the parsed config.
+    """Check config.ini and every weight file; return the parsed FTConfig.
 
     Raises CheckpointError naming every missing file and every file whose byte size differs
     from what config.ini implies (expected vs actual bytes).
@@ -276,8 +399,8 @@ def verify(shard_dir):
             wrong.append(f"{name} (expected {size} bytes, found {actual} bytes)")
     if missing or wrong:
         lines = [f"FasterTransformer checkpoint {shard_dir} is incomplete or corrupt "
-                 f"(weight_data_type={config['weight_data_type']}, "
-                 f"tensor_para_size={config['tensor_para_size']}):"]
+                 f"(weight_data_type={config.weight_data_type}, "
+                 f"tensor_para_size={config.tensor_para_size}):"]
         if missing:
             lines.append(f"{len(missing)} missing file(s): " + ", ".join(missing))
         if wrong:
@@ -301,8 +424,8 @@ def _read_raw(path, shape, weight_dtype):
 def _merge_qkv(pieces, config):
     """Per-rank [.., q_r | k_r | v_r] pieces -> full [.., q | k | v] (GQA layout, see tensor_table);
     kv heads replicated over ranks are taken once."""
-    tp, d, kv_heads = config["tensor_para_size"], config["size_per_head"], config["kv_head_num"]
-    q_rank, kv_rank = qkv_rank_heads(config["head_num"], kv_heads, tp)
+    tp, d, kv_heads = config.tensor_para_size, config.size_per_head, config.kv_head_num
+    q_rank, kv_rank = qkv_rank_heads(config.head_num, kv_heads, tp)
     blocks = [torch.split(piece, [q_rank * d, kv_rank * d, kv_rank * d], dim=-1) for piece in pieces]
     owners = [r for r in range(tp) if r == 0 or first_kv_head(kv_heads, tp, r) != first_kv_head(kv_heads, tp, r - 1)]
     q = torch.cat([b[0] for b in blocks], dim=-1)
@@ -324,8 +447,8 @@ def load_weights(shard_dir, device="cpu", dtype=torch.float32, layers=None):
     """
     shard_dir = os.fspath(shard_dir)
     config = verify(shard_dir)
-    wdt = config["weight_data_type"]
-    tp = config["tensor_para_size"]
+    wdt = config.weight_data_type
+    tp = config.tensor_para_size
     wanted = None if layers is None else {f"model.layers.{i}." for i in layers}
     weights = {}
     for stem, shape, split in tensor_table(config, untied=is_untied(shard_dir)):
@@ -339,11 +462,11 @@ def load_weights(shard_dir, device="cpu", dtype=torch.float32, layers=None):
                      for r in range(tp)]
             if split == "row":
                 full = torch.cat(parts, dim=0)
-            elif split == "qkv" and config["kv_head_num"] != config["head_num"]:
+            elif split == "qkv" and config.kv_head_num != config.head_num:
                 full = _merge_qkv(parts, config)
             else:
                 full = torch.cat(parts, dim=-1)
-        if config["section"] == "gptneox" and stem.endswith(_NEOX_RANK_SCALED):
+        if config.section == "gptneox" and stem.endswith(_NEOX_RANK_SCALED):
             full = full.float() * tp
         weights[stem] = full.to(device=device, dtype=dtype).contiguous()
     return weights

@@ -72,47 +72,46 @@ class FTGPT:
     """
 
     def __init__(self, weights, config, device="cpu", dtype=torch.float32, devices=None):
-        layernorm_type = config.get("layernorm_type", "pre_layernorm")
-        if layernorm_type not in ("pre_layernorm", "post_layernorm"):
-            raise ValueError(f"layernorm_type {layernorm_type!r} is not supported")
-        if config.get("use_attention_linear_bias", False):
+        """config: an ft_checkpoint.FTConfig (a mapping of its keys is completed with its defaults)."""
+        config = ft_checkpoint.as_config(config)
+        if config.layernorm_type not in ("pre_layernorm", "post_layernorm"):
+            raise ValueError(f"layernorm_type {config.layernorm_type!r} is not supported")
+        if config.use_attention_linear_bias:
             raise ValueError("use_attention_linear_bias=1 (ALiBi) is not supported")
-        act = str(config.get("activation_type", "Gelu")).lower()
+        act = str(config.activation_type).lower()
         if act not in ACTIVATIONS:
-            raise ValueError(f"activation_type {config['activation_type']!r} is not supported "
+            raise ValueError(f"activation_type {config.activation_type!r} is not supported "
                              f"(one of Gelu, Relu, Silu, GeGLU, SiGLU)")
-        norm = config.get("norm_type", "layernorm")
-        if norm not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"norm_type {norm!r} is not supported (layernorm or rmsnorm)")
-        style = config.get("rotary_style", "neox")
-        if style not in ("gptj", "neox"):
-            raise ValueError(f"rotary_style {style!r} is not supported (gptj or neox)")
+        if config.norm_type not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"norm_type {config.norm_type!r} is not supported (layernorm or rmsnorm)")
+        if config.rotary_style not in ("gptj", "neox"):
+            raise ValueError(f"rotary_style {config.rotary_style!r} is not supported (gptj or neox)")
         self.config = config
         self.dtype = dtype
-        self.num_heads = config["head_num"]
-        self.kv_heads = config.get("kv_head_num") or self.num_heads
-        self.head_dim = config["size_per_head"]
-        self.hidden = self.num_heads * self.head_dim
-        self.num_layers = config["num_layer"]
-        self.vocab_size = config["vocab_size"]
-        self.max_positions = config["max_pos_seq_len"]
-        self.eps = float(config.get("layernorm_eps", 1e-5))
+        self.num_heads = config.head_num
+        self.kv_heads = config.kv_head_num
+        self.head_dim = config.size_per_head
+        self.hidden = config.hidden_size
+        self.num_layers = config.num_layer
+        self.vocab_size = config.vocab_size
+        self.max_positions = config.max_pos_seq_len
+        self.eps = config.layernorm_eps
         self.act = act
-        self.gelu_approximation = config.get("gelu_approximation", "tanh")
+        self.gelu_approximation = config.gelu_approximation
         if self.gelu_approximation not in ("tanh", "none"):
             raise ValueError(f"gelu_approximation {self.gelu_approximation!r} is not supported (tanh or none)")
-        self.gated = act in ("geglu", "siglu")
-        self.rmsnorm = norm == "rmsnorm"
-        self.post_layernorm = layernorm_type == "post_layernorm"
-        self.parallel_residual = bool(config.get("use_gptj_residual", False))
-        self.end_id = config["end_id"]
-        self.rotary_dim = int(config.get("rotary_embedding", 0) or 0)
-        self.rotary_style = style
+        self.gated = config.gated
+        self.rmsnorm = config.norm_type == "rmsnorm"
+        self.post_layernorm = config.layernorm_type == "post_layernorm"
+        self.parallel_residual = config.use_gptj_residual
+        self.end_id = config.end_id
+        self.rotary_dim = config.rotary_embedding
+        self.rotary_style = config.rotary_style
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
             raise ValueError(f"rotary_embedding {self.rotary_dim} must be even and <= size_per_head "
                              f"{self.head_dim}")
 
-        pp = int(config.get("pipeline_para_size", 1) or 1)
+        pp = config.pipeline_para_size
         if devices is None:
             devices = [device]
         devices = [torch.device(d) for d in devices]
@@ -133,19 +132,17 @@ class FTGPT:
             return (w(prefix + ".weight", dev), optional(prefix + ".bias", dev))
 
         self.wte = w("model.wte")                                     # [V, h]
-        self.wpe = w("model.wpe") if config.get("has_positional_encoding", True) else None
+        self.wpe = w("model.wpe") if config.has_positional_encoding else None
         self.learned_positions = self.wpe is not None  # bounds prompt + output length
-        self.pre_ln = (norm_weights("model.pre_decoder_layernorm")
-                       if config.get("has_pre_decoder_layernorm", False) else None)
+        self.pre_ln = norm_weights("model.pre_decoder_layernorm") if config.has_pre_decoder_layernorm else None
         last = self.stage_devices[-1]
-        self.final_ln = (norm_weights("model.final_layernorm", last)
-                         if config.get("has_post_decoder_layernorm", True) else None)
+        self.final_ln = norm_weights("model.final_layernorm", last) if config.has_post_decoder_layernorm else None
         # Output projection [V, h]: tied to wte unless FT would load a separate lm_head.
         self.lm_head = w("model.lm_head.weight") if "model.lm_head.weight" in weights else self.wte
         self.lm_head_bias = optional("model.lm_head.bias")            # [V] (GPT-J)
         self.inv_freq = None
         if self.rotary_dim:
-            theta = float(config.get("rope_theta", 10000.0))
+            theta = config.rope_theta
             exponent = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64) / self.rotary_dim
             self.inv_freq = (1.0 / theta ** exponent).float()            # [r/2], fp32 on CPU
         self.layers = []
@@ -176,7 +173,7 @@ class FTGPT:
                     "fc2_b": out_bias,
                 })
         if self.gated and any(lw["up_w"] is None for lw in self.layers):
-            raise ValueError(f"activation_type {config['activation_type']} needs "
+            raise ValueError(f"activation_type {config.activation_type} needs "
                              "mlp.dense_h_to_4h_2.weight in every layer")
 
     @classmethod
@@ -187,7 +184,7 @@ class FTGPT:
         """
         device = resolve_device(device)
         config = ft_checkpoint.verify(shard_dir)
-        compute = resolve_dtype(device, dtype, config["weight_data_type"])
+        compute = resolve_dtype(device, dtype, config.weight_data_type)
         # Load (and merge) on CPU, then move tensor by tensor in __init__.
         weights = ft_checkpoint.load_weights(shard_dir, device="cpu", dtype=compute)
         if devices is not None:

@@ -104,7 +104,7 @@ class TritonPythonModel:
         here = os.path.dirname(os.path.abspath(__file__))
 
         tp_param = params.get("tensor_para_size", "").strip()
-        checkpoint = params.get("model_checkpoint_path", "").strip() or f"{tp_param or 1}-gpu"
+        checkpoint = params.get("model_checkpoint_path", "").strip() or ft_checkpoint.shard_dir_name(tp_param or 1)
         if not os.path.isabs(checkpoint):
             checkpoint = os.path.join(here, checkpoint)
         # Raises CheckpointError naming every missing / wrongly sized file: Triton then
