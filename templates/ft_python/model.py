@@ -110,9 +110,9 @@ class TritonPythonModel:
         # Raises CheckpointError naming every missing / wrongly sized file: Triton then
         # refuses to load the model instead of serving garbage as FT would.
         config = ft_checkpoint.verify(checkpoint)
-        if tp_param and int(tp_param) != config["tensor_para_size"]:
+        if tp_param and int(tp_param) != config.tensor_para_size:
             raise ValueError(f"parameter tensor_para_size={tp_param} but {checkpoint}/config.ini "
-                             f"says tensor_para_size={config['tensor_para_size']}")
+                             f"says tensor_para_size={config.tensor_para_size}")
         # The shards of every pipeline stage live in the same directory (layers keep their global
         # indices), so on one device the stages simply run one after the other: all layers in order.
         pp = params.get("pipeline_para_size", "").strip()
@@ -134,7 +134,7 @@ class TritonPythonModel:
                 index = int(args.get("model_instance_device_id", 0))
             device = torch.device("cuda", index)
         data_type = params.get("data_type", "").strip() or None
-        dtype = ft_gpt.resolve_dtype(device, data_type, config["weight_data_type"])
+        dtype = ft_gpt.resolve_dtype(device, data_type, config.weight_data_type)
 
         beam_param = params.get("max_beam_width", "").strip()
         self.max_beam_width = int(beam_param) if beam_param else ft_generate.MAX_BEAM_WIDTH
@@ -144,8 +144,8 @@ class TritonPythonModel:
         self.decoupled = bool(self.model_config.get("model_transaction_policy", {}).get("decoupled", False))
 
         self.model = ft_gpt.FTGPT.from_shards(checkpoint, device=device, dtype=dtype)
-        _log(f"ft_python: loaded {checkpoint} (tp={config['tensor_para_size']}, "
-             f"weights {config['weight_data_type']}) on {device} computing in {dtype}")
+        _log(f"ft_python: loaded {checkpoint} (tp={config.tensor_para_size}, "
+             f"weights {config.weight_data_type}) on {device} computing in {dtype}")
 
     def _parse(self, request):
         """One request's inputs -> its checked ft_generate.Batch (ValueError if invalid)."""
