@@ -16,6 +16,8 @@ from typing import Callable, ClassVar
 
 from tritonclient.grpc import model_config_pb2 as pb
 
+from templates.ft_python.ft_checkpoint import CheckpointError
+
 from ..parallel import ParallelLayout
 from ..jobs import Resources, Step
 
@@ -96,8 +98,13 @@ class Runtime:
         }
 
     def check_kind(self, kind: ModelKind) -> None:
+        """Refuse, before converting, a kind of model this runtime does not serve (CheckpointError)."""
+        from .registry import runtime_for, runtime_names
+
         if kind not in self.model_kinds:
-            raise ValueError(f"the {self.name} runtime does not serve {kind.value} models")
+            serving = [name for name in runtime_names() if kind in runtime_for(name).model_kinds]
+            raise CheckpointError(f"the {self.name} runtime does not serve {kind.value} models; runtimes that do: "
+                                  f"{serving or 'none yet'} (export.triton_deployment.runtime)")
 
     @staticmethod
     def shard_path(settings: ModelSettings, repository: Path) -> Path:

@@ -86,13 +86,13 @@ def build_repository(repo_root: Path, checkpoint_path: Path, settings: ModelSett
     3. the text models around it for the model's kind: preprocessing, postprocessing, ensemble.
     """
     runtime = runtime_for(settings.runtime)
+    kind = ModelKind.DECODER  # every converter writes decoder-only FT shards today
+    runtime.check_kind(kind)
     repo_root = Path(repo_root).resolve()
     with AtomicDirectory(repo_root) as partial:
         model_dir = partial / settings.name
         shard_dir = convert_checkpoint(checkpoint_path, model_dir / "1", settings.layout, weight_data_type,
                                        processes=processes)
-        kind = ModelKind.DECODER  # every converter writes decoder-only FT shards today
-        runtime.check_kind(kind)
         runtime.install(model_dir / "1", settings)
         render.write_config(runtime.model_config(settings, repo_root), model_dir)
         TEXT_MODELS[kind](partial, settings, shard_dir)
