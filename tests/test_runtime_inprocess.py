@@ -13,7 +13,6 @@ import json
 import shutil
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,10 +22,11 @@ transformers = pytest.importorskip("transformers")
 
 from exporter.ft.convert import convert_checkpoint  # noqa: E402
 from exporter.parallel import ParallelLayout  # noqa: E402
+from exporter.runtimes import python as python_runtime  # noqa: E402
+from exporter.triton.repo import copy_templates  # noqa: E402
 from conftest import generate, right_padded  # noqa: E402
 from templates.ft_python import ft_checkpoint, ft_gpt  # noqa: E402
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates" / "ft_python"
 VOCAB = 1000
 END_ID = 999  # eos of the tiny model; written to config.ini as end_id by the converter
 # Prompts of different lengths (right-padded into one batch) and per-row output lengths.
@@ -398,8 +398,7 @@ def version_dir(shards, tmp_path):
     """<model>/1/ as the exporter lays it out: model.py + runtime modules + the 2-gpu shards."""
     root = tmp_path / "gpt" / "1"
     root.mkdir(parents=True)
-    for name in ("model.py", "ft_checkpoint.py", "ft_gpt.py", "ft_generate.py", "ft_interface.py"):
-        shutil.copy(TEMPLATE_DIR / name, root / name)
+    copy_templates(python_runtime.FILES, root)
     shutil.copytree(shards(2), root / "2-gpu")
     return root
 

@@ -4,7 +4,6 @@ proven right."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as pb
@@ -12,10 +11,10 @@ from tritonclient.grpc import model_config_pb2 as pb
 from ..jobs import JobShapeError, Resources
 from ..parallel import ParallelLayout
 from ..triton import render
+from ..triton.repo import copy_templates
 from .base import ModelSettings, Require, Runtime
 from .registry import register
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 # Copied flat into the model's version directory, beside the shards: the python backend's model.py and the modules
 # it imports (stdlib + numpy + torch only), so a stock tritonserver serves the repository without this package.
 FILES = ("ft_python/model.py", "ft_python/ft_checkpoint.py", "ft_python/ft_gpt.py", "ft_python/ft_generate.py",
@@ -43,9 +42,7 @@ class PythonRuntime(Runtime):
         return Resources(nodes=1, tasks_per_node=1, gpus_per_node=gpus)
 
     def install(self, version_dir: Path, settings: ModelSettings) -> None:
-        version_dir.mkdir(parents=True, exist_ok=True)
-        for relative in FILES:
-            shutil.copy2(TEMPLATES / relative, version_dir / Path(relative).name)
+        copy_templates(FILES, version_dir)
 
     def model_config(self, settings: ModelSettings, repository: Path) -> pb.ModelConfig:
         # The python backend hands every request's tensors to execute() separately, so requests with different

@@ -21,12 +21,17 @@ TEMPLATE_FILES = {
 }
 
 
+def copy_templates(files: tuple[str, ...], version_dir: Path) -> None:
+    """Copy `files` (paths under templates/) flat into a python-backend model's version directory."""
+    version_dir.mkdir(parents=True, exist_ok=True)
+    for relative in files:
+        shutil.copy2(TEMPLATES / relative, version_dir / Path(relative).name)
+
+
 def install_tokenizer_model(repo: Path, config, tokenizer_json: Path) -> Path:
     """`<repo>/<name>/{config.pbtxt, 1/*.py, 1/tokenizer/tokenizer.json}` for preprocessing or postprocessing."""
     version_dir = repo / config.name / "1"
-    version_dir.mkdir(parents=True, exist_ok=True)
-    for relative in TEMPLATE_FILES[config.name]:
-        shutil.copy2(TEMPLATES / relative, version_dir / Path(relative).name)
+    copy_templates(TEMPLATE_FILES[config.name], version_dir)
     (version_dir / "tokenizer").mkdir()
     shutil.copy2(tokenizer_json, version_dir / "tokenizer" / "tokenizer.json")
     render.write_config(config, repo / config.name)
