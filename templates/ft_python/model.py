@@ -266,9 +266,9 @@ class TritonPythonModel:
             batch = item.input_ids.shape[0]
             cut["prompt_lengths"] = item.input_lengths.reshape(batch, 1)
             cut["is_final"] = torch.full((batch, 1), final)
-        dtypes = {tensor.name: tensor.numpy_dtype for tensor in ft_interface.OUTPUTS}
         return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor(name, np.array(tensor.numpy(), dtype=dtypes[name], copy=True, order="C"))
+            pb_utils.Tensor(name, np.array(tensor.numpy(), dtype=ft_interface.BY_NAME[name].numpy_dtype, copy=True,
+                                           order="C"))
             for name, tensor in cut.items()])
 
     def finalize(self):
