@@ -19,14 +19,8 @@ from ..atomic import write_text_atomic
 # Triton's python backend: it runs the text models (and the python runtime's model).
 PYTHON_BACKEND = "python"
 
-UINT32, UINT64, INT32, FP32, BOOL, STRING = (
-    pb.TYPE_UINT32,
-    pb.TYPE_UINT64,
-    pb.TYPE_INT32,
-    pb.TYPE_FP32,
-    pb.TYPE_BOOL,
-    pb.TYPE_STRING,
-)
+# Types of the text models' tensors (the middle model's come from ft_interface's table).
+UINT32, INT32, BOOL, STRING = pb.TYPE_UINT32, pb.TYPE_INT32, pb.TYPE_BOOL, pb.TYPE_STRING
 
 
 @dataclass(frozen=True)
