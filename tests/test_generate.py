@@ -77,7 +77,7 @@ def test_greedy_temperature_top_k1_and_repetition_penalty_match_hf(model, hf_mod
     top_k = [0, 1, 0, 1]
     penalty = [1.0, 1.0, 1.8, 1.3]
     out = generate(model, ids, lengths, new, top_k=top_k, temperature=temperature, repetition_penalty=penalty,
-                          random_seed=[5, 6, 7, 8])
+                   random_seed=[5, 6, 7, 8])
     for row, prompt in enumerate(PROMPTS):
         kwargs = {"repetition_penalty": penalty[row], "output_logits": True, "output_scores": True}
         if top_k[row] == 1:
@@ -237,7 +237,7 @@ def test_stop_words_in_beam_search_match_hf(model, hf_model):
     free = _hf_greedy_tokens(hf_model, prompt, new)
     word = free[2:4]
     out = generate(model, [prompt], [len(prompt)], [new], beam_width=width, len_penalty=1.0,
-                          stop_words_list=_word_list([[word]]))
+                   stop_words_list=_word_list([[word]]))
     ref = _hf(hf_model, prompt, new, do_sample=False, num_beams=width, num_return_sequences=width,
               length_penalty=1.0, early_stopping=True, output_scores=True,
               stopping_criteria=transformers.StoppingCriteriaList([_EndsWith(word)]))
@@ -286,7 +286,7 @@ def test_top_p_decay_min_and_reset_follow_ft_rule(model, hf_model):
     expected, ps = _nucleus_reference(hf_model, prompt, new, seed, top_p, decay, p_min, reset)
     assert min(ps) == pytest.approx(p_min) and reset in expected[:-1]
     out = generate(model, [prompt], [len(prompt)], [new], top_k=0, top_p=top_p, top_p_decay=decay,
-                          top_p_min=p_min, top_p_reset_ids=reset, random_seed=seed)
+                   top_p_min=p_min, top_p_reset_ids=reset, random_seed=seed)
     assert _row(out, 0)[len(prompt):] == expected
     undecayed, _ = _nucleus_reference(hf_model, prompt, new, seed, top_p, 1.0, p_min, -1)
     assert undecayed != expected  # the decay matters for this seed
@@ -339,7 +339,7 @@ def test_seed_gives_the_same_sample_twice_whatever_the_other_rows(model):
     assert alone[0].output_ids.tolist() != alone[2].output_ids.tolist()
     ids, lengths = _padded([PROMPTS[2], prompt, PROMPTS[1]])
     batch = generate(model, ids, lengths, [4, 10, 12], random_seed=[1, 7, 2], top_k=[0, 50, 3],
-                            temperature=[1.0, 1.2, 0.5], beam_width=[2, 1, 1])
+                     temperature=[1.0, 1.2, 0.5], beam_width=[2, 1, 1])
     assert _row(batch, 1) == _row(alone[0], 0)
 
 
@@ -402,7 +402,7 @@ def test_beam_width_cap_and_word_list_forms(model):
         generate(model, [[1, 2, 3]], [3], [3], beam_width=9)
     # check_inputs' parsed word lists, [2, L] for every row and None are accepted.
     args = check_inputs(model, [[1, 2, 3], [4, 5, 6]], [3, 3], [3, 3],
-                               bad_words_list=np.array([[11, 12, 13], [1, 3, -1]]))
+                        bad_words_list=np.array([[11, 12, 13], [1, 3, -1]]))
     assert args.bad_words_list == [((11,), (12, 13))] * 2 and args.stop_words_list == [(), ()]
     again = check_inputs(model, [[1, 2, 3], [4, 5, 6]], [3, 3], [3, 3], bad_words_list=args.bad_words_list)
     assert again.bad_words_list == args.bad_words_list

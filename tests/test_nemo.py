@@ -62,7 +62,7 @@ def run(shard_dir: Path, ref: dict[str, np.ndarray]) -> tuple[np.ndarray, np.nda
     logits = model.forward_logits(ref["input_ids"]).numpy()
     batch, width = ref["input_ids"].shape
     out = generate(model, torch.as_tensor(ref["input_ids"]), torch.full((batch,), width),
-                          torch.full((batch,), GREEDY_STEPS))
+                   torch.full((batch,), GREEDY_STEPS))
     return logits, out.output_ids[:, 0, width:width + GREEDY_STEPS].numpy()
 
 

@@ -186,11 +186,11 @@ def test_batch_equals_each_prompt_alone(shards):
     model = ft_gpt.FTGPT.from_shards(shards(1))
     ids, lengths = _padded(PROMPTS)
     batch = generate(model, ids, lengths, NEW_TOKENS, top_k=[1, 20, 0, 5], top_p=[0, 0, 0.9, 0.5],
-                            temperature=[1.0, 0.7, 1.3, 1.0], random_seed=[11, 22, 33, 44])
+                     temperature=[1.0, 0.7, 1.3, 1.0], random_seed=[11, 22, 33, 44])
     for row, prompt in enumerate(PROMPTS):
         alone = generate(model, [prompt], [len(prompt)], [NEW_TOKENS[row]], top_k=[1, 20, 0, 5][row],
-                                top_p=[0, 0, 0.9, 0.5][row], temperature=[1.0, 0.7, 1.3, 1.0][row],
-                                random_seed=[11, 22, 33, 44][row])
+                         top_p=[0, 0, 0.9, 0.5][row], temperature=[1.0, 0.7, 1.3, 1.0][row],
+                         random_seed=[11, 22, 33, 44][row])
         seq_len = int(alone.sequence_length[0, 0])
         assert int(batch.sequence_length[row, 0]) == seq_len
         assert batch.output_ids[row, 0, :seq_len].tolist() == alone.output_ids[0, 0, :seq_len].tolist()
@@ -278,7 +278,7 @@ def test_sampling_seeds(shards):
 
     def sample(seed, **kw):
         out = generate(model, prompt, [5], [12], top_k=kw.get("top_k", 50), top_p=kw.get("top_p", 0.0),
-                              temperature=kw.get("temperature", 1.0), random_seed=seed)
+                       temperature=kw.get("temperature", 1.0), random_seed=seed)
         return tuple(out.output_ids[0, 0].tolist())
 
     assert sample(7) == sample(7)
