@@ -118,7 +118,7 @@ def convert_checkpoint(
         # A vocab_size above what the served tokenizer decodes is padding: config.ini says where the real ids end.
         tokenizer_vocab = min(decodable_vocab_size(partial_dir / "tokenizer.json"), config.vocab_size)
         if tokenizer_vocab < config.vocab_size:
-            log.info("padded vocabulary: %d rows, the tokenizer decodes %d ids; the others are padding, never generated",
+            log.info("padded vocabulary: %d rows, the tokenizer decodes %d ids; the others are padding",
                      config.vocab_size, tokenizer_vocab)
         # config.ini last: a directory without it is never mistaken for a finished export.
         write_config(replace(config, tokenizer_vocab_size=tokenizer_vocab), partial_dir)
