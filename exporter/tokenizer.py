@@ -69,3 +69,11 @@ def _special_tokens(directory: Path) -> list[str]:
 
 def save_tokenizer_json(source_dir: Path, destination: Path) -> None:
     load_tokenizer(source_dir).save(str(destination))
+
+
+def decodable_vocab_size(tokenizer_json: Path) -> int:
+    """How many ids the served tokenizer can decode: one past its largest id, added tokens included."""
+    vocab = Tokenizer.from_file(str(tokenizer_json)).get_vocab(with_added_tokens=True)
+    if not vocab:
+        raise TokenizerError(f"{tokenizer_json} has an empty vocabulary")
+    return max(vocab.values()) + 1

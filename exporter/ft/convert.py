@@ -21,7 +21,7 @@ from ..atomic import AtomicDirectory
 from ..parallel import ParallelLayout, ShardingError
 from ..readers import nemo_archive
 from ..readers.source import SourceKind, source_kind
-from ..tokenizer import find_tokenizer, save_tokenizer_json
+from ..tokenizer import decodable_vocab_size, find_tokenizer, save_tokenizer_json
 from .sharding import file_names, rank_shape
 from .verify import DTYPE_BYTES, expected_files, verify_shards
 from .writer import write_config, write_plan
@@ -114,8 +114,14 @@ def convert_checkpoint(
             shutil.copy2(tokenizer_file, partial_dir / tokenizer_file.name)
         if not (partial_dir / "tokenizer.json").exists():
             save_tokenizer_json(checkpoint_path, partial_dir / "tokenizer.json")
+        config = ft_config(plan, layout, weight_data_type)
+        # A vocab_size above what the served tokenizer decodes is padding: config.ini says where the real ids end.
+        tokenizer_vocab = min(decodable_vocab_size(partial_dir / "tokenizer.json"), config.vocab_size)
+        if tokenizer_vocab < config.vocab_size:
+            log.info("padded vocabulary: %d rows, the tokenizer decodes %d ids; the others are padding",
+                     config.vocab_size, tokenizer_vocab)
         # config.ini last: a directory without it is never mistaken for a finished export.
-        write_config(ft_config(plan, layout, weight_data_type), partial_dir)
+        write_config(replace(config, tokenizer_vocab_size=tokenizer_vocab), partial_dir)
         verify_shards(partial_dir)
     log.info("wrote %.1f MB of FT shards in %.1fs", nbytes / 1e6, time.monotonic() - started)
     return final

@@ -73,7 +73,11 @@ class FTConfig(Mapping):
     inter_size: int
     num_layer: int
     max_pos_seq_len: int
-    vocab_size: int
+    vocab_size: int  # rows of the embedding and output layer (a checkpoint's padded vocabulary included)
+    # Ids the tokenizer can decode are [0, tokenizer_vocab_size); the rows from there to vocab_size are padding
+    # (GPT-J 50400 vs 50257, Pythia, OPT, Megatron's make_vocab_size_divisible_by) that the python runtime never
+    # generates. 0: no padding (replaced by vocab_size on construction), as config.ini files without the key mean.
+    tokenizer_vocab_size: int = 0
     start_id: int = 0
     end_id: int = 0  # required in config.ini (REQUIRED_KEYS)
     weight_data_type: str = "fp32"
@@ -107,6 +111,11 @@ class FTConfig(Mapping):
     def __post_init__(self):
         if not self.kv_head_num:
             object.__setattr__(self, "kv_head_num", self.head_num)
+        if not self.tokenizer_vocab_size:
+            object.__setattr__(self, "tokenizer_vocab_size", self.vocab_size)
+        if not 0 < self.tokenizer_vocab_size <= self.vocab_size:
+            raise CheckpointError(f"tokenizer_vocab_size {self.tokenizer_vocab_size} must be in [1, vocab_size "
+                                  f"{self.vocab_size}] (0 = no padding)")
 
     @property
     def hidden_size(self):

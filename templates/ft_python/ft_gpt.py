@@ -6,8 +6,9 @@ pre- or post-layernorm (OPT), LayerNorm or RMSNorm, Gelu (tanh approximation, FT
 Relu / Silu or gated GeGLU / SiGLU MLPs, learned positions or rotary embeddings (GPT-J's
 interleaved pairs or NeoX/Llama halves, partial rotary), sequential or parallel residual
 (GPT-J, NeoX), grouped-query attention, optional biases, a final layernorm and logits =
-h @ lm_head^T (+ bias) with lm_head = wte unless model.lm_head.weight exists. Pipeline
-parallel layouts run stage after stage, on one device or one device per stage.
+h @ lm_head^T (+ bias) with lm_head = wte unless model.lm_head.weight exists, -inf for the
+padded vocabulary (ids >= tokenizer_vocab_size). Pipeline parallel layouts run stage after
+stage, on one device or one device per stage.
 
 The decoder only: embeddings, blocks with a KV cache, logits. Decoding (sampling, batching
 rules, the output layout) lives in ft_generate.py and uses the public methods below.
@@ -94,6 +95,8 @@ class FTGPT:
         self.hidden = config.hidden_size
         self.num_layers = config.num_layer
         self.vocab_size = config.vocab_size
+        # Ids >= tokenizer_vocab_size are padding rows the tokenizer cannot decode: logits() masks them.
+        self.tokenizer_vocab_size = config.tokenizer_vocab_size
         self.max_positions = config.max_pos_seq_len
         self.eps = config.layernorm_eps
         self.act = act
@@ -301,7 +304,12 @@ class FTGPT:
         logits = hidden @ self.lm_head.t()
         if self.lm_head_bias is not None:
             logits = logits + self.lm_head_bias
-        return logits.float()
+        logits = logits.float()
+        if self.tokenizer_vocab_size < self.vocab_size:
+            # Padded vocabulary: -inf for the padding rows, so greedy, sampling and beam search never pick an id
+            # the tokenizer cannot decode (NeMo masks its padding the same way), and log-probs are over real ids.
+            logits[..., self.tokenizer_vocab_size:] = float("-inf")
+        return logits
 
     def new_cache(self, batch, slots):
         """Empty KV cache for `batch` rows and `slots` positions: per layer (k, v), each

@@ -33,8 +33,9 @@ from tokenizer_model import RequestError, load_tokenizer_and_end_id, respond_eac
 def generated_slices(tokens, seq_len, in_len, end_id, vocab_size):
     """Per (b, beam): the generated ids tokens[b, k, in_len[b] : seq_len[b, k]] up to the first end_id.
 
-    tokens [B, beam, T], seq_len [B, beam], in_len [B], end_id: int or per-row [B]
-    -> (nested list [B][beam] of python int lists, nested list [B][beam] of bools: an end_id was cut).
+    tokens [B, beam, T], seq_len [B, beam], in_len [B], end_id: int or per-row [B]; ids >= vocab_size (the
+    tokenizer's) are left out -> (nested list [B][beam] of python int lists, nested list [B][beam] of bools: an
+    end_id was cut).
     """
     if tokens.ndim == 2:  # [B, T] from a caller without a beam dimension
         tokens = tokens[:, None, :]
@@ -64,8 +65,9 @@ def generated_slices(tokens, seq_len, in_len, end_id, vocab_size):
             ends = np.nonzero(ids == end_ids[b])[0]
             if ends.size:
                 ids = ids[: ends[0]]
-            if ids.size and int(ids.max()) >= vocab_size:
-                raise RequestError(f"row {b} beam {k}: token id {int(ids.max())} outside the vocabulary ({vocab_size})")
+            # An id the tokenizer cannot decode (a padded vocabulary row, from a runtime that does not mask them)
+            # has no text: dropped, never a failed request.
+            ids = ids[ids < vocab_size]
             row.append(ids.tolist())
             row_ended.append(bool(ends.size))
         out.append(row)
