@@ -138,6 +138,7 @@ def build_llama_with_sentencepiece(directory: Path, model: Path) -> Path:
 
 
 @pytest.mark.triton
+@pytest.mark.slow
 def test_hf_llama_with_only_tokenizer_model_is_served(tmp_path, sentencepiece_models):
     """Text in -> text out through the ensemble equals HF generate + decode(skip_special_tokens=True)."""
     pytest.importorskip("tritonclient.http")
