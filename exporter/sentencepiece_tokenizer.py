@@ -67,10 +67,10 @@ def _merges(model, pieces: list[str]) -> list[tuple[str, str]]:
     return [(left, right) for *_, left, right in ranked]
 
 
-def _pieces(model) -> list[str]:
+def _pieces(model, path: Path) -> list[str]:
     pieces = [entry.piece for entry in model.pieces]
     if len(set(pieces)) != len(pieces):
-        raise SentencePieceError("the SentencePiece model repeats a piece")
+        raise SentencePieceError(f"{path}: the SentencePiece model repeats a piece; supported: unique pieces")
     return pieces
 
 
@@ -103,7 +103,7 @@ def for_transformers(model_path: Path) -> Tokenizer:
     check_for_transformers(model_path)
     model, _ = _model(model_path)
     config = _config(model_path.parent)
-    pieces = _pieces(model)
+    pieces = _pieces(model, model_path)
     vocab = {piece: index for index, piece in enumerate(pieces)}
     # transformers gives the BPE no unk token: a character with neither a piece nor a byte piece is dropped
     tokenizer = Tokenizer(models.BPE(vocab, _merges(model, pieces), fuse_unk=True, byte_fallback=True))
@@ -176,7 +176,7 @@ def check_as_sentencepiece(model_path: Path) -> None:
 def as_sentencepiece(model_path: Path) -> Tokenizer:
     """The tokenizer that gives sentencepiece's `encode(text)` ids (no BOS / EOS) and its `decode`."""
     model, model_type = _model(Path(model_path))
-    pieces = _pieces(model)
+    pieces = _pieces(model, model_path)
     trainer, spec = model.trainer_spec, model.normalizer_spec
     unknown = pieces[trainer.unk_id] if 0 <= trainer.unk_id < len(pieces) else None
     if model_type == "unigram":

@@ -49,7 +49,7 @@ def _sentencepiece(directory: Path, check_only: bool = False) -> Tokenizer | Non
     """tokenizer.model rebuilt as its users tokenise: a staged NeMo checkpoint (model_config.yaml beside it) as
     sentencepiece encodes (NeMo's SentencePieceTokenizer), an HF checkpoint as transformers' AutoTokenizer does."""
     from . import sentencepiece_tokenizer as sentencepiece
-    from .readers.nemo_archive import CONFIG_NAME
+    from .readers.nemo_archive import CONFIG_NAME, origin_of
 
     model = directory / SENTENCEPIECE_MODEL
     nemo = (directory / CONFIG_NAME).is_file()
@@ -59,7 +59,8 @@ def _sentencepiece(directory: Path, check_only: bool = False) -> Tokenizer | Non
             return None
         return (sentencepiece.as_sentencepiece if nemo else sentencepiece.for_transformers)(model)
     except sentencepiece.SentencePieceError as error:
-        raise TokenizerError(str(error)) from None
+        # a staged NeMo checkpoint is a temporary directory: name the user's .nemo instead
+        raise TokenizerError(str(error).replace(str(directory), origin_of(directory)) if nemo else str(error)) from None
 
 
 def _byte_level_bpe(directory: Path) -> Tokenizer:

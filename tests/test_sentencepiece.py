@@ -265,6 +265,7 @@ def test_unsupported_sentencepiece_models_are_refused(tmp_path, sentencepiece_mo
 def test_unsupported_nemo_sentencepiece_is_refused(tmp_path, sentencepiece_models, char_model, keys, message):
     model = char_model if not keys else sentencepiece_models["unigram"]
     source = nemo_with_sentencepiece(tmp_path / "nemo", model, **keys)
-    with pytest.raises(TokenizerError, match=message):
+    with pytest.raises(TokenizerError, match=message) as refused:
         convert_checkpoint(source, tmp_path / "out")
+    assert str(refused.value).startswith(str(source))  # the user's checkpoint, not the staging directory
     assert _nothing_written(tmp_path / "out")

@@ -7,6 +7,8 @@ Quirks (layout.md has the FT side):
 - the fused gated `linear_fc1` [2 ffn, h] is [gate; up]: FT's `dense_h_to_4h` (gate) and `dense_h_to_4h_2` (up);
 - the vocabulary is padded (to a multiple of make_vocab_size_divisible_by x TP): FT gets the tokenizer's real
   vocabulary, so the padded rows, which NeMo masks out when it decodes greedily, can never be generated;
+- the tokenizer is GPT-2 BPE (start = end = <|endoftext|>) or SentencePiece (`library: sentencepiece`: start / end
+  are its bos / eos pieces, as NeMo's SentencePieceTokenizer gives them);
 - `layernorm1p` norms compute LN(x) (1 + w) + b: FT gets w + 1;
 - two naming schemes (Megatron-core `decoder.layers.N.self_attention.linear_qkv`, legacy
   `language_model.encoder.layers.N.self_attention.query_key_value`), and TransformerEngine's fused norms
@@ -118,8 +120,8 @@ class NemoGPT(Architecture):
     def __init__(self, checkpoint: NemoCheckpoint, layout: ParallelLayout = ParallelLayout()):
         self.config = checkpoint.config
         self.origin = checkpoint.origin
-        self.sentencepiece = (checkpoint.path / "tokenizer.model").is_file() and not (checkpoint.path
-                                                                                      / "vocab.json").is_file()
+        staged = checkpoint.path
+        self.sentencepiece = (staged / "tokenizer.model").is_file() and not (staged / "vocab.json").is_file()
         if self.sentencepiece:
             self._check_sentencepiece_config()
         self.activation = str(self.config.get("activation", "gelu"))
