@@ -93,8 +93,9 @@ def check_for_transformers(model_path: Path) -> None:
                                  f"with only tokenizer.model; supported: {', '.join(LLAMA_CLASSES[1:])}")
     _, model_type = _model(model_path)
     if model_type != "bpe":
-        raise SentencePieceError(f"{model_path}: a SentencePiece {model_type} model under {tokenizer_class or 'a Llama'}"
-                                 " tokenizer; supported: bpe (transformers reads it as byte-fallback BPE)")
+        raise SentencePieceError(f"{model_path}: a SentencePiece {model_type} model under "
+                                 f"{tokenizer_class or 'a Llama'} tokenizer; supported: bpe (transformers reads it "
+                                 "as byte-fallback BPE)")
 
 
 def for_transformers(model_path: Path) -> Tokenizer:
@@ -124,7 +125,7 @@ def for_transformers(model_path: Path) -> Tokenizer:
     added = [AddedToken(entry.piece, special=entry.type == CONTROL, normalized=False)
              for entry in model.pieces if entry.type in (CONTROL, USER_DEFINED)]
     added += [AddedToken(token, special=True, normalized=False) for token in named.values() if token]
-    for index, entry in sorted((config.get("added_tokens_decoder") or {}).items(), key=lambda item: int(item[0])):
+    for _, entry in sorted((config.get("added_tokens_decoder") or {}).items(), key=lambda item: int(item[0])):
         token = AddedToken(entry["content"], special=entry.get("special", False),
                            normalized=entry.get("normalized", False), lstrip=entry.get("lstrip", False),
                            rstrip=entry.get("rstrip", False), single_word=entry.get("single_word", False))
