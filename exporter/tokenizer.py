@@ -1,7 +1,8 @@
 """The checkpoint's own tokenizer, normalised to one `tokenizer.json` (HF tokenizers format) for serving.
 
 Pre/postprocessing load only `tokenizer.json`; a checkpoint that ships GPT-2 style `vocab.json` + `merges.txt`
-(and no tokenizer.json) gets one built from them: byte-level BPE, no prefix space, as GPT-2 tokenises.
+(and no tokenizer.json) gets one built from them: byte-level BPE, no prefix space, as GPT-2 tokenises; one that
+ships only a SentencePiece `tokenizer.model` gets one rebuilt by sentencepiece_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import json
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+
+SENTENCEPIECE_MODEL = "tokenizer.model"
 
 
 class TokenizerError(ValueError):
@@ -23,8 +27,12 @@ def find_tokenizer(directory: Path) -> Path:
         return directory / "tokenizer.json"
     if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
         return directory / "vocab.json"
+    if (directory / SENTENCEPIECE_MODEL).is_file():
+        _sentencepiece(directory, check_only=True)
+        return directory / SENTENCEPIECE_MODEL
     raise TokenizerError(
-        f"no tokenizer in {directory}: expected tokenizer.json, or vocab.json + merges.txt (GPT-2 BPE)"
+        f"no tokenizer in {directory}: expected tokenizer.json, vocab.json + merges.txt (GPT-2 BPE), or "
+        f"{SENTENCEPIECE_MODEL} (SentencePiece)"
     )
 
 
@@ -32,7 +40,27 @@ def load_tokenizer(directory: Path) -> Tokenizer:
     source = find_tokenizer(directory)
     if source.name == "tokenizer.json":
         return Tokenizer.from_file(str(source))
+    if source.name == SENTENCEPIECE_MODEL:
+        return _sentencepiece(Path(directory))
     return _byte_level_bpe(directory)
+
+
+def _sentencepiece(directory: Path, check_only: bool = False) -> Tokenizer | None:
+    """tokenizer.model rebuilt as its users tokenise: a staged NeMo checkpoint (model_config.yaml beside it) as
+    sentencepiece encodes (NeMo's SentencePieceTokenizer), an HF checkpoint as transformers' AutoTokenizer does."""
+    from . import sentencepiece_tokenizer as sentencepiece
+    from .readers.nemo_archive import CONFIG_NAME, origin_of
+
+    model = directory / SENTENCEPIECE_MODEL
+    nemo = (directory / CONFIG_NAME).is_file()
+    try:
+        if check_only:
+            (sentencepiece.check_as_sentencepiece if nemo else sentencepiece.check_for_transformers)(model)
+            return None
+        return (sentencepiece.as_sentencepiece if nemo else sentencepiece.for_transformers)(model)
+    except sentencepiece.SentencePieceError as error:
+        # a staged NeMo checkpoint is a temporary directory: name the user's .nemo instead
+        raise TokenizerError(str(error).replace(str(directory), origin_of(directory)) if nemo else str(error)) from None
 
 
 def _byte_level_bpe(directory: Path) -> Tokenizer:

@@ -328,8 +328,9 @@ def test_rank_files_read_by_offset_and_through_the_map_agree(tmp_path, exported,
     assert _bytes(shard_dir) == _bytes(exported("gpt_tp2_legacy", 2))
 
 
-def test_sentencepiece_tokenizer_is_refused_before_writing(tmp_path):
-    """Not built into a tokenizer.json yet: said plainly, before any shard is written."""
+def test_damaged_sentencepiece_tokenizer_is_refused_before_writing(tmp_path):
+    """A tokenizer.model that is no SentencePiece model: said plainly, before any shard is written (SentencePiece
+    tokenizers themselves are served: tests/test_sentencepiece.py)."""
     from exporter.tokenizer import TokenizerError
 
     directory = tmp_path / "extracted"
@@ -341,8 +342,9 @@ def test_sentencepiece_tokenizer_is_refused_before_writing(tmp_path):
     text = config.read_text()
     for key in ("vocab_file", "merge_file"):
         text = "\n".join(f"  {key}: null" if line.startswith(f"  {key}:") else line for line in text.splitlines())
+    text = text.replace("  library: megatron", "  library: sentencepiece")
     config.write_text(text.replace("  model: null", "  model: nemo:abc_tokenizer.model"))
-    with pytest.raises(TokenizerError, match="SentencePiece"):
+    with pytest.raises(TokenizerError, match="tokenizer.model is not a SentencePiece model"):
         convert_checkpoint(directory, tmp_path / "out")
     assert nothing_written(tmp_path / "out")
 

@@ -7,6 +7,8 @@ Quirks (layout.md has the FT side):
 - the fused gated `linear_fc1` [2 ffn, h] is [gate; up]: FT's `dense_h_to_4h` (gate) and `dense_h_to_4h_2` (up);
 - the vocabulary is padded (to a multiple of make_vocab_size_divisible_by x TP): FT gets the tokenizer's real
   vocabulary, so the padded rows, which NeMo masks out when it decodes greedily, can never be generated;
+- the tokenizer is GPT-2 BPE (start = end = <|endoftext|>) or SentencePiece (`library: sentencepiece`: start / end
+  are its bos / eos pieces, as NeMo's SentencePieceTokenizer gives them);
 - `layernorm1p` norms compute LN(x) (1 + w) + b: FT gets w + 1;
 - two naming schemes (Megatron-core `decoder.layers.N.self_attention.linear_qkv`, legacy
   `language_model.encoder.layers.N.self_attention.query_key_value`), and TransformerEngine's fused norms
@@ -21,6 +23,7 @@ from templates.ft_python.ft_checkpoint import CheckpointError, FTConfig
 
 from ..parallel import ParallelLayout, Split
 from ..readers.nemo import NemoCheckpoint, gated_fc1
+from ..sentencepiece_tokenizer import end_of_text_ids
 from ..tokenizer import TokenizerError, load_tokenizer
 from .base import Architecture, Table
 from .registry import register, registered
@@ -117,9 +120,10 @@ class NemoGPT(Architecture):
     def __init__(self, checkpoint: NemoCheckpoint, layout: ParallelLayout = ParallelLayout()):
         self.config = checkpoint.config
         self.origin = checkpoint.origin
-        if (checkpoint.path / "tokenizer.model").is_file() and not (checkpoint.path / "vocab.json").is_file():
-            raise TokenizerError(f"{self.origin}: its tokenizer is SentencePiece (tokenizer.model); serving needs a "
-                                 "tokenizer.json, which is not built from SentencePiece models yet")
+        staged = checkpoint.path
+        self.sentencepiece = (staged / "tokenizer.model").is_file() and not (staged / "vocab.json").is_file()
+        if self.sentencepiece:
+            self._check_sentencepiece_config()
         self.activation = str(self.config.get("activation", "gelu"))
         self.ft_model_type = self.ft_model_type_of(self.config)
         names = set(checkpoint.names())
@@ -136,6 +140,19 @@ class NemoGPT(Architecture):
                 self.layer_tensors[f"mlp.dense_h_to_4h_2.{kind}"] = self.layer_tensors[f"mlp.dense_h_to_4h.{kind}"]
         self._params: FTConfig | None = None
         super().__init__(checkpoint, layout)
+
+    def _check_sentencepiece_config(self) -> None:
+        """NeMo's SentencePieceTokenizer encodes with sentencepiece alone unless `sentencepiece_legacy` adds
+        special tokens of its own (ids past the model's pieces, split out of the text): that mode is refused."""
+        tokenizer = self.config.get("tokenizer") or {}
+        library = tokenizer.get("library")
+        if library != "sentencepiece":
+            raise TokenizerError(f"{self.origin}: model_config.yaml tokenizer.library = {library!r} with a "
+                                 "tokenizer.model; supported: 'sentencepiece'")
+        if tokenizer.get("sentencepiece_legacy") and tokenizer.get("special_tokens"):
+            raise TokenizerError(f"{self.origin}: model_config.yaml tokenizer.special_tokens with "
+                                 "sentencepiece_legacy: true (tokens added outside the SentencePiece model); "
+                                 "supported: special tokens inside tokenizer.model")
 
     @classmethod
     def ft_model_type_of(cls, config: dict) -> str | None:
@@ -210,7 +227,7 @@ class NemoGPT(Architecture):
         rotary_dim = int(size_per_head * config.get("rotary_percentage", 1.0)) if positions == "rope" else 0
         if rotary_dim % 2:
             raise self._refuse("rotary_percentage", f"gives an odd number of rotary dims ({rotary_dim})")
-        vocab, end_id = self._tokenizer_vocab()
+        vocab, start_id, end_id = self._tokenizer_vocab()
         bias = bool(config.get("bias", True))
         return FTConfig(
             model_name="nemo-megatron-gpt",
@@ -220,7 +237,7 @@ class NemoGPT(Architecture):
             num_layer=config["num_layers"],
             max_pos_seq_len=config.get("max_position_embeddings") or config["encoder_seq_length"],
             vocab_size=vocab,
-            start_id=end_id,  # GPT2BPETokenizer: bos = eos = <|endoftext|>
+            start_id=start_id,
             end_id=end_id,
             layernorm_eps=config.get("layernorm_epsilon", 1e-5),
             activation_type=ACTIVATIONS[activation],
@@ -243,18 +260,25 @@ class NemoGPT(Architecture):
         fused = bool(self.config.get("bias_activation_fusion", False)) and bool(self.config.get("bias", True))
         return "tanh" if self.config.get("openai_gelu", False) or fused else "none"
 
-    def _tokenizer_vocab(self) -> tuple[int, int]:
-        """(real vocabulary size, end-of-text id) from the checkpoint's own tokenizer."""
+    def _tokenizer_vocab(self) -> tuple[int, int, int]:
+        """(real vocabulary size, start id, end id) from the checkpoint's own tokenizer: GPT2BPETokenizer's
+        <|endoftext|> for both, or the SentencePiece model's bos / eos pieces (NeMo's bos_id / eos_id)."""
         tokenizer = load_tokenizer(self.checkpoint.path)
         vocab = tokenizer.get_vocab_size(with_added_tokens=True)
         padded = self.checkpoint.shape(self.prefix + self.global_tensors["model.wte"][0])[0]
         if vocab > padded:
             raise CheckpointError(f"{self.origin}: the tokenizer has {vocab} tokens but the embedding table only "
                                   f"{padded} rows")
+        if self.sentencepiece:
+            start_id, end_id = end_of_text_ids(self.checkpoint.path / "tokenizer.model")
+            if end_id is None:
+                raise CheckpointError(f"{self.origin}: the SentencePiece model defines no end-of-sequence piece "
+                                      "(eos_id -1); serving needs one to end generation")
+            return vocab, end_id if start_id is None else start_id, end_id
         end_id = tokenizer.token_to_id("<|endoftext|>")
         if end_id is None:
             raise CheckpointError(f"{self.origin}: the tokenizer has no <|endoftext|> token")
-        return vocab, end_id
+        return vocab, end_id, end_id
 
     # -- layout ---------------------------------------------------------------------------------------------
     def ft_shape(self, ft_name: str, source_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
