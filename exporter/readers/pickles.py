@@ -22,23 +22,21 @@ from templates.ft_python.ft_checkpoint import CheckpointError
 # "Unsupported global: GLOBAL argparse.Namespace was not an allowed global ..." (earlier).
 _REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
-# What a state dict unpickles to; mapping-like with tensor values.
-StateDict = Any
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6 is a zip archive
 
 
-def load_state_dict(file: Path) -> StateDict:
+def load_state_dict(file: Path) -> Any:
     """The state dict in `file`: memory-mapped (tensors stay on disk until touched) for torch's zip format; loaded
     whole for the legacy format (torch < 1.6), which cannot be mapped. Raises CheckpointError when the file holds
     more than tensors (nothing from it is run) or is no readable PyTorch checkpoint."""
-    mappable = zipfile.is_zipfile(file)
     try:
-        return torch.load(file, map_location="cpu", mmap=mappable, weights_only=True)
+        return torch.load(file, map_location="cpu", mmap=is_mappable(file), weights_only=True)
     except pickle.UnpicklingError as error:
         if "weights only load failed" not in str(error).lower():
-            raise _damaged(file, error, mappable) from None
+            raise _damaged(file, error) from None
         raise _refused(file, error) from None
     except (RuntimeError, EOFError, KeyError, ValueError) as error:
-        raise _damaged(file, error, mappable) from None
+        raise _damaged(file, error) from None
 
 
 def is_mappable(file: Path) -> bool:
@@ -56,10 +54,15 @@ def _refused(file: Path, error: pickle.UnpicklingError) -> CheckpointError:
     )
 
 
-def _damaged(file: Path, error: BaseException, mappable: bool) -> CheckpointError:
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    kind = "zip" if mappable else "legacy (non-zip)"
+def _damaged(file: Path, error: BaseException) -> CheckpointError:
+    # The first sentence of torch's reason ("PytorchStreamReader failed reading zip archive: failed finding central
+    # directory"); the exception type where the reason alone says nothing (a KeyError's "101").
+    reason = str(error).split(". ")[0].splitlines()[0] if str(error).strip() else ""
+    if not isinstance(error, RuntimeError):
+        reason = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+    with open(file, "rb") as handle:
+        kind = "zip format" if handle.read(4) == _ZIP_MAGIC else "not torch's zip format"
     return CheckpointError(
-        f"{file}: not a readable PyTorch checkpoint ({kind} format; torch: {reason}): it is probably truncated or "
-        f"damaged; copy or download it again"
+        f"{file}: not a readable PyTorch checkpoint ({kind}; {reason}): it is probably truncated or damaged; "
+        f"copy or download it again"
     )
