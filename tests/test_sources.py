@@ -165,6 +165,18 @@ def _build_neox_tied(directory: Path) -> Path:
     return _finish(GPTNeoXForCausalLM(config).eval(), directory)
 
 
+def _build_gptj_tied(directory: Path) -> Path:
+    """GPT-J with tie_word_embeddings=true: transformers stores transformer.wte.weight and lm_head.bias only."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    from family_fixtures import VOCAB, _finish
+
+    torch.manual_seed(6)
+    config = GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128,
+                        initializer_range=0.2, bos_token_id=END_ID, eos_token_id=END_ID, tie_word_embeddings=True)
+    return _finish(GPTJForCausalLM(config).eval(), directory)
+
+
 TIED = {
     # Stored as lm_head.weight alone (input embedding's name absent).
     "llama": lambda d: _store_embedding_as_output(build_llama(d, kv_heads=4, tied=True), "model.embed_tokens.weight"),
@@ -172,13 +184,15 @@ TIED = {
     "opt": lambda d: _store_embedding_as_output(build_opt(d), "model.decoder.embed_tokens.weight"),
     # Stored as the input embedding alone, for a family whose tables read an output layer.
     "gpt-neox": _build_neox_tied,
+    "gptj": _build_gptj_tied,
 }
 
 
 @pytest.mark.parametrize("family", sorted(TIED))
 def test_tied_embedding_stored_under_either_name(tmp_path, family):
     """Regression: a tied checkpoint stored with only `lm_head.weight` failed with "missing tensor
-    'embed_tokens.weight'" ('wte.weight' for GPT-2). Served logits equal transformers' on the same files."""
+    'embed_tokens.weight'" ('wte.weight' for GPT-2); a tied GPT-NeoX or GPT-J, stored by transformers with only its
+    input embedding, failed with "lacks tensors: ['lm_head.weight']". Logits equal transformers' on the same files."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
