@@ -3,7 +3,7 @@
 Formats: `model.safetensors`, sharded safetensors (`model.safetensors.index.json`), `pytorch_model.bin` and
 sharded `pytorch_model.bin.index.json`. Safetensors files are memory-mapped; pickles are opened with
 `torch.load(mmap=True, weights_only=True)` (readers/pickles.py), so no format ever materialises the whole state
-dict. A damaged or hostile file (truncated, not JSON, a pickle calling more than tensors) is refused as one
+dict (except torch's legacy non-zip pickles, which cannot be mapped: loaded whole once). A damaged or hostile file (truncated, not JSON, a pickle calling more than tensors) is refused as one
 CheckpointError naming it, when the checkpoint is opened: every header is read then. Headers stay
 open for names and shapes; each tensor is read on its own and nothing stays mapped (see `load`).
 """
