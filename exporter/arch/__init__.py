@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..parallel import ParallelLayout
 from ..readers import nemo_archive
-from ..readers.hf import HFCheckpoint
+from ..readers.hf import CONFIG_NAME, HFCheckpoint
 from ..readers.source import SourceKind, source_kind
 from . import gpt2, gptj, gptneox, llama, nemo_gpt, opt  # noqa: F401  (each registers itself)
 from .base import Architecture, TensorSpec
@@ -22,7 +22,7 @@ def open_architecture(path: str | Path, layout: ParallelLayout = ParallelLayout(
     if source_kind(path) is SourceKind.NEMO:
         return open_nemo(path, layout)
     checkpoint = HFCheckpoint(path)
-    return architecture_for(checkpoint.config)(checkpoint, layout)
+    return architecture_for(checkpoint.config, str(checkpoint.path / CONFIG_NAME))(checkpoint, layout)
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,8 @@ class SourceModel:
 
 def describe_source(path: str | Path) -> SourceModel:
     """The model at `path`. Raises CheckpointError when `path` is no checkpoint this project reads or a NeMo model no
-    architecture is registered for; architecture_for's ValueError for an unregistered HF architecture."""
+    architecture is registered for, or a damaged file (config.json, a weights header) or unregistered HF
+    architecture."""
     path = Path(path)
     kind = source_kind(path)
     if kind is SourceKind.NEMO:
@@ -46,7 +47,7 @@ def describe_source(path: str | Path) -> SourceModel:
         architecture = nemo_architecture(config, path)
     else:
         config = HFCheckpoint(path).config
-        architecture = architecture_for(config)
+        architecture = architecture_for(config, str(path / CONFIG_NAME))
         name = config["architectures"][0]
     return SourceModel(kind, name, architecture.section, architecture.ft_model_type_of(config))
 

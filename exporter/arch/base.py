@@ -14,6 +14,7 @@ an embedding folded with a projection); `to_ft` then receives them all.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Union
@@ -24,6 +25,8 @@ from templates.ft_python.ft_checkpoint import CheckpointError, FTConfig
 
 from ..parallel import ParallelLayout, Split
 from ..readers.hf import HFCheckpoint, Scratch
+
+log = logging.getLogger(__name__)
 
 Sources = Union[str, tuple[str, ...]]
 Table = dict[str, tuple[Sources, Split]]
@@ -51,6 +54,11 @@ class Plan:
         for spec in self.specs:
             groups.setdefault(spec.layer, []).append(spec)
         return groups
+
+
+# Where HF *ForCausalLM models store their output layer (unprefixed); a tied model may store its one embedding
+# table there alone (`Architecture._tied_aliases`).
+TIED_OUTPUT_NAMES = ("lm_head.weight", "embed_out.weight")
 
 
 def _as_tuple(sources: Sources) -> tuple[str, ...]:
@@ -123,19 +131,59 @@ class Architecture:
 
     # -- shared machinery -----------------------------------------------------------------------------------
     def _detect_prefix(self) -> str:
+        """The first of `prefixes` under which the checkpoint holds any tensor of the tables (any: a tied model may
+        store its embedding only as the output layer, see `_tied_aliases`)."""
         names = set(self.checkpoint.names())
-        anchor = _as_tuple(next(iter(self.global_tensors.values()))[0])[0]
+        candidates = [source for sources, _ in self.global_tensors.values() for source in _as_tuple(sources)]
+        candidates += [source.format(i=0) for sources, _ in self.layer_tensors.values()
+                       for source in _as_tuple(sources)]
+        candidates = [source for source in candidates if source not in self.unprefixed]
         for prefix in self.prefixes:
-            if prefix + anchor in names:
+            if any(prefix + source in names for source in candidates):
                 return prefix
         raise CheckpointError(
-            f"missing tensor {anchor!r} (tried prefixes {list(self.prefixes)}) in {self.checkpoint.path}"
+            f"missing tensor {candidates[0]!r} (tried prefixes {list(self.prefixes)}) in {self.checkpoint.path}"
         )
+
+    def _tied_aliases(self, global_table: Table, layer_table: Table) -> dict[str, str]:
+        """{name the tables read: name the checkpoint stores it under} for a tied model's one embedding table, which
+        a checkpoint may store under either name; {} when nothing needs renaming.
+
+        - Only the output layer stored (`lm_head.weight`, no `embed_tokens.weight` / `wte.weight`) while the tables
+          read no output layer (the family found the model tied): the input embedding is read from it.
+        - Only the input embedding stored while the tables read an output layer and config.json says
+          `tie_word_embeddings: true`: the output layer is read from the input embedding.
+        transformers loads both by tying in whichever direction the checkpoint allows; so does this.
+        """
+        if "model.wte" not in global_table:
+            return {}
+        names = set(self.checkpoint.names())
+        embedding = self.full_name(_as_tuple(global_table["model.wte"][0])[0])
+        read = {self.full_name(source) for table in (global_table, layer_table) for sources, _ in table.values()
+                for source in _as_tuple(sources)}
+        outputs_read = read & set(TIED_OUTPUT_NAMES)
+        aliases: dict[str, str] = {}
+        if embedding not in names and not outputs_read:
+            stored = [name for name in TIED_OUTPUT_NAMES if name in names]
+            if len(stored) == 1:
+                aliases[embedding] = stored[0]
+        elif embedding in names and self.config.get("tie_word_embeddings") is True:
+            aliases.update({output: embedding for output in outputs_read if output not in names})
+        for name, stored_as in aliases.items():
+            log.info("%s: tied embedding stored as %s only: reading %s from it", self.checkpoint.path, stored_as,
+                     name)
+        return aliases
 
     def plan(self) -> Plan:
         """Every FT tensor to write, with full shapes; errors name missing and unknown source tensors."""
         params = replace(self.params(), section=self.section)
         global_table, layer_table = self.tables(params)
+        aliases = self._tied_aliases(global_table, layer_table)
+
+        def full_name(source: str) -> str:
+            name = self.full_name(source)
+            return aliases.get(name, name)
+
         wanted: list[tuple[str, tuple[str, ...], Split, int | None]] = [
             (ft_name, _as_tuple(sources), split, None) for ft_name, (sources, split) in global_table.items()
         ]
@@ -144,7 +192,7 @@ class Architecture:
                 names = tuple(source.format(i=layer) for source in _as_tuple(sources))
                 wanted.append((f"model.layers.{layer}.{suffix}", names, split, layer))
         available = set(self.checkpoint.names())
-        used = {self.full_name(source) for _, sources, _, _ in wanted for source in sources}
+        used = {full_name(source) for _, sources, _, _ in wanted for source in sources}
         missing = sorted(used - available)
         if missing:
             raise CheckpointError(f"checkpoint {self.checkpoint.path} lacks tensors: {missing}")
@@ -161,7 +209,7 @@ class Architecture:
             )
         specs: list[TensorSpec] = []
         for ft_name, sources, split, layer in wanted:
-            full = tuple(self.full_name(source) for source in sources)
+            full = tuple(full_name(source) for source in sources)
             shape = tuple(self.ft_shape(ft_name, [self.checkpoint.shape(name) for name in full]))
             sections = self.sections(ft_name, params) if split is Split.QKV else ()
             specs.append(TensorSpec(ft_name, full, shape, split, layer, sections))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, TypeVar
 
+from templates.ft_python.ft_checkpoint import CheckpointError
+
 if TYPE_CHECKING:
     from .base import Architecture
 
@@ -27,13 +29,16 @@ def registered() -> dict[str, type[Architecture]]:
     return dict(_REGISTRY)
 
 
-def architecture_for(hf_config: dict) -> type[Architecture]:
+def architecture_for(hf_config: dict, origin: str = "config.json") -> type[Architecture]:
+    """The architecture registered for `architectures[0]` of an HF config (read from `origin`); CheckpointError naming
+    what was found and what is supported otherwise."""
     names = hf_config.get("architectures") or []
-    if not names:
-        raise ValueError("config.json has no 'architectures' entry; cannot tell which model this is")
+    if not isinstance(names, list) or not names:
+        raise CheckpointError(f"{origin} has no 'architectures' entry (found {names!r}); cannot tell which model "
+                              f"this is; supported: {sorted(_REGISTRY)}")
     try:
         return _REGISTRY[names[0]]
-    except KeyError:
-        raise ValueError(
-            f"unsupported architecture {names[0]!r}; supported: {sorted(_REGISTRY)}"
+    except (KeyError, TypeError):
+        raise CheckpointError(
+            f"{origin}: unsupported architecture {names[0]!r}; supported: {sorted(_REGISTRY)}"
         ) from None

@@ -2,7 +2,9 @@
 
 Formats: `model.safetensors`, sharded safetensors (`model.safetensors.index.json`), `pytorch_model.bin` and
 sharded `pytorch_model.bin.index.json`. Safetensors files are memory-mapped; pickles are opened with
-`torch.load(mmap=True, weights_only=True)`, so no format ever materialises the whole state dict. Headers stay
+`torch.load(mmap=True, weights_only=True)` (readers/pickles.py), so no format ever materialises the whole state
+dict (except torch's legacy non-zip pickles, which cannot be mapped: loaded whole once). A damaged or hostile file (truncated, not JSON, a pickle calling more than tensors) is refused as one
+CheckpointError naming it, when the checkpoint is opened: every header is read then. Headers stay
 open for names and shapes; each tensor is read on its own and nothing stays mapped (see `load`).
 """
 
@@ -13,9 +15,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from templates.ft_python.ft_checkpoint import CheckpointError
+
+from .pickles import is_mappable, load_state_dict
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -44,44 +48,76 @@ def require_hf_directory(path: Path) -> None:
         raise CheckpointError(f"no config.json in {path}: not a HuggingFace checkpoint directory")
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from the checkpoint (config.json, an index); CheckpointError naming the file when it is not one."""
+    try:
+        value = json.loads(path.read_bytes())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error.msg}: line {error.lineno} column {error.colno}); "
+                              f"repair it or copy it again from where the checkpoint came from") from None
+    except UnicodeDecodeError as error:
+        raise CheckpointError(f"{path} is not JSON text ({error.reason} at byte {error.start}); "
+                              f"copy it again from where the checkpoint came from") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object; "
+                              f"copy it again from where the checkpoint came from")
+    return value
+
+
 class HFCheckpoint:
     """One HF checkpoint directory. `shape()`/`dtype()` read headers only; `load()` reads one tensor."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         require_hf_directory(self.path)
-        self.config: dict[str, Any] = json.loads((self.path / CONFIG_NAME).read_text())
+        self.config: dict[str, Any] = read_json(self.path / CONFIG_NAME)
         self._handles: dict[Path, Any] = {}
         self._file_of: dict[str, Path] = self._index_tensors()
 
     # -- discovery -------------------------------------------------------------------------------------------
     def _index_tensors(self) -> dict[str, Path]:
-        """Map each tensor name to the file that holds it, reading headers/indices only."""
+        """Map each tensor name to the file that holds it, reading headers/indices only (every file's, so a damaged
+        one is refused now, before anything is written)."""
         for index_name in (SAFETENSORS_INDEX, PICKLE_INDEX):
             index_path = self.path / index_name
             if index_path.is_file():
-                weight_map = json.loads(index_path.read_text())["weight_map"]
+                weight_map = read_json(index_path).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise CheckpointError(f"{index_path} has no weight_map (tensor name -> file); "
+                                          f"copy it again from where the checkpoint came from")
                 files = {name: self.path / file for name, file in weight_map.items()}
                 missing = sorted({str(f.name) for f in files.values() if not f.is_file()})
                 if missing:
-                    raise CheckpointError(f"{index_path} names shard files that do not exist: {missing}")
+                    raise CheckpointError(f"{index_path} names shard files that do not exist: {missing}; "
+                                          f"copy the missing files into {self.path}")
+                held = {file: set(self._names_in(file)) for file in set(files.values())}
+                absent = sorted(f"{name} ({file.name})" for name, file in files.items() if name not in held[file])
+                if absent:
+                    raise CheckpointError(f"{index_path} places tensors in files that do not hold them: "
+                                          f"{absent[:5]}{' ...' if len(absent) > 5 else ''}; the index and the "
+                                          f"shard files come from different copies: copy them again together")
                 return files
-        single = self.path / SAFETENSORS_SINGLE
-        if single.is_file():
-            return {name: single for name in self._header(single)[1]}
-        single = self.path / PICKLE_SINGLE
-        if single.is_file():
-            return {name: single for name in self._pickle(single).keys()}
+        for single in (self.path / SAFETENSORS_SINGLE, self.path / PICKLE_SINGLE):
+            if single.is_file():
+                return {name: single for name in self._names_in(single)}
         raise CheckpointError(
             f"no weights in {self.path}: expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
             f"{PICKLE_SINGLE} or {PICKLE_INDEX}"
         )
 
+    def _names_in(self, file: Path) -> list[str]:
+        if file.suffix == ".safetensors":
+            return list(self._header(file)[1])
+        return list(self._pickle(file).keys())
+
     def _pickle(self, file: Path) -> dict[str, torch.Tensor]:
-        # mmap=True: tensors stay on disk until touched; weights_only=True: no arbitrary code from the pickle.
+        # mmap where the format allows: tensors stay on disk until touched; weights_only=True: no code from the pickle.
         handle = self._handles.get(file)
         if handle is None:
-            handle = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            handle = load_state_dict(file)
+            if not isinstance(handle, dict):
+                raise CheckpointError(f"{file} holds a {type(handle).__name__}, not a state dict (tensor name -> "
+                                      f"tensor); save the model's state_dict(), or as safetensors")
             self._handles[file] = handle
         return handle
 
@@ -89,9 +125,13 @@ class HFCheckpoint:
         """(offset of the data section, {name: {dtype, shape, data_offsets}}) of a safetensors file."""
         header = self._handles.get(file)
         if header is None:
-            # Let the safetensors library validate the file once; then keep only its header.
-            with safe_open(file, framework="pt"):
-                pass
+            # Let the safetensors library validate the file once (header, offsets, size); then keep only its header.
+            try:
+                with safe_open(file, framework="pt"):
+                    pass
+            except SafetensorError as error:
+                raise CheckpointError(f"{file} is not a readable safetensors file ({error}): it is probably "
+                                      f"truncated or damaged; copy or download it again") from None
             with open(file, "rb") as handle:
                 size = int.from_bytes(handle.read(8), "little")
                 entries = json.loads(handle.read(size))
@@ -151,7 +191,9 @@ class HFCheckpoint:
                 if handle.readinto(buffer) != end - begin:
                     raise CheckpointError(f"{file} is truncated: cannot read {name}")
             return tensor
-        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        if not is_mappable(file):  # legacy format: loaded whole once, at open
+            return self._pickle(file)[name].clone()
+        state = load_state_dict(file)
         tensor = state[name].clone()
         del state
         return tensor

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 from omegaconf import DictConfig
 
+from ..arch import describe_source
 from ..atomic import AtomicDirectory
 from ..builtin import BUILTIN_CHECKPOINT, resolve_checkpoint
 from ..config import Reference
@@ -236,7 +237,7 @@ def plan(cfg: DictConfig) -> list[SubStage]:
     """convert: one task, no GPUs. accuracy (when enabled): the runtime's serving shape, after convert.
 
     Raises JobShapeError (before anything is written or submitted) when the layout does not fit the nodes, and
-    CheckpointError when the runtime cannot serve the checkpoint.
+    CheckpointError when the checkpoint is damaged, of an unknown architecture, or one the runtime cannot serve.
     """
     paths = export_paths(cfg)
     run, deploy = cfg.export.run, cfg.export.triton_deployment
@@ -244,7 +245,10 @@ def plan(cfg: DictConfig) -> list[SubStage]:
     if cfg.export.model.checkpoint_path != BUILTIN_CHECKPOINT:
         # Here, not in the convert job: refused before anything is written or submitted (the built-in GPT-2, built
         # by the convert job, is served by every runtime).
-        runtime.check_source(Path(cfg.export.model.checkpoint_path).expanduser())
+        checkpoint = Path(cfg.export.model.checkpoint_path).expanduser()
+        if checkpoint.exists():  # else it may exist only where the convert job runs (a cluster's file system)
+            describe_source(checkpoint)  # damaged files, unknown architecture: one CheckpointError, nothing written
+        runtime.check_source(checkpoint)
 
     def sub_stage(name: str, steps: tuple[Step, ...], **kwargs) -> SubStage:
         return SubStage(name=name, stage="export", results_dir=paths.results_dir / name, config_name=run.name,
