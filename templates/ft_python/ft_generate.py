@@ -3,7 +3,8 @@
 Copied into generated Triton model repositories next to ft_gpt.py and ft_interface.py (the
 request interface's table: defaults and bounds of the options); needs only torch and numpy.
 Use: batch = check_inputs(model, ids, lengths, max_new_tokens, SamplingParams(...), defaults), then
-generate(model, batch); defaults = GenerationDefaults.read(shard_dir), the model's generation_config.json. It drives a decoder through this interface only (see ft_gpt.FTGPT):
+generate(model, batch); defaults = GenerationDefaults.read(shard_dir), the model's generation_config.json.
+It drives a decoder through this interface only (see ft_gpt.FTGPT):
 
   model.new_cache(batch, slots) -> cache         model.reorder_cache(cache, rows) -> cache
   model.hidden_states(ids, pos, cache, start, mask) -> [B, S, h]
@@ -119,9 +120,10 @@ class Batch:
     """Checked per-row CPU values of one or more requests (check_inputs' result, generate()'s input).
 
     input_ids [B, L] int64; input_lengths, max_new_tokens, end_id, top_k, beam_width, top_p_reset_ids, start_id
-    int64 [B]; end_ids int64 [B, E]: every id that ends row b (end_id first, -1 padding); top_p, temperature, repetition_penalty, len_penalty, beam_search_diversity_rate, top_p_decay,
-    top_p_min float32 [B]; is_return_log_probs bool [B]; random_seed a list of B python ints; bad_words_list,
-    stop_words_list lists of B tuples of words (a word = tuple of token ids).
+    int64 [B]; end_ids int64 [B, E]: every id that ends row b (end_id first, -1 padding); top_p, temperature,
+    repetition_penalty, len_penalty, beam_search_diversity_rate, top_p_decay, top_p_min float32 [B];
+    is_return_log_probs bool [B]; random_seed a list of B python ints; bad_words_list, stop_words_list lists of B
+    tuples of words (a word = tuple of token ids).
     """
 
     input_ids: torch.Tensor

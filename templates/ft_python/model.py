@@ -148,7 +148,7 @@ class TritonPythonModel:
         self.model = ft_gpt.FTGPT.from_shards(checkpoint, device=device, dtype=dtype)
         self.defaults = ft_generate.GenerationDefaults.read(checkpoint)
         _log(f"ft_python: loaded {checkpoint} (tp={config.tensor_para_size}, "
-             f"weights {config.weight_data_type}) on {device} computing in {dtype}; generation defaults {self.defaults}")
+             f"weights {config.weight_data_type}) on {device} computing in {dtype}; {self.defaults}")
 
     def _parse(self, request):
         """One request's inputs -> its checked ft_generate.Batch (ValueError if invalid)."""

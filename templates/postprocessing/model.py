@@ -16,7 +16,8 @@ sequences so far, so OUTPUT is the text generated so far and grows token by toke
 false the text is cut before a trailing incomplete multi-byte character (decoded as U+FFFD), which a later
 response completes; the final response's text is the full decode, the same as without streaming.
 Config parameters (string_value): `end_id`, and `eos_ids` ("a,b,c": the model's eos ids, every one of which ends a
-row that sends no END_ID, as the model's generation does; absent: end_id alone). A bad request gets its own error response; the others are unaffected.
+row that sends no END_ID, as the model's generation does; absent: end_id alone). A bad request gets its own error
+response; the others are unaffected.
 """
 
 import json
