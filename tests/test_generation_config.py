@@ -175,6 +175,38 @@ def test_a_requests_end_id_replaces_the_eos_set(multi_eos, multi_eos_shards):
     assert len(served[0]) > STOP_AT[0] + 1  # ran past its own eos id
 
 
+def _hf_beams(hf, ids, width, **kwargs):
+    with torch.inference_mode():
+        return hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                           max_new_tokens=NEW_TOKENS, do_sample=False, num_beams=width, num_return_sequences=width,
+                           length_penalty=1.0, early_stopping=True, **kwargs)[:, len(ids):].tolist()
+
+
+def test_beams_end_at_any_eos_id_as_hfs_beam_search(multi_eos, tmp_path):
+    """Beam search finishes a hypothesis at any eos id of the file, as HF's does. The eos ids (besides the first)
+    are tokens of HF's own beams for two prompts, so hypotheses end at an eos id config.ini does not name."""
+    checkpoint, eos, prompts = multi_eos
+    directory, width = tmp_path / "llama", 2
+    shutil.copytree(checkpoint, directory)
+    _write_json(directory / "generation_config.json", {"eos_token_id": [eos[0]]})
+    hf = _hf(directory)
+    free = [_hf_beams(hf, ids, width, eos_token_id=None) for ids in prompts[1:]]
+    beam_eos = [eos[0], free[0][0][2], free[1][1][4]]
+    _write_json(directory / "generation_config.json", {"eos_token_id": beam_eos})
+    hf = _hf(directory)
+    shards = convert_checkpoint(directory, tmp_path / "out", ParallelLayout(1, 1))
+    _, out = _served(shards, prompts, beam_width=width, len_penalty=1.0)
+    endings = set()
+    for row, ids in enumerate(prompts):
+        for beam, tokens in enumerate(_hf_beams(hf, ids, width)):
+            ends = [step for step, token in enumerate(tokens) if token in beam_eos]
+            tokens = tokens[: ends[0] + 1] if ends else tokens
+            endings |= {tokens[-1]} & set(beam_eos)
+            length = int(out.sequence_length[row, beam])
+            assert out.output_ids[row, beam, len(ids): length].tolist() == tokens, (row, beam)
+    assert endings - {beam_eos[0]}  # some hypotheses ended at an eos id config.ini's end_id is not
+
+
 # -- sampling defaults, in process -------------------------------------------------------------------------------
 def _teacher_forced_logits(hf, prompt, generated):
     """HF's next-token logits [len(generated), V] for each generated position of prompt + generated."""
