@@ -249,7 +249,6 @@ def test_options_a_request_sets_override_the_sampling_defaults(multi_eos, sampli
 
 # -- through a real tritonserver ---------------------------------------------------------------------------------
 @pytest.mark.triton
-@pytest.mark.slow
 def test_served_ensemble_stops_at_each_eos_id_as_hf(multi_eos, tmp_path_factory):
     """Regression: the served model ran past the eos ids config.ini's end_id did not name, and postprocessing cut
     the text at end_id only. Text in -> ids and text out equal HF's generate with the file, for each eos id."""
