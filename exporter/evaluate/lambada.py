@@ -148,6 +148,9 @@ class HFGenerator:
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).float().eval()
         self.end_id = end_id
+        # The eos ids HF's generate stops at: generation_config.json's (or config.json's) own, as the served model's.
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = [end_id] if eos is None else (eos if isinstance(eos, list) else [eos])
 
     def __call__(self, batch: list[Example]) -> list[list[int]]:
         torch = self.torch
@@ -167,15 +170,16 @@ class HFGenerator:
                 do_sample=False,
                 num_beams=1,
                 pad_token_id=self.end_id,
-                eos_token_id=self.end_id,
+                eos_token_id=self.eos_ids,
             )
         generated = out[:, width:].tolist()
-        # Rows that ended at end_id are padded with it by generate; keep the end token, drop the padding.
-        return [_cut_after_end(row, self.end_id) for row in generated]
+        # Rows that ended at an eos id are padded by generate; keep the end token, drop the padding.
+        return [_cut_after_end(row, self.eos_ids) for row in generated]
 
 
-def _cut_after_end(tokens: list[int], end_id: int) -> list[int]:
-    return tokens[: tokens.index(end_id) + 1] if end_id in tokens else tokens
+def _cut_after_end(tokens: list[int], eos_ids: list[int]) -> list[int]:
+    ends = [step for step, token in enumerate(tokens) if token in eos_ids]
+    return tokens[: ends[0] + 1] if ends else tokens
 
 
 def evaluate(

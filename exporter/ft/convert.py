@@ -18,6 +18,7 @@ from templates.ft_python.ft_checkpoint import FTConfig
 from ..arch import open_architecture
 from ..arch.base import Plan
 from ..atomic import AtomicDirectory
+from ..generation import generation_settings, write_generation_settings
 from ..parallel import ParallelLayout, ShardingError
 from ..readers import nemo_archive
 from ..readers.source import SourceKind, source_kind
@@ -90,6 +91,9 @@ def convert_checkpoint(
     arch = open_architecture(checkpoint_path, layout)
     find_tokenizer(checkpoint_path)  # pre/postprocessing need it: fail now, not after writing gigabytes
     plan = arch.plan()
+    # Every eos id of the source ends generation; FT's single end_id is the first (exporter/generation.py).
+    generation = generation_settings(checkpoint_path, plan.params.end_id, plan.params.vocab_size)
+    plan.params = replace(plan.params, end_id=generation["eos_token_id"][0])
     params = plan.params
     layout = layout.with_layers(params.num_layer)
     layout.check(params.head_num, params.kv_head_num, params.inter_size)
@@ -120,6 +124,7 @@ def convert_checkpoint(
         if tokenizer_vocab < config.vocab_size:
             log.info("padded vocabulary: %d rows, the tokenizer decodes %d ids; the others are padding",
                      config.vocab_size, tokenizer_vocab)
+        write_generation_settings(generation, partial_dir)
         # config.ini last: a directory without it is never mistaken for a finished export.
         write_config(replace(config, tokenizer_vocab_size=tokenizer_vocab), partial_dir)
         verify_shards(partial_dir)

@@ -1,5 +1,8 @@
 """FasterTransformer's own Triton backend, for GPU clusters that have it: serves the FT shards directly, one
-tritonserver per node across nodes (one MPI world)."""
+tritonserver per node across nodes (one MPI world).
+
+Of the checkpoint's generation_config.json it applies config.ini's end_id only (the first eos id): FT's backend has
+no eos set and no sampling defaults, so requests must send those inputs themselves (README "The served interface")."""
 
 from __future__ import annotations
 

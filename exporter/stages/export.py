@@ -16,6 +16,8 @@ from typing import Callable, Iterator
 
 from omegaconf import DictConfig
 
+from templates.ft_python.ft_generate import GenerationDefaults
+
 from ..arch import describe_source
 from ..atomic import AtomicDirectory
 from ..builtin import BUILTIN_CHECKPOINT, resolve_checkpoint
@@ -102,8 +104,11 @@ def build_repository(repo_root: Path, checkpoint_path: Path, settings: ModelSett
 
 
 def _decoder_text_models(repository: Path, settings: ModelSettings, shard_dir: Path) -> None:
-    add_decoder_ensemble(repository, settings.name, settings.max_batch_size, read_config(shard_dir).end_id,
-                         shard_dir / "tokenizer.json", settings.max_queue_delay_microseconds, settings.decoupled)
+    end_id = read_config(shard_dir).end_id
+    eos_ids = GenerationDefaults.read(shard_dir).eos_token_ids or (end_id,)  # postprocessing cuts at any of them
+    add_decoder_ensemble(repository, settings.name, settings.max_batch_size, end_id,
+                         shard_dir / "tokenizer.json", settings.max_queue_delay_microseconds, settings.decoupled,
+                         eos_ids=eos_ids)
 
 
 # The pre/postprocessing and ensemble that surround each kind of model.

@@ -148,10 +148,13 @@ def preprocessing_config(max_batch_size: int, end_id: int,
                          {"end_id": end_id}, max_queue_delay_microseconds)
 
 
-def postprocessing_config(max_batch_size: int, end_id: int,
-                          max_queue_delay_microseconds: int | None = None) -> pb.ModelConfig:
+def postprocessing_config(max_batch_size: int, end_id: int, max_queue_delay_microseconds: int | None = None,
+                          eos_ids: tuple[int, ...] = ()) -> pb.ModelConfig:
+    """eos_ids: the model's eos set, parameter `eos_ids` ("a,b,c"): text is cut before the first of them (end_id
+    alone when empty, or when a request sends END_ID)."""
+    parameters = {"end_id": end_id, **({"eos_ids": ",".join(str(i) for i in eos_ids)} if eos_ids else {})}
     return _python_model("postprocessing", max_batch_size, POSTPROCESSING_INPUTS, POSTPROCESSING_OUTPUTS,
-                         {"end_id": end_id}, max_queue_delay_microseconds)
+                         parameters, max_queue_delay_microseconds)
 
 
 def ensemble_config(model_name: str, max_batch_size: int, decoupled: bool = False) -> pb.ModelConfig:

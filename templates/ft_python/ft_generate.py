@@ -2,8 +2,9 @@
 
 Copied into generated Triton model repositories next to ft_gpt.py and ft_interface.py (the
 request interface's table: defaults and bounds of the options); needs only torch and numpy.
-Use: batch = check_inputs(model, ids, lengths, max_new_tokens, SamplingParams(...)), then
-generate(model, batch). It drives a decoder through this interface only (see ft_gpt.FTGPT):
+Use: batch = check_inputs(model, ids, lengths, max_new_tokens, SamplingParams(...), defaults), then
+generate(model, batch); defaults = GenerationDefaults.read(shard_dir), the model's generation_config.json.
+It drives a decoder through this interface only (see ft_gpt.FTGPT):
 
   model.new_cache(batch, slots) -> cache         model.reorder_cache(cache, rows) -> cache
   model.hidden_states(ids, pos, cache, start, mask) -> [B, S, h]
@@ -18,6 +19,8 @@ Row b owns W_b consecutive decoder slots (1 for greedy / sampling, beam_width fo
 search); every per-row option is expanded to the row's slots, so rows never see each other.
 """
 
+import json
+import os
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -62,20 +65,72 @@ class SamplingParams:
     top_p_reset_ids: object = None
 
 
+GENERATION_CONFIG = "generation_config.json"  # beside the shards: the exporter's normalised copy of the source's
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """The model's own generation settings (HF generation_config.json), applied to rows that leave an option unset.
+
+    eos_token_ids: every id that ends a row (HF stops a row at any of them); () = config.ini's end_id only. A request
+      that sends end_id replaces the whole set for its rows, as HF's generate(eos_token_id=...) does.
+    repetition_penalty: HF applies it whether or not it samples, so it is the default of every row.
+    do_sample True: top_k (HF's default 50), top_p (default 1.0, no nucleus) and temperature (default 1.0) are the
+      defaults of a row that leaves them unset. do_sample False (HF's default): those rows keep the interface's
+      greedy defaults (top_k 0, top_p 0, temperature 1), as HF ignores its sampling settings when greedy.
+    max_new_tokens: recorded only; FT's interface requires request_output_len, so every request sets it.
+    """
+
+    eos_token_ids: tuple = ()
+    do_sample: bool = False
+    top_k: int | None = None
+    top_p: float | None = None
+    temperature: float | None = None
+    repetition_penalty: float | None = None
+    max_new_tokens: int | None = None
+
+    @classmethod
+    def read(cls, shard_dir):
+        """From `<shard_dir>/generation_config.json` (HF keys); no file: no defaults beyond config.ini's end_id."""
+        path = os.path.join(os.fspath(shard_dir), GENERATION_CONFIG)
+        if not os.path.isfile(path):
+            return cls()
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle)
+        eos = values.get("eos_token_id")
+        eos = () if eos is None else tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]))
+        return cls(eos_token_ids=eos, **{field.name: values.get(field.name) for field in fields(cls)
+                                         if field.name != "eos_token_ids" and values.get(field.name) is not None})
+
+    def option_defaults(self):
+        """SamplingParams field -> default value for rows that leave it unset (fields absent: the table's)."""
+        options = {}
+        if self.repetition_penalty is not None:
+            options["repetition_penalty"] = float(self.repetition_penalty)
+        if self.do_sample:
+            # HF's defaults when generation_config.json does not say (GenerationConfig._get_default_generation_params).
+            options["top_k"] = 50 if self.top_k is None else int(self.top_k)
+            options["top_p"] = 1.0 if self.top_p is None else float(self.top_p)
+            options["temperature"] = 1.0 if self.temperature is None else float(self.temperature)
+        return options
+
+
 @dataclass
 class Batch:
     """Checked per-row CPU values of one or more requests (check_inputs' result, generate()'s input).
 
     input_ids [B, L] int64; input_lengths, max_new_tokens, end_id, top_k, beam_width, top_p_reset_ids, start_id
-    int64 [B]; top_p, temperature, repetition_penalty, len_penalty, beam_search_diversity_rate, top_p_decay,
-    top_p_min float32 [B]; is_return_log_probs bool [B]; random_seed a list of B python ints; bad_words_list,
-    stop_words_list lists of B tuples of words (a word = tuple of token ids).
+    int64 [B]; end_ids int64 [B, E]: every id that ends row b (end_id first, -1 padding); top_p, temperature,
+    repetition_penalty, len_penalty, beam_search_diversity_rate, top_p_decay, top_p_min float32 [B];
+    is_return_log_probs bool [B]; random_seed a list of B python ints; bad_words_list, stop_words_list lists of B
+    tuples of words (a word = tuple of token ids).
     """
 
     input_ids: torch.Tensor
     input_lengths: torch.Tensor
     max_new_tokens: torch.Tensor
     end_id: torch.Tensor
+    end_ids: torch.Tensor
     top_k: torch.Tensor
     top_p: torch.Tensor
     temperature: torch.Tensor
@@ -101,6 +156,10 @@ class Batch:
             values = [getattr(batch, field.name) for batch in batches]
             if field.name == "input_ids":
                 merged[field.name] = torch.cat([torch.nn.functional.pad(v[:, :width], (0, max(0, width - v.shape[1])))
+                                                for v in values])
+            elif field.name == "end_ids":  # [B, E] padded with -1 (never generated) to the widest set
+                ends = max(v.shape[1] for v in values)
+                merged[field.name] = torch.cat([torch.nn.functional.pad(v, (0, ends - v.shape[1]), value=-1)
                                                 for v in values])
             elif torch.is_tensor(values[0]):
                 merged[field.name] = torch.cat(values)
@@ -155,7 +214,9 @@ def generate(model, batch, stream=None):
     scalar (all rows) or B values.
 
     input_ids [B, Lmax] (right-padded), input_lengths [B], max_new_tokens [B] (>= 1).
-    end_id (default config.ini end_id): a row/beam stops after generating it (it counts).
+    end_id (default config.ini end_id): a row/beam stops after generating it (it counts); a row that leaves it
+      unset stops at any of the model's eos ids (Batch.end_ids: GenerationDefaults.eos_token_ids, as HF's generate
+      stops at any id of generation_config.json's eos_token_id); outputs are padded with end_id.
     start_id: accepted and checked (in [0, V)), unused (GPT prompts carry their own start).
 
     Per-token processing, in this order, on fp32 logits [V]:
@@ -299,6 +360,7 @@ class _Decoding:
         self.single_rows = single
         self.single_slots = base[single].to(dev)
         self.single_end = self.end[single].to(dev)
+        self.single_ends = batch.end_ids[single].to(dev)                  # [S, E], -1 = none
         self.single_new = new[single].to(dev)
         self.count = torch.zeros(single.numel(), dtype=torch.long, device=dev)
         self.done = torch.zeros(single.numel(), dtype=torch.bool, device=dev)
@@ -332,7 +394,7 @@ class _Decoding:
         self.beam_ok = (lane[None, :] < width[beam][:, None]).to(dev)        # [Rb, Wm]
         self.beam_slots = (base[beam][:, None]
                            + torch.minimum(lane[None, :], width[beam][:, None] - 1)).to(dev)
-        self.beam_end = self.end[beam].to(dev)
+        self.beam_ends = batch.end_ids[beam].to(dev)                       # [Rb, E], -1 = none
         self.beam_new = new[beam].to(dev)
         self.len_penalty = batch.len_penalty[beam].to(dev)
         self.diversity = batch.beam_search_diversity_rate[beam].to(dev)
@@ -398,7 +460,7 @@ class _Decoding:
                 # Rows without a nucleus (top_p 0: top-k only) keep it off.
                 self.top_p = torch.where(self.top_p_initial > 0, decayed, self.top_p)
         logprob = logprobs[slots].gather(1, token[:, None])[:, 0]
-        stop = token == self.single_end
+        stop = (token[:, None] == self.single_ends).any(-1)
         if self.stop is not None:
             stop |= self._stops(slots, token, step)
         active = ~self.done
@@ -426,7 +488,7 @@ class _Decoding:
         lp = lp.reshape(rows, -1).gather(1, flat)
         real = rank[None, :] < 2 * width[:, None]                          # [Rb, C]
         last = step + 1 >= self.beam_new                                  # [Rb]
-        finished = (token == self.beam_end[:, None]) | last[:, None]
+        finished = (token[..., None] == self.beam_ends[:, None, :]).any(-1) | last[:, None]
         if self.stop is not None:
             finished |= self._stops(parent.reshape(-1), token.reshape(-1), step).view(rows, -1)
         # Finished candidates among the first W become hypotheses (rows still open only).
@@ -614,11 +676,13 @@ def _check_words(words, vocab, where):
             raise ValueError(f"{where}: token ids {outside[:5]} outside [0, {vocab})")
 
 
-def check_inputs(model, input_ids, input_lengths, max_new_tokens, params=None, max_beam_width=MAX_BEAM_WIDTH):
+def check_inputs(model, input_ids, input_lengths, max_new_tokens, params=None, max_beam_width=MAX_BEAM_WIDTH,
+                 defaults=None):
     """One request (prompts + SamplingParams) -> a Batch of per-row CPU values; ValueError naming the bad input.
 
     input_ids [B, L] right-padded, input_lengths [B], max_new_tokens [B] (each a sequence, array or tensor);
-    params None = every option's default. Defaults and simple bounds come from ft_interface's table.
+    params None = every option's default. Defaults and simple bounds come from ft_interface's table, overridden by
+    the model's GenerationDefaults (`defaults`, None = none) for the options it sets and the eos ids.
     Checks: beam_width in [1, max_beam_width], top_p in [0, 1], top_p_decay in (0, 1],
     top_p_min in (0, 1], temperature / repetition_penalty > 0, word lists shaped
     [B|1, 2, L] with increasing offsets and ids inside the vocabulary, lengths in range.
@@ -637,13 +701,21 @@ def check_inputs(model, input_ids, input_lengths, max_new_tokens, params=None, m
     vocab = model.vocab_size
     lengths = _per_row(input_lengths, bsz, 0, torch.long, "input_lengths")
     new = _per_row(max_new_tokens, bsz, 0, torch.long, "max_new_tokens")
+    defaults = GenerationDefaults() if defaults is None else defaults
+    model_defaults = defaults.option_defaults()
     rows = {}  # field -> [B] tensor, for every per-row scalar option but random_seed
     for spec in ft_interface.SAMPLING_INPUTS:
         if spec.scalar and spec.field != "random_seed":
             default = model.end_id if spec.default is None else spec.default  # start_id, end_id: config.ini's
-            rows[spec.field] = _per_row(getattr(params, spec.field), bsz, default,
+            rows[spec.field] = _per_row(getattr(params, spec.field), bsz, model_defaults.get(spec.field, default),
                                         _TORCH_DTYPES[spec.triton_dtype], spec.field)
     end, start, width, reset = rows["end_id"], rows["start_id"], rows["beam_width"], rows["top_p_reset_ids"]
+    # [B, E]: the ids that end each row: the request's end_id alone, else config.ini's end_id and the model's eos ids.
+    eos = [model.end_id] + [i for i in defaults.eos_token_ids if i != model.end_id]
+    if params.end_id is None:
+        end_ids = torch.tensor([eos] * bsz, dtype=torch.long)
+    else:
+        end_ids = torch.nn.functional.pad(end[:, None], (0, len(eos) - 1), value=-1)
     seeds = [ft_interface.BY_FIELD["random_seed"].default] * bsz
     random_seed = params.random_seed
     if random_seed is not None:
@@ -692,7 +764,8 @@ def check_inputs(model, input_ids, input_lengths, max_new_tokens, params=None, m
             problems.append(str(exc))
     if problems:
         raise ValueError("; ".join(problems))
-    return Batch(input_ids=ids, input_lengths=lengths, max_new_tokens=new, random_seed=seeds, **rows, **words)
+    return Batch(input_ids=ids, input_lengths=lengths, max_new_tokens=new, end_ids=end_ids, random_seed=seeds, **rows,
+                 **words)
 
 
 def _outside_bounds(rows, names):

@@ -9,6 +9,8 @@ is_return_log_probs, beam_width, beam_search_diversity_rate, start_id, end_id, t
 top_p_reset_ids and the word lists bad_words_list / stop_words_list [B, 2, W]; outputs output_ids
 [B, beam, T], sequence_length [B, beam], cum_log_probs [B, beam], output_log_probs [B, beam, steps],
 beam = the request's largest beam_width. Decoding semantics: ft_generate.generate.
+The model's generation_config.json beside the shards (ft_generate.GenerationDefaults): its eos ids end every row
+that sends no end_id, and its sampling defaults apply to the options a request leaves unset.
 
 Dynamic batching: the valid requests of one execute() form one generation batch (each keeps its own
 options per row; ft_generate guarantees rows never influence each other). Requests arrive with their own
@@ -144,8 +146,9 @@ class TritonPythonModel:
         self.decoupled = bool(self.model_config.get("model_transaction_policy", {}).get("decoupled", False))
 
         self.model = ft_gpt.FTGPT.from_shards(checkpoint, device=device, dtype=dtype)
+        self.defaults = ft_generate.GenerationDefaults.read(checkpoint)
         _log(f"ft_python: loaded {checkpoint} (tp={config.tensor_para_size}, "
-             f"weights {config.weight_data_type}) on {device} computing in {dtype}")
+             f"weights {config.weight_data_type}) on {device} computing in {dtype}; {self.defaults}")
 
     def _parse(self, request):
         """One request's inputs -> its checked ft_generate.Batch (ValueError if invalid)."""
@@ -179,7 +182,7 @@ class TritonPythonModel:
         return ft_generate.check_inputs(
             self.model, ids.astype(np.int64), lengths.astype(np.int64),
             _rows(output_len, batch, "request_output_len", take_first=True).astype(np.int64),
-            params, max_beam_width=self.max_beam_width)
+            params, max_beam_width=self.max_beam_width, defaults=self.defaults)
 
     def execute(self, requests):
         """All valid requests form one generation batch; each gets its own response(s), in order."""

@@ -7,15 +7,17 @@ inputs : TOKENS_BATCH    UINT32 [B, beam, T]  prompt + generated ids, end_id aft
          SEQUENCE_LENGTH UINT32 [B, beam]     prompt + generated length (an emitted end_id counts)
          INPUT_LENGTHS   UINT32 [B, 1]        prompt length
          IS_FINAL        BOOL   [B, 1]        optional (streaming): false while the row is still generating
-         END_ID          UINT32 [B, 1]        optional per-row end id (default: the end_id parameter)
+         END_ID          UINT32 [B, 1]        optional per-row end id (default: any id of the eos_ids parameter)
 output : OUTPUT          BYTES  [B, beam]     utf-8 text of tokens[input_length : sequence_length] only,
-                                              cut before the first end_id (the end token is not text)
+                                              cut before the first end id (the end token is not text)
 
 Streaming (decoupled model upstream): this model runs once per streamed model response, each carrying the
 sequences so far, so OUTPUT is the text generated so far and grows token by token. Stateless: while IS_FINAL is
 false the text is cut before a trailing incomplete multi-byte character (decoded as U+FFFD), which a later
 response completes; the final response's text is the full decode, the same as without streaming.
-Config parameter `end_id` (string_value). A bad request gets its own error response; the others are unaffected.
+Config parameters (string_value): `end_id`, and `eos_ids` ("a,b,c": the model's eos ids, every one of which ends a
+row that sends no END_ID, as the model's generation does; absent: end_id alone). A bad request gets its own error
+response; the others are unaffected.
 """
 
 import json
@@ -27,15 +29,15 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # tokenizer_model.py is copied next to this file.
-from tokenizer_model import RequestError, load_tokenizer_and_end_id, respond_each  # noqa: E402
+from tokenizer_model import RequestError, config_parameter, load_tokenizer_and_end_id, respond_each  # noqa: E402
 
 
 def generated_slices(tokens, seq_len, in_len, end_id, vocab_size):
-    """Per (b, beam): the generated ids tokens[b, k, in_len[b] : seq_len[b, k]] up to the first end_id.
+    """Per (b, beam): the generated ids tokens[b, k, in_len[b] : seq_len[b, k]] up to the first end id.
 
-    tokens [B, beam, T], seq_len [B, beam], in_len [B], end_id: int or per-row [B]; ids >= vocab_size (the
-    tokenizer's) are left out -> (nested list [B][beam] of python int lists, nested list [B][beam] of bools: an
-    end_id was cut).
+    tokens [B, beam, T], seq_len [B, beam], in_len [B], end_id: int, per-row [B], or a tuple of ids ending every
+    row; ids >= vocab_size (the tokenizer's) are left out -> (nested list [B][beam] of python int lists, nested list
+    [B][beam] of bools: an end id was cut).
     """
     if tokens.ndim == 2:  # [B, T] from a caller without a beam dimension
         tokens = tokens[:, None, :]
@@ -50,7 +52,10 @@ def generated_slices(tokens, seq_len, in_len, end_id, vocab_size):
         raise RequestError(f"SEQUENCE_LENGTH must be [{batch}, {beam}], got {list(seq_len.shape)}")
     if in_len.shape != (batch,):
         raise RequestError(f"INPUT_LENGTHS must be [{batch}, 1], got {list(in_len.shape)}")
-    end_ids = np.broadcast_to(np.asarray(end_id, dtype=np.int64).reshape(-1), (batch,))
+    if isinstance(end_id, tuple):  # the model's eos set: any of them ends every row
+        end_ids = [np.asarray(end_id, dtype=np.int64)] * batch
+    else:
+        end_ids = np.broadcast_to(np.asarray(end_id, dtype=np.int64).reshape(-1), (batch,))
     out, ended = [], []
     for b in range(batch):
         start = int(in_len[b])
@@ -62,7 +67,7 @@ def generated_slices(tokens, seq_len, in_len, end_id, vocab_size):
                     f"row {b} beam {k}: need 0 <= input_length ({start}) <= sequence_length ({stop}) <= T ({t_max})"
                 )
             ids = tokens[b, k, start:stop].astype(np.int64)
-            ends = np.nonzero(ids == end_ids[b])[0]
+            ends = np.nonzero(np.isin(ids, end_ids[b]))[0]
             if ends.size:
                 ids = ids[: ends[0]]
             # An id the tokenizer cannot decode (a padded vocabulary row, from a runtime that does not mask them)
@@ -82,6 +87,8 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.tokenizer, self.end_id = load_tokenizer_and_end_id(config)
+        eos = config_parameter(config, "eos_ids")
+        self.eos_ids = tuple(int(i) for i in eos.split(",")) if eos else (self.end_id,)
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def _input(self, request, name):
@@ -101,7 +108,7 @@ class TritonPythonModel:
             tokens,
             self._input(request, "SEQUENCE_LENGTH"),
             self._input(request, "INPUT_LENGTHS"),
-            self.end_id if end_id is None else end_id,
+            self.eos_ids if end_id is None else end_id,
             self.vocab_size,
         )
         batch, beam = len(slices), len(slices[0])
