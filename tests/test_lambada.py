@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import read_json
-from exporter.evaluate.lambada import AccuracyMismatch, evaluate, read_texts
+from exporter.evaluate.lambada import AccuracyMismatch, Encoder, evaluate, read_texts
 from test_config import composed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,17 +70,17 @@ def test_lambada_through_server_matches_hf(tmp_path, tiny_gpt2, hf_model):
 def test_parity_failure_fails_the_stage(tmp_path):
     """Served and reference accuracy differing by more than the tolerance raises, after writing the results."""
     texts = ["one two three", "four five six", "seven eight nine", "ten eleven twelve"]
-    encode = lambda text: [len(word) for word in text.split()]  # noqa: E731  a toy tokenizer: word lengths
+    encoder = Encoder(lambda text, special: [len(word) for word in text.split()])  # a toy tokenizer: word lengths
     always_right = lambda batch: [example.label for example in batch]  # noqa: E731
     always_wrong = lambda batch: [[0] * len(example.label) for example in batch]  # noqa: E731
     output = tmp_path / "eval_output.json"
     with pytest.raises(AccuracyMismatch, match="last_word"):
-        evaluate(texts=texts, encode=encode, served=always_wrong, reference=always_right, metrics=["last_word"],
+        evaluate(texts=texts, encoder=encoder, served=always_wrong, reference=always_right, metrics=["last_word"],
                  batch_size=2, max_seq_len=16, tolerance=0.25, output_path=output)
     written = json.loads(output.read_text())
     assert written["passed"] is False
     assert written["metrics"]["last_word"]["difference"] == -1.0
-    ok = evaluate(texts=texts, encode=encode, served=always_right, reference=always_right, metrics=["last_word"],
+    ok = evaluate(texts=texts, encoder=encoder, served=always_right, reference=always_right, metrics=["last_word"],
                   batch_size=3, max_seq_len=16, tolerance=0.0, output_path=output)
     assert ok["passed"] is True and ok["metrics"]["last_word"]["served"]["correct"] == 4
 
