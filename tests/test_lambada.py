@@ -85,6 +85,54 @@ def test_parity_failure_fails_the_stage(tmp_path):
     assert ok["passed"] is True and ok["metrics"]["last_word"]["served"]["correct"] == 4
 
 
+def test_without_a_reference_parity_is_not_checked(tmp_path):
+    """Bug pinned: with no reference (accuracy.reference=none, a NeMo source) the run printed "parity: passed" and
+    wrote passed: true with nothing compared. Now parity is "not checked", passed is null, and the note says why."""
+    from exporter.stages.export import summary
+
+    texts = ["one two three", "four five six"]
+    encoder = Encoder(lambda text, special: [len(word) for word in text.split()])
+    output = tmp_path / "eval_output.json"
+    results = evaluate(texts=texts, encoder=encoder, served=lambda batch: [[0] for _ in batch], reference=None,
+                       metrics=["last_word"], batch_size=2, max_seq_len=16, tolerance=0.0, output_path=output,
+                       no_reference_reason="accuracy.reference=none")
+    written = json.loads(output.read_text())
+    assert written == results
+    assert (written["parity"], written["passed"], written["parity_note"]) == ("not checked", None,
+                                                                              "accuracy.reference=none")
+    assert "reference" not in written["metrics"]["last_word"]
+    text = summary(written, output)
+    assert "parity: not checked (no reference: accuracy.reference=none)" in text and "passed" not in text
+    checked = evaluate(texts=texts, encoder=encoder, served=lambda batch: [[0] for _ in batch],
+                       reference=lambda batch: [[0] for _ in batch], metrics=["last_word"], batch_size=2,
+                       max_seq_len=16, tolerance=0.0, output_path=output)
+    assert (checked["parity"], checked["passed"]) == ("passed", True) and "parity_note" not in checked
+    assert "parity: passed" in summary(checked, output)
+
+
+@pytest.mark.parametrize("source", ["nemo", "reference_none"])
+def test_reference_is_none_with_a_reason(source, tmp_path, tiny_gpt2):
+    """The accuracy stage's reference choice: a NeMo source (transformers cannot load it) and
+    accuracy.reference=none have none, and say why; an HF source with reference=hf has HF transformers."""
+    from exporter.config import validate
+    from exporter.stages.export import _reference, export_paths
+
+    overrides = [f"base_results_dir={tmp_path}"]
+    if source == "nemo":
+        nemo = tmp_path / "model.nemo"
+        nemo.write_bytes(b"not read: the suffix names the kind")
+        overrides.append(f"export.model.checkpoint_path={nemo}")
+    else:
+        overrides += [f"export.model.checkpoint_path={tiny_gpt2}", "export.accuracy.reference=none"]
+    cfg = validate(composed(*overrides))
+    reference, reason = _reference(cfg, export_paths(cfg), end_id=50256)
+    assert reference is None
+    assert ("NeMo checkpoint" in reason) if source == "nemo" else reason == "accuracy.reference=none"
+    cfg = validate(composed(f"base_results_dir={tmp_path}", f"export.model.checkpoint_path={tiny_gpt2}"))
+    reference, reason = _reference(cfg, export_paths(cfg), end_id=50256)
+    assert reference is not None and reason == ""
+
+
 @pytest.mark.triton
 def test_default_run_end_to_end(tmp_path):
     """README command 1 (`python main.py`), on a subset so the test stays short."""
