@@ -125,12 +125,33 @@ def test_reference_is_none_with_a_reason(source, tmp_path, tiny_gpt2):
     else:
         overrides += [f"export.model.checkpoint_path={tiny_gpt2}", "export.accuracy.reference=none"]
     cfg = validate(composed(*overrides))
-    reference, reason = _reference(cfg, export_paths(cfg), end_id=50256)
-    assert reference is None
+    reference, encoder, reason = _reference(cfg, export_paths(cfg), end_id=50256)
+    assert reference is None and encoder is None
     assert ("NeMo checkpoint" in reason) if source == "nemo" else reason == "accuracy.reference=none"
     cfg = validate(composed(f"base_results_dir={tmp_path}", f"export.model.checkpoint_path={tiny_gpt2}"))
-    reference, reason = _reference(cfg, export_paths(cfg), end_id=50256)
+    reference, encoder, reason = _reference(cfg, export_paths(cfg), end_id=50256)
     assert reference is not None and reason == ""
+    assert encoder.context("Hello world") == ([], [15496, 995])  # HF's GPT2Tokenizer: no special tokens
+
+
+def test_reference_tokenizer_disagreeing_fails_parity(tmp_path):
+    """The reference scores its own tokenizer's ids; an example the served tokenizer encodes differently fails
+    parity even when the accuracies agree."""
+    texts = ["one two three", "four five six"]
+    served = Encoder(lambda text, special: [len(word) for word in text.split()])
+    reference = Encoder(lambda text, special: [9] * special + [len(word) for word in text.split()])  # adds a bos
+    always_right = lambda batch: [example.label for example in batch]  # noqa: E731
+    output = tmp_path / "eval_output.json"
+    with pytest.raises(AccuracyMismatch, match="ids differ from the reference tokenizer's on 2 of 2"):
+        evaluate(texts=texts, encoder=served, served=always_right, reference=always_right, metrics=["last_word"],
+                 batch_size=2, max_seq_len=16, tolerance=0.0, output_path=output, reference_encoder=reference)
+    written = json.loads(output.read_text())
+    assert (written["parity"], written["passed"]) == ("failed", False)
+    assert written["metrics"]["last_word"]["same_ids_as_reference"] == 0.0
+    assert written["metrics"]["last_word"]["difference"] == 0.0
+    ok = evaluate(texts=texts, encoder=served, served=always_right, reference=always_right, metrics=["last_word"],
+                  batch_size=2, max_seq_len=16, tolerance=0.0, output_path=output, reference_encoder=served)
+    assert ok["passed"] is True and ok["metrics"]["last_word"]["same_ids_as_reference"] == 1.0
 
 
 @pytest.mark.triton

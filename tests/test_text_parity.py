@@ -67,7 +67,8 @@ def hf_text(checkpoint: Path, prompt: str, new_tokens: int) -> tuple[list[int], 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda case: case.name)
 def served_case(request, tmp_path_factory):
-    """(case, checkpoint, server URL): the case's checkpoint exported by the pipeline and served by tritonserver."""
+    """(case, checkpoint, model directory, server URL): the case's checkpoint exported by the pipeline and served by
+    tritonserver."""
     pytest.importorskip("tritonclient.http")
     from exporter.parallel import ParallelLayout
     from exporter.runtimes import ModelSettings
@@ -85,16 +86,17 @@ def served_case(request, tmp_path_factory):
                              data_type="fp32", device="cpu")
     repo = build_repository(root / "model_repo", checkpoint, settings, "fp32")
     with TritonServer(repo, root / "tritonserver.log", install=install, startup_timeout_s=240) as server:
-        yield case, checkpoint, server.http_url
+        yield case, checkpoint, repo / case.name, server.http_url
 
 
 @pytest.mark.triton
+@pytest.mark.slow  # with the server's start, shared by the tests of a case: about a minute on 2 cores
 def test_ensemble_text_equals_hf_generate(served_case):
     """Bug pinned: the ensemble encoded prompts without the tokenizer's default special tokens (Llama's <s>, OPT's
     </s> first), so served text differed from HF's `generate(**tok(prompt))`."""
     from test_e2e import infer_ensemble
 
-    case, checkpoint, url = served_case
+    case, checkpoint, _, url = served_case
     served = infer_ensemble(url, list(case.prompts), NEW_TOKENS)
     for row, prompt in enumerate(case.prompts):
         prompt_ids, new, text = hf_text(checkpoint, prompt, NEW_TOKENS)
@@ -102,6 +104,29 @@ def test_ensemble_text_equals_hf_generate(served_case):
         assert served["output_ids"][row, 0, : len(prompt_ids)].tolist() == prompt_ids, prompt
         assert served["output_ids"][row, 0, len(prompt_ids) : seq_len].tolist() == new, prompt
         assert served["OUTPUT_0"][row, 0].decode() == text, prompt
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_lambada_ids_and_predictions_equal_hf(served_case, tmp_path):
+    """The accuracy stage on the case's server: the served tokenizer's ids equal HF's own tokenizer's on every
+    example (contexts start with <s> / </s> as `tok(context)` does) and served predictions equal HF's."""
+    from test_config import composed
+
+    from exporter.config import validate
+    from exporter.stages.export import accuracy
+
+    case, checkpoint, model_dir, url = served_case
+    cfg = validate(composed(
+        f"base_results_dir={tmp_path}", f"export.model.checkpoint_path={checkpoint}",
+        f"export.triton_deployment.triton_model_dir={model_dir}", "export.triton_deployment.max_batch_size=4",
+        "export.accuracy.limit=12", "export.accuracy.batch_size=4", f"export.accuracy.output_path={tmp_path}/eval.json",
+    ))
+    results = accuracy(cfg, server_url=f"http://{url}")
+    assert (results["parity"], results["passed"], results["reference_ids"]) == ("passed", True, "its own tokenizer's")
+    for metric, entry in results["metrics"].items():
+        assert entry["same_ids_as_reference"] == 1.0, metric
+        assert entry["prediction_agreement"] == 1.0, metric
 
 
 # ------------------------------------------------------------------------- no server: the text models in process

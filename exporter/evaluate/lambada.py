@@ -11,7 +11,8 @@ default (Llama's <s>, OPT's </s>), as preprocessing sends them; the label has no
 (keeping those leading special tokens) so context + label fits `max_seq_len`.
 
 Parity: with a reference, `passed` says whether every metric's |served - reference| accuracy is within the
-tolerance; without one (a NeMo source, accuracy.reference=none, no transformers) nothing is compared: `parity` is
+tolerance and, when the reference has its own tokenizer (HF's AutoTokenizer), whether the served tokenizer gave the
+very same ids on every example (`same_ids_as_reference`); without one (a NeMo source, accuracy.reference=none, no transformers) nothing is compared: `parity` is
 "not checked", `passed` is null and `parity_note` says why.
 """
 
@@ -223,9 +224,12 @@ def evaluate(
     output_path: Path,
     info: dict | None = None,
     no_reference_reason: str = "no reference given",
+    reference_encoder: Encoder | None = None,
 ) -> dict:
     """Score every metric on the served model (and the reference when given); write and return the results.
 
+    `reference_encoder`: the reference's own tokenizer; the reference then scores its own ids, and any example whose
+    ids differ from the served tokenizer's fails parity. Without it the reference scores the served ids.
     Without a reference, parity is recorded as not checked, with `no_reference_reason`."""
     results: dict = {"examples": len(texts), "batch_size": batch_size, "tolerance": tolerance, **(info or {})}
     results["metrics"] = {}
@@ -244,8 +248,16 @@ def evaluate(
         log.info("%s: served accuracy %.4f (%d/%d) in %.1fs", metric, served_score.accuracy, served_score.correct,
                  served_score.total, served_seconds)
         if reference is not None:
+            reference_examples = examples
+            if reference_encoder is not None:
+                reference_examples = build_examples(texts, reference_encoder, metric, max_seq_len)
+                differ = [index for index, (a, b) in enumerate(zip(examples, reference_examples)) if a != b]
+                entry["same_ids_as_reference"] = 1 - len(differ) / len(examples)
+                if differ:
+                    failures.append(f"{metric}: the served tokenizer's ids differ from the reference tokenizer's on "
+                                    f"{len(differ)} of {len(examples)} examples (first: example {differ[0]})")
             started = time.monotonic()
-            reference_score = score(examples, reference, batch_size, f"{metric} reference")
+            reference_score = score(reference_examples, reference, batch_size, f"{metric} reference")
             difference = served_score.accuracy - reference_score.accuracy
             agreement = sum(
                 a == b for a, b in zip(served_score.predictions, reference_score.predictions)
@@ -265,7 +277,8 @@ def evaluate(
     if reference is None:
         results.update(parity="not checked", passed=None, parity_note=no_reference_reason)
     else:
-        results.update(parity="failed" if failures else "passed", passed=not failures)
+        results.update(parity="failed" if failures else "passed", passed=not failures,
+                       reference_ids="its own tokenizer's" if reference_encoder else "the served tokenizer's")
     write_text_atomic(Path(output_path), json.dumps(results, indent=2))
     if failures:
         raise AccuracyMismatch("; ".join(failures) + f" (details in {output_path})")

@@ -156,7 +156,7 @@ def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
     encoder = lambada.Encoder(lambda text, special: tokenizer.encode(text, add_special_tokens=special).ids)
     texts = lambada.read_texts(Path(acc.test_data), acc.limit)
 
-    reference, no_reference_reason = _reference(cfg, paths, end_id)
+    reference, reference_encoder, no_reference_reason = _reference(cfg, paths, end_id)
     if reference is None:
         log.warning("parity will not be checked: %s", no_reference_reason)
 
@@ -167,6 +167,7 @@ def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
             served=lambada.TritonGenerator(url, paths.model_name, end_id),
             reference=reference,
             no_reference_reason=no_reference_reason,
+            reference_encoder=reference_encoder,
             metrics=[metric.value for metric in acc.metrics],
             batch_size=batch_size,
             max_seq_len=max_seq_len,
@@ -179,22 +180,33 @@ def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
 
 
 def _reference(cfg: DictConfig, paths: ExportPaths, end_id: int):
-    """(the source checkpoint's greedy generator with HF transformers, '') or (None, why there is none)."""
+    """(greedy generator, encoder, '') for the source checkpoint with HF transformers: its model and its own
+    tokenizer loaded as `tok = AutoTokenizer.from_pretrained(checkpoint)` (with export.tokenizer's overrides), encoding
+    with `tok(text)`; or (None, None, why there is no reference)."""
     from ..evaluate import lambada
 
     if cfg.export.accuracy.reference != Reference.hf:
-        return None, "accuracy.reference=none"
+        return None, None, "accuracy.reference=none"
     checkpoint = resolve_checkpoint(cfg.export.model.checkpoint_path, paths.checkpoint_cache)
     if source_kind(checkpoint) is SourceKind.NEMO:
         # No independent NeMo forward pass here (nemo_toolkit is optional): the exported shards are checked against
         # NeMo's own outputs by the tests; this run reports the served accuracy alone.
-        return None, (f"{checkpoint} is a NeMo checkpoint, which transformers cannot load "
-                      "(set accuracy.reference=none to say so)")
+        return None, None, (f"{checkpoint} is a NeMo checkpoint, which transformers cannot load "
+                            "(set accuracy.reference=none to say so)")
     try:
-        import transformers  # noqa: F401
+        from transformers import AutoTokenizer
     except ImportError:
-        return None, "transformers is not installed"
-    return lambada.HFGenerator(checkpoint, end_id), ""
+        return None, None, "transformers is not installed"
+    overrides = {key: value for key, value in cfg.export.tokenizer.items()
+                 if key in ("add_bos_token", "add_eos_token") and value is not None}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), **overrides)
+    except (OSError, ValueError) as error:  # the model loads, its tokenizer not: the reference scores the served ids
+        log.warning("HF transformers cannot load %s's tokenizer (%s): the reference scores the served tokenizer's "
+                    "ids", checkpoint, str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return lambada.HFGenerator(checkpoint, end_id), None, ""
+    encoder = lambada.Encoder(lambda text, special: tokenizer(text, add_special_tokens=special).input_ids)
+    return lambada.HFGenerator(checkpoint, end_id), encoder, ""
 
 
 @contextlib.contextmanager
