@@ -17,6 +17,7 @@ rebuilt from the flags whatever the files say.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,3 +192,16 @@ def decodable_vocab_size(tokenizer_json: Path) -> int:
     if not vocab:
         raise TokenizerError(f"{tokenizer_json} has an empty vocabulary")
     return max(vocab.values()) + 1
+
+
+def save_served_tokenizer(tokenizer: Tokenizer, source_dir: Path, destination: Path) -> None:
+    """Write the served tokenizer.json: the checkpoint's own file byte for byte when its post-processor already adds
+    what `tokenizer`'s does, else `tokenizer` serialised (pre/postprocessing and LAMBADA read it as it is)."""
+    source = Path(source_dir) / "tokenizer.json"
+    if source.is_file():
+        own = json.loads(source.read_text(encoding="utf-8")).get("post_processor")
+        if own == json.loads(tokenizer.to_str()).get("post_processor"):
+            if source.resolve() != Path(destination).resolve():
+                shutil.copyfile(source, destination)
+            return
+    tokenizer.save(str(destination))

@@ -278,3 +278,20 @@ def test_render_passes_skip_special_tokens_to_postprocessing():
     assert render.postprocessing_config(4, 2).parameters["skip_special_tokens"].string_value == "1"
     assert render.postprocessing_config(4, 2, skip_special_tokens=False).parameters[
         "skip_special_tokens"].string_value == "0"
+
+
+def test_served_tokenizer_json_is_the_checkpoints_own_unless_changed(llama_tokenizer_dir, tmp_path):
+    """The checkpoint's tokenizer.json is served byte for byte when its post-processor is already the served choice;
+    an override rewrites it (and the rewritten file encodes as HF's tokenizer loaded with that override)."""
+    from tokenizers import Tokenizer
+
+    from exporter.tokenizer import SpecialTokens, load_tokenizer, save_served_tokenizer
+
+    source = _llama_variant(llama_tokenizer_dir, tmp_path / "checkpoint", add_bos_token=True)
+    kept, changed = tmp_path / "kept.json", tmp_path / "changed.json"
+    save_served_tokenizer(load_tokenizer(source), source, kept)
+    assert kept.read_bytes() == (source / "tokenizer.json").read_bytes()
+    save_served_tokenizer(load_tokenizer(source, SpecialTokens(add_bos_token=False)), source, changed)
+    tok = transformers.AutoTokenizer.from_pretrained(source, add_bos_token=False)
+    assert Tokenizer.from_file(str(changed)).encode(PROMPTS[0]).ids == tok(PROMPTS[0]).input_ids
+    assert tok(PROMPTS[0]).input_ids[0] != tok.bos_token_id

@@ -22,7 +22,7 @@ from ..generation import generation_settings, write_generation_settings
 from ..parallel import ParallelLayout, ShardingError
 from ..readers import nemo_archive
 from ..readers.source import SourceKind, source_kind
-from ..tokenizer import SpecialTokens, decodable_vocab_size, load_tokenizer
+from ..tokenizer import SpecialTokens, decodable_vocab_size, load_tokenizer, save_served_tokenizer
 from .sharding import file_names, rank_shape
 from .verify import DTYPE_BYTES, expected_files, verify_shards
 from .writer import write_config, write_plan
@@ -118,8 +118,7 @@ def convert_checkpoint(
                             weight_data_type, processes)
         for tokenizer_file in arch.checkpoint.tokenizer_files():
             shutil.copy2(tokenizer_file, partial_dir / tokenizer_file.name)
-        # The checkpoint's own files stay for reference; tokenizer.json is replaced by the served one.
-        served_tokenizer.save(str(partial_dir / "tokenizer.json"))
+        save_served_tokenizer(served_tokenizer, checkpoint_path, partial_dir / "tokenizer.json")
         config = ft_config(plan, layout, weight_data_type)
         # A vocab_size above what the served tokenizer decodes is padding: config.ini says where the real ids end.
         tokenizer_vocab = min(decodable_vocab_size(partial_dir / "tokenizer.json"), config.vocab_size)
