@@ -127,15 +127,17 @@ def with_default_special_tokens(tokenizer: Tokenizer, directory: Path,
                                 special_tokens: SpecialTokens = SpecialTokens()) -> Tokenizer:
     """Set `tokenizer`'s post-processor as transformers does on loading `directory` (see the module docstring)."""
     directory = Path(directory)
+    overrides = {key: getattr(special_tokens, key) for key in ("add_bos_token", "add_eos_token")
+                 if getattr(special_tokens, key) is not None}
+    if not overrides and tokenizer.post_processor is not None:
+        # tokenizer.json's own (a template, or GPT-2's ByteLevel), or the one sentencepiece_tokenizer.py built
+        # from tokenizer_config.json's flags
+        return tokenizer
     config = _read_json(directory / "tokenizer_config.json")
     flags = {} if (directory / "tokenizer.json").is_file() else {
         key: config[key] for key in ("add_bos_token", "add_eos_token") if key in config
     }
-    for key in ("add_bos_token", "add_eos_token"):
-        if getattr(special_tokens, key) is not None:
-            flags[key] = getattr(special_tokens, key)
-    if not flags and tokenizer.post_processor is not None:
-        return tokenizer  # tokenizer.json's own post-processor (a template, or GPT-2's ByteLevel) stays
+    flags.update(overrides)
     add_bos, add_eos = flags.get("add_bos_token", False), flags.get("add_eos_token", False)
     bos, eos = _named_tokens(directory, config)
     template, specials = "$A:0", []

@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 
 import tokenizer_fixtures as fixtures
+# tests/test_sentencepiece.py's session fixtures (sentencepiece is a test dependency), for the SentencePiece cases.
+from test_sentencepiece import lambada_texts, sentencepiece_models  # noqa: F401
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,10 +45,30 @@ class TextCase:
     prompts: tuple[str, ...] = PROMPTS
 
 
+def _sentencepiece_model(request) -> Path:
+    """tests/test_sentencepiece.py's Llama-like BPE tokenizer.model (1000 pieces, trained on LAMBADA)."""
+    return request.getfixturevalue("sentencepiece_models")["bpe"]
+
+
+def _build_sentencepiece_llama(request, directory: Path) -> Path:
+    """A tiny Llama with only tokenizer.model and Llama-2's tokenizer_config.json (add_bos_token: true)."""
+    import torch
+    from test_sentencepiece import hf_directory
+
+    hf_directory(directory, _sentencepiece_model(request))
+    torch.manual_seed(13)
+    config = transformers.LlamaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
+                                      initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(directory)
+    return directory
+
+
 CASES = [
     TextCase("llama_bos", lambda request, directory: fixtures.build_llama_bos(
         directory, request.getfixturevalue("llama_tokenizer_dir"))),
     TextCase("opt", lambda request, directory: fixtures.build_opt_bos(directory)),
+    TextCase("sentencepiece_llama_bos", _build_sentencepiece_llama),
 ]
 
 
@@ -172,40 +194,53 @@ def _llama_variant(source: Path, directory: Path, **flags) -> Path:
     return fixtures.write_llama_tokenizer_config(fixtures.copy_tokenizer(source, directory), **flags)
 
 
-def _gpt2(source: Path, directory: Path) -> Path:
+def _llama(**flags):
+    """A builder: the trained Llama tokenizer.json with a tokenizer_config.json setting `flags`."""
+    return lambda request, directory: _llama_variant(request.getfixturevalue("llama_tokenizer_dir"), directory,
+                                                     **flags)
+
+
+def _sentencepiece(**flags):
+    """A builder: tokenizer.model + Llama-2's tokenizer_config.json (add_bos_token: true), `flags` changed."""
+    from test_sentencepiece import hf_directory
+
+    return lambda request, directory: hf_directory(directory, _sentencepiece_model(request), **flags)
+
+
+def _gpt2(request, directory: Path) -> Path:
     directory = fixtures.copy_tokenizer(fixtures.GPT2_TOKENIZER, directory)
     (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer"}))
     return directory
 
 
-# (name, tokenizer directory builder (trained Llama tokenizer, directory) -> directory, overrides = HF's kwargs).
+# (name, builder (request, directory) -> tokenizer directory, overrides = HF's from_pretrained kwargs).
 # transformers 5.24 ignores tokenizer_config.json's add_bos_token / add_eos_token when tokenizer.json exists (the
-# template rules) and honours them when it builds from vocab.json + merges.txt; from_pretrained's kwargs win.
+# template rules) and honours them when it builds from vocab.json + merges.txt or tokenizer.model; kwargs win.
 TOKENIZERS = [
-    ("llama_template", lambda source, directory: _llama_variant(source, directory), {}),
-    ("llama_config_add_bos", lambda source, directory: _llama_variant(source, directory, add_bos_token=True), {}),
-    ("llama_config_no_bos_is_ignored",
-     lambda source, directory: _llama_variant(source, directory, add_bos_token=False), {}),
-    ("llama_override_no_bos", lambda source, directory: _llama_variant(source, directory, add_bos_token=True),
-     {"add_bos_token": False}),
-    ("llama_override_eos", lambda source, directory: _llama_variant(source, directory),
-     {"add_bos_token": True, "add_eos_token": True}),
-    ("opt", lambda source, directory: fixtures.write_opt_tokenizer(directory), {}),
-    ("opt_override_no_bos", lambda source, directory: fixtures.write_opt_tokenizer(directory),
+    ("llama_template", _llama(), {}),
+    ("llama_config_add_bos", _llama(add_bos_token=True), {}),
+    ("llama_config_no_bos_is_ignored", _llama(add_bos_token=False), {}),
+    ("llama_override_no_bos", _llama(add_bos_token=True), {"add_bos_token": False}),
+    ("llama_override_eos", _llama(), {"add_bos_token": True, "add_eos_token": True}),
+    ("opt", lambda request, directory: fixtures.write_opt_tokenizer(directory), {}),
+    ("opt_override_no_bos", lambda request, directory: fixtures.write_opt_tokenizer(directory),
      {"add_bos_token": False}),
     ("gpt2", _gpt2, {}),
     ("gpt2_override_bos", _gpt2, {"add_bos_token": True}),
+    ("sentencepiece_config_add_bos", _sentencepiece(), {}),
+    ("sentencepiece_config_eos", _sentencepiece(add_bos_token=False, add_eos_token=True), {}),
+    ("sentencepiece_override_no_bos", _sentencepiece(), {"add_bos_token": False}),
 ]
 
 
 @pytest.fixture(scope="module", params=TOKENIZERS, ids=lambda entry: entry[0])
-def tokenizer_case(request, llama_tokenizer_dir, tmp_path_factory):
+def tokenizer_case(request, tmp_path_factory):
     """(checkpoint tokenizer directory, HF's tokenizer loaded with the overrides, the served tokenizer.json)."""
     from exporter.tokenizer import SpecialTokens, load_tokenizer
 
     name, build, overrides = request.param
     root = tmp_path_factory.mktemp(name)
-    directory = build(llama_tokenizer_dir, root / "checkpoint")
+    directory = build(request, root / "checkpoint")
     served = root / "served-tokenizer.json"
     load_tokenizer(directory, SpecialTokens(**overrides)).save(str(served))  # what convert writes
     return directory, transformers.AutoTokenizer.from_pretrained(directory, **overrides), served
