@@ -112,7 +112,6 @@ def served_case(request, tmp_path_factory):
 
 
 @pytest.mark.triton
-@pytest.mark.slow  # with the server's start, shared by the tests of a case: about a minute on 2 cores
 def test_ensemble_text_equals_hf_generate(served_case):
     """Bug pinned: the ensemble encoded prompts without the tokenizer's default special tokens (Llama's <s>, OPT's
     </s> first), so served text differed from HF's `generate(**tok(prompt))`."""
@@ -129,7 +128,6 @@ def test_ensemble_text_equals_hf_generate(served_case):
 
 
 @pytest.mark.triton
-@pytest.mark.slow
 def test_lambada_ids_and_predictions_equal_hf(served_case, tmp_path):
     """The accuracy stage on the case's server: the served tokenizer's ids equal HF's own tokenizer's on every
     example (contexts start with <s> / </s> as `tok(context)` does) and served predictions equal HF's."""

@@ -12,8 +12,8 @@ default (Llama's <s>, OPT's </s>), as preprocessing sends them; the label has no
 
 Parity: with a reference, `passed` says whether every metric's |served - reference| accuracy is within the
 tolerance and, when the reference has its own tokenizer (HF's AutoTokenizer), whether the served tokenizer gave the
-very same ids on every example (`same_ids_as_reference`); without one (a NeMo source, accuracy.reference=none, no transformers) nothing is compared: `parity` is
-"not checked", `passed` is null and `parity_note` says why.
+very same ids on every example (`same_ids_as_reference`). Without one (a NeMo source, accuracy.reference=none, no
+transformers) nothing is compared: `parity` is "not checked", `passed` is null and `parity_note` says why.
 """
 
 from __future__ import annotations
