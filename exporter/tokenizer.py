@@ -8,8 +8,10 @@ Special tokens are decided here, once, at export: the served tokenizer.json adds
 when people run `tok(prompt)` with HF transformers (5.24), which
 - with a tokenizer.json, keeps its post-processor (Llama-2/3's template puts <s> / <|begin_of_text|> first) and
   ignores tokenizer_config.json's `add_bos_token` / `add_eos_token`;
-- without one (GPT-2 style vocab.json + merges.txt, or a SentencePiece tokenizer.model), builds the post-processor `[bos] text [eos]` from those two
-  flags (absent = false): OPT's files (add_bos_token: true, bos </s>) put </s> first, GPT-2's add nothing.
+- without one (GPT-2 style vocab.json + merges.txt, or a SentencePiece tokenizer.model), builds the post-processor
+  `[bos] text [eos]` from those two flags (absent = false): OPT's files (add_bos_token: true, bos </s>) put </s>
+  first, GPT-2's add nothing, Llama-2's tokenizer.model + tokenizer_config.json put <s> first (built by
+  sentencepiece_tokenizer.py).
 `SpecialTokens` sets either flag as `from_pretrained(..., add_bos_token=...)` does: the post-processor is then
 rebuilt from the flags whatever the files say.
 """
