@@ -122,9 +122,21 @@ class AccuracyConfig:
 
 
 @dataclass
+class TokenizerConfig:
+    """Special tokens of the served text models (exporter/tokenizer.py decides them at export)."""
+
+    # null: what the checkpoint's tokenizer adds by default (HF transformers' `tok(prompt)`); true/false: as if its
+    # tokenizer_config.json set add_bos_token / add_eos_token so.
+    add_bos_token: Optional[bool] = None
+    add_eos_token: Optional[bool] = None
+    skip_special_tokens: bool = True  # postprocessing leaves special tokens out of the text, as tok.decode(..., True)
+
+
+@dataclass
 class ExportConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     triton_deployment: TritonDeploymentConfig = field(default_factory=TritonDeploymentConfig)
     accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
 

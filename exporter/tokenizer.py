@@ -3,11 +3,24 @@
 Pre/postprocessing load only `tokenizer.json`; a checkpoint that ships GPT-2 style `vocab.json` + `merges.txt`
 (and no tokenizer.json) gets one built from them: byte-level BPE, no prefix space, as GPT-2 tokenises; one that
 ships only a SentencePiece `tokenizer.model` gets one rebuilt by sentencepiece_tokenizer.py.
+
+Special tokens are decided here, once, at export: the served tokenizer.json adds what the checkpoint's tokenizer adds
+when people run `tok(prompt)` with HF transformers (5.24), which
+- with a tokenizer.json, keeps its post-processor (Llama-2/3's template puts <s> / <|begin_of_text|> first) and
+  ignores tokenizer_config.json's `add_bos_token` / `add_eos_token`;
+- without one (GPT-2 style vocab.json + merges.txt, or a SentencePiece tokenizer.model), builds the post-processor
+  `[bos] text [eos]` from those two flags (absent = false): OPT's files (add_bos_token: true, bos </s>) put </s>
+  first, GPT-2's add nothing, Llama-2's tokenizer.model + tokenizer_config.json put <s> first (built by
+  sentencepiece_tokenizer.py).
+`SpecialTokens` sets either flag as `from_pretrained(..., add_bos_token=...)` does: the post-processor is then
+rebuilt from the flags whatever the files say.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -18,6 +31,24 @@ SENTENCEPIECE_MODEL = "tokenizer.model"
 
 class TokenizerError(ValueError):
     """The checkpoint has no tokenizer the exporter can use."""
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """What the served tokenizer adds around a prompt: None = what the checkpoint's tokenizer does by default;
+    True/False = as HF's `AutoTokenizer.from_pretrained(checkpoint, add_bos_token=..., add_eos_token=...)`."""
+
+    add_bos_token: bool | None = None
+    add_eos_token: bool | None = None
+
+
+# transformers' defaults for bos/eos when tokenizer_config.json names none, by its `tokenizer_class`.
+CLASS_DEFAULT_TOKENS = {
+    "GPT2Tokenizer": ("<|endoftext|>", "<|endoftext|>"),
+    "GPT2TokenizerFast": ("<|endoftext|>", "<|endoftext|>"),
+    "LlamaTokenizer": ("<s>", "</s>"),
+    "LlamaTokenizerFast": ("<s>", "</s>"),
+}
 
 
 def find_tokenizer(directory: Path) -> Path:
@@ -36,13 +67,16 @@ def find_tokenizer(directory: Path) -> Path:
     )
 
 
-def load_tokenizer(directory: Path) -> Tokenizer:
+def load_tokenizer(directory: Path, special_tokens: SpecialTokens = SpecialTokens()) -> Tokenizer:
+    """The checkpoint's tokenizer, adding the special tokens its HF tokenizer adds by default (or as overridden)."""
     source = find_tokenizer(directory)
     if source.name == "tokenizer.json":
-        return Tokenizer.from_file(str(source))
-    if source.name == SENTENCEPIECE_MODEL:
-        return _sentencepiece(Path(directory))
-    return _byte_level_bpe(directory)
+        tokenizer = Tokenizer.from_file(str(source))
+    elif source.name == SENTENCEPIECE_MODEL:
+        tokenizer = _sentencepiece(Path(directory))
+    else:
+        tokenizer = _byte_level_bpe(directory)
+    return with_default_special_tokens(tokenizer, directory, special_tokens)
 
 
 def _sentencepiece(directory: Path, check_only: bool = False) -> Tokenizer | None:
@@ -68,7 +102,7 @@ def _byte_level_bpe(directory: Path) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    # No post-processor, as transformers' GPT2Tokenizer: with_default_special_tokens builds it from the flags.
     special = _special_tokens(directory)
     if special:
         tokenizer.add_special_tokens([AddedToken(token, special=True) for token in special])
@@ -79,14 +113,10 @@ def _special_tokens(directory: Path) -> list[str]:
     """Special tokens named by tokenizer_config.json / special_tokens_map.json; GPT-2's <|endoftext|> otherwise."""
     found: list[str] = []
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        path = directory / name
-        if not path.is_file():
-            continue
-        data = json.loads(path.read_text())
+        data = _read_json(directory / name)
         for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-            value = data.get(key)
-            token = value.get("content") if isinstance(value, dict) else value
-            if isinstance(token, str) and token not in found:
+            token = _token_text(data.get(key))
+            if token is not None and token not in found:
                 found.append(token)
     if not found:
         vocab = json.loads((directory / "vocab.json").read_text())
@@ -95,8 +125,69 @@ def _special_tokens(directory: Path) -> list[str]:
     return found
 
 
-def save_tokenizer_json(source_dir: Path, destination: Path) -> None:
-    load_tokenizer(source_dir).save(str(destination))
+def with_default_special_tokens(tokenizer: Tokenizer, directory: Path,
+                                special_tokens: SpecialTokens = SpecialTokens()) -> Tokenizer:
+    """Set `tokenizer`'s post-processor as transformers does on loading `directory` (see the module docstring)."""
+    directory = Path(directory)
+    overrides = {key: getattr(special_tokens, key) for key in ("add_bos_token", "add_eos_token")
+                 if getattr(special_tokens, key) is not None}
+    if not overrides and tokenizer.post_processor is not None:
+        # tokenizer.json's own (a template, or GPT-2's ByteLevel), or the one sentencepiece_tokenizer.py built
+        # from tokenizer_config.json's flags
+        return tokenizer
+    config = _read_json(directory / "tokenizer_config.json")
+    flags = {} if (directory / "tokenizer.json").is_file() else {
+        key: config[key] for key in ("add_bos_token", "add_eos_token") if key in config
+    }
+    flags.update(overrides)
+    add_bos, add_eos = flags.get("add_bos_token", False), flags.get("add_eos_token", False)
+    bos, eos = _named_tokens(directory, config)
+    template, specials = "$A:0", []
+    # [bos] text [eos]; a flag whose token is unknown adds nothing (transformers drops it too), unless overridden.
+    for flag, token, override, where in ((add_bos, bos, special_tokens.add_bos_token, "bos"),
+                                         (add_eos, eos, special_tokens.add_eos_token, "eos")):
+        if not flag:
+            continue
+        if token is None:
+            if override:
+                raise TokenizerError(f"add_{where}_token=true, but {directory} names no {where}_token")
+            continue
+        token_id = tokenizer.token_to_id(token)
+        if token_id is None:
+            raise TokenizerError(f"{directory}: {where}_token {token!r} is not in the tokenizer's vocabulary")
+        template = f"{token}:0 {template}" if where == "bos" else f"{template} {token}:0"
+        specials.append((token, token_id))
+    tokenizer.post_processor = processors.TemplateProcessing(single=template, special_tokens=specials)
+    return tokenizer
+
+
+def _named_tokens(directory: Path, config: dict) -> tuple[str | None, str | None]:
+    """(bos, eos) token texts: tokenizer_config.json, else special_tokens_map.json, else the class's defaults."""
+    tokens_map = _read_json(directory / "special_tokens_map.json")
+    defaults = CLASS_DEFAULT_TOKENS.get(config.get("tokenizer_class"), (None, None))
+    named = []
+    for key, default in zip(("bos_token", "eos_token"), defaults):
+        token = _token_text(config.get(key))
+        named.append(token if token is not None else _token_text(tokens_map.get(key), default))
+    return named[0], named[1]
+
+
+def _token_text(value, default: str | None = None) -> str | None:
+    """A special-token entry (a string, or {"content": ...} as transformers saves AddedToken) -> its text."""
+    token = value.get("content") if isinstance(value, dict) else value
+    return token if isinstance(token, str) else default
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TokenizerError(f"{path} is not readable JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} holds {type(data).__name__}, expected a JSON object")
+    return data
 
 
 def decodable_vocab_size(tokenizer_json: Path) -> int:
@@ -105,3 +196,16 @@ def decodable_vocab_size(tokenizer_json: Path) -> int:
     if not vocab:
         raise TokenizerError(f"{tokenizer_json} has an empty vocabulary")
     return max(vocab.values()) + 1
+
+
+def save_served_tokenizer(tokenizer: Tokenizer, source_dir: Path, destination: Path) -> None:
+    """Write the served tokenizer.json: the checkpoint's own file byte for byte when its post-processor already adds
+    what `tokenizer`'s does, else `tokenizer` serialised (pre/postprocessing and LAMBADA read it as it is)."""
+    source = Path(source_dir) / "tokenizer.json"
+    if source.is_file():
+        own = json.loads(source.read_text(encoding="utf-8")).get("post_processor")
+        if own == json.loads(tokenizer.to_str()).get("post_processor"):
+            if source.resolve() != Path(destination).resolve():
+                shutil.copyfile(source, destination)
+            return
+    tokenizer.save(str(destination))

@@ -1,6 +1,7 @@
 """What the preprocessing and postprocessing python-backend models share; copied next to each one's model.py.
 
 Self-contained: numpy-free, needs only tokenizers. The tokenizer is `tokenizer/tokenizer.json` next to this file.
+Its post-processor is the served choice of special tokens (decided by the exporter), so it is used as it is.
 """
 
 import os

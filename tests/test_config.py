@@ -67,12 +67,22 @@ def test_interpolations_follow_nemo_launcher():
         ("cluster_type=kubernetes", "cluster_type"),
         ("stages=[training]", "stages"),
         ("export.triton_deployment.int8_mode=true", "export.triton_deployment.int8_mode"),
+        ("export.tokenizer.add_bos_token=maybe", "export.tokenizer.add_bos_token"),
+        ("export.tokenizer.skip_special_tokens=null", "export.tokenizer.skip_special_tokens"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as error:
         validate(composed(override))
     assert str(error.value).startswith(key)
+
+
+def test_tokenizer_special_tokens_default_to_the_checkpoints_own():
+    tokenizer = validate(composed()).export.tokenizer
+    assert (tokenizer.add_bos_token, tokenizer.add_eos_token, tokenizer.skip_special_tokens) == (None, None, True)
+    overrides = ("export.tokenizer.add_bos_token=false", "export.tokenizer.add_eos_token=true")
+    tokenizer = validate(composed(*overrides)).export.tokenizer
+    assert (tokenizer.add_bos_token, tokenizer.add_eos_token) == (False, True)
 
 
 def test_unknown_key_is_refused():

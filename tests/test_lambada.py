@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import read_json
-from exporter.evaluate.lambada import AccuracyMismatch, evaluate, read_texts
+from exporter.evaluate.lambada import AccuracyMismatch, Encoder, evaluate, read_texts
 from test_config import composed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,19 +70,88 @@ def test_lambada_through_server_matches_hf(tmp_path, tiny_gpt2, hf_model):
 def test_parity_failure_fails_the_stage(tmp_path):
     """Served and reference accuracy differing by more than the tolerance raises, after writing the results."""
     texts = ["one two three", "four five six", "seven eight nine", "ten eleven twelve"]
-    encode = lambda text: [len(word) for word in text.split()]  # noqa: E731  a toy tokenizer: word lengths
+    encoder = Encoder(lambda text, special: [len(word) for word in text.split()])  # a toy tokenizer: word lengths
     always_right = lambda batch: [example.label for example in batch]  # noqa: E731
     always_wrong = lambda batch: [[0] * len(example.label) for example in batch]  # noqa: E731
     output = tmp_path / "eval_output.json"
     with pytest.raises(AccuracyMismatch, match="last_word"):
-        evaluate(texts=texts, encode=encode, served=always_wrong, reference=always_right, metrics=["last_word"],
+        evaluate(texts=texts, encoder=encoder, served=always_wrong, reference=always_right, metrics=["last_word"],
                  batch_size=2, max_seq_len=16, tolerance=0.25, output_path=output)
     written = json.loads(output.read_text())
     assert written["passed"] is False
     assert written["metrics"]["last_word"]["difference"] == -1.0
-    ok = evaluate(texts=texts, encode=encode, served=always_right, reference=always_right, metrics=["last_word"],
+    ok = evaluate(texts=texts, encoder=encoder, served=always_right, reference=always_right, metrics=["last_word"],
                   batch_size=3, max_seq_len=16, tolerance=0.0, output_path=output)
     assert ok["passed"] is True and ok["metrics"]["last_word"]["served"]["correct"] == 4
+
+
+def test_without_a_reference_parity_is_not_checked(tmp_path):
+    """Bug pinned: with no reference (accuracy.reference=none, a NeMo source) the run printed "parity: passed" and
+    wrote passed: true with nothing compared. Now parity is "not checked", passed is null, and the note says why."""
+    from exporter.stages.export import summary
+
+    texts = ["one two three", "four five six"]
+    encoder = Encoder(lambda text, special: [len(word) for word in text.split()])
+    output = tmp_path / "eval_output.json"
+    results = evaluate(texts=texts, encoder=encoder, served=lambda batch: [[0] for _ in batch], reference=None,
+                       metrics=["last_word"], batch_size=2, max_seq_len=16, tolerance=0.0, output_path=output,
+                       no_reference_reason="accuracy.reference=none")
+    written = json.loads(output.read_text())
+    assert written == results
+    assert (written["parity"], written["passed"], written["parity_note"]) == ("not checked", None,
+                                                                              "accuracy.reference=none")
+    assert "reference" not in written["metrics"]["last_word"]
+    text = summary(written, output)
+    assert "parity: not checked (no reference: accuracy.reference=none)" in text and "passed" not in text
+    checked = evaluate(texts=texts, encoder=encoder, served=lambda batch: [[0] for _ in batch],
+                       reference=lambda batch: [[0] for _ in batch], metrics=["last_word"], batch_size=2,
+                       max_seq_len=16, tolerance=0.0, output_path=output)
+    assert (checked["parity"], checked["passed"]) == ("passed", True) and "parity_note" not in checked
+    assert "parity: passed" in summary(checked, output)
+
+
+@pytest.mark.parametrize("source", ["nemo", "reference_none"])
+def test_reference_is_none_with_a_reason(source, tmp_path, tiny_gpt2):
+    """The accuracy stage's reference choice: a NeMo source (transformers cannot load it) and
+    accuracy.reference=none have none, and say why; an HF source with reference=hf has HF transformers."""
+    from exporter.config import validate
+    from exporter.stages.export import _reference, export_paths
+
+    overrides = [f"base_results_dir={tmp_path}"]
+    if source == "nemo":
+        nemo = tmp_path / "model.nemo"
+        nemo.write_bytes(b"not read: the suffix names the kind")
+        overrides.append(f"export.model.checkpoint_path={nemo}")
+    else:
+        overrides += [f"export.model.checkpoint_path={tiny_gpt2}", "export.accuracy.reference=none"]
+    cfg = validate(composed(*overrides))
+    reference, encoder, reason = _reference(cfg, export_paths(cfg), end_id=50256)
+    assert reference is None and encoder is None
+    assert ("NeMo checkpoint" in reason) if source == "nemo" else reason == "accuracy.reference=none"
+    cfg = validate(composed(f"base_results_dir={tmp_path}", f"export.model.checkpoint_path={tiny_gpt2}"))
+    reference, encoder, reason = _reference(cfg, export_paths(cfg), end_id=50256)
+    assert reference is not None and reason == ""
+    assert encoder.context("Hello world") == ([], [15496, 995])  # HF's GPT2Tokenizer: no special tokens
+
+
+def test_reference_tokenizer_disagreeing_fails_parity(tmp_path):
+    """The reference scores its own tokenizer's ids; an example the served tokenizer encodes differently fails
+    parity even when the accuracies agree."""
+    texts = ["one two three", "four five six"]
+    served = Encoder(lambda text, special: [len(word) for word in text.split()])
+    reference = Encoder(lambda text, special: [9] * special + [len(word) for word in text.split()])  # adds a bos
+    always_right = lambda batch: [example.label for example in batch]  # noqa: E731
+    output = tmp_path / "eval_output.json"
+    with pytest.raises(AccuracyMismatch, match="ids differ from the reference tokenizer's on 2 of 2"):
+        evaluate(texts=texts, encoder=served, served=always_right, reference=always_right, metrics=["last_word"],
+                 batch_size=2, max_seq_len=16, tolerance=0.0, output_path=output, reference_encoder=reference)
+    written = json.loads(output.read_text())
+    assert (written["parity"], written["passed"]) == ("failed", False)
+    assert written["metrics"]["last_word"]["same_ids_as_reference"] == 0.0
+    assert written["metrics"]["last_word"]["difference"] == 0.0
+    ok = evaluate(texts=texts, encoder=served, served=always_right, reference=always_right, metrics=["last_word"],
+                  batch_size=2, max_seq_len=16, tolerance=0.0, output_path=output, reference_encoder=served)
+    assert ok["passed"] is True and ok["metrics"]["last_word"]["same_ids_as_reference"] == 1.0
 
 
 @pytest.mark.triton

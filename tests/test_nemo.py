@@ -9,6 +9,7 @@ SwiGLU, RMSNorm, no biases, untied output, 2 query groups) as a distributed chec
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import shutil
@@ -294,7 +295,8 @@ def test_served_greedy_ids_equal_nemo(tmp_path, name, tp):
 def test_main_exports_and_serves_a_nemo_file(tmp_path):
     """`python main.py export.model.checkpoint_path=<x.nemo>`: convert at TP=2, serve, score LAMBADA. A NeMo source
     has no HF transformers reference: with the default accuracy.reference=hf the run says so and reports the served
-    accuracy alone (it used to fail after converting, when transformers tried to load the .nemo)."""
+    accuracy alone (it used to fail after converting, when transformers tried to load the .nemo). Parity says it was
+    not checked: it used to print "parity: passed" and write passed: true with nothing compared."""
     import subprocess
     import sys
 
@@ -309,8 +311,11 @@ def test_main_exports_and_serves_a_nemo_file(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     shard_dir = tmp_path / "nemo_gpt" / "export_tp2_pp1_fp32_fp32" / "model_repo" / "nemo_gpt" / "1" / "2-gpu"
     assert ft_gpt.ft_checkpoint.read_config(shard_dir)["kv_head_num"] == 2
-    assert "LAMBADA (8 examples)" in done.stdout and "parity: passed" in done.stdout
+    assert "LAMBADA (8 examples)" in done.stdout and "parity: not checked (no reference: " in done.stdout
     assert "NeMo checkpoint, which transformers cannot load" in done.stdout + done.stderr
+    results = json.loads((shard_dir.parents[3] / "eval_output.json").read_text())
+    assert results["parity"] == "not checked" and results["passed"] is None
+    assert "NeMo checkpoint" in results["parity_note"] and "reference" not in results["metrics"]["last_word"]
 
 
 def test_rank_files_read_by_offset_and_through_the_map_agree(tmp_path, exported, monkeypatch):

@@ -6,7 +6,14 @@ Metrics:
 - `last_word` (NeMo-Launcher's): label = the last whitespace-separated word, tokenised with its leading space;
   correct iff greedy generation reproduces every label token.
 
-Contexts are left-truncated so context + label fits `max_seq_len`.
+Ids come from the served tokenizer (`Encoder`): a context starts with the special tokens it puts before a prompt by
+default (Llama's <s>, OPT's </s>), as preprocessing sends them; the label has none. Contexts are left-truncated
+(keeping those leading special tokens) so context + label fits `max_seq_len`.
+
+Parity: with a reference, `passed` says whether every metric's |served - reference| accuracy is within the
+tolerance and, when the reference has its own tokenizer (HF's AutoTokenizer), whether the served tokenizer gave the
+very same ids on every example (`same_ids_as_reference`). Without one (a NeMo source, accuracy.reference=none, no
+transformers) nothing is compared: `parity` is "not checked", `passed` is null and `parity_note` says why.
 """
 
 from __future__ import annotations
@@ -28,6 +35,28 @@ log = logging.getLogger(__name__)
 
 class AccuracyMismatch(RuntimeError):
     """Served accuracy differs from the source model's by more than the tolerance."""
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """LAMBADA text -> ids as the served tokenizer encodes a prompt; `encode(text, add_special_tokens)` -> ids.
+
+    A context gets only the special tokens the tokenizer puts *before* a text: one it appends (an eos) would sit
+    between the context and the continuation scored after it. A continuation gets none.
+    """
+
+    encode: Callable[[str, bool], list[int]]
+
+    def context(self, text: str) -> tuple[list[int], list[int]]:
+        """(the special tokens put before `text`, `text`'s own ids)."""
+        plain, full = self.encode(text, False), self.encode(text, True)
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return full[:start], plain
+        raise ValueError(f"the tokenizer's special tokens change the text's own ids: {full} vs {plain} for {text!r}")
+
+    def continuation(self, text: str) -> list[int]:
+        return self.encode(text, False)
 
 
 @dataclass(frozen=True)
@@ -63,19 +92,19 @@ def read_texts(path: Path, limit: int | None = None) -> list[str]:
     return texts
 
 
-def build_examples(texts: Sequence[str], encode: Callable[[str], list[int]], metric: str, max_seq_len: int) -> list[Example]:
+def build_examples(texts: Sequence[str], encoder: Encoder, metric: str, max_seq_len: int) -> list[Example]:
     examples = []
     for text in texts:
         if metric == "last_token":
-            ids = encode(text)
+            prefix, ids = encoder.context(text)
             context, label = ids[:-1], ids[-1:]
         elif metric == "last_word":
             head, word = text.rstrip().rsplit(" ", 1)
-            context, label = encode(head), encode(" " + word)
+            (prefix, context), label = encoder.context(head), encoder.continuation(" " + word)
         else:
             raise ValueError(f"unknown metric {metric!r}")
-        keep = max(1, max_seq_len - len(label))
-        examples.append(Example(context[-keep:], label))
+        keep = max(1, max_seq_len - len(label) - len(prefix))
+        examples.append(Example(prefix + context[-keep:], label))
     return examples
 
 
@@ -185,7 +214,7 @@ def _cut_after_end(tokens: list[int], eos_ids: list[int]) -> list[int]:
 def evaluate(
     *,
     texts: Sequence[str],
-    encode: Callable[[str], list[int]],
+    encoder: Encoder,
     served: Callable[[list[Example]], list[list[int]]],
     reference: Callable[[list[Example]], list[list[int]]] | None,
     metrics: Sequence[str],
@@ -194,13 +223,19 @@ def evaluate(
     tolerance: float,
     output_path: Path,
     info: dict | None = None,
+    no_reference_reason: str = "no reference given",
+    reference_encoder: Encoder | None = None,
 ) -> dict:
-    """Score every metric on the served model (and the reference when given); write and return the results."""
+    """Score every metric on the served model (and the reference when given); write and return the results.
+
+    `reference_encoder`: the reference's own tokenizer; the reference then scores its own ids, and any example whose
+    ids differ from the served tokenizer's fails parity. Without it the reference scores the served ids.
+    Without a reference, parity is recorded as not checked, with `no_reference_reason`."""
     results: dict = {"examples": len(texts), "batch_size": batch_size, "tolerance": tolerance, **(info or {})}
     results["metrics"] = {}
     failures = []
     for metric in metrics:
-        examples = build_examples(texts, encode, metric, max_seq_len)
+        examples = build_examples(texts, encoder, metric, max_seq_len)
         started = time.monotonic()
         served_score = score(examples, served, batch_size, f"{metric} served")
         served_seconds = time.monotonic() - started
@@ -213,8 +248,16 @@ def evaluate(
         log.info("%s: served accuracy %.4f (%d/%d) in %.1fs", metric, served_score.accuracy, served_score.correct,
                  served_score.total, served_seconds)
         if reference is not None:
+            reference_examples = examples
+            if reference_encoder is not None:
+                reference_examples = build_examples(texts, reference_encoder, metric, max_seq_len)
+                differ = [index for index, (a, b) in enumerate(zip(examples, reference_examples)) if a != b]
+                entry["same_ids_as_reference"] = 1 - len(differ) / len(examples)
+                if differ:
+                    failures.append(f"{metric}: the served tokenizer's ids differ from the reference tokenizer's on "
+                                    f"{len(differ)} of {len(examples)} examples (first: example {differ[0]})")
             started = time.monotonic()
-            reference_score = score(examples, reference, batch_size, f"{metric} reference")
+            reference_score = score(reference_examples, reference, batch_size, f"{metric} reference")
             difference = served_score.accuracy - reference_score.accuracy
             agreement = sum(
                 a == b for a, b in zip(served_score.predictions, reference_score.predictions)
@@ -231,7 +274,11 @@ def evaluate(
                 failures.append(f"{metric}: served {served_score.accuracy:.4f} vs reference "
                                 f"{reference_score.accuracy:.4f} (|difference| {abs(difference):.4f} > {tolerance})")
         results["metrics"][metric] = entry
-    results["passed"] = not failures
+    if reference is None:
+        results.update(parity="not checked", passed=None, parity_note=no_reference_reason)
+    else:
+        results.update(parity="failed" if failures else "passed", passed=not failures,
+                       reference_ids="its own tokenizer's" if reference_encoder else "the served tokenizer's")
     write_text_atomic(Path(output_path), json.dumps(results, indent=2))
     if failures:
         raise AccuracyMismatch("; ".join(failures) + f" (details in {output_path})")

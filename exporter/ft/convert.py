@@ -22,7 +22,7 @@ from ..generation import generation_settings, write_generation_settings
 from ..parallel import ParallelLayout, ShardingError
 from ..readers import nemo_archive
 from ..readers.source import SourceKind, source_kind
-from ..tokenizer import decodable_vocab_size, find_tokenizer, save_tokenizer_json
+from ..tokenizer import SpecialTokens, decodable_vocab_size, load_tokenizer, save_served_tokenizer
 from .sharding import file_names, rank_shape
 from .verify import DTYPE_BYTES, expected_files, verify_shards
 from .writer import write_config, write_plan
@@ -79,17 +79,19 @@ def convert_checkpoint(
     layout: ParallelLayout = ParallelLayout(),
     weight_data_type: str = "fp32",
     processes: int = 1,
+    special_tokens: SpecialTokens = SpecialTokens(),
 ) -> Path:
     """Convert; returns the finished `<out_dir>/<layout.shard_dir_name>` directory. Nothing is written before every
-    check passes."""
+    check passes. The directory's tokenizer.json is the served one: `special_tokens` decided (exporter/tokenizer.py)."""
     if weight_data_type not in DTYPE_BYTES:
         raise ValueError(f"weight_data_type {weight_data_type!r} is not one of {sorted(DTYPE_BYTES)}")
     checkpoint_path = Path(checkpoint_path)
     if source_kind(checkpoint_path) is SourceKind.NEMO and not nemo_archive.is_staged(checkpoint_path):
         with _staged_nemo(checkpoint_path, Path(out_dir)) as staged:
-            return convert_checkpoint(staged, out_dir, layout, weight_data_type, processes)
+            return convert_checkpoint(staged, out_dir, layout, weight_data_type, processes, special_tokens)
     arch = open_architecture(checkpoint_path, layout)
-    find_tokenizer(checkpoint_path)  # pre/postprocessing need it: fail now, not after writing gigabytes
+    # Pre/postprocessing need it: fail now, not after writing gigabytes.
+    served_tokenizer = load_tokenizer(checkpoint_path, special_tokens)
     plan = arch.plan()
     # Every eos id of the source ends generation; FT's single end_id is the first (exporter/generation.py).
     generation = generation_settings(checkpoint_path, plan.params.end_id, plan.params.vocab_size)
@@ -116,8 +118,7 @@ def convert_checkpoint(
                             weight_data_type, processes)
         for tokenizer_file in arch.checkpoint.tokenizer_files():
             shutil.copy2(tokenizer_file, partial_dir / tokenizer_file.name)
-        if not (partial_dir / "tokenizer.json").exists():
-            save_tokenizer_json(checkpoint_path, partial_dir / "tokenizer.json")
+        save_served_tokenizer(served_tokenizer, checkpoint_path, partial_dir / "tokenizer.json")
         config = ft_config(plan, layout, weight_data_type)
         # A vocab_size above what the served tokenizer decodes is padding: config.ini says where the real ids end.
         tokenizer_vocab = min(decodable_vocab_size(partial_dir / "tokenizer.json"), config.vocab_size)

@@ -28,6 +28,7 @@ from ..jobs import Resources, Step, SubStage
 from ..parallel import ParallelLayout
 from ..readers.source import SourceKind, source_kind
 from ..runtimes import ModelKind, ModelSettings, runtime_for
+from ..tokenizer import SpecialTokens
 from ..triton import render
 from ..triton.repo import add_decoder_ensemble
 
@@ -81,12 +82,16 @@ def model_settings(cfg: DictConfig) -> ModelSettings:
 
 
 def build_repository(repo_root: Path, checkpoint_path: Path, settings: ModelSettings, weight_data_type: str,
-                     processes: int = 1) -> Path:
+                     processes: int = 1, special_tokens: SpecialTokens = SpecialTokens(),
+                     skip_special_tokens: bool = True) -> Path:
     """Fill one temporary directory in order, then rename it to `repo_root` (replacing an older one) when whole:
 
     1. convert: the checkpoint -> FT shards in `<model>/1/<tp>-gpu` (every check passes before anything is written);
     2. the runtime installs its model: its files beside the shards and its config.pbtxt;
     3. the text models around it for the model's kind: preprocessing, postprocessing, ensemble.
+
+    special_tokens: what the served tokenizer adds around a prompt (default: as the checkpoint's tokenizer does);
+    skip_special_tokens: postprocessing leaves special tokens out of its text.
     """
     runtime = runtime_for(settings.runtime)
     kind = ModelKind.DECODER  # every converter writes decoder-only FT shards today
@@ -95,20 +100,21 @@ def build_repository(repo_root: Path, checkpoint_path: Path, settings: ModelSett
     with AtomicDirectory(repo_root) as partial:
         model_dir = partial / settings.name
         shard_dir = convert_checkpoint(checkpoint_path, model_dir / "1", settings.layout, weight_data_type,
-                                       processes=processes)
+                                       processes=processes, special_tokens=special_tokens)
         runtime.install(model_dir / "1", settings)
         render.write_config(runtime.model_config(settings, repo_root), model_dir)
-        TEXT_MODELS[kind](partial, settings, shard_dir)
+        TEXT_MODELS[kind](partial, settings, shard_dir, skip_special_tokens)
     log.info("model repository ready: %s", repo_root)
     return repo_root
 
 
-def _decoder_text_models(repository: Path, settings: ModelSettings, shard_dir: Path) -> None:
+def _decoder_text_models(repository: Path, settings: ModelSettings, shard_dir: Path,
+                         skip_special_tokens: bool) -> None:
     end_id = read_config(shard_dir).end_id
     eos_ids = GenerationDefaults.read(shard_dir).eos_token_ids or (end_id,)  # postprocessing cuts at any of them
     add_decoder_ensemble(repository, settings.name, settings.max_batch_size, end_id,
                          shard_dir / "tokenizer.json", settings.max_queue_delay_microseconds, settings.decoupled,
-                         eos_ids=eos_ids)
+                         eos_ids=eos_ids, skip_special_tokens=skip_special_tokens)
 
 
 # The pre/postprocessing and ensemble that surround each kind of model.
@@ -117,16 +123,19 @@ TEXT_MODELS = {ModelKind.DECODER: _decoder_text_models}
 
 def convert(cfg: DictConfig) -> Path:
     paths = export_paths(cfg)
-    model = cfg.export.model
+    model, tokenizer = cfg.export.model, cfg.export.tokenizer
     checkpoint = resolve_checkpoint(model.checkpoint_path, paths.checkpoint_cache)
     return build_repository(paths.repository, checkpoint, model_settings(cfg), model.weight_data_type.value,
-                            processes=model.processes)
+                            processes=model.processes,
+                            special_tokens=SpecialTokens(tokenizer.add_bos_token, tokenizer.add_eos_token),
+                            skip_special_tokens=tokenizer.skip_special_tokens)
 
 
 def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
     """Score LAMBADA through tritonserver: one launched here, or (multi-node) the one already at `server_url`."""
+    from tokenizers import Tokenizer
+
     from ..evaluate import lambada
-    from ..tokenizer import load_tokenizer
 
     paths = export_paths(cfg)
     acc = cfg.export.accuracy
@@ -141,32 +150,24 @@ def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
     if batch_size < acc.batch_size:
         log.warning("accuracy.batch_size %d exceeds the model's max_batch_size; using %d", acc.batch_size, batch_size)
 
-    tokenizer = load_tokenizer(shard_dir)
+    # The served tokenizer.json as it is (its special tokens decided at export): the ids preprocessing would send,
+    # given to the served model and to the reference alike.
+    tokenizer = Tokenizer.from_file(str(shard_dir / "tokenizer.json"))
+    encoder = lambada.Encoder(lambda text, special: tokenizer.encode(text, add_special_tokens=special).ids)
     texts = lambada.read_texts(Path(acc.test_data), acc.limit)
 
-    reference = None
-    if acc.reference == Reference.hf:
-        checkpoint = resolve_checkpoint(cfg.export.model.checkpoint_path, paths.checkpoint_cache)
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
-            log.warning("transformers is not installed: skipping the in-process reference accuracy")
-        else:
-            if source_kind(checkpoint) is SourceKind.NEMO:
-                # No independent NeMo forward pass here (nemo_toolkit is optional): the exported shards are checked
-                # against NeMo's own outputs by the tests; this run reports the served accuracy alone.
-                log.warning("accuracy.reference=hf: %s is a NeMo checkpoint, which transformers cannot load; "
-                            "reporting the served accuracy without a reference (set accuracy.reference=none "
-                            "to silence this)", checkpoint)
-            else:
-                reference = lambada.HFGenerator(checkpoint, end_id)
+    reference, reference_encoder, no_reference_reason = _reference(cfg, paths, end_id)
+    if reference is None:
+        log.warning("parity will not be checked: %s", no_reference_reason)
 
     with _serving(cfg, paths, server_url) as url:
         results = lambada.evaluate(
             texts=texts,
-            encode=lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
+            encoder=encoder,
             served=lambada.TritonGenerator(url, paths.model_name, end_id),
             reference=reference,
+            no_reference_reason=no_reference_reason,
+            reference_encoder=reference_encoder,
             metrics=[metric.value for metric in acc.metrics],
             batch_size=batch_size,
             max_seq_len=max_seq_len,
@@ -176,6 +177,36 @@ def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
         )
     print(summary(results, Path(acc.output_path)))
     return results
+
+
+def _reference(cfg: DictConfig, paths: ExportPaths, end_id: int):
+    """(greedy generator, encoder, '') for the source checkpoint with HF transformers: its model and its own
+    tokenizer loaded as `tok = AutoTokenizer.from_pretrained(checkpoint)` (with export.tokenizer's overrides), encoding
+    with `tok(text)`; or (None, None, why there is no reference)."""
+    from ..evaluate import lambada
+
+    if cfg.export.accuracy.reference != Reference.hf:
+        return None, None, "accuracy.reference=none"
+    checkpoint = resolve_checkpoint(cfg.export.model.checkpoint_path, paths.checkpoint_cache)
+    if source_kind(checkpoint) is SourceKind.NEMO:
+        # No independent NeMo forward pass here (nemo_toolkit is optional): the exported shards are checked against
+        # NeMo's own outputs by the tests; this run reports the served accuracy alone.
+        return None, None, (f"{checkpoint} is a NeMo checkpoint, which transformers cannot load "
+                            "(set accuracy.reference=none to say so)")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return None, None, "transformers is not installed"
+    overrides = {key: value for key, value in cfg.export.tokenizer.items()
+                 if key in ("add_bos_token", "add_eos_token") and value is not None}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), **overrides)
+    except (OSError, ValueError) as error:  # the model loads, its tokenizer not: the reference scores the served ids
+        log.warning("HF transformers cannot load %s's tokenizer (%s): the reference scores the served tokenizer's "
+                    "ids", checkpoint, str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return lambada.HFGenerator(checkpoint, end_id), None, ""
+    encoder = lambada.Encoder(lambda text, special: tokenizer(text, add_special_tokens=special).input_ids)
+    return lambada.HFGenerator(checkpoint, end_id), encoder, ""
 
 
 @contextlib.contextmanager
@@ -231,7 +262,10 @@ def summary(results: dict, output_path: Path) -> str:
             )
         line += f"  [{entry['served_examples_per_second']} examples/s served]"
         lines.append(line)
-    lines.append("  parity: " + ("passed" if results["passed"] else "FAILED"))
+    if results["parity"] == "not checked":
+        lines.append(f"  parity: not checked (no reference: {results['parity_note']})")
+    else:
+        lines.append("  parity: " + ("passed" if results["passed"] else "FAILED"))
     return "\n".join(lines)
 
 

@@ -149,10 +149,11 @@ def preprocessing_config(max_batch_size: int, end_id: int,
 
 
 def postprocessing_config(max_batch_size: int, end_id: int, max_queue_delay_microseconds: int | None = None,
-                          eos_ids: tuple[int, ...] = ()) -> pb.ModelConfig:
+                          eos_ids: tuple[int, ...] = (), skip_special_tokens: bool = True) -> pb.ModelConfig:
     """eos_ids: the model's eos set, parameter `eos_ids` ("a,b,c"): text is cut before the first of them (end_id
-    alone when empty, or when a request sends END_ID)."""
-    parameters = {"end_id": end_id, **({"eos_ids": ",".join(str(i) for i in eos_ids)} if eos_ids else {})}
+    alone when empty, or when a request sends END_ID). skip_special_tokens: parameter `skip_special_tokens` (1 / 0)."""
+    parameters = {"end_id": end_id, **({"eos_ids": ",".join(str(i) for i in eos_ids)} if eos_ids else {}),
+                  "skip_special_tokens": skip_special_tokens}
     return _python_model("postprocessing", max_batch_size, POSTPROCESSING_INPUTS, POSTPROCESSING_OUTPUTS,
                          parameters, max_queue_delay_microseconds)
 

@@ -16,8 +16,9 @@ sequences so far, so OUTPUT is the text generated so far and grows token by toke
 false the text is cut before a trailing incomplete multi-byte character (decoded as U+FFFD), which a later
 response completes; the final response's text is the full decode, the same as without streaming.
 Config parameters (string_value): `end_id`, and `eos_ids` ("a,b,c": the model's eos ids, every one of which ends a
-row that sends no END_ID, as the model's generation does; absent: end_id alone). A bad request gets its own error
-response; the others are unaffected.
+row that sends no END_ID, as the model's generation does; absent: end_id alone); `skip_special_tokens` ("1", the
+default, or "0"): leave special tokens (<s>, </s>, <|endoftext|>, ...) out of the text, as HF's
+`tok.decode(ids, skip_special_tokens=True)`. A bad request gets its own error response; the others are unaffected.
 """
 
 import json
@@ -90,6 +91,7 @@ class TritonPythonModel:
         eos = config_parameter(config, "eos_ids")
         self.eos_ids = tuple(int(i) for i in eos.split(",")) if eos else (self.end_id,)
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.skip_special_tokens = config_parameter(config, "skip_special_tokens") != "0"
 
     def _input(self, request, name):
         tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -113,7 +115,7 @@ class TritonPythonModel:
         )
         batch, beam = len(slices), len(slices[0])
         flat = [ids for row in slices for ids in row]
-        texts = self.tokenizer.decode_batch(flat, skip_special_tokens=True)
+        texts = self.tokenizer.decode_batch(flat, skip_special_tokens=self.skip_special_tokens)
         is_final = self._optional(request, "IS_FINAL")
         if is_final is not None:  # streaming: hold back a trailing partial character until the row is final
             is_final = is_final.reshape(batch, -1)[:, 0].astype(bool)

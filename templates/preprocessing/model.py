@@ -12,6 +12,8 @@ outputs: INPUT_ID           UINT32 [B, Lmax]  right-padded with end_id
          BAD_WORDS_IDS      INT32  [B, 2, W]  FT's word-list format (see word_list), also when no words are given
          STOP_WORDS_IDS     INT32  [B, 2, W]
          REQUEST_OUTPUT_LEN UINT32 [B, 1]
+A prompt is encoded with the special tokens tokenizer.json's post-processor adds (as HF's `tok(prompt)`); stop and
+bad words without them.
 Config parameter `end_id` (string_value): the pad / end token id.
 A bad request (empty, not utf-8, mismatched batch) gets its own error response; the others are unaffected.
 """
@@ -125,7 +127,9 @@ class TritonPythonModel:
             raise RequestError(f"REQUEST_OUTPUT_LEN has batch {out_len.shape[0]}, QUERY has {len(texts)}")
         out_len = out_len.reshape(len(texts), -1).astype(np.uint32)
 
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        # The prompt's special tokens as the checkpoint's tokenizer adds them by default (Llama's <s>, OPT's </s>
+        # first): the exporter baked that choice into tokenizer.json's post-processor.
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
         id_lists = [enc.ids for enc in encodings]
         for b, ids in enumerate(id_lists):
             if not ids:
