@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from exporter.config import DATA_DIR
 from exporter.ft.convert import convert_checkpoint
 from exporter.parallel import ParallelLayout
 from exporter.tokenizer import TokenizerError, load_tokenizer
@@ -26,9 +27,7 @@ from family_fixtures import NEMO_AVAILABLE, NEMO_FIXTURES, NEMO_MISSING
 spm = pytest.importorskip("sentencepiece")
 transformers = pytest.importorskip("transformers")
 
-LAMBADA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lambada_test.jsonl"
-if not LAMBADA.is_file():
-    LAMBADA = Path("/work/shared/data/lambada_test.jsonl")
+LAMBADA = DATA_DIR / "lambada_test.jsonl"  # the vendored copy of the shared LAMBADA test set
 # Llama-2's tokenizer_config.json, as it ships beside tokenizer.model
 LLAMA_CONFIG = {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
                 "unk_token": "<unk>", "pad_token": None, "clean_up_tokenization_spaces": False, "legacy": False,
@@ -132,7 +131,8 @@ def build_llama_with_sentencepiece(directory: Path, model: Path) -> Path:
                          num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
                          initializer_range=0.2, bos_token_id=1, eos_token_id=2)
     LlamaForCausalLM(config).eval().save_pretrained(directory)
-    # add_bos_token false: the BOS default is the special-tokens change's to serve; ids here are pinned by (a)
+    # add_bos_token false keeps this served case BOS-free; the BOS-adding SentencePiece case is served in
+    # test_text_parity.py (sentencepiece_llama_bos), and ids with Llama-2's defaults are pinned by (a)
     hf_directory(directory, model, add_bos_token=False)
     return directory
 
