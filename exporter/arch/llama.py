@@ -1,6 +1,7 @@
 """HF Llama (`LlamaForCausalLM`) -> this project's [llama] layout (FT has no Llama backend: python runtime only).
 
-Quirks: RMSNorm (weights only); rotary over the whole head, halves style, base `rope_theta`; SwiGLU MLP
+Quirks: RMSNorm (weights only); rotary over the whole head, halves style, base `rope_theta`, scaled as the config's
+rope type says (rope.py); SwiGLU MLP
 (`gate_proj` -> mlp.dense_h_to_4h, `up_proj` -> mlp.dense_h_to_4h_2, `down_proj` -> mlp.dense_4h_to_h);
 grouped-query attention (q | k | v blocks per rank, kv heads split whole); biases only when the config has them;
 tied or untied output layer. See layout.md.
@@ -11,8 +12,9 @@ from __future__ import annotations
 from templates.ft_python.ft_checkpoint import CheckpointError, FTConfig
 
 from ..parallel import Split
-from .base import LinearArchitecture, Table, rope_theta
+from .base import LinearArchitecture, Table
 from .registry import register
+from .rope import rope_keys
 
 
 @register("LlamaForCausalLM", "LlamaModel")
@@ -44,7 +46,7 @@ class Llama(LinearArchitecture):
             raise CheckpointError(f"config.json hidden_act {config['hidden_act']!r} is not supported (SwiGLU: silu)")
         _, heads, head_dim = self.head_shape("hidden_size", "num_attention_heads")
         kv_heads = config.get("num_key_value_heads") or heads
-        if config.get("head_dim", head_dim) != head_dim:
+        if (config.get("head_dim") or head_dim) != head_dim:
             raise CheckpointError(f"config.json head_dim {config['head_dim']} != hidden_size / heads {head_dim}")
         if heads % kv_heads:
             raise CheckpointError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
@@ -65,7 +67,7 @@ class Llama(LinearArchitecture):
             has_positional_encoding=False,
             rotary_embedding=head_dim,
             rotary_style="neox",
-            rope_theta=rope_theta(config),
+            **rope_keys(config),
             attention_bias=bool(config.get("attention_bias", False)),
             mlp_bias=bool(config.get("mlp_bias", False)),
         )
@@ -80,7 +82,8 @@ class Llama(LinearArchitecture):
                 tuple(f"layers.{{i}}.self_attn.{p}_proj.bias" for p in "qkv"),
                 Split.QKV,
             )
-            layer_table["attention.dense.bias"] = ("layers.{i}.self_attn.o_proj.bias", Split.REPLICATED)
+            if params.attention_output_bias:
+                layer_table["attention.dense.bias"] = ("layers.{i}.self_attn.o_proj.bias", Split.REPLICATED)
         if params.mlp_bias:
             layer_table["mlp.dense_h_to_4h.bias"] = ("layers.{i}.mlp.gate_proj.bias", Split.COLUMN)
             layer_table["mlp.dense_h_to_4h_2.bias"] = ("layers.{i}.mlp.up_proj.bias", Split.COLUMN)

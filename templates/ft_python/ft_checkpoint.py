@@ -100,11 +100,31 @@ class FTConfig(Mapping):
     rotary_embedding: int = 0  # rotary dims per head, 0 = none
     rotary_style: str = "neox"  # gptj (interleaved pairs) | neox (halves)
     rope_theta: float = 10000.0
+    # Scaled rotary (HF rope_parameters / rope_scaling; ft_rotary.py computes the tables). The
+    # defaults are unscaled RoPE, so shards written before these keys load unchanged.
+    rope_type: str = "default"  # default | linear | dynamic | yarn | llama3
+    rope_scaling_factor: float = 1.0
+    # The context length the scaling is relative to: HF original_max_position_embeddings (llama3,
+    # yarn), max_position_embeddings (dynamic); 0 = unused.
+    rope_original_max_positions: int = 0
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
+    rope_truncate: bool = True  # yarn: round the correction range outwards
+    rope_attention_factor: float = 1.0  # yarn: cos and sin are multiplied by it
     use_gptj_residual: bool = False  # parallel attention + MLP
     kv_head_num: int = 0  # 0: as many as head_num (replaced by head_num on construction)
     norm_type: str = "layernorm"  # | rmsnorm
     attention_bias: bool = True
     mlp_bias: bool = True
+    # With attention_bias: whether attention.dense (the output projection) has a bias too; 0 = only
+    # q/k/v carry biases (Qwen2).
+    attention_output_bias: bool = True
+    # Sliding-window attention (Mistral, Qwen2): a query at position i sees keys at positions
+    # > i - sliding_window, in the layers listed (comma-separated global indices); 0 = none.
+    sliding_window: int = 0
+    sliding_window_layers: str = ""
     lm_head_bias: bool = False
     section: str = "gpt"  # one of SECTIONS: the [section] of config.ini, not a key
 
@@ -124,6 +144,17 @@ class FTConfig(Mapping):
     @property
     def gated(self):
         return str(self.activation_type).lower() in GATED_ACTIVATIONS
+
+    @property
+    def window_layers(self):
+        """Global indices of the layers with sliding-window attention (empty without a window)."""
+        if not self.sliding_window:
+            return frozenset()
+        try:
+            return frozenset(int(i) for i in self.sliding_window_layers.split(",") if i.strip())
+        except ValueError:
+            raise CheckpointError(f"sliding_window_layers {self.sliding_window_layers!r} is not a "
+                                  "comma-separated list of layer indices") from None
 
     # -- config.ini text -------------------------------------------------------------------------
     def to_ini(self):
@@ -336,7 +367,7 @@ def tensor_table(config, untied=False):
         if attn_bias:
             table.append((p + "attention.query_key_value.bias", qkv_b, "qkv"))
         table.append((p + "attention.dense.weight", (h // tp, h), "row"))
-        if attn_bias and not bias_sum:
+        if attn_bias and cfg.attention_output_bias and not bias_sum:
             table.append((p + "attention.dense.bias", (h,), None))
         if section != "gptj":  # GPT-J: one layernorm feeds attention and MLP
             table += [(p + f"post_attention_layernorm.{n}", (h,), None) for n in norm_files]
