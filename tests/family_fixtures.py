@@ -134,6 +134,47 @@ def build_qwen2(directory: Path, *, seed: int = 7, tied: bool = True, sliding_wi
     return _finish(Qwen2ForCausalLM(config).eval(), directory)
 
 
+def build_qwen3(directory: Path, *, seed: int = 8, tied: bool = True) -> Path:
+    """head_dim 32 with 4 heads: attention width 128 on a 64-wide model (as Qwen3-0.6B: 16 x 128 on 1024)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=VOCAB, hidden_size=64, head_dim=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
+                         rope_parameters={"rope_type": "default", "rope_theta": 40000.0}, rms_norm_eps=1e-5,
+                         initializer_range=0.2, tie_word_embeddings=tied, bos_token_id=END_ID, eos_token_id=END_ID)
+    return _finish(Qwen3ForCausalLM(config).eval(), directory)
+
+
+def build_gemma(directory: Path, *, seed: int = 9) -> Path:
+    """head_dim 32 x 4 heads on a 64-wide model with one kv head (gemma-2b's multi-query attention), tied."""
+    import torch
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(seed)
+    config = GemmaConfig(vocab_size=VOCAB, hidden_size=64, head_dim=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=1, intermediate_size=96, max_position_embeddings=128,
+                         hidden_act="gelu_pytorch_tanh", rms_norm_eps=1e-6, initializer_range=0.2,
+                         bos_token_id=END_ID, eos_token_id=END_ID, pad_token_id=0)
+    return _finish(GemmaForCausalLM(config).eval(), directory)
+
+
+def build_phi3(directory: Path, *, seed: int = 10) -> Path:
+    """Fused qkv_proj and gate_up_proj, half the head rotated, a window of 6 positions."""
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Phi3Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
+                        original_max_position_embeddings=128, sliding_window=6,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+                        rms_norm_eps=1e-5, initializer_range=0.2, bos_token_id=END_ID, eos_token_id=END_ID,
+                        pad_token_id=END_ID)
+    return _finish(Phi3ForCausalLM(config).eval(), directory)
+
+
 def build_gpt2(directory: Path) -> Path:
     from conftest import build_hf_gpt2
 
@@ -224,6 +265,9 @@ FIXTURES: dict[str, Fixture] = {
         "qwen2": build_qwen2,
         "qwen2-window": lambda d: build_qwen2(d, tied=False, sliding_window=4, n_layer=3),
     }),
+    "Qwen3ForCausalLM": Fixture({"qwen3-head-dim": build_qwen3}),
+    "GemmaForCausalLM": Fixture({"gemma-mqa": build_gemma}),
+    "Phi3ForCausalLM": Fixture({"phi3-partial-window": build_phi3}),
     # Model B (rotary, SwiGLU, RMSNorm, GQA, untied) and model A trained at TP=2 (learned positions, exact GELU).
     "MegatronGPTModel": Fixture({
         "nemo-rope-swiglu-gqa": nemo_checkpoint("gpt_rope_swiglu_tp1"),
@@ -233,4 +277,5 @@ FIXTURES: dict[str, Fixture] = {
 # Registered aliases (the bare base models) share their family's fixture: they differ only in the name prefix.
 ALIASES = {"GPT2Model": "GPT2LMHeadModel", "OPTModel": "OPTForCausalLM", "GPTJModel": "GPTJForCausalLM",
            "GPTNeoXModel": "GPTNeoXForCausalLM", "LlamaModel": "LlamaForCausalLM",
-           "MistralModel": "MistralForCausalLM", "Qwen2Model": "Qwen2ForCausalLM"}
+           "MistralModel": "MistralForCausalLM", "Qwen2Model": "Qwen2ForCausalLM", "Qwen3Model": "Qwen3ForCausalLM",
+           "GemmaModel": "GemmaForCausalLM", "Phi3Model": "Phi3ForCausalLM"}

@@ -261,3 +261,31 @@ def test_qwen2_unknown_layer_type_is_refused_before_writing(checkpoints, tmp_pat
                                               r"\['full_attention', 'sliding_attention'\]"):
         convert_checkpoint(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_gemma_qwen3_phi3_quirks_reach_config_ini(checkpoints, exported):
+    """What the parity above depends on, written where the runtime reads it: Gemma's sqrt(h) embedding multiplier,
+    (1 + w) norms and 32-wide heads on a 64-wide model; Qwen3's per-head q/k norms; Phi-3's fused matrices split into
+    gate and up, half-head rotary and window."""
+    from safetensors.torch import load_file
+
+    gemma = exported("GemmaForCausalLM", "gemma-mqa", 2)
+    config = ft_checkpoint.read_config(gemma)
+    assert (config.embedding_multiplier, config.hidden_units, config.size_per_head, config.kv_head_num) == (8.0, 64, 32, 1)
+    assert (config.activation_type, config.gelu_approximation) == ("GeGLU", "tanh")
+    state = load_file(checkpoints("GemmaForCausalLM", "gemma-mqa") / "model.safetensors")
+    stored = np.fromfile(gemma / "model.layers.1.input_layernorm.weight.bin", dtype=np.float32)
+    np.testing.assert_array_equal(stored, (state["model.layers.1.input_layernorm.weight"] + 1).numpy())
+    assert not (gemma / "model.lm_head.weight.bin").exists()
+
+    qwen3 = exported("Qwen3ForCausalLM", "qwen3-head-dim", 1)
+    assert ft_checkpoint.read_config(qwen3).qk_norm
+    assert (qwen3 / "model.layers.1.attention.k_layernorm.weight.bin").stat().st_size == 32 * 4
+
+    phi3 = exported("Phi3ForCausalLM", "phi3-partial-window", 2)
+    config = ft_checkpoint.read_config(phi3)
+    assert (config.rotary_embedding, config.sliding_window, config.sliding_window_layers) == (8, 6, "0,1")
+    assert all(len(prompt) + NEW_TOKENS > config.sliding_window for prompt in PROMPTS)
+    state = load_file(checkpoints("Phi3ForCausalLM", "phi3-partial-window") / "model.safetensors")
+    up = np.fromfile(phi3 / "model.layers.0.mlp.dense_h_to_4h_2.weight.0.bin", dtype=np.float32).reshape(64, 48)
+    np.testing.assert_array_equal(up, state["model.layers.0.mlp.gate_up_proj.weight"][96:144].t().numpy())

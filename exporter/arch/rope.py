@@ -28,9 +28,15 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def rope_keys(config: dict[str, Any], default_theta: float = 10000.0) -> dict[str, Any]:
-    """config.ini rope keys (rope_theta, rope_type, ...) for an HF config with rotary over whole heads; refuses rope
-    types the runtime does not compute, naming the supported ones."""
+def partial_rotary_factor(config: dict[str, Any]) -> float:
+    source = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    return float(source.get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0)
+
+
+def rope_keys(config: dict[str, Any], default_theta: float = 10000.0, partial: bool = False) -> dict[str, Any]:
+    """config.ini rope keys (rope_theta, rope_type, ...) for an HF config; refuses rope types the runtime does not
+    compute, naming the supported ones, and a partial_rotary_factor unless the family rotates part of the head
+    (`partial`: the caller sets rotary_embedding)."""
     source = config.get("rope_scaling") or config.get("rope_parameters") or {}
     if any(isinstance(value, dict) for value in source.values()):
         raise CheckpointError(f"config.json has per-layer-type rope parameters {sorted(source)}; supported: one "
@@ -38,10 +44,9 @@ def rope_keys(config: dict[str, Any], default_theta: float = 10000.0) -> dict[st
     rope_type = source.get("rope_type") or source.get("type") or "default"
     if rope_type not in SUPPORTED:
         raise CheckpointError(f"config.json rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
-    partial = source.get("partial_rotary_factor", config.get("partial_rotary_factor"))
-    if partial not in (None, 1, 1.0):
-        raise CheckpointError(f"config.json partial_rotary_factor {partial} is not supported here (rotary over the "
-                              "whole head only)")
+    if not partial and partial_rotary_factor(config) != 1.0:
+        raise CheckpointError(f"config.json partial_rotary_factor {partial_rotary_factor(config)} is not supported "
+                              "for this family (rotary over the whole head only)")
     theta = float(source.get("rope_theta") or config.get("rope_theta") or default_theta)
     keys: dict[str, Any] = {"rope_theta": theta, "rope_type": rope_type}
     if rope_type == "default":

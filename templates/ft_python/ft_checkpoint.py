@@ -115,6 +115,15 @@ class FTConfig(Mapping):
     rope_attention_factor: float = 1.0  # yarn: cos and sin are multiplied by it
     use_gptj_residual: bool = False  # parallel attention + MLP
     kv_head_num: int = 0  # 0: as many as head_num (replaced by head_num on construction)
+    # Model width h; 0: head_num * size_per_head (replaced on construction). Differs where the
+    # source sets its own head_dim (Gemma, Qwen3): q/k/v and attention.dense then use the
+    # attention width head_num * size_per_head, everything else h.
+    hidden_units: int = 0
+    # Per-head RMSNorm of q and k before rotary (Qwen3): attention.{q,k}_layernorm.weight [d]
+    qk_norm: bool = False
+    # Token embeddings are multiplied by it, in the compute dtype (Gemma: sqrt(h)); the output
+    # layer uses wte unscaled.
+    embedding_multiplier: float = 1.0
     norm_type: str = "layernorm"  # | rmsnorm
     attention_bias: bool = True
     mlp_bias: bool = True
@@ -131,6 +140,8 @@ class FTConfig(Mapping):
     def __post_init__(self):
         if not self.kv_head_num:
             object.__setattr__(self, "kv_head_num", self.head_num)
+        if not self.hidden_units:
+            object.__setattr__(self, "hidden_units", self.head_num * self.size_per_head)
         if not self.tokenizer_vocab_size:
             object.__setattr__(self, "tokenizer_vocab_size", self.vocab_size)
         if not 0 < self.tokenizer_vocab_size <= self.vocab_size:
@@ -139,7 +150,7 @@ class FTConfig(Mapping):
 
     @property
     def hidden_size(self):
-        return self.head_num * self.size_per_head
+        return self.hidden_units
 
     @property
     def gated(self):
@@ -334,7 +345,8 @@ def tensor_table(config, untied=False):
     tp = cfg.tensor_para_size
     d = cfg.size_per_head
     heads, kv = cfg.head_num, cfg.kv_head_num
-    h = heads * d
+    h = cfg.hidden_size
+    width = heads * d  # attention width: h unless the source sets its own head_dim
     inter = cfg.inter_size
     vocab, max_pos = cfg.vocab_size, cfg.max_pos_seq_len
     norm_files = ("weight",) if cfg.norm_type == "rmsnorm" else ("weight", "bias")
@@ -355,18 +367,20 @@ def tensor_table(config, untied=False):
     if cfg.lm_head_bias:
         table.append(("model.lm_head.bias", (vocab,), None))
     if kv == heads:  # FT's own layout: [h, 3, h/tp]
-        qkv_w, qkv_b = (h, 3, h // tp), (3, h // tp)
+        qkv_w, qkv_b = (h, 3, width // tp), (3, width // tp)
     else:
         q_rank, kv_rank = qkv_rank_heads(heads, kv, tp)
-        width = (q_rank + 2 * kv_rank) * d
-        qkv_w, qkv_b = (h, width), (width,)
+        rank_width = (q_rank + 2 * kv_rank) * d
+        qkv_w, qkv_b = (h, rank_width), (rank_width,)
     for i in range(cfg.num_layer):
         p = f"model.layers.{i}."
         table += [(p + f"input_layernorm.{n}", (h,), None) for n in norm_files]
         table.append((p + "attention.query_key_value.weight", qkv_w, "qkv"))
         if attn_bias:
             table.append((p + "attention.query_key_value.bias", qkv_b, "qkv"))
-        table.append((p + "attention.dense.weight", (h // tp, h), "row"))
+        if cfg.qk_norm:
+            table += [(p + f"attention.{n}_layernorm.weight", (d,), None) for n in "qk"]
+        table.append((p + "attention.dense.weight", (width // tp, h), "row"))
         if attn_bias and cfg.attention_output_bias and not bias_sum:
             table.append((p + "attention.dense.bias", (h,), None))
         if section != "gptj":  # GPT-J: one layernorm feeds attention and MLP

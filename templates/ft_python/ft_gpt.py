@@ -170,6 +170,8 @@ class FTGPT:
                     # [h, 3, h] or [h, q + 2kv] -> [h, q + 2kv]: columns are q | k | v, heads in order.
                     "qkv_w": qkv_w.reshape(h, -1),
                     "qkv_b": None if qkv_b is None else qkv_b.reshape(-1),
+                    "q_norm": optional(p + "attention.q_layernorm.weight", dev),  # [d] (Qwen3)
+                    "k_norm": optional(p + "attention.k_layernorm.weight", dev),
                     "o_w": w(p + "attention.dense.weight", dev),
                     "o_b": optional(p + "attention.dense.bias", dev),
                     "fc1_w": w(p + "mlp.dense_h_to_4h.weight", dev),
@@ -200,18 +202,23 @@ class FTGPT:
         return cls(weights, config, device=device, dtype=compute, devices=devices)
 
     # ------------------------------------------------------------------ forward pieces
+    def _rms(self, x, weight):
+        # y = x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in fp32
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * weight
+
     def _norm(self, x, weights):
         weight, bias = weights
         if self.rmsnorm:
-            # y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32
-            xf = x.float()
-            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-            return xf.to(x.dtype) * weight
+            return self._rms(x, weight)
         return F.layer_norm(x, (self.hidden,), weight, bias, self.eps)
 
     def _embed(self, ids, pos):
         # ids, pos [B, S] -> [B, S, h]
         x = F.embedding(ids, self.wte)
+        if self.config.embedding_multiplier != 1.0:  # Gemma: sqrt(h), rounded to the compute dtype
+            x = x * torch.tensor(self.config.embedding_multiplier, dtype=x.dtype)
         if self.wpe is not None:
             x = x + F.embedding(pos, self.wpe)
         if self.pre_ln is not None:
@@ -255,6 +262,8 @@ class FTGPT:
         q = q.view(bsz, seq, nq, d).transpose(1, 2)                         # [B, nq, S, d]
         k = k.view(bsz, seq, nkv, d).transpose(1, 2)                        # [B, nkv, S, d]
         v = v.view(bsz, seq, nkv, d).transpose(1, 2)
+        if lw["q_norm"] is not None:  # per-head RMSNorm over d, every head at once
+            q, k = self._rms(q, lw["q_norm"]), self._rms(k, lw["k_norm"])
         if rotary is not None:
             q, k = self._rotate(q, *rotary), self._rotate(k, *rotary)
         k_cache, v_cache = layer_cache
