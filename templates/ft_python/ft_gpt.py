@@ -4,8 +4,10 @@ Copied into generated Triton model repositories next to ft_checkpoint.py and mod
 needs only torch and numpy. Everything comes from config.ini (see exporter/arch/layout.md):
 pre- or post-layernorm (OPT), LayerNorm or RMSNorm, Gelu (tanh approximation, FT's kernel) /
 Relu / Silu or gated GeGLU / SiGLU MLPs, learned positions or rotary embeddings (GPT-J's
-interleaved pairs or NeoX/Llama halves, partial rotary), sequential or parallel residual
-(GPT-J, NeoX), grouped-query attention, optional biases, a final layernorm and logits =
+interleaved pairs or NeoX/Llama halves, partial rotary, scaled rope types: ft_rotary.py),
+sequential or parallel residual (GPT-J, NeoX), grouped-query attention, sliding-window
+attention per layer (Mistral, Qwen2, Phi-3), per-head q/k RMSNorm (Qwen3), scaled token
+embeddings (Gemma), optional biases, a final layernorm and logits =
 h @ lm_head^T (+ bias) with lm_head = wte unless model.lm_head.weight exists, -inf for the
 padded vocabulary (ids >= tokenizer_vocab_size). Pipeline parallel layouts run stage after
 stage, on one device or one device per stage.
