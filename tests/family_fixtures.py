@@ -71,16 +71,108 @@ def build_gptneox(directory: Path, *, seed: int = 3, parallel: bool = True, n_la
 
 
 def build_llama(directory: Path, *, seed: int = 4, kv_heads: int = 2, tied: bool = False, n_layer: int = 2,
-                bias: bool = False) -> Path:
+                bias: bool = False, rope: dict | None = None, max_positions: int = 128) -> Path:
+    """rope: a transformers `rope_parameters` dict (scaled rotary), default unscaled with base 50000."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=n_layer, num_attention_heads=4,
-                         num_key_value_heads=kv_heads, intermediate_size=96, max_position_embeddings=128,
-                         rope_theta=50000.0, rms_norm_eps=1e-5, initializer_range=0.2, tie_word_embeddings=tied,
-                         attention_bias=bias, mlp_bias=bias, bos_token_id=END_ID, eos_token_id=END_ID)
+                         num_key_value_heads=kv_heads, intermediate_size=96, max_position_embeddings=max_positions,
+                         rope_parameters=rope or {"rope_type": "default", "rope_theta": 50000.0}, rms_norm_eps=1e-5,
+                         initializer_range=0.2, tie_word_embeddings=tied, attention_bias=bias, mlp_bias=bias,
+                         bos_token_id=END_ID, eos_token_id=END_ID)
     return _finish(LlamaForCausalLM(config).eval(), directory)
+
+
+# Scaled rotary (transformers `rope_parameters`), each with a short original context so that the test prompts and
+# their greedy continuations (up to 16 positions) run past it: name -> (rope dict, max_position_embeddings).
+SCALED_ROPE = {
+    "linear": ({"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}, 16),
+    # dynamic NTK scales relative to max_position_embeddings itself: 8, so every step past it changes the base
+    "dynamic": ({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}, 8),
+    # original 32, head_dim 16: wavelength 6.3 < 32/4 kept, 19.9 blended, 62.8 and up > 32/1 divided by the factor
+    "llama3": ({"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}, 128),
+    # base 500 and betas 8 / 0.25 put the ramp across the first dims: kept, blended and interpolated frequencies
+    "yarn": ({"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0, "original_max_position_embeddings": 8,
+              "beta_fast": 8.0, "beta_slow": 0.25}, 32),
+}
+
+
+def build_scaled_llama(directory: Path, rope_type: str) -> Path:
+    rope, max_positions = SCALED_ROPE[rope_type]
+    return build_llama(directory, seed=5, rope=dict(rope), max_positions=max_positions)
+
+
+def build_mistral(directory: Path, *, seed: int = 6, sliding_window: int | None = 5) -> Path:
+    """Sliding window 5: the test prompts (3 to 8 tokens) plus 8 generated tokens run well past it."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
+                           sliding_window=sliding_window, rope_parameters={"rope_type": "default", "rope_theta": 20000.0},
+                           rms_norm_eps=1e-5, initializer_range=0.2, bos_token_id=END_ID, eos_token_id=END_ID)
+    return _finish(MistralForCausalLM(config).eval(), directory)
+
+
+def build_qwen2(directory: Path, *, seed: int = 7, tied: bool = True, sliding_window: int | None = None,
+                n_layer: int = 2) -> Path:
+    """sliding_window: use_sliding_window with max_window_layers 1 (layers 1.. windowed, layer 0 full)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=n_layer, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
+                         use_sliding_window=sliding_window is not None, sliding_window=sliding_window,
+                         max_window_layers=1, rope_parameters={"rope_type": "default", "rope_theta": 30000.0},
+                         rms_norm_eps=1e-5, initializer_range=0.2, tie_word_embeddings=tied,
+                         bos_token_id=END_ID, eos_token_id=END_ID)
+    return _finish(Qwen2ForCausalLM(config).eval(), directory)
+
+
+def build_qwen3(directory: Path, *, seed: int = 8, tied: bool = True) -> Path:
+    """head_dim 32 with 4 heads: attention width 128 on a 64-wide model (as Qwen3-0.6B: 16 x 128 on 1024)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=VOCAB, hidden_size=64, head_dim=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
+                         rope_parameters={"rope_type": "default", "rope_theta": 40000.0}, rms_norm_eps=1e-5,
+                         initializer_range=0.2, tie_word_embeddings=tied, bos_token_id=END_ID, eos_token_id=END_ID)
+    return _finish(Qwen3ForCausalLM(config).eval(), directory)
+
+
+def build_gemma(directory: Path, *, seed: int = 9) -> Path:
+    """head_dim 32 x 4 heads on a 64-wide model with one kv head (gemma-2b's multi-query attention), tied."""
+    import torch
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(seed)
+    config = GemmaConfig(vocab_size=VOCAB, hidden_size=64, head_dim=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=1, intermediate_size=96, max_position_embeddings=128,
+                         hidden_act="gelu_pytorch_tanh", rms_norm_eps=1e-6, initializer_range=0.2,
+                         bos_token_id=END_ID, eos_token_id=END_ID, pad_token_id=0)
+    return _finish(GemmaForCausalLM(config).eval(), directory)
+
+
+def build_phi3(directory: Path, *, seed: int = 10) -> Path:
+    """Fused qkv_proj and gate_up_proj, half the head rotated, a window of 6 positions."""
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Phi3Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
+                        original_max_position_embeddings=128, sliding_window=6,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+                        rms_norm_eps=1e-5, initializer_range=0.2, bos_token_id=END_ID, eos_token_id=END_ID,
+                        pad_token_id=END_ID)
+    return _finish(Phi3ForCausalLM(config).eval(), directory)
 
 
 def build_gpt2(directory: Path) -> Path:
@@ -166,7 +258,16 @@ FIXTURES: dict[str, Fixture] = {
     "LlamaForCausalLM": Fixture({
         "llama-gqa": build_llama,
         "llama-tied-bias": lambda d: build_llama(d, kv_heads=4, tied=True, bias=True),
+        **{f"llama-rope-{kind}": (lambda d, kind=kind: build_scaled_llama(d, kind)) for kind in SCALED_ROPE},
     }),
+    "MistralForCausalLM": Fixture({"mistral-window": build_mistral}),
+    "Qwen2ForCausalLM": Fixture({
+        "qwen2": build_qwen2,
+        "qwen2-window": lambda d: build_qwen2(d, tied=False, sliding_window=4, n_layer=3),
+    }),
+    "Qwen3ForCausalLM": Fixture({"qwen3-head-dim": build_qwen3}),
+    "GemmaForCausalLM": Fixture({"gemma-mqa": build_gemma}),
+    "Phi3ForCausalLM": Fixture({"phi3-partial-window": build_phi3}),
     # Model B (rotary, SwiGLU, RMSNorm, GQA, untied) and model A trained at TP=2 (learned positions, exact GELU).
     "MegatronGPTModel": Fixture({
         "nemo-rope-swiglu-gqa": nemo_checkpoint("gpt_rope_swiglu_tp1"),
@@ -175,4 +276,6 @@ FIXTURES: dict[str, Fixture] = {
 }
 # Registered aliases (the bare base models) share their family's fixture: they differ only in the name prefix.
 ALIASES = {"GPT2Model": "GPT2LMHeadModel", "OPTModel": "OPTForCausalLM", "GPTJModel": "GPTJForCausalLM",
-           "GPTNeoXModel": "GPTNeoXForCausalLM", "LlamaModel": "LlamaForCausalLM"}
+           "GPTNeoXModel": "GPTNeoXForCausalLM", "LlamaModel": "LlamaForCausalLM",
+           "MistralModel": "MistralForCausalLM", "Qwen2Model": "Qwen2ForCausalLM", "Qwen3Model": "Qwen3ForCausalLM",
+           "GemmaModel": "GemmaForCausalLM", "Phi3Model": "Phi3ForCausalLM"}

@@ -209,3 +209,83 @@ def test_kv_heads_and_tp_that_do_not_divide_fail_before_writing(tmp_path):
         ParallelLayout(2, 1, 4).check(head_num=12, kv_head_num=3, inter_size=64)
     with pytest.raises(ShardingError, match="inter_size 90 is not divisible by tensor_para_size 4"):
         ParallelLayout(4, 1, 4).check(head_num=4, kv_head_num=4, inter_size=90)
+
+
+def test_mistral_sliding_window_is_exceeded_and_honoured(checkpoints, exported):
+    """The Mistral fixture's prompts plus output run past its window (5), so the greedy parity above checks the
+    window's keys being masked during cached decoding; without the window the logits leave HF's."""
+    import dataclasses
+
+    hf = _hf(checkpoints("MistralForCausalLM", "mistral-window"))
+    window = hf.config.sliding_window
+    assert all(len(prompt) + NEW_TOKENS > window for prompt in PROMPTS)
+    shard = exported("MistralForCausalLM", "mistral-window", 2)
+    config = ft_checkpoint.read_config(shard)
+    assert (config.sliding_window, config.sliding_window_layers) == (window, "0,1")
+    ids = torch.tensor([PROMPTS[0] + PROMPTS[2]])  # 13 tokens
+    with torch.inference_mode():
+        reference = hf(ids).logits
+    weights = ft_checkpoint.load_weights(shard)
+    windowed = ft_gpt.FTGPT(weights, config).forward_logits(ids.numpy())
+    assert (windowed - reference).abs().max().item() < 1e-4
+    full = ft_gpt.FTGPT(weights, dataclasses.replace(config, sliding_window=0)).forward_logits(ids.numpy())
+    assert (full - reference).abs().max().item() > 1e-2
+
+
+def test_qwen2_layout_qkv_biases_and_windowed_layers(exported):
+    """Qwen2: q/k/v biases but no o_proj bias file; with use_sliding_window only layers >= max_window_layers (1)
+    get the window."""
+    shard = exported("Qwen2ForCausalLM", "qwen2-window", 2)
+    config = ft_checkpoint.read_config(shard)
+    assert (config.attention_bias, config.attention_output_bias, config.mlp_bias) == (True, False, False)
+    assert (config.sliding_window, config.sliding_window_layers) == (4, "1,2")
+    names = {path.name for path in shard.glob("*.bin")}
+    assert "model.layers.0.attention.query_key_value.bias.1.bin" in names
+    assert not any("attention.dense.bias" in name for name in names)
+    plain = ft_checkpoint.read_config(exported("Qwen2ForCausalLM", "qwen2", 1))
+    assert (plain.sliding_window, plain.sliding_window_layers) == (0, "")
+
+
+def test_qwen2_unknown_layer_type_is_refused_before_writing(checkpoints, tmp_path):
+    import json
+    import shutil
+
+    from templates.ft_python.ft_checkpoint import CheckpointError
+
+    source = tmp_path / "chunked"
+    shutil.copytree(checkpoints("Qwen2ForCausalLM", "qwen2-window"), source)
+    config = json.loads((source / "config.json").read_text())
+    config["layer_types"] = ["full_attention", "chunked_attention", "sliding_attention"]
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"layer_types .* is not supported: 3 entries, each one of "
+                                              r"\['full_attention', 'sliding_attention'\]"):
+        convert_checkpoint(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gemma_qwen3_phi3_quirks_reach_config_ini(checkpoints, exported):
+    """What the parity above depends on, written where the runtime reads it: Gemma's sqrt(h) embedding multiplier,
+    (1 + w) norms and 32-wide heads on a 64-wide model; Qwen3's per-head q/k norms; Phi-3's fused matrices split into
+    gate and up, half-head rotary and window."""
+    from safetensors.torch import load_file
+
+    gemma = exported("GemmaForCausalLM", "gemma-mqa", 2)
+    config = ft_checkpoint.read_config(gemma)
+    assert (config.embedding_multiplier, config.hidden_units, config.size_per_head, config.kv_head_num) == (8.0, 64, 32, 1)
+    assert (config.activation_type, config.gelu_approximation) == ("GeGLU", "tanh")
+    state = load_file(checkpoints("GemmaForCausalLM", "gemma-mqa") / "model.safetensors")
+    stored = np.fromfile(gemma / "model.layers.1.input_layernorm.weight.bin", dtype=np.float32)
+    np.testing.assert_array_equal(stored, (state["model.layers.1.input_layernorm.weight"] + 1).numpy())
+    assert not (gemma / "model.lm_head.weight.bin").exists()
+
+    qwen3 = exported("Qwen3ForCausalLM", "qwen3-head-dim", 1)
+    assert ft_checkpoint.read_config(qwen3).qk_norm
+    assert (qwen3 / "model.layers.1.attention.k_layernorm.weight.bin").stat().st_size == 32 * 4
+
+    phi3 = exported("Phi3ForCausalLM", "phi3-partial-window", 2)
+    config = ft_checkpoint.read_config(phi3)
+    assert (config.rotary_embedding, config.sliding_window, config.sliding_window_layers) == (8, 6, "0,1")
+    assert all(len(prompt) + NEW_TOKENS > config.sliding_window for prompt in PROMPTS)
+    state = load_file(checkpoints("Phi3ForCausalLM", "phi3-partial-window") / "model.safetensors")
+    up = np.fromfile(phi3 / "model.layers.0.mlp.dense_h_to_4h_2.weight.0.bin", dtype=np.float32).reshape(64, 48)
+    np.testing.assert_array_equal(up, state["model.layers.0.mlp.gate_up_proj.weight"][96:144].t().numpy())

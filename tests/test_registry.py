@@ -114,7 +114,9 @@ def served(tmp_path_factory):
                 name = f"{variant}-tp{tp}-pp{pp}"
                 add_model(repo, name, checkpoint, tp, pp)
                 models[name] = (architecture, prompts, new_tokens, expected)
-    with TritonServer(repo, root / "server.log") as server:
+    # Every model loads in its own python-backend process (~8 s each on an idle 2-core machine, several times that
+    # on a busy one): the startup deadline grows with the number of models.
+    with TritonServer(repo, root / "server.log", startup_timeout_s=max(300.0, 40.0 * len(models))) as server:
         client = http.InferenceServerClient(server.http_url)
         return {name: (architecture, served_greedy(client, name, prompts, new_tokens), expected)
                 for name, (architecture, prompts, new_tokens, expected) in models.items()}

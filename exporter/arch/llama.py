@@ -1,6 +1,7 @@
 """HF Llama (`LlamaForCausalLM`) -> this project's [llama] layout (FT has no Llama backend: python runtime only).
 
-Quirks: RMSNorm (weights only); rotary over the whole head, halves style, base `rope_theta`; SwiGLU MLP
+Quirks: RMSNorm (weights only); rotary over the whole head, halves style, base `rope_theta`, scaled as the config's
+rope type says (rope.py); SwiGLU MLP
 (`gate_proj` -> mlp.dense_h_to_4h, `up_proj` -> mlp.dense_h_to_4h_2, `down_proj` -> mlp.dense_4h_to_h);
 grouped-query attention (q | k | v blocks per rank, kv heads split whole); biases only when the config has them;
 tied or untied output layer. See layout.md.
@@ -11,8 +12,9 @@ from __future__ import annotations
 from templates.ft_python.ft_checkpoint import CheckpointError, FTConfig
 
 from ..parallel import Split
-from .base import LinearArchitecture, Table, rope_theta
+from .base import LinearArchitecture, Table
 from .registry import register
+from .rope import rope_keys
 
 
 @register("LlamaForCausalLM", "LlamaModel")
@@ -37,21 +39,34 @@ class Llama(LinearArchitecture):
         "mlp.dense_4h_to_h.weight": ("layers.{i}.mlp.down_proj.weight", Split.ROW),
     }
     ignored = (r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+    tied_by_default = False  # tie_word_embeddings when config.json leaves it out (the family's config default)
+
+    def activation_keys(self) -> dict:
+        """config.ini's activation keys for the config's gated MLP (Llama: SwiGLU)."""
+        if self.config.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"config.json hidden_act {self.config['hidden_act']!r} is not supported (SwiGLU: silu)")
+        return {"activation_type": "SiGLU"}
+
+    def rotary_keys(self, head_dim: int) -> dict:
+        """config.ini's rotary keys: over the whole head (Llama), base and scaling from the config (rope.py)."""
+        return {"rotary_embedding": head_dim, "rotary_style": "neox", **rope_keys(self.config)}
+
+    def tied(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", self.tied_by_default))
 
     def params(self) -> FTConfig:
         config = self.config
-        if config.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"config.json hidden_act {config['hidden_act']!r} is not supported (SwiGLU: silu)")
-        _, heads, head_dim = self.head_shape("hidden_size", "num_attention_heads")
+        hidden, heads = config["hidden_size"], config["num_attention_heads"]
+        # An explicit head_dim may make the attention width heads * head_dim differ from hidden_size
+        head_dim = config.get("head_dim") or self.head_shape("hidden_size", "num_attention_heads")[2]
         kv_heads = config.get("num_key_value_heads") or heads
-        if config.get("head_dim", head_dim) != head_dim:
-            raise CheckpointError(f"config.json head_dim {config['head_dim']} != hidden_size / heads {head_dim}")
         if heads % kv_heads:
             raise CheckpointError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
         return FTConfig(
             model_name=config.get("model_type", "llama"),
             head_num=heads,
             size_per_head=head_dim,
+            hidden_units=hidden,
             inter_size=config["intermediate_size"],
             num_layer=config["num_hidden_layers"],
             max_pos_seq_len=config["max_position_embeddings"],
@@ -59,20 +74,18 @@ class Llama(LinearArchitecture):
             start_id=_token_id(config.get("bos_token_id"), 1),
             end_id=_token_id(config.get("eos_token_id"), 2),
             layernorm_eps=config.get("rms_norm_eps", 1e-6),
-            activation_type="SiGLU",
+            **self.activation_keys(),
             kv_head_num=kv_heads,
             norm_type="rmsnorm",
             has_positional_encoding=False,
-            rotary_embedding=head_dim,
-            rotary_style="neox",
-            rope_theta=rope_theta(config),
+            **self.rotary_keys(head_dim),
             attention_bias=bool(config.get("attention_bias", False)),
             mlp_bias=bool(config.get("mlp_bias", False)),
         )
 
     def tables(self, params: FTConfig) -> tuple[Table, Table]:
         global_table = dict(self.global_tensors)
-        if not self.config.get("tie_word_embeddings", False):
+        if not self.tied():
             global_table["model.lm_head.weight"] = ("lm_head.weight", Split.REPLICATED)
         layer_table = dict(self.layer_tensors)
         if params.attention_bias:
@@ -80,7 +93,8 @@ class Llama(LinearArchitecture):
                 tuple(f"layers.{{i}}.self_attn.{p}_proj.bias" for p in "qkv"),
                 Split.QKV,
             )
-            layer_table["attention.dense.bias"] = ("layers.{i}.self_attn.o_proj.bias", Split.REPLICATED)
+            if params.attention_output_bias:
+                layer_table["attention.dense.bias"] = ("layers.{i}.self_attn.o_proj.bias", Split.REPLICATED)
         if params.mlp_bias:
             layer_table["mlp.dense_h_to_4h.bias"] = ("layers.{i}.mlp.gate_proj.bias", Split.COLUMN)
             layer_table["mlp.dense_h_to_4h_2.bias"] = ("layers.{i}.mlp.up_proj.bias", Split.COLUMN)
@@ -89,7 +103,7 @@ class Llama(LinearArchitecture):
 
     def extra_ignored(self) -> tuple[str, ...]:
         # A tied lm_head is embed_tokens again (transformers 5 does not save it at all).
-        return ("lm_head.weight",) if self.config.get("tie_word_embeddings", False) else ()
+        return ("lm_head.weight",) if self.tied() else ()
 
 
 def _token_id(value, default: int) -> int:

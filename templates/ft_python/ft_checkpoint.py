@@ -100,17 +100,48 @@ class FTConfig(Mapping):
     rotary_embedding: int = 0  # rotary dims per head, 0 = none
     rotary_style: str = "neox"  # gptj (interleaved pairs) | neox (halves)
     rope_theta: float = 10000.0
+    # Scaled rotary (HF rope_parameters / rope_scaling; ft_rotary.py computes the tables). The
+    # defaults are unscaled RoPE, so shards written before these keys load unchanged.
+    rope_type: str = "default"  # default | linear | dynamic | yarn | llama3
+    rope_scaling_factor: float = 1.0
+    # The context length the scaling is relative to: HF original_max_position_embeddings (llama3,
+    # yarn), max_position_embeddings (dynamic); 0 = unused.
+    rope_original_max_positions: int = 0
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
+    rope_truncate: bool = True  # yarn: round the correction range outwards
+    rope_attention_factor: float = 1.0  # yarn: cos and sin are multiplied by it
     use_gptj_residual: bool = False  # parallel attention + MLP
     kv_head_num: int = 0  # 0: as many as head_num (replaced by head_num on construction)
+    # Model width h; 0: head_num * size_per_head (replaced on construction). Differs where the
+    # source sets its own head_dim (Gemma, Qwen3): q/k/v and attention.dense then use the
+    # attention width head_num * size_per_head, everything else h.
+    hidden_units: int = 0
+    # Per-head RMSNorm of q and k before rotary (Qwen3): attention.{q,k}_layernorm.weight [d]
+    qk_norm: bool = False
+    # Token embeddings are multiplied by it, in the compute dtype (Gemma: sqrt(h)); the output
+    # layer uses wte unscaled.
+    embedding_multiplier: float = 1.0
     norm_type: str = "layernorm"  # | rmsnorm
     attention_bias: bool = True
     mlp_bias: bool = True
+    # With attention_bias: whether attention.dense (the output projection) has a bias too; 0 = only
+    # q/k/v carry biases (Qwen2).
+    attention_output_bias: bool = True
+    # Sliding-window attention (Mistral, Qwen2): a query at position i sees keys at positions
+    # > i - sliding_window, in the layers listed (comma-separated global indices); 0 = none.
+    sliding_window: int = 0
+    sliding_window_layers: str = ""
     lm_head_bias: bool = False
     section: str = "gpt"  # one of SECTIONS: the [section] of config.ini, not a key
 
     def __post_init__(self):
         if not self.kv_head_num:
             object.__setattr__(self, "kv_head_num", self.head_num)
+        if not self.hidden_units:
+            object.__setattr__(self, "hidden_units", self.head_num * self.size_per_head)
         if not self.tokenizer_vocab_size:
             object.__setattr__(self, "tokenizer_vocab_size", self.vocab_size)
         if not 0 < self.tokenizer_vocab_size <= self.vocab_size:
@@ -119,11 +150,22 @@ class FTConfig(Mapping):
 
     @property
     def hidden_size(self):
-        return self.head_num * self.size_per_head
+        return self.hidden_units
 
     @property
     def gated(self):
         return str(self.activation_type).lower() in GATED_ACTIVATIONS
+
+    @property
+    def window_layers(self):
+        """Global indices of the layers with sliding-window attention (empty without a window)."""
+        if not self.sliding_window:
+            return frozenset()
+        try:
+            return frozenset(int(i) for i in self.sliding_window_layers.split(",") if i.strip())
+        except ValueError:
+            raise CheckpointError(f"sliding_window_layers {self.sliding_window_layers!r} is not a "
+                                  "comma-separated list of layer indices") from None
 
     # -- config.ini text -------------------------------------------------------------------------
     def to_ini(self):
@@ -303,7 +345,8 @@ def tensor_table(config, untied=False):
     tp = cfg.tensor_para_size
     d = cfg.size_per_head
     heads, kv = cfg.head_num, cfg.kv_head_num
-    h = heads * d
+    h = cfg.hidden_size
+    width = heads * d  # attention width: h unless the source sets its own head_dim
     inter = cfg.inter_size
     vocab, max_pos = cfg.vocab_size, cfg.max_pos_seq_len
     norm_files = ("weight",) if cfg.norm_type == "rmsnorm" else ("weight", "bias")
@@ -324,19 +367,21 @@ def tensor_table(config, untied=False):
     if cfg.lm_head_bias:
         table.append(("model.lm_head.bias", (vocab,), None))
     if kv == heads:  # FT's own layout: [h, 3, h/tp]
-        qkv_w, qkv_b = (h, 3, h // tp), (3, h // tp)
+        qkv_w, qkv_b = (h, 3, width // tp), (3, width // tp)
     else:
         q_rank, kv_rank = qkv_rank_heads(heads, kv, tp)
-        width = (q_rank + 2 * kv_rank) * d
-        qkv_w, qkv_b = (h, width), (width,)
+        rank_width = (q_rank + 2 * kv_rank) * d
+        qkv_w, qkv_b = (h, rank_width), (rank_width,)
     for i in range(cfg.num_layer):
         p = f"model.layers.{i}."
         table += [(p + f"input_layernorm.{n}", (h,), None) for n in norm_files]
         table.append((p + "attention.query_key_value.weight", qkv_w, "qkv"))
         if attn_bias:
             table.append((p + "attention.query_key_value.bias", qkv_b, "qkv"))
-        table.append((p + "attention.dense.weight", (h // tp, h), "row"))
-        if attn_bias and not bias_sum:
+        if cfg.qk_norm:
+            table += [(p + f"attention.{n}_layernorm.weight", (d,), None) for n in "qk"]
+        table.append((p + "attention.dense.weight", (width // tp, h), "row"))
+        if attn_bias and cfg.attention_output_bias and not bias_sum:
             table.append((p + "attention.dense.bias", (h,), None))
         if section != "gptj":  # GPT-J: one layernorm feeds attention and MLP
             table += [(p + f"post_attention_layernorm.{n}", (h,), None) for n in norm_files]

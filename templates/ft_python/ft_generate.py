@@ -560,7 +560,9 @@ class _Decoding:
             if self.seen is not None:
                 self.seen[every, token] = True
             # Decode one token per slot: cache slot lmax+step, position length+step.
-            pos = (self.slot_lengths + step).clamp(max=model.max_positions - 1)[:, None]
+            # (learned positions never pass max_positions: such requests are refused up front;
+            # rotary positions run on past the context length, as in transformers)
+            pos = (self.slot_lengths + step)[:, None]
             mask = self.key_valid[:, None, None, :self.lmax + step + 1]
             hidden = model.hidden_states(token[:, None], pos, self.cache, self.lmax + step, mask)
             logits = model.logits(hidden[:, 0])

@@ -4,8 +4,10 @@ Copied into generated Triton model repositories next to ft_checkpoint.py and mod
 needs only torch and numpy. Everything comes from config.ini (see exporter/arch/layout.md):
 pre- or post-layernorm (OPT), LayerNorm or RMSNorm, Gelu (tanh approximation, FT's kernel) /
 Relu / Silu or gated GeGLU / SiGLU MLPs, learned positions or rotary embeddings (GPT-J's
-interleaved pairs or NeoX/Llama halves, partial rotary), sequential or parallel residual
-(GPT-J, NeoX), grouped-query attention, optional biases, a final layernorm and logits =
+interleaved pairs or NeoX/Llama halves, partial rotary, scaled rope types: ft_rotary.py),
+sequential or parallel residual (GPT-J, NeoX), grouped-query attention, sliding-window
+attention per layer (Mistral, Qwen2, Phi-3), per-head q/k RMSNorm (Qwen3), scaled token
+embeddings (Gemma), optional biases, a final layernorm and logits =
 h @ lm_head^T (+ bias) with lm_head = wte unless model.lm_head.weight exists, -inf for the
 padded vocabulary (ids >= tokenizer_vocab_size). Pipeline parallel layouts run stage after
 stage, on one device or one device per stage.
@@ -19,9 +21,10 @@ import torch
 import torch.nn.functional as F
 
 try:  # imported as templates.ft_python.ft_gpt inside the project
-    from . import ft_checkpoint
+    from . import ft_checkpoint, ft_rotary
 except ImportError:  # imported as a top-level module inside a Triton model directory
     import ft_checkpoint
+    import ft_rotary
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -143,11 +146,13 @@ class FTGPT:
         # Output projection [V, h]: tied to wte unless FT would load a separate lm_head.
         self.lm_head = w("model.lm_head.weight") if "model.lm_head.weight" in weights else self.wte
         self.lm_head_bias = optional("model.lm_head.bias")            # [V] (GPT-J)
-        self.inv_freq = None
-        if self.rotary_dim:
-            theta = config.rope_theta
-            exponent = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64) / self.rotary_dim
-            self.inv_freq = (1.0 / theta ** exponent).float()            # [r/2], fp32 on CPU
+        # cos / sin per position for the config's rope type (ft_rotary.py); None without rotary
+        self.rotary_tables = ft_rotary.RotaryTables(config) if self.rotary_dim else None
+        # Sliding-window attention: the window (in positions) of each layer, 0 = full causal.
+        window_layers = config.window_layers
+        if any(i >= self.num_layers for i in window_layers):
+            raise ValueError(f"sliding_window_layers {config.sliding_window_layers!r} names layers beyond "
+                             f"num_layer {self.num_layers}")
         self.layers = []
         for stage, layer_range in enumerate(self.stages):
             dev = self.stage_devices[stage]
@@ -162,10 +167,13 @@ class FTGPT:
                        if p + "post_attention_layernorm.weight" in weights else None)
                 self.layers.append({
                     "device": dev,
+                    "window": config.sliding_window if i in window_layers else 0,
                     "ln1": norm_weights(p + "input_layernorm", dev), "ln2": ln2,
                     # [h, 3, h] or [h, q + 2kv] -> [h, q + 2kv]: columns are q | k | v, heads in order.
                     "qkv_w": qkv_w.reshape(h, -1),
                     "qkv_b": None if qkv_b is None else qkv_b.reshape(-1),
+                    "q_norm": optional(p + "attention.q_layernorm.weight", dev),  # [d] (Qwen3)
+                    "k_norm": optional(p + "attention.k_layernorm.weight", dev),
                     "o_w": w(p + "attention.dense.weight", dev),
                     "o_b": optional(p + "attention.dense.bias", dev),
                     "fc1_w": w(p + "mlp.dense_h_to_4h.weight", dev),
@@ -196,18 +204,23 @@ class FTGPT:
         return cls(weights, config, device=device, dtype=compute, devices=devices)
 
     # ------------------------------------------------------------------ forward pieces
+    def _rms(self, x, weight):
+        # y = x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in fp32
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * weight
+
     def _norm(self, x, weights):
         weight, bias = weights
         if self.rmsnorm:
-            # y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32
-            xf = x.float()
-            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-            return xf.to(x.dtype) * weight
+            return self._rms(x, weight)
         return F.layer_norm(x, (self.hidden,), weight, bias, self.eps)
 
     def _embed(self, ids, pos):
         # ids, pos [B, S] -> [B, S, h]
         x = F.embedding(ids, self.wte)
+        if self.config.embedding_multiplier != 1.0:  # Gemma: sqrt(h), rounded to the compute dtype
+            x = x * torch.tensor(self.config.embedding_multiplier, dtype=x.dtype)
         if self.wpe is not None:
             x = x + F.embedding(pos, self.wpe)
         if self.pre_ln is not None:
@@ -216,9 +229,18 @@ class FTGPT:
 
     def _rotary_tables(self, pos, device):
         """cos, sin [B, 1, S, r/2] (fp32) for positions pos [B, S]."""
-        angles = pos.to("cpu", torch.float32)[..., None] * self.inv_freq    # [B, S, r/2]
-        angles = angles[:, None].to(device)
-        return angles.cos(), angles.sin()
+        return self.rotary_tables(pos, device)
+
+    @staticmethod
+    def _window_mask(mask, start, window):
+        """mask [B, 1, S|1, start+S] restricted to keys less than `window` slots behind each query.
+
+        Query q sits in cache slot start+q; a row's slots hold consecutive positions (left-aligned
+        padding), so slot distance = position distance: transformers' `kv_idx > q_idx - window`.
+        """
+        keys = torch.arange(mask.shape[-1], device=mask.device)                  # [start+S]
+        queries = keys[start:]                                                  # [S]
+        return mask & (keys[None, :] > queries[:, None] - window)
 
     def _rotate(self, x, cos, sin):
         # x [B, heads, S, d]: rotate the first rotary_dim dims of each head, in fp32.
@@ -242,6 +264,8 @@ class FTGPT:
         q = q.view(bsz, seq, nq, d).transpose(1, 2)                         # [B, nq, S, d]
         k = k.view(bsz, seq, nkv, d).transpose(1, 2)                        # [B, nkv, S, d]
         v = v.view(bsz, seq, nkv, d).transpose(1, 2)
+        if lw["q_norm"] is not None:  # per-head RMSNorm over d, every head at once
+            q, k = self._rms(q, lw["q_norm"]), self._rms(k, lw["k_norm"])
         if rotary is not None:
             q, k = self._rotate(q, *rotary), self._rotate(k, *rotary)
         k_cache, v_cache = layer_cache
@@ -271,13 +295,18 @@ class FTGPT:
         [B, 1, S|1, start+S] bool, True = may attend. Returns final hidden states [B, S, h]
         on self.device.
         """
-        device, rotary, layer_mask = None, None, None
+        device, rotary, full_mask, window_masks = None, None, None, {}
         for i, lw in enumerate(self.layers):
             if lw["device"] != device:  # first layer of a pipeline stage on a new device
                 device = lw["device"]
                 x = x.to(device)
-                layer_mask = mask.to(device)
+                full_mask, window_masks = mask.to(device), {}
                 rotary = self._rotary_tables(pos, device) if self.rotary_dim else None
+            layer_mask = full_mask
+            if lw["window"]:  # built once per call and device
+                if lw["window"] not in window_masks:
+                    window_masks[lw["window"]] = self._window_mask(full_mask, start, lw["window"])
+                layer_mask = window_masks[lw["window"]]
             if self.post_layernorm:  # OPT with do_layer_norm_before=False
                 x = self._norm(x + self._bias(self._attention(x, lw, cache[i], start, layer_mask, rotary),
                                               lw["o_b"]), lw["ln1"])
