@@ -64,11 +64,55 @@ def _build_sentencepiece_llama(request, directory: Path) -> Path:
     return directory
 
 
+def _build_mistral(request, directory: Path) -> Path:
+    """A tiny Mistral as Mistral ships its tokenizer (tokenizer.model + Llama's tokenizer_config.json: `<s>` first),
+    sliding window 4: every prompt (4 to 10 ids with `<s>`) plus 8 new tokens runs past it."""
+    import torch
+    from test_sentencepiece import hf_directory
+
+    hf_directory(directory, _sentencepiece_model(request))
+    torch.manual_seed(14)
+    config = transformers.MistralConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
+                                        sliding_window=4, initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    transformers.MistralForCausalLM(config).eval().save_pretrained(directory)
+    return directory
+
+
+def _build_qwen2(request, directory: Path) -> Path:
+    """A tiny Qwen2 (q/k/v biases, tied output) with a Qwen-style tokenizer.json: byte-level BPE, no BOS added."""
+    import torch
+    from tokenizers import Tokenizer, processors
+
+    fixtures.copy_tokenizer(request.getfixturevalue("llama_tokenizer_dir"), directory)
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)  # Qwen2's: nothing added around the text
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "</s>", "pad_token": "<unk>", "model_max_length": 128,
+        "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}))
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    eos = tokenizer.token_to_id("</s>")
+    torch.manual_seed(15)
+    config = transformers.Qwen2Config(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
+                                      initializer_range=0.2, tie_word_embeddings=True, eos_token_id=eos)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # HF initialises biases to zero: make the q/k/v biases count
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0.0, 0.5)
+    model.save_pretrained(directory)
+    return directory
+
+
 CASES = [
     TextCase("llama_bos", lambda request, directory: fixtures.build_llama_bos(
         directory, request.getfixturevalue("llama_tokenizer_dir"))),
     TextCase("opt", lambda request, directory: fixtures.build_opt_bos(directory)),
     TextCase("sentencepiece_llama_bos", _build_sentencepiece_llama),
+    TextCase("mistral_sliding_window", _build_mistral),
+    TextCase("qwen2", _build_qwen2),
 ]
 
 
