@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+# FT_TEST_DEVICE=cuda runs every in-process runtime test (the shards loaded with FTGPT.from_shards and no explicit
+# per-stage devices) on that device, with the same assertions against HF transformers on the CPU: the GPU check of
+# the python runtime. Unset: the tests' own device (the CPU).
+TEST_DEVICE = os.environ.get("FT_TEST_DEVICE")
+
+
+def pytest_configure(config):
+    if not TEST_DEVICE:
+        return
+    from templates.ft_python import ft_gpt
+
+    load = ft_gpt.FTGPT.from_shards.__func__
+
+    def from_shards_on_test_device(cls, shard_dir, device="cpu", dtype=None, devices=None):
+        return load(cls, shard_dir, TEST_DEVICE if devices is None else device, dtype, devices)
+
+    ft_gpt.FTGPT.from_shards = classmethod(from_shards_on_test_device)
+
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[1] / "exporter" / "data" / "gpt2-tokenizer"
 
