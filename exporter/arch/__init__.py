@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..parallel import ParallelLayout
 from ..readers import nemo_archive
+from ..readers.gguf import GGUFCheckpoint
 from ..readers.hf import HFCheckpoint
 from ..readers.source import SourceKind, source_kind
 from . import gpt2, gptj, gptneox, llama, nemo_gpt, opt  # noqa: F401  (each registers itself)
@@ -17,11 +18,12 @@ from .registry import architecture_for, register, registered
 
 
 def open_architecture(path: str | Path, layout: ParallelLayout = ParallelLayout()) -> Architecture:
-    """The registered architecture over a checkpoint its reader opens in place: an HF directory or a staged NeMo
-    checkpoint (convert.py stages a .nemo source first)."""
-    if source_kind(path) is SourceKind.NEMO:
+    """The registered architecture over a checkpoint its reader opens in place: an HF directory, a GGUF file (read
+    under HF names) or a staged NeMo checkpoint (convert.py stages a .nemo source first)."""
+    kind = source_kind(path)
+    if kind is SourceKind.NEMO:
         return open_nemo(path, layout)
-    checkpoint = HFCheckpoint(path)
+    checkpoint = GGUFCheckpoint(path) if kind is SourceKind.GGUF else HFCheckpoint(path)
     return architecture_for(checkpoint.config)(checkpoint, layout)
 
 
@@ -30,7 +32,7 @@ class SourceModel:
     """What a checkpoint holds, from its config alone (nothing staged, no weights read)."""
 
     kind: SourceKind
-    name: str  # HF config.json architectures[0], or the NeMo model class
+    name: str  # HF config.json architectures[0] (for GGUF: the one its metadata maps to), or the NeMo model class
     section: str  # the config.ini section its export gets
     ft_model_type: str | None  # the FT Triton backend model_type that serves it; None: the python runtime only
 
@@ -45,7 +47,7 @@ def describe_source(path: str | Path) -> SourceModel:
         name = nemo_model_class(config)
         architecture = nemo_architecture(config, path)
     else:
-        config = HFCheckpoint(path).config
+        config = (GGUFCheckpoint(path) if kind is SourceKind.GGUF else HFCheckpoint(path)).config
         architecture = architecture_for(config)
         name = config["architectures"][0]
     return SourceModel(kind, name, architecture.section, architecture.ft_model_type_of(config))

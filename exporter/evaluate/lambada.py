@@ -146,7 +146,12 @@ class HFGenerator:
         from transformers import AutoModelForCausalLM
 
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).float().eval()
+        checkpoint = Path(checkpoint)
+        if checkpoint.is_file():  # a GGUF file: transformers reads it from its directory, de-quantised to float32
+            self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint.parent), gguf_file=checkpoint.name,
+                                                              dtype=torch.float32).eval()
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).float().eval()
         self.end_id = end_id
 
     def __call__(self, batch: list[Example]) -> list[list[int]]:

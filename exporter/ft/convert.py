@@ -1,4 +1,4 @@
-"""HF or NeMo checkpoint -> FasterTransformer shards `<out_dir>/<tp>-gpu/`: plan and check everything, then
+"""HF, GGUF or NeMo checkpoint -> FasterTransformer shards `<out_dir>/<tp>-gpu/`: plan and check everything, then
 stream-write."""
 
 from __future__ import annotations
@@ -88,7 +88,9 @@ def convert_checkpoint(
         with _staged_nemo(checkpoint_path, Path(out_dir)) as staged:
             return convert_checkpoint(staged, out_dir, layout, weight_data_type, processes)
     arch = open_architecture(checkpoint_path, layout)
-    find_tokenizer(checkpoint_path)  # pre/postprocessing need it: fail now, not after writing gigabytes
+    gguf = source_kind(checkpoint_path) is SourceKind.GGUF  # its reader rebuilt the tokenizer on opening
+    if not gguf:
+        find_tokenizer(checkpoint_path)  # pre/postprocessing need it: fail now, not after writing gigabytes
     plan = arch.plan()
     params = plan.params
     layout = layout.with_layers(params.num_layer)
@@ -112,7 +114,9 @@ def convert_checkpoint(
                             weight_data_type, processes)
         for tokenizer_file in arch.checkpoint.tokenizer_files():
             shutil.copy2(tokenizer_file, partial_dir / tokenizer_file.name)
-        if not (partial_dir / "tokenizer.json").exists():
+        if gguf:
+            arch.checkpoint.save_tokenizer(partial_dir)
+        elif not (partial_dir / "tokenizer.json").exists():
             save_tokenizer_json(checkpoint_path, partial_dir / "tokenizer.json")
         # config.ini last: a directory without it is never mistaken for a finished export.
         write_config(ft_config(plan, layout, weight_data_type), partial_dir)
