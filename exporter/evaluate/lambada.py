@@ -222,6 +222,7 @@ def evaluate(
             ) / len(examples)
             entry.update(
                 reference=reference_score.summary(),
+                reference_predictions=reference_score.predictions,
                 reference_seconds=round(time.monotonic() - started, 3),
                 difference=difference,
                 prediction_agreement=agreement,

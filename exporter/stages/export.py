@@ -17,8 +17,8 @@ from typing import Callable, Iterator
 from omegaconf import DictConfig
 
 from ..atomic import AtomicDirectory
-from ..builtin import BUILTIN_CHECKPOINT, resolve_checkpoint
-from ..config import Reference
+from ..builtin import resolve_checkpoint
+from ..config import BUILTIN_TINY_GPT2, Reference
 from ..ft.convert import convert_checkpoint
 from ..ft.verify import read_config
 from ..jobs import Resources, Step, SubStage
@@ -241,10 +241,10 @@ def plan(cfg: DictConfig) -> list[SubStage]:
     paths = export_paths(cfg)
     run, deploy = cfg.export.run, cfg.export.triton_deployment
     runtime = runtime_for(deploy.runtime)
-    if cfg.export.model.checkpoint_path != BUILTIN_CHECKPOINT:
-        # Here, not in the convert job: refused before anything is written or submitted (the built-in GPT-2, built
-        # by the convert job, is served by every runtime).
-        runtime.check_source(Path(cfg.export.model.checkpoint_path).expanduser())
+    if cfg.export.model.checkpoint_path != BUILTIN_TINY_GPT2:
+        # Here, not in the convert job: refused before anything is written or submitted (a missing built-in SmolLM2
+        # package too; the built-in GPT-2, built by the convert job, is served by every runtime).
+        runtime.check_source(resolve_checkpoint(cfg.export.model.checkpoint_path, paths.checkpoint_cache))
 
     def sub_stage(name: str, steps: tuple[Step, ...], **kwargs) -> SubStage:
         return SubStage(name=name, stage="export", results_dir=paths.results_dir / name, config_name=run.name,
