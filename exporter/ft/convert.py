@@ -1,4 +1,4 @@
-"""HF or NeMo checkpoint -> FasterTransformer shards `<out_dir>/<tp>-gpu/`: plan and check everything, then
+"""HF, GGUF or NeMo checkpoint -> FasterTransformer shards `<out_dir>/<tp>-gpu/`: plan and check everything, then
 stream-write."""
 
 from __future__ import annotations
@@ -90,8 +90,9 @@ def convert_checkpoint(
         with _staged_nemo(checkpoint_path, Path(out_dir)) as staged:
             return convert_checkpoint(staged, out_dir, layout, weight_data_type, processes, special_tokens)
     arch = open_architecture(checkpoint_path, layout)
+    gguf = source_kind(checkpoint_path) is SourceKind.GGUF  # its reader rebuilt the tokenizer on opening
     # Pre/postprocessing need it: fail now, not after writing gigabytes.
-    served_tokenizer = load_tokenizer(checkpoint_path, special_tokens)
+    served_tokenizer = None if gguf else load_tokenizer(checkpoint_path, special_tokens)
     plan = arch.plan()
     # Every eos id of the source ends generation; FT's single end_id is the first (exporter/generation.py).
     generation = generation_settings(checkpoint_path, plan.params.end_id, plan.params.vocab_size)
@@ -118,7 +119,12 @@ def convert_checkpoint(
                             weight_data_type, processes)
         for tokenizer_file in arch.checkpoint.tokenizer_files():
             shutil.copy2(tokenizer_file, partial_dir / tokenizer_file.name)
-        save_served_tokenizer(served_tokenizer, checkpoint_path, partial_dir / "tokenizer.json")
+        if gguf:  # tokenizer.json + tokenizer_config.json from the metadata, then the same special-token rules
+            arch.checkpoint.save_tokenizer(partial_dir)
+            save_served_tokenizer(load_tokenizer(partial_dir, special_tokens), partial_dir,
+                                  partial_dir / "tokenizer.json")
+        else:
+            save_served_tokenizer(served_tokenizer, checkpoint_path, partial_dir / "tokenizer.json")
         config = ft_config(plan, layout, weight_data_type)
         # A vocab_size above what the served tokenizer decodes is padding: config.ini says where the real ids end.
         tokenizer_vocab = min(decodable_vocab_size(partial_dir / "tokenizer.json"), config.vocab_size)

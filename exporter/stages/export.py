@@ -20,8 +20,8 @@ from templates.ft_python.ft_generate import GenerationDefaults
 
 from ..arch import describe_source
 from ..atomic import AtomicDirectory
-from ..builtin import BUILTIN_CHECKPOINT, resolve_checkpoint
-from ..config import Reference
+from ..builtin import resolve_checkpoint
+from ..config import BUILTIN_TINY_GPT2, Reference
 from ..ft.convert import convert_checkpoint
 from ..ft.verify import read_config
 from ..jobs import Resources, Step, SubStage
@@ -199,8 +199,12 @@ def _reference(cfg: DictConfig, paths: ExportPaths, end_id: int):
         return None, None, "transformers is not installed"
     overrides = {key: value for key, value in cfg.export.tokenizer.items()
                  if key in ("add_bos_token", "add_eos_token") and value is not None}
+    if source_kind(checkpoint) is SourceKind.GGUF:  # transformers reads the tokenizer from the file's metadata
+        overrides.update(pretrained_model_name_or_path=str(checkpoint.parent), gguf_file=checkpoint.name)
+    else:
+        overrides.update(pretrained_model_name_or_path=str(checkpoint))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), **overrides)
+        tokenizer = AutoTokenizer.from_pretrained(**overrides)
     except (OSError, ValueError) as error:  # the model loads, its tokenizer not: the reference scores the served ids
         log.warning("HF transformers cannot load %s's tokenizer (%s): the reference scores the served tokenizer's "
                     "ids", checkpoint, str(error).splitlines()[0] if str(error) else type(error).__name__)
@@ -281,10 +285,10 @@ def plan(cfg: DictConfig) -> list[SubStage]:
     paths = export_paths(cfg)
     run, deploy = cfg.export.run, cfg.export.triton_deployment
     runtime = runtime_for(deploy.runtime)
-    if cfg.export.model.checkpoint_path != BUILTIN_CHECKPOINT:
-        # Here, not in the convert job: refused before anything is written or submitted (the built-in GPT-2, built
-        # by the convert job, is served by every runtime).
-        checkpoint = Path(cfg.export.model.checkpoint_path).expanduser()
+    if cfg.export.model.checkpoint_path != BUILTIN_TINY_GPT2:
+        # Here, not in the convert job: refused before anything is written or submitted (a missing built-in SmolLM2
+        # package too; the built-in GPT-2, built by the convert job, is served by every runtime).
+        checkpoint = resolve_checkpoint(cfg.export.model.checkpoint_path, paths.checkpoint_cache)
         if checkpoint.exists():  # else it may exist only where the convert job runs (a cluster's file system)
             describe_source(checkpoint)  # damaged files, unknown architecture: one CheckpointError, nothing written
         runtime.check_source(checkpoint)
