@@ -59,7 +59,7 @@ CASES = {
                         "batch.size"),
     "wrong-dtype": (ensemble_case(INPUT_1=np.array([[4]], dtype=np.int32)), WRONG_DTYPE),
     "wrong-shape": (ensemble_case(runtime_top_k=np.array([[1, 2]], dtype=np.uint32)), "shape"),
-    "missing-required": (ensemble_case(INPUT_1=None), "INPUT_1"),
+    "missing-required": (ensemble_case(INPUT_0=None), "INPUT_0"),
     "bad-words-empty-word": (ensemble_case(INPUT_2=np.array([[b"good,,bad"]], dtype=object)),
                              "encodes to no tokens"),
     "stop-words-not-csv": (ensemble_case(INPUT_3=np.array([[b'"unterminated']], dtype=object)),
