@@ -134,6 +134,8 @@ def test_eos_list_of_config_json_is_the_set_without_generation_config(tmp_path):
     ({"temperature": 0}, "temperature"),
     ({"top_k": -1}, "top_k"),
     ({"do_sample": "yes"}, "do_sample"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_length": 2.5}, "max_length"),
 ])
 def test_bad_generation_config_is_refused_before_anything_is_written(multi_eos, tmp_path, values, named):
     directory = tmp_path / "llama"
