@@ -16,8 +16,9 @@ from pathlib import Path
 from templates.ft_python.ft_checkpoint import CheckpointError
 from templates.ft_python.ft_generate import GENERATION_CONFIG
 
-# The sampling keys the python runtime applies (and max_new_tokens, recorded), in HF's names.
-SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
+# The sampling keys the python runtime applies, and the output length preprocessing gives a request without one
+# (max_new_tokens, else max_length - the prompt's length), in HF's names.
+SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "max_length")
 
 
 def _read_json(path: Path) -> dict:
@@ -48,11 +49,12 @@ def _check(key: str, value, where: str) -> None:
         "top_p": number and 0 < value <= 1,
         "repetition_penalty": number and value > 0,
         "max_new_tokens": isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+        "max_length": isinstance(value, int) and not isinstance(value, bool) and value >= 1,
     }[key]
     if not allowed:
         supported = {"do_sample": "true or false", "temperature": "a number > 0", "top_k": "an integer >= 0",
                      "top_p": "a number in (0, 1]", "repetition_penalty": "a number > 0",
-                     "max_new_tokens": "an integer >= 1"}[key]
+                     "max_new_tokens": "an integer >= 1", "max_length": "an integer >= 1"}[key]
         raise CheckpointError(f"{where}: {key} = {value!r} is not supported: expected {supported}")
 
 

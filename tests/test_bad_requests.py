@@ -59,7 +59,6 @@ CASES = {
                         "batch.size"),
     "wrong-dtype": (ensemble_case(INPUT_1=np.array([[4]], dtype=np.int32)), WRONG_DTYPE),
     "wrong-shape": (ensemble_case(runtime_top_k=np.array([[1, 2]], dtype=np.uint32)), "shape"),
-    "missing-required": (ensemble_case(INPUT_1=None), "INPUT_1"),
     "bad-words-empty-word": (ensemble_case(INPUT_2=np.array([[b"good,,bad"]], dtype=object)),
                              "encodes to no tokens"),
     "stop-words-not-csv": (ensemble_case(INPUT_3=np.array([[b'"unterminated']], dtype=object)),
@@ -68,6 +67,8 @@ CASES = {
     "words-wrong-batch": (ensemble_case(INPUT_2=np.array([[b"a"], [b"b"]], dtype=object)),
                           "batch size does not match"),
     # straight to the model (token ids in)
+    # The ensemble's one required input is INPUT_0 (INPUT_1 is optional); the model still requires its length.
+    "missing-required": (model_case(request_output_len=None), "request_output_len"),
     "input-length-zero": (model_case(input_lengths=np.array([[0], [1]], dtype=np.uint32)), "input_lengths"),
     "input-length-beyond-ids": (model_case(input_lengths=np.array([[3], [9]], dtype=np.uint32)), "input_lengths"),
     "negative-length-as-uint32": (model_case(request_output_len=np.array([[4], [2**32 - 1]], dtype=np.uint32)),

@@ -83,6 +83,20 @@ def test_prompt_client_prints_hf_greedy_text(served, hf_model, tokenizer, protoc
 
 
 @pytest.mark.triton
+def test_prompt_client_without_output_len_prints_hfs_default_generation(served, hf_model, tokenizer):
+    """Without --output-len the client sends no INPUT_1 and the text is HF's generate(**tok(prompt)): this
+    checkpoint's generation_config.json sets no length, so HF's 20 new tokens (preprocessing fills them in)."""
+    args = prompt.parser().parse_args(["-u", served.http_url, "--prompts", *PROMPTS])
+    assert args.output_len is None
+    texts = prompt.run(args, out=io.StringIO())
+    for row, text in enumerate(PROMPTS):
+        inputs = tokenizer(text, return_tensors="pt")
+        with torch.inference_mode():
+            new = hf_model.generate(**inputs)[0, inputs.input_ids.shape[1]:].tolist()
+        assert texts[row] == [tokenizer.decode(new, skip_special_tokens=True)]
+
+
+@pytest.mark.triton
 def test_prompt_client_streams_growing_text(served):
     out = io.StringIO()
     argv = ["-u", served.grpc_url, "-i", "grpc", "-m", STREAM_ENSEMBLE, "--stream", "--prompts", PROMPTS[0],
@@ -99,10 +113,12 @@ def test_prompt_client_streams_growing_text(served):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("protocol, stream", [("http", False), ("grpc", False), ("grpc", True)])
-def test_end_to_end_client_stages_agree(served, protocol, stream):
+# output_len 0: neither preprocessing nor the ensemble is sent one (both fill in the same default).
+@pytest.mark.parametrize("protocol, stream, output_len", [("http", False, "5"), ("grpc", False, "5"),
+                                                          ("grpc", True, "5"), ("http", False, "0")])
+def test_end_to_end_client_stages_agree(served, protocol, stream, output_len):
     url = served.http_url if protocol == "http" else served.grpc_url
-    argv = ["-u", url, "-i", protocol, "--output-len", "5", "--bad-words", " the", "--stop-words", ".",
+    argv = ["-u", url, "-i", protocol, "--output-len", output_len, "--bad-words", " the", "--stop-words", ".",
             "--top-k", "3", "--seed", "21"]
     if stream:
         argv += ["--stream", "-m", STREAM_MODEL, "--ensemble", STREAM_ENSEMBLE]

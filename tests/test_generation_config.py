@@ -134,6 +134,8 @@ def test_eos_list_of_config_json_is_the_set_without_generation_config(tmp_path):
     ({"temperature": 0}, "temperature"),
     ({"top_k": -1}, "top_k"),
     ({"do_sample": "yes"}, "do_sample"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_length": 2.5}, "max_length"),
 ])
 def test_bad_generation_config_is_refused_before_anything_is_written(multi_eos, tmp_path, values, named):
     directory = tmp_path / "llama"
@@ -247,13 +249,99 @@ def test_options_a_request_sets_override_the_sampling_defaults(multi_eos, sampli
         np.testing.assert_allclose(out.output_log_probs[row, 0, : len(tokens)].numpy(), want.numpy(), atol=1e-4)
 
 
+# -- the output length of a request that sends none, in process ------------------------------------------------
+# generation_config.json (and config.json's max_position_embeddings) -> what HF's generate(**tok(prompt)) allows.
+OUTPUT_LENGTH_CASES = {  # name -> (generation_config.json, config.json changes, whether the prompt's length counts)
+    "max_new_tokens": ({"max_new_tokens": 5}, {}, False),
+    "max_new_tokens wins over max_length": ({"max_new_tokens": 5, "max_length": 9}, {}, False),
+    "max_length counts the prompt": ({"max_length": 9}, {}, True),
+    "neither: HF's 20 new tokens": ({}, {}, False),
+    "neither: 20 new tokens within the context": ({}, {"max_position_embeddings": 24}, True),
+}
+
+
+def _length_checkpoint(multi_eos, directory: Path, generation: dict, config_change: dict) -> Path:
+    """A copy of the multi-eos checkpoint with `generation` as its generation_config.json (no eos id, so HF's
+    generate runs to its length limit) and `config_change` in config.json."""
+    shutil.copytree(multi_eos[0], directory)
+    _write_json(directory / "generation_config.json", generation)
+    config = json.loads((directory / "config.json").read_text())
+    _write_json(directory / "config.json", {**config, **config_change})
+    return directory
+
+
+def _exported_preprocessing(checkpoint: Path, tmp_path: Path, monkeypatch):
+    """The exported repository's preprocessing model, in process, with the parameters its config.pbtxt got."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from exporter.runtimes import ModelSettings
+    from exporter.stages.export import build_repository
+    from test_text_parity import _load_text_model
+
+    settings = ModelSettings(name="llama", runtime="python", max_batch_size=4, layout=ParallelLayout(1, 1),
+                             data_type="fp32", device="cpu")
+    repository = build_repository(tmp_path / "repo", checkpoint, settings, "fp32")
+    config = text_format.Parse((repository / "preprocessing" / "config.pbtxt").read_text(),
+                               model_config_pb2.ModelConfig())
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    tokenizer_json = repository / "preprocessing" / "1" / "tokenizer" / "tokenizer.json"
+    return _load_text_model("preprocessing", tokenizer_json, tmp_path / "loaded", monkeypatch, **parameters)
+
+
+def _preprocess_without_length(model, prompts):
+    """preprocessing's (REQUEST_OUTPUT_LEN [B] filled in, error or None) for a request that sends QUERY alone."""
+    from test_runtime_inprocess import _FakeTensor
+
+    query = _FakeTensor("QUERY", np.array([[prompt.encode()] for prompt in prompts], dtype=object))
+    (response,) = model.execute([{"QUERY": query}])
+    if response.error is not None:
+        return None, str(response.error.message())
+    return response.output("REQUEST_OUTPUT_LEN")[:, 0].tolist(), None
+
+
+@pytest.mark.parametrize("case", list(OUTPUT_LENGTH_CASES))
+def test_a_request_without_output_length_gets_hfs_length(multi_eos, tmp_path, monkeypatch, case):
+    """Regression: generation_config.json's max_new_tokens was recorded but never applied, since every request had
+    to send REQUEST_OUTPUT_LEN. Preprocessing now fills in, per prompt, the new tokens HF's generate(**tok(prompt))
+    makes with the file: max_new_tokens, else max_length - prompt, else 20 new tokens within the context."""
+    generation, config_change, prompt_counts = OUTPUT_LENGTH_CASES[case]
+    checkpoint = _length_checkpoint(multi_eos, tmp_path / "llama", generation, config_change)
+    hf, tokenizer = _hf(checkpoint), _tokenizer(checkpoint)
+    assert hf.generation_config.eos_token_id is None  # HF runs to its length limit
+    expected = []
+    for prompt in PROMPTS:
+        inputs = tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            expected.append(hf.generate(**inputs).shape[1] - inputs.input_ids.shape[1])
+    model = _exported_preprocessing(checkpoint, tmp_path, monkeypatch)
+    assert _preprocess_without_length(model, PROMPTS) == (expected, None)
+    assert (len(set(expected)) > 1) == prompt_counts  # the prompts' lengths show where they count
+
+
+def test_a_prompt_that_leaves_no_room_under_max_length_is_refused_as_hf_refuses_it(multi_eos, tmp_path,
+                                                                                   monkeypatch):
+    """A prompt as long as generation_config's max_length: HF's generate raises; preprocessing answers that request
+    with an error naming the prompt and the limit (a request that sends its own length is served)."""
+    checkpoint = _length_checkpoint(multi_eos, tmp_path / "llama", {"max_length": 4}, {})
+    prompt = PROMPTS[0]
+    inputs = _tokenizer(checkpoint)(prompt, return_tensors="pt")
+    assert inputs.input_ids.shape[1] == 4
+    with pytest.raises(ValueError, match="max_length"):
+        _hf(checkpoint).generate(**inputs)
+    lengths, error = _preprocess_without_length(_exported_preprocessing(checkpoint, tmp_path, monkeypatch), [prompt])
+    assert lengths is None and "QUERY[0] has 4 tokens" in error and "max_length=4" in error
+
+
 # -- through a real tritonserver ---------------------------------------------------------------------------------
-@pytest.mark.triton
-def test_served_ensemble_stops_at_each_eos_id_as_hf(multi_eos, tmp_path_factory):
-    """Regression: the served model ran past the eos ids config.ini's end_id did not name, and postprocessing cut
-    the text at end_id only. Text in -> ids and text out equal HF's generate with the file, for each eos id."""
+MAX_NEW_TOKENS = 5  # the served copy's generation_config.json: cuts prompt 1 (eos at step 6), not prompts 0 and 2
+
+
+@pytest.fixture(scope="module")
+def served_multi_eos(multi_eos, tmp_path_factory):
+    """(checkpoint, http url): the multi-eos checkpoint, its generation_config.json also setting max_new_tokens,
+    exported for the python runtime and served by a real tritonserver."""
     pytest.importorskip("tritonclient.http")
-    from exporter.clients import common
     from exporter.runtimes import ModelSettings
     from exporter.serve.tritonserver import TritonServer, TritonServerError, find_tritonserver
     from exporter.stages.export import build_repository
@@ -262,24 +350,70 @@ def test_served_ensemble_stops_at_each_eos_id_as_hf(multi_eos, tmp_path_factory)
         install = find_tritonserver(os.environ.get("FT_TRITONSERVER") or None)
     except TritonServerError as error:
         pytest.skip(f"no tritonserver: {error}")
-    checkpoint, eos, prompts = multi_eos
-    hf, tokenizer = _hf(checkpoint), _tokenizer(checkpoint)
-    expected = [_hf_generate(hf, ids) for ids in prompts]
-    explicit = [_hf_generate(hf, ids, eos_token_id=eos[2]) for ids in prompts]
     root = tmp_path_factory.mktemp("served-multi-eos")
+    checkpoint = root / "llama"
+    shutil.copytree(multi_eos[0], checkpoint)
+    generation = json.loads((checkpoint / "generation_config.json").read_text())
+    _write_json(checkpoint / "generation_config.json", {**generation, "max_new_tokens": MAX_NEW_TOKENS})
     settings = ModelSettings(name="llama", runtime="python", max_batch_size=4, layout=ParallelLayout(1, 1),
                              data_type="fp32", device="cpu")
     repository = build_repository(root / "repo", checkpoint, settings, "fp32")
-    names = ["OUTPUT_0", "output_ids", "sequence_length"]
     with TritonServer(repository, root / "tritonserver.log", install=install, startup_timeout_s=240) as server:
-        unset = common.infer(server.http_url, "http", "ensemble", common.ensemble_arrays(PROMPTS, NEW_TOKENS),
-                             output_names=names)
-        sent = common.infer(server.http_url, "http", "ensemble",
-                            common.ensemble_arrays(PROMPTS, NEW_TOKENS, end_id=eos[2]), output_names=names)
-    for result, want in ((unset, expected), (sent, explicit)):
-        ids = [result["output_ids"][row, 0, len(prompt): int(result["sequence_length"][row, 0])].tolist()
-               for row, prompt in enumerate(prompts)]
+        yield checkpoint, server.http_url
+
+
+def _served_ids_and_texts(url, arrays, prompts):
+    from exporter.clients import common
+
+    result = common.infer(url, "http", "ensemble", arrays, output_names=["OUTPUT_0", "output_ids", "sequence_length"])
+    ids = [result["output_ids"][row, 0, len(prompt): int(result["sequence_length"][row, 0])].tolist()
+           for row, prompt in enumerate(prompts)]
+    return ids, [text.decode("utf-8") for text in result["OUTPUT_0"][:, 0]]
+
+
+def _texts(tokenizer, rows, eos):
+    """HF's decode of each row without its final eos token (not text: HF's decode skips it as a special token)."""
+    return [tokenizer.decode(row[:-1] if row[-1] in eos else row) for row in rows]
+
+
+@pytest.mark.triton
+def test_served_ensemble_stops_at_each_eos_id_as_hf(multi_eos, served_multi_eos):
+    """Regression: the served model ran past the eos ids config.ini's end_id did not name, and postprocessing cut
+    the text at end_id only. Text in -> ids and text out equal HF's generate with the file, for each eos id."""
+    from exporter.clients import common
+
+    _, eos, prompts = multi_eos
+    checkpoint, url = served_multi_eos
+    hf, tokenizer = _hf(checkpoint), _tokenizer(checkpoint)
+    expected = [_hf_generate(hf, ids) for ids in prompts]
+    explicit = [_hf_generate(hf, ids, eos_token_id=eos[2]) for ids in prompts]
+    unset = _served_ids_and_texts(url, common.ensemble_arrays(PROMPTS, NEW_TOKENS), prompts)
+    sent = _served_ids_and_texts(url, common.ensemble_arrays(PROMPTS, NEW_TOKENS, end_id=eos[2]), prompts)
+    for (ids, texts), want in ((unset, expected), (sent, explicit)):
         assert ids == want
-        # The eos token is not text (HF's decode skips it as a special token); the rest is HF's decode.
-        texts = [tokenizer.decode(row[:-1] if row[-1] in eos else row) for row in want]
-        assert [text.decode("utf-8") for text in result["OUTPUT_0"][:, 0]] == texts
+        assert texts == _texts(tokenizer, want, eos)
+
+
+@pytest.mark.triton
+def test_served_ensemble_without_output_length_generates_as_hf(multi_eos, served_multi_eos):
+    """Regression: generation_config.json's max_new_tokens was never applied (the ensemble required INPUT_1). A
+    request without INPUT_1 now generates exactly HF's generate(**tok(prompt)) with the file; one with it still wins."""
+    from exporter.clients import common
+
+    _, eos, prompts = multi_eos
+    checkpoint, url = served_multi_eos
+    hf, tokenizer = _hf(checkpoint), _tokenizer(checkpoint)
+    assert hf.generation_config.max_new_tokens == MAX_NEW_TOKENS
+    expected = []
+    for prompt in PROMPTS:
+        inputs = tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            expected.append(hf.generate(**inputs)[0, inputs.input_ids.shape[1]:].tolist())
+    # The file's length cuts prompt 1 before its eos id; prompts 0 and 2 end at theirs.
+    assert [len(row) for row in expected] == [STOP_AT[0] + 1, MAX_NEW_TOKENS, STOP_AT[2] + 1]
+    assert _served_ids_and_texts(url, common.ensemble_arrays(PROMPTS, None), prompts) == (
+        expected, _texts(tokenizer, expected, eos))
+    longer = [_hf_generate(hf, ids) for ids in prompts]  # max_new_tokens=NEW_TOKENS: prompt 1 reaches its eos
+    assert len(longer[1]) == STOP_AT[1] + 1
+    assert _served_ids_and_texts(url, common.ensemble_arrays(PROMPTS, NEW_TOKENS), prompts) == (
+        longer, _texts(tokenizer, longer, eos))

@@ -79,11 +79,13 @@ def test_ensemble_is_wired_to_existing_tensors(repo):
     assert {"INPUT_0", "INPUT_1"} <= {i.name for i in ensemble.input}
     assert "OUTPUT_0" in {o.name for o in ensemble.output}
     available = {i.name for i in ensemble.input}
+    maybe_absent = {i.name for i in ensemble.input if i.optional}  # INPUT_1 too: preprocessing fills it in
     for step in ensemble.ensemble_scheduling.step:
         model = configs[step.model_name]
         assert set(step.input_map) <= {i.name for i in model.input}, step.model_name
         required = {i.name for i in model.input if not i.optional}
         assert required <= set(step.input_map), step.model_name
+        assert not {name for name, source in step.input_map.items() if source in maybe_absent} & required
         assert set(step.input_map.values()) <= available, step.model_name
         assert set(step.output_map) <= {o.name for o in model.output}, step.model_name
         available |= set(step.output_map.values())

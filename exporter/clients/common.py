@@ -76,11 +76,14 @@ def text_array(texts: Sequence[str | bytes]) -> np.ndarray:
     return np.array([[t.encode("utf-8") if isinstance(t, str) else bytes(t)] for t in texts], dtype=object)
 
 
-def ensemble_arrays(prompts: Sequence[str | bytes], output_len: int, bad_words: str | None = None,
+def ensemble_arrays(prompts: Sequence[str | bytes], output_len: int | None, bad_words: str | None = None,
                     stop_words: str | None = None, **options) -> dict[str, np.ndarray]:
-    """The ensemble's inputs: INPUT_0 prompts, INPUT_1 output length, INPUT_2/3 CSV word lists, sampling options."""
+    """The ensemble's inputs: INPUT_0 prompts, INPUT_1 output length (None: not sent, the model's default),
+    INPUT_2/3 CSV word lists, sampling options."""
     rows = len(prompts)
-    arrays = {"INPUT_0": text_array(prompts), "INPUT_1": per_row(output_len, rows, np.uint32)}
+    arrays = {"INPUT_0": text_array(prompts)}
+    if output_len is not None:
+        arrays["INPUT_1"] = per_row(output_len, rows, np.uint32)
     if bad_words is not None:
         arrays["INPUT_2"] = text_array([bad_words] * rows)
     if stop_words is not None:

@@ -25,7 +25,7 @@ def parser() -> argparse.ArgumentParser:
     common.add_connection_args(p, "gpt2")
     p.add_argument("--ensemble", default="ensemble", help="the ensemble model (default ensemble)")
     p.add_argument("--prompts", nargs="+", default=PROMPTS)
-    p.add_argument("--output-len", type=int, default=16)
+    p.add_argument("--output-len", type=int, default=16, help="tokens to generate (0: send none, the model's default)")
     p.add_argument("--bad-words", help="comma-separated words never to generate")
     p.add_argument("--stop-words", help="comma-separated words that end generation")
     p.add_argument("--stream", action="store_true", help="the model and ensemble are decoupled (gRPC)")
@@ -40,10 +40,10 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict:
         raise common.ClientError("--stream needs --protocol grpc")
     rows = len(args.prompts)
     options = common.sampling_options(args)
-    pre_in = {
-        "QUERY": common.text_array(args.prompts),
-        "REQUEST_OUTPUT_LEN": common.per_row(args.output_len, rows, np.uint32),
-    }
+    output_len = args.output_len or None  # None: neither preprocessing nor the ensemble is sent one
+    pre_in = {"QUERY": common.text_array(args.prompts)}
+    if output_len is not None:
+        pre_in["REQUEST_OUTPUT_LEN"] = common.per_row(output_len, rows, np.uint32)
     if args.bad_words is not None:
         pre_in["BAD_WORDS_DICT"] = common.text_array([args.bad_words] * rows)
     if args.stop_words is not None:
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace, out=sys.stdout) -> dict:
                "INPUT_LENGTHS": pre["REQUEST_INPUT_LEN"]}
     post = common.infer(url, protocol, "postprocessing", post_in, output_names=["OUTPUT"])
 
-    ensemble_in = common.ensemble_arrays(args.prompts, args.output_len, args.bad_words, args.stop_words, **options)
+    ensemble_in = common.ensemble_arrays(args.prompts, output_len, args.bad_words, args.stop_words, **options)
     if args.stream:
         ensemble = common.stream(url, args.ensemble, ensemble_in, output_names=["OUTPUT_0"])[-1]
     else:

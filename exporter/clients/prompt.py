@@ -19,7 +19,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ft-exporter-client", description=__doc__.splitlines()[0])
     common.add_connection_args(p, "ensemble")
     p.add_argument("--prompts", nargs="+", required=True, help="one or more prompts (one row each)")
-    p.add_argument("--output-len", type=int, default=16, help="tokens to generate per prompt (INPUT_1)")
+    p.add_argument("--output-len", type=int, default=None,
+                   help="tokens to generate per prompt (INPUT_1); default: the model's (its generation_config.json "
+                        "max_new_tokens / max_length, else 20 new tokens as HF's generate)")
     p.add_argument("--bad-words", help="comma-separated words never to generate (INPUT_2)")
     p.add_argument("--stop-words", help="comma-separated words that end generation (INPUT_3)")
     p.add_argument("--stream", action="store_true", help="stream partial text (gRPC, decoupled model)")

@@ -110,11 +110,14 @@ def build_repository(repo_root: Path, checkpoint_path: Path, settings: ModelSett
 
 def _decoder_text_models(repository: Path, settings: ModelSettings, shard_dir: Path,
                          skip_special_tokens: bool) -> None:
-    end_id = read_config(shard_dir).end_id
-    eos_ids = GenerationDefaults.read(shard_dir).eos_token_ids or (end_id,)  # postprocessing cuts at any of them
-    add_decoder_ensemble(repository, settings.name, settings.max_batch_size, end_id,
+    ft_config, defaults = read_config(shard_dir), GenerationDefaults.read(shard_dir)
+    eos_ids = defaults.eos_token_ids or (ft_config.end_id,)  # postprocessing cuts at any of them
+    # A request without an output length gets HF's: generation_config.json's, else 20 new tokens in the context.
+    output_length = {"max_new_tokens": defaults.max_new_tokens, "max_length": defaults.max_length,
+                     "max_pos_seq_len": ft_config.max_pos_seq_len}
+    add_decoder_ensemble(repository, settings.name, settings.max_batch_size, ft_config.end_id,
                          shard_dir / "tokenizer.json", settings.max_queue_delay_microseconds, settings.decoupled,
-                         eos_ids=eos_ids, skip_special_tokens=skip_special_tokens)
+                         eos_ids=eos_ids, skip_special_tokens=skip_special_tokens, output_length=output_length)
 
 
 # The pre/postprocessing and ensemble that surround each kind of model.

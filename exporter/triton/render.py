@@ -49,7 +49,8 @@ STREAMING_OUTPUTS = _from_interface(ft_interface.STREAMING_OUTPUTS)
 
 PREPROCESSING_INPUTS = (
     Tensor("QUERY", STRING, (-1,)),
-    Tensor("REQUEST_OUTPUT_LEN", UINT32, (-1,)),
+    # Optional: preprocessing fills in the checkpoint's default (generation_config.json, else HF's) when absent.
+    Tensor("REQUEST_OUTPUT_LEN", UINT32, (-1,), optional=True),
     # Comma-separated words per row (CSV, quotes allowed), as FT's preprocessing takes them.
     Tensor("BAD_WORDS_DICT", STRING, (-1,), optional=True),
     Tensor("STOP_WORDS_DICT", STRING, (-1,), optional=True),
@@ -75,7 +76,7 @@ POSTPROCESSING_OUTPUTS = (Tensor("OUTPUT", STRING, (-1,)),)
 # INPUT_2 / INPUT_3: bad / stop words as CSV strings, tokenized by preprocessing into the word-list tensors.
 ENSEMBLE_INPUTS = (
     Tensor("INPUT_0", STRING, (-1,)),
-    Tensor("INPUT_1", UINT32, (-1,)),
+    Tensor("INPUT_1", UINT32, (-1,), optional=True),  # output length; absent: preprocessing's default
     Tensor("INPUT_2", STRING, (-1,), optional=True),
     Tensor("INPUT_3", STRING, (-1,), optional=True),
 ) + tuple(replace(tensor, scalar=False) for tensor in SAMPLING_INPUTS if tensor.name not in WORD_LIST_INPUTS)
@@ -142,10 +143,14 @@ def _python_model(name: str, max_batch_size: int, inputs, outputs, parameters: d
     return config
 
 
-def preprocessing_config(max_batch_size: int, end_id: int,
-                         max_queue_delay_microseconds: int | None = None) -> pb.ModelConfig:
+def preprocessing_config(max_batch_size: int, end_id: int, max_queue_delay_microseconds: int | None = None,
+                         output_length: dict[str, int] | None = None) -> pb.ModelConfig:
+    """output_length: what sizes a request that leaves REQUEST_OUTPUT_LEN out, as parameters: `max_new_tokens`
+    and `max_length` (generation_config.json's, when set), `max_pos_seq_len` (the model's context length)."""
+    parameters = {"end_id": end_id, **{key: value for key, value in (output_length or {}).items()
+                                       if value is not None}}
     return _python_model("preprocessing", max_batch_size, PREPROCESSING_INPUTS, PREPROCESSING_OUTPUTS,
-                         {"end_id": end_id}, max_queue_delay_microseconds)
+                         parameters, max_queue_delay_microseconds)
 
 
 def postprocessing_config(max_batch_size: int, end_id: int, max_queue_delay_microseconds: int | None = None,
@@ -159,7 +164,7 @@ def postprocessing_config(max_batch_size: int, end_id: int, max_queue_delay_micr
 
 
 def ensemble_config(model_name: str, max_batch_size: int, decoupled: bool = False) -> pb.ModelConfig:
-    """Text in (`INPUT_0`, output length `INPUT_1`) -> text out (`OUTPUT_0`), as FT's all_models/gpt ensemble.
+    """Text in (`INPUT_0`, optional output length `INPUT_1`) -> text out (`OUTPUT_0`), as FT's all_models/gpt ensemble.
 
     decoupled: the model streams (python runtime, with STREAMING_OUTPUTS). A step downstream of a decoupled model
     may take tensors from that model only, so postprocessing reads the prompt lengths from the model's responses,

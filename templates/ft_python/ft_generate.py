@@ -78,7 +78,8 @@ class GenerationDefaults:
     do_sample True: top_k (HF's default 50), top_p (default 1.0, no nucleus) and temperature (default 1.0) are the
       defaults of a row that leaves them unset. do_sample False (HF's default): those rows keep the interface's
       greedy defaults (top_k 0, top_p 0, temperature 1), as HF ignores its sampling settings when greedy.
-    max_new_tokens: recorded only; FT's interface requires request_output_len, so every request sets it.
+    max_new_tokens, max_length: not applied here (FT's interface requires request_output_len); the export passes
+      them to preprocessing, which sizes an ensemble request that leaves its output length out.
     """
 
     eos_token_ids: tuple = ()
@@ -88,6 +89,7 @@ class GenerationDefaults:
     temperature: float | None = None
     repetition_penalty: float | None = None
     max_new_tokens: int | None = None
+    max_length: int | None = None
 
     @classmethod
     def read(cls, shard_dir):

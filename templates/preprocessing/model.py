@@ -4,7 +4,7 @@ Self-contained: runs inside a generated model repository with only numpy, tokeni
 triton_python_backend_utils available. Tokenizer: `tokenizer/tokenizer.json` next to this file.
 
 inputs : QUERY              BYTES  [B, 1]  utf-8 prompt per row
-         REQUEST_OUTPUT_LEN UINT32 [B, 1]  passed through
+         REQUEST_OUTPUT_LEN UINT32 [B, 1]  optional: passed through; absent: the model's default per row
          BAD_WORDS_DICT     BYTES  [B, 1]  optional: comma-separated words (CSV, quotes allowed) never to generate
          STOP_WORDS_DICT    BYTES  [B, 1]  optional: comma-separated words that end a row's generation
 outputs: INPUT_ID           UINT32 [B, Lmax]  right-padded with end_id
@@ -14,7 +14,9 @@ outputs: INPUT_ID           UINT32 [B, Lmax]  right-padded with end_id
          REQUEST_OUTPUT_LEN UINT32 [B, 1]
 A prompt is encoded with the special tokens tokenizer.json's post-processor adds (as HF's `tok(prompt)`); stop and
 bad words without them.
-Config parameter `end_id` (string_value): the pad / end token id.
+Config parameters (string_value): `end_id`, the pad / end token id; `max_new_tokens` and `max_length`, the
+checkpoint's generation_config.json values (each absent when it has none); `max_pos_seq_len`, the model's context
+length (config.ini). They size the output of a request that leaves REQUEST_OUTPUT_LEN out: see output_lengths.
 A bad request (empty, not utf-8, mismatched batch) gets its own error response; the others are unaffected.
 """
 
@@ -28,7 +30,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # tokenizer_model.py is copied next to this file.
-from tokenizer_model import RequestError, load_tokenizer_and_end_id, respond_each  # noqa: E402
+from tokenizer_model import RequestError, config_parameter, load_tokenizer_and_end_id, respond_each  # noqa: E402
 
 
 def as_text(item, name, row):
@@ -109,6 +111,47 @@ def word_list(words_per_row, encode, name):
     return out
 
 
+# GenerationConfig's max_length when neither generation_config.json nor the call sets a length. transformers 5.24's
+# generate then reads it as 20 *new* tokens (max_length = 20 + prompt length, "by default let's always generate 20
+# new tokens"), at most max_position_embeddings in all.
+HF_DEFAULT_NEW_TOKENS = 20
+
+
+def output_lengths(prompt_lengths, max_new_tokens=None, max_length=None, max_positions=None):
+    """REQUEST_OUTPUT_LEN [B, 1] uint32 for a request that leaves it out: the new tokens HF's
+    `generate(**tok(prompt))` allows each prompt with the checkpoint's generation_config.json.
+
+    prompt_lengths [B, 1]. max_new_tokens when set (it wins over max_length, as in HF); else max_length - prompt
+    length (max_length counts the prompt); else 20 new tokens, at most max_positions - prompt length. Each row is
+    sized by its own prompt, as HF sizes a single unpadded prompt. A prompt that leaves no room for one new token is
+    a RequestError (HF's generate raises ValueError there too).
+    """
+    lengths = np.asarray(prompt_lengths, dtype=np.int64).reshape(-1, 1)
+    if max_new_tokens is not None:
+        return np.full(lengths.shape, max_new_tokens, dtype=np.uint32)
+    if max_length is not None:
+        limit = np.full(lengths.shape, max_length, dtype=np.int64)
+        source = f"generation_config max_length={max_length}"
+    else:
+        limit, source = lengths + HF_DEFAULT_NEW_TOKENS, f"HF's default of {HF_DEFAULT_NEW_TOKENS} new tokens"
+        if max_positions is not None:
+            limit = np.minimum(limit, max_positions)
+            source += f" within max_pos_seq_len={max_positions}"
+    new = limit - lengths
+    no_room = np.flatnonzero(new[:, 0] < 1)
+    if no_room.size:
+        row = int(no_room[0])
+        raise RequestError(f"QUERY[{row}] has {int(lengths[row, 0])} tokens: no room for output under {source}; "
+                           "send REQUEST_OUTPUT_LEN")
+    return new.astype(np.uint32)
+
+
+def _int_parameter(config, key):
+    """An integer config.pbtxt parameter, or None when the exporter wrote none."""
+    raw = config_parameter(config, key)
+    return None if raw is None else int(raw)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -116,16 +159,19 @@ class TritonPythonModel:
         # The model wants raw prompt ids: no padding/truncation baked into tokenizer.json.
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
+        # The output length of a request that leaves REQUEST_OUTPUT_LEN out (see output_lengths).
+        self.length_defaults = {"max_new_tokens": _int_parameter(config, "max_new_tokens"),
+                                "max_length": _int_parameter(config, "max_length"),
+                                "max_positions": _int_parameter(config, "max_pos_seq_len")}
 
     def _one(self, request):
         texts = decode_queries(pb_utils.get_input_tensor_by_name(request, "QUERY").as_numpy())
         out_len_tensor = pb_utils.get_input_tensor_by_name(request, "REQUEST_OUTPUT_LEN")
-        if out_len_tensor is None:
-            raise RequestError("REQUEST_OUTPUT_LEN is missing")
-        out_len = np.asarray(out_len_tensor.as_numpy())
-        if out_len.shape[0] != len(texts):
-            raise RequestError(f"REQUEST_OUTPUT_LEN has batch {out_len.shape[0]}, QUERY has {len(texts)}")
-        out_len = out_len.reshape(len(texts), -1).astype(np.uint32)
+        if out_len_tensor is not None:
+            out_len = np.asarray(out_len_tensor.as_numpy())
+            if out_len.shape[0] != len(texts):
+                raise RequestError(f"REQUEST_OUTPUT_LEN has batch {out_len.shape[0]}, QUERY has {len(texts)}")
+            out_len = out_len.reshape(len(texts), -1).astype(np.uint32)
 
         # The prompt's special tokens as the checkpoint's tokenizer adds them by default (Llama's <s>, OPT's </s>
         # first): the exporter baked that choice into tokenizer.json's post-processor.
@@ -135,6 +181,8 @@ class TritonPythonModel:
             if not ids:
                 raise RequestError(f"QUERY[{b}] encodes to no tokens")
         input_id, input_len = pad_ids(id_lists, self.end_id)
+        if out_len_tensor is None:
+            out_len = output_lengths(input_len, **self.length_defaults)
         return pb_utils.InferenceResponse(
             output_tensors=[
                 pb_utils.Tensor("INPUT_ID", input_id),
