@@ -116,15 +116,16 @@ def _encode(values: np.ndarray, kind: str, rng: np.random.Generator):
 def write_gguf(path: Path, kind: str = "Q8_0", *, seed: int = 7, tied: bool = False, architecture: str = "llama",
                tokenizer_model: str = "gpt2", pre: str | None = None, add_bos: bool | None = True,
                add_eos: bool | None = None, vocabulary: tuple[list, list, list] | None = None,
-               hf_dir: Path | None = None) -> Path:
+               name: str | None = None, hf_dir: Path | None = None) -> Path:
     """A tiny Llama GGUF whose 2-D weights are stored in `kind` (norms stay F32, as llama.cpp keeps them); with
     `hf_dir`, the HF model it was written from is saved there too (the norms with the file's noise).
     `tokenizer_model` "llama" writes the SentencePiece vocabulary (pre "default", as llama.cpp does; "gpt2": pre
     "smollm"); `add_bos` / `add_eos` None leave that key out; `vocabulary` (tokens, scores or None, token types)
-    replaces the trained one."""
+    replaces the trained one; `name` is general.name. `architecture` "qwen2" writes a Qwen2 as llama.cpp does: q/k/v
+    biases (noisy), q/k rows not permuted (llama.cpp runs qwen2 with NeoX rotary, HF's layout)."""
     import torch
     from gguf import GGUFWriter
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     if tokenizer_model == "llama":
         tokens, scores, token_types = vocabulary or train_sentencepiece()
@@ -134,15 +135,18 @@ def write_gguf(path: Path, kind: str = "Q8_0", *, seed: int = 7, tied: bool = Fa
         pre = pre or "smollm"
         scores, token_types = None, [CONTROL] + [NORMAL] * (len(tokens) - 1)  # <|endoftext|> is a control token
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokens), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-                         num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                         max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=50000.0,
-                         tie_word_embeddings=tied, initializer_range=0.05)
-    model = LlamaForCausalLM(config).eval()
+    qwen2 = architecture == "qwen2"
+    config = (Qwen2Config if qwen2 else LlamaConfig)(
+        vocab_size=len(tokens), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256, rms_norm_eps=1e-5,
+        rope_theta=50000.0, tie_word_embeddings=tied, initializer_range=0.05)
+    model = (Qwen2ForCausalLM if qwen2 else LlamaForCausalLM)(config).eval()
     state = {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
     rng = np.random.default_rng(seed)
 
     writer = GGUFWriter(str(path), architecture)
+    if name is not None:
+        writer.add_name(name)
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
     writer.add_embedding_length(HIDDEN)
@@ -180,9 +184,10 @@ def write_gguf(path: Path, kind: str = "Q8_0", *, seed: int = 7, tied: bool = Fa
         data, qtype = _encode(values, kind, rng)
         writer.add_tensor(name, data, raw_dtype=qtype)
 
-    # Norm weights noisy, so a wrong mapping of any tensor changes the logits.
-    noisy = {name: values + rng.normal(0, 0.2, size=values.shape).astype(np.float32)
-             for name, values in state.items() if "norm" in name}
+    # Norm weights and biases noisy, so a wrong mapping of any tensor changes the logits.
+    noisy = {key: values + rng.normal(0, 0.2, size=values.shape).astype(np.float32)
+             for key, values in state.items() if "norm" in key or key.endswith(".bias")}
+    permute = _permute if not qwen2 else lambda weights, heads: weights
     add("token_embd.weight", state["model.embed_tokens.weight"])
     add("output_norm.weight", noisy["model.norm.weight"])
     if not tied:
@@ -190,9 +195,11 @@ def write_gguf(path: Path, kind: str = "Q8_0", *, seed: int = 7, tied: bool = Fa
     for i in range(LAYERS):
         hf = lambda part: state[f"model.layers.{i}.{part}.weight"]  # noqa: E731
         add(f"blk.{i}.attn_norm.weight", noisy[f"model.layers.{i}.input_layernorm.weight"])
-        add(f"blk.{i}.attn_q.weight", _permute(hf("self_attn.q_proj"), HEADS))
-        add(f"blk.{i}.attn_k.weight", _permute(hf("self_attn.k_proj"), KV_HEADS))
+        add(f"blk.{i}.attn_q.weight", permute(hf("self_attn.q_proj"), HEADS))
+        add(f"blk.{i}.attn_k.weight", permute(hf("self_attn.k_proj"), KV_HEADS))
         add(f"blk.{i}.attn_v.weight", hf("self_attn.v_proj"))
+        for part in ("q", "k", "v") if qwen2 else ():
+            add(f"blk.{i}.attn_{part}.bias", noisy[f"model.layers.{i}.self_attn.{part}_proj.bias"])
         add(f"blk.{i}.attn_output.weight", hf("self_attn.o_proj"))
         add(f"blk.{i}.ffn_norm.weight", noisy[f"model.layers.{i}.post_attention_layernorm.weight"])
         add(f"blk.{i}.ffn_gate.weight", hf("mlp.gate_proj"))
@@ -200,9 +207,9 @@ def write_gguf(path: Path, kind: str = "Q8_0", *, seed: int = 7, tied: bool = Fa
         add(f"blk.{i}.ffn_down.weight", hf("mlp.down_proj"))
     if hf_dir is not None:
         with torch.no_grad():
-            for name, tensor in model.state_dict().items():
-                if "norm" in name:
-                    tensor.copy_(torch.from_numpy(noisy[name]))
+            for key, tensor in model.state_dict().items():
+                if key in noisy:
+                    tensor.copy_(torch.from_numpy(noisy[key]))
         model.save_pretrained(hf_dir)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -83,9 +83,10 @@ def test_merges_are_ranked_as_transformers_ranks_them(tmp_path, texts):
 
 
 def test_logits_match_transformers(tmp_path, texts):
-    """The model of a Q8_0 file with a SentencePiece tokenizer: the text encoded by the exported tokenizer.json,
-    logits within 1e-4 of transformers loading the same file."""
-    path = write_gguf(tmp_path / "sp.gguf", "Q8_0", tokenizer_model="llama")
+    """The model of a Q8_0 file with a SentencePiece tokenizer, named as a Mistral GGUF is (llama.cpp writes Mistral
+    as architecture "llama"; transformers loads it as Llama, as this reader does): the text encoded by the exported
+    tokenizer.json, logits within 1e-4 of transformers loading the same file."""
+    path = write_gguf(tmp_path / "sp.gguf", "Q8_0", tokenizer_model="llama", name="Mistral 7B Instruct v0.2")
     model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                               dtype=torch.float32).eval()
     ours, _, shards = _exported_tokenizer(path, tmp_path / "out")
