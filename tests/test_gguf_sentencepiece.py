@@ -113,3 +113,36 @@ def test_unsupported_sentencepiece_metadata_is_refused(tmp_path, case, kwargs, n
         convert_checkpoint(path, out)
     assert named in str(error.value), (case, str(error.value))
     assert not out.exists() or not any(out.rglob("*")), case
+
+
+@pytest.mark.triton
+def test_ensemble_text_equals_transformers(tmp_path):
+    """Text in, text out through preprocessing -> model -> postprocessing with the SentencePiece tokenizer rebuilt
+    from the GGUF (BOS first): the served continuation equals transformers' greedy continuation of the same file,
+    decoded with skip_special_tokens=True."""
+    pytest.importorskip("tritonclient.http")
+    from exporter.parallel import ParallelLayout
+    from exporter.runtimes import ModelSettings
+    from exporter.serve.tritonserver import TritonServer
+    from exporter.stages.export import build_repository
+    from test_e2e import infer_ensemble
+
+    path = write_gguf(tmp_path / "sp.gguf", "Q8_0", tokenizer_model="llama")
+    prompts = ["The capital of France is", "She looked at him and said<sep>", "Año 2024: naïve café"]
+    settings = ModelSettings(name="sp", runtime="python", max_batch_size=4, layout=ParallelLayout(1, 1),
+                             data_type="fp32", device="cpu")
+    repo = build_repository(tmp_path / "model_repo", path, settings, "fp32")
+    with TritonServer(repo, tmp_path / "server.log") as server:
+        served = infer_ensemble(server.http_url, prompts, 8)
+
+    tokenizer = _reference_tokenizer(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                              dtype=torch.float32).eval()
+    for row, prompt in enumerate(prompts):
+        inputs = tokenizer(prompt, return_tensors="pt")
+        assert inputs.input_ids[0, 0].item() == 1  # <s>
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=2)
+        new = out[0, inputs.input_ids.shape[1]:].tolist()
+        assert served["OUTPUT_0"][row, 0].decode() == tokenizer.decode(new, skip_special_tokens=True), prompt
+    assert all(served["OUTPUT_0"][row, 0].decode().strip() for row in range(len(prompts)))  # text, not only </s>
