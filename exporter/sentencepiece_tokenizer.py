@@ -49,22 +49,28 @@ def _model(path: Path):
     return model, model_type
 
 
-def _merges(model, pieces: list[str]) -> list[tuple[str, str]]:
-    """BPE merges (left, right) -> piece for every normal piece that splits into two pieces, ranked as
-    transformers ranks them: by the merged piece's id (sentencepiece gives earlier BPE pieces higher scores), then
-    the lengths of left and right, then their ids."""
-    ids = {piece: index for index, piece in enumerate(pieces)}
+def split_merges(pieces: list[str], rank) -> list[tuple[str, str]]:
+    """BPE merges (left, right) for every piece that splits into two pieces, ordered by
+    `rank(index, left, right)` (a sort key; None leaves that piece out). `pieces` are unique."""
+    known = set(pieces)
     ranked = []
-    for index, entry in enumerate(model.pieces):
-        if entry.type not in (NORMAL, USER_DEFINED):
-            continue
-        piece = entry.piece
+    for index, piece in enumerate(pieces):
         for cut in range(1, len(piece)):
             left, right = piece[:cut], piece[cut:]
-            if left in ids and right in ids:
-                ranked.append((index, len(left), len(right), ids[left], ids[right], left, right))
-    ranked.sort()
-    return [(left, right) for *_, left, right in ranked]
+            if left in known and right in known:
+                key = rank(index, left, right)
+                if key is not None:
+                    ranked.append((key, left, right))
+    ranked.sort(key=lambda entry: entry[0])
+    return [(left, right) for _, left, right in ranked]
+
+
+def _merges(model, pieces: list[str]) -> list[tuple[str, str]]:
+    """The merges of every normal piece, ranked as transformers ranks them from tokenizer.model: by the merged
+    piece's id (sentencepiece gives earlier BPE pieces higher scores), then the lengths of left and right."""
+    mergeable = [entry.type in (NORMAL, USER_DEFINED) for entry in model.pieces]
+    return split_merges(pieces, lambda index, left, right: (index, len(left), len(right)) if mergeable[index]
+                        else None)
 
 
 def _pieces(model, path: Path) -> list[str]:
@@ -106,16 +112,9 @@ def for_transformers(model_path: Path) -> Tokenizer:
     config = _config(model_path.parent)
     pieces = _pieces(model, model_path)
     vocab = {piece: index for index, piece in enumerate(pieces)}
-    # transformers gives the BPE no unk token: a character with neither a piece nor a byte piece is dropped
-    tokenizer = Tokenizer(models.BPE(vocab, _merges(model, pieces), fuse_unk=True, byte_fallback=True))
     add_prefix_space = config.get("add_prefix_space")
-    add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
-    prepend = ("first" if not config.get("legacy", False) else "always") if add_prefix_space else "never"
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme=prepend, split=False)
-    steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-    if add_prefix_space:
-        steps.append(decoders.Strip(content=" ", left=1, right=0))
-    tokenizer.decoder = decoders.Sequence(steps)
+    tokenizer = llama_bpe(vocab, _merges(model, pieces), True if add_prefix_space is None else bool(add_prefix_space),
+                          bool(config.get("legacy", False)))
 
     trainer = model.trainer_spec
     named = {key: _token_text(config.get(f"{key}_token")) for key in ("unk", "bos", "eos", "pad")}
@@ -130,7 +129,8 @@ def for_transformers(model_path: Path) -> Tokenizer:
                            normalized=entry.get("normalized", False), lstrip=entry.get("lstrip", False),
                            rstrip=entry.get("rstrip", False), single_word=entry.get("single_word", False))
         added.append(token)
-    _add_tokens(tokenizer, added, config, model_path)
+    add_tokens_once(tokenizer, added)
+    _check_added_ids(tokenizer, config, model_path)
 
     # transformers 5 adds neither unless tokenizer_config.json asks (Llama-2's file sets add_bos_token: true)
     bos = named["bos"] if config.get("add_bos_token", False) else None
@@ -139,13 +139,32 @@ def for_transformers(model_path: Path) -> Tokenizer:
     return tokenizer
 
 
-def _add_tokens(tokenizer: Tokenizer, tokens: list[AddedToken], config: dict, model_path: Path) -> None:
-    """Add each token once (the last flags given win), then check the ids tokenizer_config.json states."""
+def llama_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], add_prefix_space: bool = True,
+              legacy: bool = False) -> Tokenizer:
+    """transformers' LlamaTokenizer without its added tokens and post-processor: byte-fallback BPE (no unk token:
+    a character with neither a piece nor a byte piece is dropped), no normalizer, a Metaspace pre-tokenizer whose
+    prefix follows `add_prefix_space` / `legacy`, and the decoder that undoes both."""
+    tokenizer = Tokenizer(models.BPE(vocab, merges, fuse_unk=True, byte_fallback=True))
+    prepend = ("always" if legacy else "first") if add_prefix_space else "never"
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme=prepend, split=False)
+    steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_prefix_space:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    tokenizer.decoder = decoders.Sequence(steps)
+    return tokenizer
+
+
+def add_tokens_once(tokenizer: Tokenizer, tokens: list[AddedToken]) -> None:
+    """Add each token once (the last flags given win): special ones as special tokens, the others as added text."""
     unique: dict[str, AddedToken] = {}
     for token in tokens:
         unique[token.content] = token
     for token in unique.values():
         (tokenizer.add_special_tokens if token.special else tokenizer.add_tokens)([token])
+
+
+def _check_added_ids(tokenizer: Tokenizer, config: dict, model_path: Path) -> None:
+    """The ids tokenizer_config.json states for its added tokens are the ones they got."""
     for index, entry in (config.get("added_tokens_decoder") or {}).items():
         if tokenizer.token_to_id(entry["content"]) != int(index):
             raise SentencePieceError(f"{model_path.parent}: tokenizer_config.json gives {entry['content']!r} id "
@@ -235,5 +254,5 @@ def end_of_text_ids(model_path: Path) -> tuple[int | None, int | None]:
     return (trainer.bos_id if trainer.bos_id >= 0 else None, trainer.eos_id if trainer.eos_id >= 0 else None)
 
 
-__all__ = ["SentencePieceError", "as_sentencepiece", "check_as_sentencepiece", "check_for_transformers",
-           "end_of_text_ids", "for_transformers"]
+__all__ = ["SentencePieceError", "add_tokens_once", "as_sentencepiece", "check_as_sentencepiece",
+           "check_for_transformers", "end_of_text_ids", "for_transformers", "llama_bpe", "split_merges"]

@@ -9,7 +9,8 @@ largest tensor (its quantised bytes plus its float32 values), not the model.
 What llama.cpp's converter changed, undone here:
 - tensor names (`blk.{i}.attn_q.weight` ...) -> the HF names the architecture files read (`TENSOR_NAMES`);
 - shapes: GGUF lists dimensions innermost first (`[in, out]` for an HF `[out, in]` weight);
-- q and k rows: permuted per head from HF's rotary halves to llama.cpp's interleaved pairs (`_unpermute`);
+- q and k rows (`llama` files): permuted per head from HF's rotary halves to llama.cpp's interleaved pairs
+  (`_unpermute`);
 - the tokenizer: rebuilt from the metadata by gguf_tokenizer.py.
 Everything is checked on opening (architecture, every tensor's type and name, the tokenizer), before anything is
 written.
@@ -37,8 +38,7 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q2_K", "Q3_K",
 # Types kept in their own precision; every quantised type becomes float32, as transformers de-quantises.
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
-# llama.cpp tensor name -> HF name (`{i}`: the block index). Llama's names; other llama.cpp architectures that
-# share them (Mistral, Qwen2, ...) would add a config builder below and reuse this table.
+# llama.cpp tensor name -> HF name (`{i}`: the block index). Llama's names, which Qwen2 shares (with q/k/v biases).
 TENSOR_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -79,7 +79,7 @@ def _llama_config(key: Callable[..., Any], tensor_names: set[str]) -> dict[str, 
     head_dim = key("attention.key_length", hidden // heads)
     rotary = key("rope.dimension_count", head_dim)
     if rotary != head_dim:
-        raise CheckpointError(f"llama.rope.dimension_count {rotary} != head dimension {head_dim} (partial rotary "
+        raise CheckpointError(f"GGUF rope.dimension_count {rotary} != head dimension {head_dim} (partial rotary "
                               "is not Llama)")
     config = {
         "architectures": ["LlamaForCausalLM"],
@@ -108,8 +108,20 @@ def _llama_config(key: Callable[..., Any], tensor_names: set[str]) -> dict[str, 
     return config
 
 
-# general.architecture -> the HF config built from its `<architecture>.*` keys.
-ARCHITECTURES: dict[str, Callable[[Callable[..., Any], set[str]], dict[str, Any]]] = {"llama": _llama_config}
+def _qwen2_config(key: Callable[..., Any], tensor_names: set[str]) -> dict[str, Any]:
+    """The `Qwen2ForCausalLM` config.json of llama.cpp's `qwen2.*` keys: Llama's, with q/k/v biases (the
+    architecture file adds them) and no sliding window (llama.cpp writes none; Qwen2's default is off)."""
+    return {**_llama_config(key, tensor_names), "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+            "use_sliding_window": False}
+
+
+# general.architecture -> the HF config built from its `<architecture>.*` keys. llama.cpp writes Mistral (and
+# Llama-2 / 3) files as "llama", with the same tensors.
+ARCHITECTURES: dict[str, Callable[[Callable[..., Any], set[str]], dict[str, Any]]] = {
+    "llama": _llama_config, "qwen2": _qwen2_config}
+# The architectures whose q/k rows llama.cpp's converter permuted: those it runs with interleaved rotary pairs
+# (qwen2 runs NeoX-style rotary on HF's own row order).
+PERMUTED_ARCHITECTURES = ("llama",)
 
 
 @functools.lru_cache(maxsize=4)
@@ -139,6 +151,7 @@ class GGUFCheckpoint:
         if architecture not in ARCHITECTURES:
             raise CheckpointError(f"{self.path}: GGUF architecture {architecture!r} is not supported "
                                   f"(supported: {', '.join(sorted(ARCHITECTURES))})")
+        self._permuted = architecture in PERMUTED_ARCHITECTURES
         tensors = {tensor.name: tensor for tensor in self.reader.tensors}
         self.config = ARCHITECTURES[architecture](self.metadata.prefixed(architecture), set(tensors))
         self._check_types(tensors.values())
@@ -201,7 +214,7 @@ class GGUFCheckpoint:
             values = torch.from_numpy(quants.dequantize(raw.reshape(shape[0] if len(shape) > 1 else 1, -1),
                                                         tensor.tensor_type)).reshape(shape)
         part = tensor.name.split(".")
-        if len(part) == 4 and part[0] == "blk" and part[2] in _PERMUTED:
+        if self._permuted and len(part) == 4 and part[0] == "blk" and part[2] in _PERMUTED:
             values = _unpermute(values, self.config[_PERMUTED[part[2]]])
         return values
 

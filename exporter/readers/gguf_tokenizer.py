@@ -2,8 +2,12 @@
 
 A GGUF carries no tokenizer.json: `tokenizer.ggml.model` names the kind, `tokens` / `merges` / `token_type` the
 vocabulary, `tokenizer.ggml.pre` how text is split before BPE, and the `*_token_id` / `add_*_token` keys the special
-tokens. Supported: `gpt2` (byte-level BPE, GPT-2 / Llama-3 / Qwen2 style). Ids are those transformers gives when it
-loads the same file (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`).
+tokens. Ids are those transformers gives when it loads the same file (`AutoTokenizer.from_pretrained(dir,
+gguf_file=...)`). Supported:
+- `gpt2`: byte-level BPE (GPT-2 / Llama-3 / Qwen2 style), merges from `tokenizer.ggml.merges`;
+- `llama`: a SentencePiece BPE vocabulary (Llama-2 / Mistral style) as transformers' LlamaTokenizer reads it:
+  byte-fallback BPE, merges recovered from the pieces ranked by `tokenizer.ggml.scores`, Metaspace with a prefix
+  space on the first word, BOS added unless the file says `add_bos_token` false (llama.cpp's default too).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from templates.ft_python.ft_checkpoint import CheckpointError
 
 from ..atomic import write_text_atomic
+from ..sentencepiece_tokenizer import add_tokens_once, llama_bpe, split_merges
 
 # llama.cpp's token types (`tokenizer.ggml.token_type`).
 CONTROL, USER_DEFINED = 3, 4
@@ -35,7 +40,7 @@ PRE_TOKENIZERS: dict[str, str | None] = {
     "dbrx": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT,
     "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
 }
-MODELS = ("gpt2",)
+MODELS = ("gpt2", "llama")
 
 
 @lru_cache(maxsize=1)
@@ -59,18 +64,28 @@ def build(metadata) -> tuple[Tokenizer, dict[str, Any]]:
     if model not in MODELS:
         raise CheckpointError(f"GGUF tokenizer.ggml.model {model!r} is not supported (supported: {', '.join(MODELS)})")
     pre = metadata.get("tokenizer.ggml.pre", "default")
-    if pre not in PRE_TOKENIZERS:
-        raise CheckpointError(f"GGUF tokenizer.ggml.pre {pre!r} is not supported (supported: "
-                              f"{', '.join(sorted(PRE_TOKENIZERS))})")
+    supported_pre = PRE_TOKENIZERS if model == "gpt2" else {"default": None}  # llama.cpp writes "default" for llama
+    if pre not in supported_pre:
+        raise CheckpointError(f"GGUF tokenizer.ggml.pre {pre!r} is not supported with tokenizer.ggml.model {model!r} "
+                              f"(supported: {', '.join(sorted(supported_pre))})")
     tokens: list[str] = list(metadata.get("tokenizer.ggml.tokens") or [])
     if not tokens:
         raise CheckpointError("GGUF metadata lacks tokenizer.ggml.tokens")
     token_types = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-    tokenizer = _byte_level_bpe(tokens, list(metadata.get("tokenizer.ggml.merges") or []), token_types,
-                                PRE_TOKENIZERS[pre])
     special = {name: metadata.get(f"tokenizer.ggml.{key}_token_id")
                for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
-    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
+    if model == "gpt2":
+        tokenizer = _byte_level_bpe(tokens, list(metadata.get("tokenizer.ggml.merges") or []), token_types,
+                                    PRE_TOKENIZERS[pre])
+    else:
+        scores = metadata.get("tokenizer.ggml.scores")
+        if scores is None:
+            raise CheckpointError("GGUF tokenizer.ggml.model 'llama' without tokenizer.ggml.scores (needed to rank "
+                                  "the merges)")
+        tokenizer = _sentencepiece_bpe(tokens, list(scores), token_types,
+                                       [tokens[int(index)] for index in special.values() if index is not None])
+    # An older llama file has no add_bos_token; llama.cpp (and transformers) then add BOS to a SentencePiece one.
+    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", model == "llama"))
     add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
     tokenizer.post_processor = _post_processor(tokens, special["bos"] if add_bos else None,
                                                special["eos"] if add_eos else None)
@@ -84,6 +99,29 @@ def build(metadata) -> tuple[Tokenizer, dict[str, Any]]:
     if template is not None:
         config["chat_template"] = template
     return tokenizer, config
+
+
+def _sentencepiece_bpe(tokens: list[str], scores: list[float], token_types: list[int], named: list[str]) -> Tokenizer:
+    """transformers' LlamaTokenizer over the file's pieces. The merges are every split of a piece into two pieces,
+    ranked best first: higher score of the merged piece, then longer left, then longer right, then piece order (a
+    sentencepiece BPE scores its pieces minus their merge order; control, byte and user-defined pieces score 0).
+    A repeated token keeps its first place and its last id and score, as a dict built from the list does."""
+    if len(scores) != len(tokens):
+        raise CheckpointError(f"GGUF tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
+    vocab = {token: index for index, token in enumerate(tokens)}
+    score = dict(zip(tokens, scores))
+    pieces = list(score)
+    merges = split_merges(pieces, lambda index, left, right: (-score[pieces[index]], -len(left), -len(right), index))
+    tokenizer = llama_bpe(vocab, merges)  # transformers ignores tokenizer.ggml.add_space_prefix here
+    # Control pieces (<s>, </s>) and the named bos / eos / unk / pad tokens match whole and are special;
+    # user-defined ones match whole and are text. Byte, unknown and unused pieces are never matched from text.
+    added = [AddedToken(token, normalized=False, special=True)
+             for token, kind in zip(tokens, token_types) if kind == CONTROL]
+    added += [AddedToken(token, normalized=False, special=False)
+              for token, kind in zip(tokens, token_types) if kind == USER_DEFINED]
+    added += [AddedToken(token, normalized=False, special=True) for token in named]
+    add_tokens_once(tokenizer, added)
+    return tokenizer
 
 
 def _byte_level_bpe(tokens: list[str], merges: list[str], token_types: list[int], split: str | None) -> Tokenizer:
@@ -119,13 +157,14 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], token_types: list[int]
 
 
 def _post_processor(tokens: list[str], bos: int | None, eos: int | None):
-    """BOS / EOS around each sequence as the file's add_bos_token / add_eos_token ask (the tokenizer's default)."""
+    """BOS / EOS around each sequence as the file's add_bos_token / add_eos_token ask (the tokenizer's default),
+    with transformers' type ids (the second sequence's specials are type 1)."""
     before = [tokens[bos]] if bos is not None else []
     after = [tokens[eos]] if eos is not None else []
     special = [(tokens[index], int(index)) for index in (bos, eos) if index is not None]
     return processors.TemplateProcessing(
         single=[*before, "$A", *after],
-        pair=[*before, "$A", *after, *before, "$B:1", *after],
+        pair=[*before, "$A", *after, *[f"{token}:1" for token in before], "$B:1", *[f"{token}:1" for token in after]],
         special_tokens=list(dict.fromkeys(special)),
     )
 
