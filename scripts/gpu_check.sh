@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The python runtime's GPU check: the in-process runtime tests (families, scaled rotary, sliding windows, padded
-# vocabularies, eos sets, sampling, beam search, pipeline stages, GGUF sources) with every shard directory loaded on CUDA
-# (tests/conftest.py FT_TEST_DEVICE), against HF transformers on the CPU. Needs a CUDA GPU, torch and transformers;
+# vocabularies, eos sets, sampling, beam search, pipeline stages, GGUF sources) with every shard directory loaded
+# on CUDA (tests/conftest.py FT_TEST_DEVICE), against HF transformers on the CPU. Needs a CUDA GPU, torch and transformers;
 # the project's other pure-python dependencies may come as wheels in .whl/ (installed to /tmp/site, offline).
 set -uo pipefail
 cd "$(dirname "$0")/.."
