@@ -16,19 +16,11 @@ from pathlib import Path
 from templates.ft_python.ft_checkpoint import CheckpointError
 from templates.ft_python.ft_generate import GENERATION_CONFIG
 
+from .readers.hf import read_json
+
 # The sampling keys the python runtime applies, and the output length preprocessing gives a request without one
 # (max_new_tokens, else max_length - the prompt's length), in HF's names.
 SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "max_length")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not readable JSON ({exc}); fix or remove the file") from None
-    if not isinstance(values, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(values).__name__}")
-    return values
 
 
 def _eos_ids(value, where: str, vocab_size: int) -> list[int]:
@@ -63,12 +55,12 @@ def generation_settings(checkpoint_dir: Path, end_id: int, vocab_size: int) -> d
     value, before anything is written). `end_id`: the architecture's, used when the source names no eos id."""
     checkpoint_dir = Path(checkpoint_dir)
     generation_path, config_path = checkpoint_dir / GENERATION_CONFIG, checkpoint_dir / "config.json"
-    generation = _read_json(generation_path) if generation_path.is_file() else {}
+    generation = read_json(generation_path) if generation_path.is_file() else {}
     settings: dict = {}
     if generation.get("eos_token_id") is not None:
         settings["eos_token_id"] = _eos_ids(generation["eos_token_id"], str(generation_path), vocab_size)
     else:
-        config = _read_json(config_path) if config_path.is_file() else {}
+        config = read_json(config_path) if config_path.is_file() else {}
         eos = config.get("eos_token_id")
         settings["eos_token_id"] = [end_id] if eos is None else _eos_ids(eos, str(config_path), vocab_size)
     for key in SAMPLING_KEYS:

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-LAMBADA = Path("/work/shared/data/lambada_test.jsonl")
-if not LAMBADA.is_file():
-    LAMBADA = Path(__file__).resolve().parents[1] / "exporter" / "data" / "lambada_test.jsonl"
+from tokenizer_fixtures import lambada_texts
+
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, LAYERS = 256, 256, 4, 2, 2  # rows of 256: whole K-quant blocks
 # Each K-quant: its block size, the byte offsets of its fp16 super-block scales (ggml's block_q*_K structs), and the
@@ -33,7 +32,7 @@ def train_tokenizer(vocab_size: int = 400, lines: int = 800):
     """A byte-level BPE trained on the first LAMBADA lines, <|endoftext|> first: (tokens by id, merges)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    texts = [json.loads(line)["text"] for line, _ in zip(open(LAMBADA, encoding="utf-8"), range(lines))]
+    texts = lambada_texts(lines)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
@@ -58,7 +57,7 @@ def train_sentencepiece(vocab_size: int = 1000) -> tuple[list[str], list[float],
     pieces of score -1000."""
     import sentencepiece
 
-    texts = [json.loads(line)["text"] for line in open(LAMBADA, encoding="utf-8")]
+    texts = lambada_texts()
     with tempfile.TemporaryDirectory() as directory:
         corpus = Path(directory) / "lambada.txt"
         corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")

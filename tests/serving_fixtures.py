@@ -22,6 +22,17 @@ MODEL, STREAM_MODEL = "gpt2", "gpt2_stream"
 ENSEMBLE, STREAM_ENSEMBLE = "ensemble", "ensemble_stream"
 
 
+def tritonserver_or_skip():
+    """The tritonserver install the tests use ($FT_TRITONSERVER, else PATH, else nvidia-pytriton's); a skip naming
+    what is missing when there is none."""
+    from exporter.serve.tritonserver import TritonServerError, find_tritonserver
+
+    try:
+        return find_tritonserver(os.environ.get("FT_TRITONSERVER") or None)
+    except TritonServerError as error:
+        pytest.skip(f"no tritonserver: {error}")
+
+
 @dataclass(frozen=True)
 class Served:
     """What a test needs to reach the shared server."""
@@ -62,12 +73,9 @@ def build_serving_repository(root: Path, checkpoint: Path) -> Path:
 def served(tmp_path_factory, tiny_gpt2):
     """The shared tritonserver (started once per session, always stopped)."""
     pytest.importorskip("tritonclient.grpc")
-    from exporter.serve.tritonserver import TritonServer, TritonServerError, find_tritonserver
+    from exporter.serve.tritonserver import TritonServer
 
-    try:
-        install = find_tritonserver(os.environ.get("FT_TRITONSERVER") or None)
-    except TritonServerError as error:
-        pytest.skip(f"no tritonserver: {error}")
+    install = tritonserver_or_skip()
     root = tmp_path_factory.mktemp("serving")
     repo = build_serving_repository(root, tiny_gpt2)
     with TritonServer(repo, root / "tritonserver.log", install=install, startup_timeout_s=240) as server:

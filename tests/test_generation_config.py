@@ -11,7 +11,6 @@ unset, and not to those it sets.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -343,13 +342,11 @@ def served_multi_eos(multi_eos, tmp_path_factory):
     exported for the python runtime and served by a real tritonserver."""
     pytest.importorskip("tritonclient.http")
     from exporter.runtimes import ModelSettings
-    from exporter.serve.tritonserver import TritonServer, TritonServerError, find_tritonserver
+    from exporter.serve.tritonserver import TritonServer
     from exporter.stages.export import build_repository
+    from serving_fixtures import tritonserver_or_skip
 
-    try:
-        install = find_tritonserver(os.environ.get("FT_TRITONSERVER") or None)
-    except TritonServerError as error:
-        pytest.skip(f"no tritonserver: {error}")
+    install = tritonserver_or_skip()
     root = tmp_path_factory.mktemp("served-multi-eos")
     checkpoint = root / "llama"
     shutil.copytree(multi_eos[0], checkpoint)

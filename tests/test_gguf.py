@@ -13,8 +13,9 @@ import torch
 
 from exporter.ft.convert import convert_checkpoint
 from exporter.parallel import ParallelLayout
-from gguf_fixtures import LAMBADA, write_gguf
+from gguf_fixtures import write_gguf
 from templates.ft_python import ft_gpt
+from tokenizer_fixtures import lambada_texts
 from templates.ft_python.ft_checkpoint import CheckpointError
 
 pytest.importorskip("gguf", reason="the `gguf` package reads GGUF files")
@@ -88,7 +89,7 @@ def test_tokenizer_ids_equal_transformers_on_lambada(files, tmp_path, pre, add_b
     ours = Tokenizer.from_file(str(shards / "tokenizer.json"))
     config = json.loads((shards / "tokenizer_config.json").read_text())
     assert config["add_bos_token"] is add_bos and config["bos_token"] == "<|endoftext|>"
-    texts = [json.loads(line)["text"] for line in open(LAMBADA, encoding="utf-8")]
+    texts = lambada_texts()
     assert [encoding.ids for encoding in ours.encode_batch(texts)] == reference(texts).input_ids
     plain = reference(texts, add_special_tokens=False).input_ids
     assert [encoding.ids for encoding in ours.encode_batch(texts, add_special_tokens=False)] == plain

@@ -8,15 +8,15 @@ the HF Qwen2 it was written from.
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
 from exporter.ft.convert import convert_checkpoint
 from exporter.parallel import ParallelLayout
-from gguf_fixtures import LAMBADA, write_gguf
+from gguf_fixtures import write_gguf
 from templates.ft_python import ft_gpt
+from tokenizer_fixtures import lambada_texts
 
 pytest.importorskip("gguf", reason="the `gguf` package reads GGUF files")
 transformers = pytest.importorskip("transformers")
@@ -66,5 +66,5 @@ def test_tokenizer_ids_equal_transformers_on_lambada(tmp_path):
     path = write_gguf(tmp_path / "qwen2.gguf", "Q8_0", architecture="qwen2", pre="qwen2", add_bos=False)
     reference = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     ours = Tokenizer.from_file(str(convert_checkpoint(path, tmp_path / "out") / "tokenizer.json"))
-    texts = [json.loads(line)["text"] for line in open(LAMBADA, encoding="utf-8")] + [TEXT]
+    texts = lambada_texts() + [TEXT]
     assert [encoding.ids for encoding in ours.encode_batch(texts)] == reference(texts).input_ids

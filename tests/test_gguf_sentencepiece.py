@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from exporter.ft.convert import convert_checkpoint
-from gguf_fixtures import LAMBADA, NORMAL, train_sentencepiece, write_gguf
+from gguf_fixtures import NORMAL, train_sentencepiece, write_gguf
 from templates.ft_python import ft_gpt
 from templates.ft_python.ft_checkpoint import CheckpointError
+from tokenizer_fixtures import lambada_texts
 
 pytest.importorskip("gguf", reason="the `gguf` package reads GGUF files")
 pytest.importorskip("sentencepiece", reason="the `sentencepiece` package trains the fixture's tokenizer")
@@ -30,7 +31,7 @@ EDGE_TEXTS = ["", " ", "  lead and trail  ", "a  b", "tab\there", "x\n\n y", "æ—
 
 @pytest.fixture(scope="module")
 def texts() -> list[str]:
-    return [json.loads(line)["text"] for line in open(LAMBADA, encoding="utf-8")] + EDGE_TEXTS
+    return lambada_texts() + EDGE_TEXTS
 
 
 def _reference_tokenizer(path):

@@ -210,20 +210,17 @@ def test_postprocessing_drops_ids_outside_the_vocabulary(postprocessing):
 def test_served_padded_model_never_fails_a_request(checkpoint, hf, tmp_path):
     """The padded fixture exported and served by tritonserver: greedy text equals HF's with the padding suppressed,
     and sampled requests at temperature 2 all succeed with only the tokenizer's ids."""
-    import os
 
     pytest.importorskip("tritonclient.http")
     from transformers import AutoTokenizer
 
     from exporter.clients import common
     from exporter.runtimes import ModelSettings
-    from exporter.serve.tritonserver import TritonServer, TritonServerError, find_tritonserver
+    from exporter.serve.tritonserver import TritonServer
     from exporter.stages.export import build_repository
+    from serving_fixtures import tritonserver_or_skip
 
-    try:
-        install = find_tritonserver(os.environ.get("FT_TRITONSERVER") or None)
-    except TritonServerError as error:
-        pytest.skip(f"no tritonserver: {error}")
+    install = tritonserver_or_skip()
     settings = ModelSettings(name="gptj", runtime="python", max_batch_size=8, layout=ParallelLayout(1, 1),
                              data_type="fp32", device="cpu")
     repo = build_repository(tmp_path / "repo", checkpoint, settings, "fp32")

@@ -18,16 +18,15 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.config import DATA_DIR
 from exporter.ft.convert import convert_checkpoint
 from exporter.parallel import ParallelLayout
 from exporter.tokenizer import TokenizerError, load_tokenizer
 from family_fixtures import NEMO_AVAILABLE, NEMO_FIXTURES, NEMO_MISSING
+from tokenizer_fixtures import lambada_texts as read_lambada_texts
 
 spm = pytest.importorskip("sentencepiece")
 transformers = pytest.importorskip("transformers")
 
-LAMBADA = DATA_DIR / "lambada_test.jsonl"  # the vendored copy of the shared LAMBADA test set
 # Llama-2's tokenizer_config.json, as it ships beside tokenizer.model
 LLAMA_CONFIG = {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
                 "unk_token": "<unk>", "pad_token": None, "clean_up_tokenization_spaces": False, "legacy": False,
@@ -38,9 +37,7 @@ EDGE_TEXTS = ["", " ", "  lead and trail  ", "a  b", "tab\there", "x\n\n y", "æ—
 
 @pytest.fixture(scope="session")
 def lambada_texts() -> list[str]:
-    if not LAMBADA.is_file():
-        pytest.skip(f"no LAMBADA text at {LAMBADA}")
-    return [json.loads(line)["text"] for line in LAMBADA.read_text().splitlines()]
+    return read_lambada_texts()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ the very same examples (the export stage's reference run): the same prediction o
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,9 +17,9 @@ import pytest
 from conftest import read_json
 from smollm2 import PACKAGE, gguf_path
 from test_config import composed
+from tokenizer_fixtures import lambada_texts
 
 ROOT = Path(__file__).resolve().parents[1]
-LAMBADA = ROOT / "exporter" / "data" / "lambada_test.jsonl"
 # 64 examples keep the test near 2-3 minutes on 2 CPU cores: served and transformers each score ~1-2 examples/s in
 # fp32 (measured with other jobs on the machine: 64 examples 137 s, 100 examples 464 s under heavier load).
 # Measured: 20/64 both, identical predictions (100 examples: 30/100 both, identical predictions).
@@ -82,7 +81,7 @@ def test_rebuilt_tokenizer_equals_transformers_on_lambada(tmp_path, smollm2):
     GGUFCheckpoint(smollm2).save_tokenizer(tmp_path)
     ours = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     reference = _transformers_tokenizer(smollm2)
-    texts = [json.loads(line)["text"] for line in open(LAMBADA, encoding="utf-8")]
+    texts = lambada_texts()
     assert [encoding.ids for encoding in ours.encode_batch(texts)] == reference(texts).input_ids
     plain = reference(texts, add_special_tokens=False).input_ids
     assert [encoding.ids for encoding in ours.encode_batch(texts, add_special_tokens=False)] == plain
@@ -97,7 +96,7 @@ def test_logits_equal_transformers_reading_the_same_file(tmp_path, smollm2):
     from exporter.ft.convert import convert_checkpoint
     from templates.ft_python import ft_gpt
 
-    text = json.loads(open(LAMBADA, encoding="utf-8").readline())["text"]
+    text = lambada_texts(1)[0]
     ids = _transformers_tokenizer(smollm2)(text).input_ids[:48]
     model = AutoModelForCausalLM.from_pretrained(smollm2.parent, gguf_file=smollm2.name, dtype=torch.float32).eval()
     with torch.inference_mode():

@@ -138,13 +138,11 @@ def served_case(request, tmp_path_factory):
     pytest.importorskip("tritonclient.http")
     from exporter.parallel import ParallelLayout
     from exporter.runtimes import ModelSettings
-    from exporter.serve.tritonserver import TritonServer, TritonServerError, find_tritonserver
+    from exporter.serve.tritonserver import TritonServer
     from exporter.stages.export import build_repository
+    from serving_fixtures import tritonserver_or_skip
 
-    try:
-        install = find_tritonserver()
-    except TritonServerError as error:
-        pytest.skip(f"no tritonserver: {error}")
+    install = tritonserver_or_skip()
     case = request.param
     root = tmp_path_factory.mktemp(case.name)
     checkpoint = case.build(request, root / "checkpoint")

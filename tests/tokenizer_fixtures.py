@@ -14,8 +14,11 @@ import json
 import shutil
 from pathlib import Path
 
+from exporter.config import DATA_DIR
+from exporter.evaluate.lambada import read_texts
+
 ROOT = Path(__file__).resolve().parents[1]
-LAMBADA = ROOT / "exporter" / "data" / "lambada_test.jsonl"
+LAMBADA = DATA_DIR / "lambada_test.jsonl"  # the vendored copy of the shared LAMBADA test set
 GPT2_TOKENIZER = ROOT / "exporter" / "data" / "gpt2-tokenizer"
 
 LLAMA_SPECIALS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2, as Llama-2 has them
@@ -24,13 +27,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def lambada_texts(limit: int | None = None) -> list[str]:
-    texts = []
-    with open(LAMBADA, encoding="utf-8") as handle:
-        for line in handle:
-            texts.append(json.loads(line)["text"])
-            if limit is not None and len(texts) >= limit:
-                break
-    return texts
+    """The LAMBADA test texts (the first `limit`), as the accuracy stage reads them."""
+    return read_texts(LAMBADA, limit)
 
 
 def train_llama_tokenizer(directory: Path, vocab_size: int = 768) -> Path:

@@ -227,10 +227,6 @@ class FTGPT:
             x = self._norm(x, self.pre_ln)
         return x
 
-    def _rotary_tables(self, pos, device):
-        """cos, sin [B, 1, S, r/2] (fp32) for positions pos [B, S]."""
-        return self.rotary_tables(pos, device)
-
     @staticmethod
     def _window_mask(mask, start, window):
         """mask [B, 1, S|1, start+S] restricted to keys less than `window` slots behind each query.
@@ -301,7 +297,8 @@ class FTGPT:
                 device = lw["device"]
                 x = x.to(device)
                 full_mask, window_masks = mask.to(device), {}
-                rotary = self._rotary_tables(pos, device) if self.rotary_dim else None
+                # cos, sin [B, 1, S, r/2] (fp32) for positions pos [B, S]
+                rotary = self.rotary_tables(pos, device) if self.rotary_dim else None
             layer_mask = full_mask
             if lw["window"]:  # built once per call and device
                 if lw["window"] not in window_masks:
