@@ -158,15 +158,20 @@ def check_world_size(shape: Resources, layout: ParallelLayout) -> None:
 
 
 def tensor_parallel_cost(tensor_parallel: int, gpus_on_a_node: int) -> tuple[str, ...]:
-    """Script notes on where a TP group's traffic goes when it spans nodes."""
-    if tensor_parallel <= gpus_on_a_node:
+    """Script notes on where a TP group's traffic goes: inside a node, or across nodes (TP groups are consecutive
+    global ranks, rank = node x GPUs per node + device)."""
+    if gpus_on_a_node % tensor_parallel == 0:
         return (f"Each TP group ({tensor_parallel} GPUs) stays inside a node (NVLink); only pipeline-stage hand-offs "
                 "([batch, hidden] activations per token) cross nodes.",)
+    if tensor_parallel % gpus_on_a_node == 0:
+        where = f"TP={tensor_parallel} spans {tensor_parallel // gpus_on_a_node} nodes"
+    else:
+        where = f"TP groups of {tensor_parallel} GPUs straddle nodes of {gpus_on_a_node}"
     return (
-        f"TP={tensor_parallel} spans {math.ceil(tensor_parallel / gpus_on_a_node)} nodes: every layer's two "
-        "tensor-parallel all-reduces (after attention, after the MLP) run over NCCL across nodes,",
-        "over InfiniBand (one 200 Gb/s HDR port = 25 GB/s per GPU) instead of NVLink inside a node (about 300 GB/s "
-        "per direction per A100), once per layer for every generated token;",
-        "FT's custom all-reduce (8 ranks inside one node) does not apply and NCCL is used. Prefer TP = GPUs per node "
-        "with PP across nodes when the model fits.",
+        f"{where}: each layer's two tensor-parallel all-reduces of [batch, hidden] (after attention, after the MLP) "
+        "run over NCCL across nodes,",
+        "2 x layers of them per generated token, over InfiniBand (one 200 Gb/s HDR port: 25 GB/s per GPU) instead of "
+        "NVLink inside a node (about 300 GB/s per direction per A100);",
+        "FT's custom all-reduce (8 ranks of one node) does not apply. Prefer TP = GPUs per node and PP across nodes "
+        "where the model fits.",
     )
