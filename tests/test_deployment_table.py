@@ -210,7 +210,8 @@ REFUSED = [
      "saw 8 GPUs in all (MPI ranks x GPUs each one sees) for a TP 4 x PP 1 model"),
     ("1. Number of visible GPUs must be evenly divisble by TP * PP", "cluster.gpus_per_node"),
     ("RuntimeError: CUDA error: invalid device ordinal", "cluster.gpus_per_node is more than the GPUs"),
-    ("RuntimeError: Found no NVIDIA driver ... no CUDA-capable device is detected", "cluster.gpus_per_node=0"),
+    ("RuntimeError: CUDA error: no CUDA-capable device is detected", "cluster.gpus_per_node=0"),
+    ("RuntimeError: No CUDA GPUs are available", "cluster.gpus_per_node=0"),
 ]
 
 
@@ -223,6 +224,9 @@ def test_refusals_are_explained(output, key):
 
 def test_unknown_output_is_not_explained():
     assert explain("sbatch: error: something new\nSubmitted batch job 12") == ""
+    # torch's warning on a machine without GPUs is not the failure
+    assert explain("UserWarning: CUDA initialization: CUDA driver initialization failed, you might not have a CUDA "
+                   "gpu. (Triggered internally at ...) no CUDA-capable device is detected") == ""
 
 
 def test_tensor_groups_straddling_nodes_are_said(tmp_path, monkeypatch):
@@ -235,3 +239,16 @@ def test_tensor_groups_straddling_nodes_are_said(tmp_path, monkeypatch):
     assert (found["--nodes"], found["--gpus-per-node"]) == ("2", "6")
     assert exported_devices(script) == ["0,1,2,3,4,5"]
     assert "# TP groups of 4 GPUs straddle nodes of 6: each layer's two" in script.read_text()
+
+
+def test_a_failed_runs_logs_are_explained(tmp_path):
+    """A sub-stage run here (interactive, bcp) that fails: the error names what its logs' recognised line means."""
+    from exporter.launch.common import failure
+
+    out, err = tmp_path / "log.out", tmp_path / "log.err"
+    out.write_text("loading\n[ERROR] world_size (8) should equal to tensor_para_size_ * pipeline_para_size_ (4 * 1 "
+                   "here) \n" + "more\n" * 50)  # the line is further up than the tail the error shows
+    err.write_text("terminate called after throwing an instance of 'std::runtime_error'\n")
+    error = failure(sub_stage_using(Resources(gpus_per_node=8)), 134, out, err)
+    assert "sub-stage accuracy failed (exit 134)" in str(error)
+    assert "what this means: FT's backend saw 8 GPUs in all" in str(error)

@@ -95,10 +95,11 @@ REFUSALS: tuple[Refusal, ...] = (
     Refusal(r"Number of visible GPUs must be evenly divisi?ble by TP \* PP",
             "FT's backend saw a number of GPUs that TP*PP does not divide: cluster.gpus_per_node must be the GPUs "
             "one node has, so the plan can set CUDA_VISIBLE_DEVICES to the TP*PP GPUs the model uses."),
-    Refusal(r"invalid device ordinal",
+    Refusal(r"CUDA error: invalid device ordinal",
             "CUDA_VISIBLE_DEVICES names a GPU the node does not have: cluster.gpus_per_node is more than the GPUs "
             "one node has (`nvidia-smi -L` on a node lists them)."),
-    Refusal(r"no CUDA-capable device is detected",
+    # The errors, not the warning a CUDA build of torch prints on a machine without GPUs.
+    Refusal(r"CUDA error: no CUDA-capable device is detected|No CUDA GPUs are available",
             f"the job's processes see no GPU. {CPU_ONLY}; else check the job was given GPUs (cluster.partition)."),
 )
 
