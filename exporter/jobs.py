@@ -17,11 +17,31 @@ class JobShapeError(ValueError):
 
 @dataclass(frozen=True)
 class Resources:
-    """One job's shape: `nodes` x `tasks_per_node` tasks; `gpus_per_node` GPUs asked on each node (0: none)."""
+    """One job's shape: `nodes` x `tasks_per_node` tasks; `gpus_per_node` GPUs asked on each node (0: none).
+
+    `visible_devices`: when the job uses part of each node's GPUs, the CUDA devices its processes see on every node
+    (CUDA_VISIBLE_DEVICES, e.g. (0, 1, 2, 3) for 4 GPUs of an 8-GPU node); () when it sees all it was given.
+    """
 
     nodes: int = 1
     tasks_per_node: int = 1
     gpus_per_node: int = 0
+    visible_devices: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.visible_devices and len(self.visible_devices) != self.gpus_per_node:
+            raise ValueError(f"visible_devices {self.visible_devices} do not match gpus_per_node={self.gpus_per_node}")
+
+    @property
+    def device_list(self) -> str | None:
+        """CUDA_VISIBLE_DEVICES for the job's processes ("0,1,2,3"), or None to leave it as the node sets it."""
+        return ",".join(str(device) for device in self.visible_devices) if self.visible_devices else None
+
+
+def node_share(gpus: int, gpus_per_node: int) -> tuple[int, ...]:
+    """The devices a job using `gpus` of a node's `gpus_per_node` GPUs sees: the first `gpus` (the order FT's and
+    torch's device ids follow); () when it uses every GPU of the node (or none)."""
+    return tuple(range(gpus)) if 0 < gpus < gpus_per_node else ()
 
 
 @dataclass(frozen=True)

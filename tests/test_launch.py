@@ -169,13 +169,17 @@ def test_golden_bcprun(tmp_path, monkeypatch):
     [
         (dict(runtime="python", device="cpu", tensor_parallel=8, pipeline_parallel=2, gpus_per_node=8), (1, 1, 0)),
         (dict(runtime="python", device="auto", tensor_parallel=2, pipeline_parallel=1, gpus_per_node=0), (1, 1, 0)),
-        (dict(runtime="python", device="auto", tensor_parallel=2, pipeline_parallel=1, gpus_per_node=8), (1, 1, 1)),
+        (dict(runtime="python", device="auto", tensor_parallel=2, pipeline_parallel=1, gpus_per_node=8),
+         (1, 1, 1, (0,))),
         (dict(runtime="fastertransformer", device="auto", tensor_parallel=4, pipeline_parallel=1, gpus_per_node=8),
-         (1, 1, 4)),
+         (1, 1, 4, (0, 1, 2, 3))),
         (dict(runtime="fastertransformer", device="auto", tensor_parallel=8, pipeline_parallel=2, gpus_per_node=8),
          (2, 1, 8)),
         (dict(runtime="fastertransformer", device="auto", tensor_parallel=4, pipeline_parallel=4, gpus_per_node=8),
          (2, 1, 8)),
+        # 12 GPUs: 6 on each of 2 nodes (FT's world size = 2 ranks x 6 visible GPUs).
+        (dict(runtime="fastertransformer", device="auto", tensor_parallel=4, pipeline_parallel=3, gpus_per_node=8),
+         (2, 1, 6, (0, 1, 2, 3, 4, 5))),
     ],
 )
 def test_serving_shape(kwargs, expected):
@@ -187,13 +191,12 @@ def test_serving_shape(kwargs, expected):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (("export.model.tensor_model_parallel_size=16", "cluster.gpus_per_node=8"),
-         "TP=16 does not fit inside one node"),
-        (("export.model.tensor_model_parallel_size=4", "export.triton_deployment.pipeline_model_parallel_size=3",
-          "cluster.gpus_per_node=8"), "12 GPUs does not fill whole nodes of 8 GPUs"),
+        (("export.model.tensor_model_parallel_size=4", "export.triton_deployment.pipeline_model_parallel_size=5",
+          "cluster.gpus_per_node=8"),
+         r"20 GPUs cannot be spread evenly over 3 nodes of 8 GPUs.*choose TP\*PP = 18 or 21"),
         (("export.model.tensor_model_parallel_size=2", "cluster.gpus_per_node=0"), "needs GPUs"),
-        (("export.model.tensor_model_parallel_size=3", "export.triton_deployment.pipeline_model_parallel_size=4",
-          "cluster.gpus_per_node=8"), "TP=3 does not fit inside one node of 8 GPUs"),
+        (("export.model.tensor_model_parallel_size=5", "export.triton_deployment.pipeline_model_parallel_size=2",
+          "cluster.gpus_per_node=4"), r"10 GPUs cannot be spread evenly over 3 nodes of 4 GPUs.*= 9 or 12"),
     ],
 )
 def test_impossible_shapes_are_refused_before_anything_is_written(tmp_path, monkeypatch, overrides, message):

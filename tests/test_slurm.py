@@ -157,3 +157,39 @@ def test_rejected_submission_cancels_the_jobs_already_submitted(slurm, tmp_path)
     assert f"cancelled the jobs already submitted ({ids['convert']})" in done.stdout + done.stderr
     infos = wait_for([ids["convert"]], timeout_s=60)
     assert infos[ids["convert"]]["JobState"] == "CANCELLED"
+
+
+def test_gpu_request_on_a_cluster_without_gpus_is_explained(slurm, tmp_path):
+    """The default export asks for a GPU (the default runtime's device=auto, cluster.gpus_per_node=8); this Slurm has
+    no gres, and sbatch answers only "Invalid generic resource (gres) specification". The error must say what that
+    means and which key to set."""
+    done, ids = submit(tmp_path, "cluster.gpus_per_node=8")
+    output = done.stdout + done.stderr
+    assert done.returncode == 1 and set(ids) == {"convert"}, output
+    assert "sbatch failed for accuracy" in output and "1 GPU(s)/node" in output
+    assert "Invalid generic resource (gres) specification" in output  # Slurm's own line, kept
+    assert "what this means: Slurm refused the job's GPU request" in output
+    assert "set cluster.gpus_per_node=0" in output
+    wait_for([ids["convert"]], timeout_s=60)  # cancelled with the plan
+
+
+@pytest.mark.parametrize(
+    "option, key",
+    [
+        ("--gres=gpu:1", "cluster.gpus_per_node=0"),
+        ("--gpus-per-node=8", "cluster.gpus_per_node=0"),
+        ("--partition=no-such-partition", "cluster.partition"),
+        ("--mem=100000000", "cluster.mem"),
+        ("--time=not-a-time", "export.run.time_limit"),
+    ],
+)
+def test_sbatch_refusals_of_this_slurm_are_recognised(slurm, tmp_path, option, key):
+    """What this real sbatch prints for each refusal is recognised, and its explanation names the key to change."""
+    from exporter.launch.refusals import explain
+
+    done = subprocess.run(["sbatch", "--parsable", option, f"--chdir={tmp_path}", "--output=/dev/null", "--wrap=true"],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode == 0:  # accepted after all: do not leave it queued
+        subprocess.run(["scancel", done.stdout.strip().split(";")[0]], check=False)
+    assert done.returncode != 0, f"sbatch {option} was accepted: {done.stdout}"
+    assert key in explain(done.stderr), done.stderr

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from ..jobs import Step, SubStage
 from .common import (
+    DEVICES_VARIABLE,
     PROJECT_ROOT,
     LaunchError,
     job_name,
@@ -34,7 +35,8 @@ from .common import (
 def bcprun_argv(sub_stage: SubStage, step: Step, command: Sequence[str], workdir: Path) -> list[str]:
     shape = sub_stage.resources
     nodes, per_node = (shape.nodes, shape.tasks_per_node) if step.every_node or shape.nodes == 1 else (1, 1)
-    wrapped = ["env", f"--chdir={workdir}", f"PYTHONPATH={PROJECT_ROOT}", *command]
+    devices = [] if shape.device_list is None else [f"{DEVICES_VARIABLE}={shape.device_list}"]  # part of a node
+    wrapped = ["env", f"--chdir={workdir}", f"PYTHONPATH={PROJECT_ROOT}", *devices, *command]
     return ["bcprun", "--nnodes", str(nodes), "--npernode", str(per_node), "--cmd", shlex.join(wrapped)]
 
 

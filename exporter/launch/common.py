@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..atomic import write_text_atomic
 from ..jobs import Step, SubStage
+from .refusals import explain
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # holds the `exporter` package: put on PYTHONPATH in jobs
 CONTAINER_PYTHON = "python3"  # inside a container, its own interpreter; on the host, the one running main.py
@@ -57,6 +58,18 @@ def log_paths(sub_stage: SubStage, name: str, job_id: str = "%j") -> tuple[Path,
 
 def pythonpath_line() -> str:
     return f"export PYTHONPATH={shlex.quote(str(PROJECT_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"
+
+
+DEVICES_VARIABLE = "CUDA_VISIBLE_DEVICES"
+
+
+def device_lines(sub_stage: SubStage, note: str = "") -> list[str]:
+    """The script lines that show the job only the GPUs it uses of each node, when it uses part of one."""
+    devices = sub_stage.resources.device_list
+    if devices is None:
+        return []
+    return [f"# The job uses {sub_stage.resources.gpus_per_node} GPU(s) of each node: its processes see only these"
+            + (f"; {note}" if note else "."), f"export {DEVICES_VARIABLE}={devices}"]
 
 
 def notes_lines(step: Step) -> list[str]:
@@ -141,6 +154,7 @@ def tail(path: Path, lines: int = 10) -> str:
 
 
 def failure(sub_stage: SubStage, code: int, out: Path, err: Path) -> LaunchError:
-    """The sub-stage's exit code and the end of both logs (its one-line error is logged to stdout)."""
+    """The sub-stage's exit code and the end of both logs (its one-line error is logged to stdout), with what a
+    recognised error in them means."""
     return LaunchError(f"sub-stage {sub_stage.name} failed (exit {code})\n-- end of {out}:\n{tail(out)}"
-                       f"\n-- end of {err}:\n{tail(err, 5)}")
+                       f"\n-- end of {err}:\n{tail(err, 5)}" + explain(tail(out, 200) + "\n" + tail(err, 200)))

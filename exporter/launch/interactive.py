@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from ..jobs import SubStage
 from .common import (
+    DEVICES_VARIABLE,
     PROJECT_ROOT,
     LaunchError,
     job_name,
@@ -42,16 +43,41 @@ def local_commands(cfg: DictConfig, sub_stage: SubStage, config_path: Path) -> l
     return [step_argv(step, python_for(cfg), config_path) for step in sub_stage.steps]
 
 
+def local_devices(sub_stage: SubStage, given: str | None) -> str | None:
+    """CUDA_VISIBLE_DEVICES for a sub-stage run here, or None to leave the environment's as it is.
+
+    The plan's devices are the first GPUs of the node; where this process was itself given GPUs
+    (CUDA_VISIBLE_DEVICES=`given`), the first ones of those (given 4,5,6,7, a plan of 0,1 -> 4,5).
+    """
+    shape = sub_stage.resources
+    if given is None:
+        return shape.device_list
+    devices = [device.strip() for device in given.split(",") if device.strip()]
+    if not devices or shape.gpus_per_node == 0:
+        return None  # no GPUs given (a runtime that can falls back to the CPU), or none needed
+    if len(devices) < shape.gpus_per_node:
+        raise LaunchError(
+            f"sub-stage {sub_stage.name} uses {shape.gpus_per_node} GPU(s) but this process was given "
+            f"{len(devices)} (CUDA_VISIBLE_DEVICES={given}): list at least {shape.gpus_per_node} there, or unset it, "
+            "or change the layout (TP*PP GPUs)"
+        )
+    return ",".join(devices[:shape.gpus_per_node])
+
+
 def run_interactive(cfg: DictConfig, sub_stages: Sequence[SubStage]) -> None:
     workdir = Path.cwd()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    base_env = dict(os.environ)
+    base_env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT)]
+                                             + ([base_env["PYTHONPATH"]] if base_env.get("PYTHONPATH") else []))
     # Every sub-stage is checked before the first one runs.
     planned = [(sub_stage, prepare(cfg, sub_stage)) for sub_stage in sub_stages]
     commands = [local_commands(cfg, sub_stage, config_path) for sub_stage, config_path in planned]
-    for (sub_stage, _), argvs in zip(planned, commands):
+    devices = [local_devices(sub_stage, os.environ.get(DEVICES_VARIABLE)) for sub_stage, _ in planned]
+    for (sub_stage, _), argvs, listed in zip(planned, commands, devices):
         lines = ["#!/bin/bash", f"# ft-exporter {sub_stage.stage}/{sub_stage.name}, run here", "set -euo pipefail",
                  f"cd {shlex.quote(str(workdir))}", pythonpath_line()]
+        if listed is not None:
+            lines.append(f"export {DEVICES_VARIABLE}={listed}  # the GPUs the sub-stage uses")
         for step, argv in zip(sub_stage.steps, argvs):
             lines += [*notes_lines(step), shlex.join(argv)]
         script = write_script(sub_stage, lines)
@@ -61,7 +87,8 @@ def run_interactive(cfg: DictConfig, sub_stages: Sequence[SubStage]) -> None:
             for argv in argvs:
                 print(f"[dry run] {sub_stage.name}: would run: {shlex.join(argv)}")
         return
-    for (sub_stage, _), argvs in zip(planned, commands):
+    for (sub_stage, _), argvs, listed in zip(planned, commands, devices):
+        env = base_env if listed is None else {**base_env, DEVICES_VARIABLE: listed}
         out, err = log_paths(sub_stage, job_name(cfg, sub_stage), "local")
         log.info("== %s == (logs: %s, %s)", sub_stage.name, out, err)
         started = time.monotonic()

@@ -19,6 +19,7 @@ from ..jobs import Step, SubStage
 from .common import (
     PROJECT_ROOT,
     LaunchError,
+    device_lines,
     job_name,
     log_paths,
     notes_lines,
@@ -29,6 +30,7 @@ from .common import (
     step_argv,
     write_script,
 )
+from .refusals import explain
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ def sbatch_script(cfg: DictConfig, sub_stage: SubStage, config_path: Path, workd
         "",
         "set -euo pipefail",
         pythonpath_line(),
+        *device_lines(sub_stage, "where Slurm manages GPUs (gres), srun sets the ones it allocated instead."),
     ]
     if any(step.every_node for step in sub_stage.steps):
         lines.append("trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # background servers end with the job")
@@ -143,8 +146,11 @@ def run_slurm(cfg: DictConfig, sub_stages: Sequence[SubStage]) -> dict[str, str]
         done = subprocess.run(argv, capture_output=True, text=True, cwd=workdir)
         if done.returncode != 0:
             cancelled = _cancel(list(job_ids.values()))
-            raise LaunchError(f"sbatch failed for {sub_stage.name} (exit {done.returncode}): "
-                              f"{(done.stderr or done.stdout).strip()}" + cancelled)
+            shape = sub_stage.resources
+            raise LaunchError(f"sbatch failed for {sub_stage.name} (exit {done.returncode}; the job asks "
+                              f"{shape.nodes} node(s) x {shape.tasks_per_node} task(s), {shape.gpus_per_node} "
+                              f"GPU(s)/node): {(done.stderr or done.stdout).strip()}" + cancelled
+                              + explain(done.stderr + done.stdout))
         job_ids[sub_stage.name] = parse_job_id(done.stdout)
         shape = sub_stage.resources
         print(f"{sub_stage.name}: submitted job {job_ids[sub_stage.name]} ({job_name(cfg, sub_stage)}; "

@@ -13,7 +13,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from templates.ft_python.ft_checkpoint import CheckpointError
 
-from ..jobs import JobShapeError, Resources, Step
+from ..jobs import JobShapeError, Resources, Step, node_share
 from ..parallel import ParallelLayout
 from ..triton import render
 from .base import ModelSettings, Require, Runtime
@@ -66,31 +66,39 @@ class FasterTransformerRuntime(Runtime):
             )
 
     def serving_resources(self, layout: ParallelLayout, device: str, gpus_per_node: int) -> Resources:
-        """TP*PP GPUs in all. On one node, one tritonserver uses them all. Across nodes, FT's Triton backend runs one
-        tritonserver (one MPI rank) per node driving all of that node's GPUs, and keeps a tensor-parallel group
-        inside a node: nodes = TP*PP / gpus_per_node whole nodes, TP dividing gpus_per_node."""
+        """TP*PP GPUs in all, as seed 003's table places them on nodes of `gpus_per_node` GPUs.
+
+        One node when they fit: one tritonserver drives TP*PP GPUs; on part of a node the job sees only the first
+        TP*PP devices (TP 4 on 8 GPUs: CUDA_VISIBLE_DEVICES=0,1,2,3). More: FT's multi-node backend runs one
+        tritonserver (MPI rank) per node driving every GPU it sees, the same number on each node, so TP*PP is spread
+        evenly over ceil(TP*PP / gpus_per_node) nodes (TP 8 x PP 3: 3 nodes of 8; TP 16: 2 nodes, its TP group
+        spanning both). FT's world-size rule (`check_world_size`) holds for every shape planned here.
+        """
         tensor_parallel, pipeline_parallel = layout.tensor_parallel, layout.pipeline_parallel
         world = tensor_parallel * pipeline_parallel
         if gpus_per_node < 1:
             raise JobShapeError(
                 f"the fastertransformer runtime needs GPUs (TP*PP = {world}) but cluster.gpus_per_node=0"
             )
-        if world <= gpus_per_node:
-            return Resources(nodes=1, tasks_per_node=1, gpus_per_node=world)
         nodes = math.ceil(world / gpus_per_node)
-        if tensor_parallel > gpus_per_node or gpus_per_node % tensor_parallel:
+        if world % nodes:
+            placeable = [count for count in range(1, 2 * world + gpus_per_node)
+                         if count % math.ceil(count / gpus_per_node) == 0]
+            lower = max(count for count in placeable if count < world)
+            higher = min(count for count in placeable if count > world)
             raise JobShapeError(
-                f"TP={tensor_parallel} does not fit inside one node of {gpus_per_node} GPUs: FT's multi-node Triton "
-                f"backend keeps each tensor-parallel group within a node (use TP dividing {gpus_per_node}, and "
-                "pipeline parallelism across nodes)"
+                f"TP*PP = {tensor_parallel}*{pipeline_parallel} = {world} GPUs cannot be spread evenly over {nodes} "
+                f"nodes of {gpus_per_node} GPUs: FT's multi-node backend runs one process per node driving the same "
+                f"number of GPUs on each (world size = nodes x GPUs per node = TP*PP); choose TP*PP = {lower} or "
+                f"{higher} (export.model.tensor_model_parallel_size x "
+                "export.triton_deployment.pipeline_model_parallel_size), or set cluster.gpus_per_node to the nodes' "
+                "real GPU count"
             )
-        if world != nodes * gpus_per_node:
-            raise JobShapeError(
-                f"TP*PP = {tensor_parallel}*{pipeline_parallel} = {world} GPUs does not fill whole nodes of "
-                f"{gpus_per_node} GPUs ({nodes} nodes have {nodes * gpus_per_node}): FT's multi-node Triton backend "
-                "runs one process per node using every GPU of it"
-            )
-        return Resources(nodes=nodes, tasks_per_node=1, gpus_per_node=gpus_per_node)
+        per_node = world // nodes
+        shape = Resources(nodes=nodes, tasks_per_node=1, gpus_per_node=per_node,
+                          visible_devices=node_share(per_node, gpus_per_node))
+        check_world_size(shape, layout)
+        return shape
 
     def model_config(self, settings: ModelSettings, repository: Path) -> pb.ModelConfig:
         if settings.decoupled:
@@ -123,9 +131,47 @@ class FasterTransformerRuntime(Runtime):
             notes=(
                 f"FT backend, multi-node: {shape.nodes} MPI ranks, one tritonserver per node, each driving its "
                 f"{shape.gpus_per_node} GPUs;",
-                f"NCCL world size = TP*PP = {tp}*{pp} = {tp * pp} = {shape.nodes} nodes x {shape.gpus_per_node} GPUs; "
-                "TP groups stay inside a node, PP spans nodes.",
+                f"NCCL world size = TP*PP = {tp}*{pp} = {tp * pp} = {shape.nodes} nodes x {shape.gpus_per_node} GPUs "
+                "(global rank = node x GPUs per node + device; TP groups are consecutive ranks).",
+                *tensor_parallel_cost(tp, shape.gpus_per_node),
                 "Rank 0 (the first node, where this script runs) serves requests; the client below talks to it.",
             ),
         )
         return (server,), f"http://127.0.0.1:{SERVER_PORTS['http']}"
+
+
+def check_world_size(shape: Resources, layout: ParallelLayout) -> None:
+    """FT's rule, checked before anything is submitted: world_size = MPI ranks (one per node) x GPUs each rank sees
+    must equal tensor_para_size * pipeline_para_size. FT itself stops at load time with
+    "world_size (8) should equal to tensor_para_size_ * pipeline_para_size_ (4 * 1 here)" (a whole 8-GPU node
+    visible to a TP=4 model)."""
+    tp, pp = layout.tensor_parallel, layout.pipeline_parallel
+    visible = len(shape.visible_devices) or shape.gpus_per_node
+    world = shape.nodes * shape.tasks_per_node * visible
+    if shape.tasks_per_node != 1 or world != tp * pp:
+        raise JobShapeError(
+            f"FT's backend would stop with world_size ({world}) != tensor_para_size * pipeline_para_size ({tp} * "
+            f"{pp}): the job gives {shape.nodes} node(s) x {shape.tasks_per_node} process(es) x {visible} visible "
+            f"GPU(s); make them equal: one process per node, and CUDA_VISIBLE_DEVICES listing TP*PP / nodes = "
+            f"{tp * pp / shape.nodes:g} GPUs on each node (or change TP/PP)"
+        )
+
+
+def tensor_parallel_cost(tensor_parallel: int, gpus_on_a_node: int) -> tuple[str, ...]:
+    """Script notes on where a TP group's traffic goes: inside a node, or across nodes (TP groups are consecutive
+    global ranks, rank = node x GPUs per node + device)."""
+    if gpus_on_a_node % tensor_parallel == 0:
+        return (f"Each TP group ({tensor_parallel} GPUs) stays inside a node (NVLink); only pipeline-stage hand-offs "
+                "([batch, hidden] activations per token) cross nodes.",)
+    if tensor_parallel % gpus_on_a_node == 0:
+        where = f"TP={tensor_parallel} spans {tensor_parallel // gpus_on_a_node} nodes"
+    else:
+        where = f"TP groups of {tensor_parallel} GPUs straddle nodes of {gpus_on_a_node}"
+    return (
+        f"{where}: each layer's two tensor-parallel all-reduces of [batch, hidden] (after attention, after the MLP) "
+        "run over NCCL across nodes,",
+        "2 x layers of them per generated token, over InfiniBand (one 200 Gb/s HDR port: 25 GB/s per GPU) instead of "
+        "NVLink inside a node (about 300 GB/s per direction per A100);",
+        "FT's custom all-reduce (8 ranks of one node) does not apply. Prefer TP = GPUs per node and PP across nodes "
+        "where the model fits.",
+    )

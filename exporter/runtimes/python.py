@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as pb
 
-from ..jobs import JobShapeError, Resources
+from ..jobs import JobShapeError, Resources, node_share
 from ..parallel import ParallelLayout
 from ..triton import render
 from ..triton.repo import copy_templates
@@ -35,11 +35,12 @@ class PythonRuntime(Runtime):
         )
 
     def serving_resources(self, layout: ParallelLayout, device: str, gpus_per_node: int) -> Resources:
-        """One process serves every rank on one device -> 1 node, 1 task, 1 GPU (none on CPU)."""
+        """One process serves every rank on one device -> 1 node, 1 task, 1 GPU (none on CPU): device 0 of a node
+        with more."""
         if device == "cuda" and gpus_per_node == 0:
             raise JobShapeError("triton_deployment.device=cuda but cluster.gpus_per_node=0 (CPU-only nodes)")
         gpus = 0 if device == "cpu" or gpus_per_node == 0 else 1
-        return Resources(nodes=1, tasks_per_node=1, gpus_per_node=gpus)
+        return Resources(nodes=1, tasks_per_node=1, gpus_per_node=gpus, visible_devices=node_share(gpus, gpus_per_node))
 
     def install(self, version_dir: Path, settings: ModelSettings) -> None:
         copy_templates(FILES, version_dir)
