@@ -245,8 +245,10 @@ FAMILIES = {
     "opt": (build_opt, GPT, _opt_expected),
     "opt_post_layernorm_projected": (lambda d: build_opt(d, post_layernorm=True, project=True), GPT, _opt_expected),
     "gptj": (build_gptj, GPTJ, _gptj_expected),
-    "gptneox_parallel": (build_gptneox, GPTNEOX, _gptneox_expected),
-    "gptneox_sequential": (lambda d: build_gptneox(d, parallel=False), GPTNEOX, _gptneox_expected),
+    # FT's rotary kernels use base 10000 (other bases are refused at planning, see test_plan_for_fts_backend).
+    "gptneox_parallel": (lambda d: build_gptneox(d, rotary_emb_base=10000), GPTNEOX, _gptneox_expected),
+    "gptneox_sequential": (lambda d: build_gptneox(d, parallel=False, rotary_emb_base=10000), GPTNEOX,
+                           _gptneox_expected),
 }
 
 
@@ -377,24 +379,27 @@ def test_model_config_is_fts_for_the_model_type(exported):
 
 # Planning (main.run, before anything is written): what FT's backend serves from these shards, and with which
 # settings. Messages name the key to change.
-@pytest.mark.parametrize("family, overrides, refusal", [
+@pytest.mark.parametrize("builder, overrides, refusal", [
     # Regression: GPT-J / GPT-NeoX were refused ("the rendered config.pbtxt declares model_type 'GPT'") although
     # the shards follow FT's GPT-J / GPT-NeoX layouts.
-    ("gptj", [], None),
-    ("gptneox_parallel", ["export.triton_deployment.data_type=fp16"], None),
-    ("opt", ["export.triton_deployment.int8_mode=1", "export.triton_deployment.data_type=bf16"], None),
+    (build_gptj, [], None),
+    (lambda d: build_gptneox(d, rotary_emb_base=10000), ["export.triton_deployment.data_type=fp16"], None),
+    (build_opt, ["export.triton_deployment.int8_mode=1", "export.triton_deployment.data_type=bf16"], None),
     # FT's factory reads int8_mode for model_type GPT only: GPT-J would be served unquantised.
-    ("gptj", ["export.triton_deployment.int8_mode=1", "export.triton_deployment.data_type=fp16"],
+    (build_gptj, ["export.triton_deployment.int8_mode=1", "export.triton_deployment.data_type=fp16"],
      "export.triton_deployment.int8_mode=0"),
     # FT builds GPT-NeoX as <half> for fp16 and <float> otherwise: bf16 would silently run in fp32.
-    ("gptneox_parallel", ["export.triton_deployment.data_type=bf16"], "export.triton_deployment.data_type=fp16"),
-])
-def test_plan_for_fts_backend(export, tmp_path, family, overrides, refusal):
+    (lambda d: build_gptneox(d, rotary_emb_base=10000), ["export.triton_deployment.data_type=bf16"],
+     "export.triton_deployment.data_type=fp16"),
+    # FT's rotary kernels use base 10000 whatever the checkpoint says.
+    (lambda d: build_gptneox(d, rotary_emb_base=5000), [], "rotary base 5000 (FT's rotary kernels use 10000)"),
+], ids=["gptj", "gptneox", "opt-int8", "gptj-int8", "gptneox-bf16", "gptneox-rotary-base"])
+def test_plan_for_fts_backend(tmp_path, builder, overrides, refusal):
     from main import run
     from templates.ft_python.ft_checkpoint import CheckpointError
     from test_config import composed
 
-    checkpoint, _ = export(family, 1)
+    checkpoint = builder(tmp_path / "checkpoint")
     cfg = composed(f"base_results_dir={tmp_path / 'results'}", f"export.model.checkpoint_path={checkpoint}",
                    "export.triton_deployment.runtime=fastertransformer", "export.accuracy.enabled=false",
                    *overrides)

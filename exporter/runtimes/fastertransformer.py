@@ -87,6 +87,11 @@ class FasterTransformerRuntime(Runtime):
                 f"{source.name}: FasterTransformer has no backend for this architecture (no Llama-family model: "
                 f"RMSNorm, SwiGLU, grouped-query attention); serve it with export.triton_deployment.runtime=python"
             )
+        if source.ft_unsupported:
+            raise CheckpointError(
+                f"{source.name}: FT's backend (model_type {source.ft_model_type!r}) would not compute this model: "
+                f"{source.ft_unsupported}; serve it with export.triton_deployment.runtime=python"
+            )
         if settings is not None:
             check_model_type(source.ft_model_type, settings)
 
