@@ -286,7 +286,7 @@ def test_shards_are_what_fts_loader_opens(exported):
     shard_dir = repository / "model" / "1" / f"{tp}-gpu"
     values = read_as_ft(shard_dir / "config.ini", loader)
     for key, value in expected_values(AutoConfig.from_pretrained(checkpoint)).items():
-        assert values[key] == pytest.approx(value), key
+        assert values[key] == (pytest.approx(value) if isinstance(value, float) else value), key
     assert values["weight_data_type"] == "fp16"
     if loader is GPT and values["has_positional_encoding"]:
         assert values["max_pos_seq_len"] > 0  # FT sizes model.wpe.bin by it

@@ -99,7 +99,7 @@ class Runtime:
         config.pbtxt; every runtime renders them. `model_type` is absent where FT has no model for the section;
         `int8_mode` is left out for GPT-J and GPT-NeoX, whose factories do not read it (only "GPT"'s does)."""
         model_type = FT_MODEL_TYPES.get(settings.section)
-        parameters: dict[str, object] = {
+        return {
             "tensor_para_size": settings.layout.tensor_parallel,
             "pipeline_para_size": settings.layout.pipeline_parallel,
             "data_type": settings.data_type,
@@ -108,7 +108,6 @@ class Runtime:
             **({"int8_mode": settings.int8_mode} if model_type not in ("GPT-J", "GPT-NeoX") else {}),
             "enable_custom_all_reduce": settings.enable_custom_all_reduce,
         }
-        return parameters
 
     def check_kind(self, kind: ModelKind) -> None:
         """Refuse, before converting, a kind of model this runtime does not serve (CheckpointError)."""
