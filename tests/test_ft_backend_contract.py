@@ -2,10 +2,11 @@
 
 For each of FT's model types the tables below say which files one tensor-parallel rank opens, with how many
 elements, and which config.ini keys (section, names, how they are parsed) the loader reads. Tiny seeded HF models
-of each family are exported at TP 1 and 2 and the written shard directory is checked against the table: every file
-FT opens exists with exactly the element count it reads (FT's loadWeightFromBin only logs a warning and leaves the
-weights uninitialised on a short or missing file), and nothing is written that FT would not open. The expected
-config.ini values come from the HF config (transformers), not from this project.
+of each family (and the NeMo GPT fixture) are exported at TP 1 and 2 and the shard directory is checked against the
+table: every file FT opens exists with exactly the element count it reads (FT's loadWeightFromBin only logs a
+warning and leaves the weights uninitialised on a short or missing file), and nothing is written that FT would not
+open. The expected config.ini values come from the source's own config (transformers' HF config, NeMo's saved
+model_config.yaml), not from this project.
 
 The rendered model config.pbtxt is checked against FT's backend's all_models/<model>/fastertransformer/config.pbtxt
 for the same model type.
@@ -34,7 +35,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from conftest import build_hf_gpt2
-from family_fixtures import build_gptj, build_gptneox, build_opt
+from family_fixtures import NEMO_AVAILABLE, NEMO_FIXTURES, NEMO_MISSING, build_gptj, build_gptneox, build_opt, \
+    nemo_checkpoint
 
 from exporter.parallel import ParallelLayout
 from exporter.runtimes import ModelSettings
@@ -240,11 +242,26 @@ def _gptneox_expected(config) -> dict:
             "use_gptj_residual": int(config.use_parallel_residual)}
 
 
+def _nemo_gpt_expected(_) -> dict:
+    """From the model_config.yaml NeMo saved beside the fixture (learned positions, pre-LN, LayerNorm, GELU)."""
+    import yaml
+
+    config = yaml.safe_load((NEMO_FIXTURES / "gpt_tp1.model_config.yaml").read_text())
+    heads = config["num_attention_heads"]
+    return {"head_num": heads, "size_per_head": config["hidden_size"] // heads,
+            "inter_size": config["ffn_hidden_size"], "num_layer": config["num_layers"],
+            "max_pos_seq_len": config["max_position_embeddings"], "layernorm_eps": config["layernorm_epsilon"],
+            "layernorm_type": "pre_layernorm", "activation_type": "Gelu", "has_positional_encoding": True,
+            "has_post_decoder_layernorm": True, "has_pre_decoder_layernorm": False,
+            "use_attention_linear_bias": False, "has_adapters": False}
+
+
 FAMILIES = {
     "gpt2": (build_hf_gpt2, GPT, _gpt2_expected),
     "opt": (build_opt, GPT, _opt_expected),
     "opt_post_layernorm_projected": (lambda d: build_opt(d, post_layernorm=True, project=True), GPT, _opt_expected),
     "gptj": (build_gptj, GPTJ, _gptj_expected),
+    "nemo_gpt": (nemo_checkpoint("gpt_tp1"), GPT, _nemo_gpt_expected),
     # FT's rotary kernels use base 10000 (other bases are refused at planning, see test_plan_for_fts_backend).
     "gptneox_parallel": (lambda d: build_gptneox(d, rotary_emb_base=10000), GPTNEOX, _gptneox_expected),
     "gptneox_sequential": (lambda d: build_gptneox(d, parallel=False, rotary_emb_base=10000), GPTNEOX,
@@ -271,8 +288,10 @@ def export(tmp_path_factory):
     return build
 
 
-@pytest.fixture(scope="module", params=[(family, tp) for family in FAMILIES for tp in (1, 2)],
-                ids=lambda param: f"{param[0]}-tp{param[1]}")
+@pytest.fixture(scope="module", params=[
+    pytest.param((family, tp), id=f"{family}-tp{tp}",
+                 marks=pytest.mark.skipif(family == "nemo_gpt" and not NEMO_AVAILABLE, reason=NEMO_MISSING))
+    for family in FAMILIES for tp in (1, 2)])
 def exported(request, export):
     family, tp = request.param
     return (family, tp, *export(family, tp))
@@ -285,7 +304,8 @@ def test_shards_are_what_fts_loader_opens(exported):
     _, loader, expected_values = FAMILIES[family]
     shard_dir = repository / "model" / "1" / f"{tp}-gpu"
     values = read_as_ft(shard_dir / "config.ini", loader)
-    for key, value in expected_values(AutoConfig.from_pretrained(checkpoint)).items():
+    source_config = None if checkpoint.suffix == ".nemo" else AutoConfig.from_pretrained(checkpoint)
+    for key, value in expected_values(source_config).items():
         assert values[key] == (pytest.approx(value) if isinstance(value, float) else value), key
     assert values["weight_data_type"] == "fp16"
     if loader is GPT and values["has_positional_encoding"]:
