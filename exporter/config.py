@@ -89,7 +89,7 @@ class TritonDeploymentConfig:
     triton_model_dir: str = "${export.run.results_dir}/model_repo/${export.run.model_train_name}"
     max_batch_size: int = 64
     pipeline_model_parallel_size: int = 1
-    int8_mode: bool = False
+    int8_mode: int = 0  # 0 off | 1 weight-only int8 (FT quantises at load) | 2 SmoothQuant (refused)
     enable_custom_all_reduce: bool = False
     data_type: DataType = DataType.fp32
     # Additions to NeMo-Launcher's keys:
@@ -216,6 +216,8 @@ def _check_values(cfg: DictConfig) -> None:
         deploy.max_queue_delay_microseconds >= 0, "export.triton_deployment.max_queue_delay_microseconds", "must be >= 0"
     )
     _require(deploy.max_beam_width >= 1, "export.triton_deployment.max_beam_width", "must be >= 1")
+    _require(deploy.int8_mode in (0, 1, 2), "export.triton_deployment.int8_mode",
+             f"{deploy.int8_mode} is not 0 (off), 1 (weight-only int8) or 2 (SmoothQuant)")
     runtime_for(deploy.runtime).validate(cfg, _require)
     _require(
         not (deploy.decoupled and cfg.export.accuracy.enabled),

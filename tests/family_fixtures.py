@@ -57,15 +57,16 @@ def build_gptj(directory: Path, *, seed: int = 2, n_layer: int = 2) -> Path:
     return _finish(GPTJForCausalLM(config).eval(), directory)
 
 
-def build_gptneox(directory: Path, *, seed: int = 3, parallel: bool = True, n_layer: int = 2) -> Path:
+def build_gptneox(directory: Path, *, seed: int = 3, parallel: bool = True, n_layer: int = 2,
+                  rotary_emb_base: float = 5000) -> Path:
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
     # gelu_new: FT's tanh Gelu, so greedy tokens can be compared exactly (Pythia's exact gelu differs slightly).
     config = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=n_layer, num_attention_heads=4,
-                           intermediate_size=128, rotary_pct=0.5, rotary_emb_base=5000, hidden_act="gelu_new",
-                           max_position_embeddings=128, use_parallel_residual=parallel, initializer_range=0.2,
+                           intermediate_size=128, rotary_pct=0.5, rotary_emb_base=rotary_emb_base,
+                           hidden_act="gelu_new", max_position_embeddings=128, use_parallel_residual=parallel, initializer_range=0.2,
                            bos_token_id=END_ID, eos_token_id=END_ID, tie_word_embeddings=False)
     return _finish(GPTNeoXForCausalLM(config).eval(), directory)
 

@@ -13,7 +13,7 @@ import torch
 from exporter.ft.convert import convert_checkpoint
 from exporter.parallel import ParallelLayout, ShardingError
 from conftest import generate
-from family_fixtures import build_gptj, build_llama
+from family_fixtures import build_llama
 from templates.ft_python import ft_checkpoint, ft_gpt
 from test_config import composed
 
@@ -83,7 +83,6 @@ def test_devices_must_match_stages(llama3, tmp_path):
 
 @pytest.mark.parametrize("builder, message", [
     (build_llama, "FasterTransformer has no backend for this architecture"),
-    (build_gptj, "model_type 'GPT-J'"),
 ])
 def test_fastertransformer_runtime_refused_where_ft_cannot_serve(tmp_path, builder, message):
     from templates.ft_python.ft_checkpoint import CheckpointError

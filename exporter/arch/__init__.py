@@ -35,6 +35,7 @@ class SourceModel:
     name: str  # HF config.json architectures[0] (for GGUF: the one its metadata maps to), or the NeMo model class
     section: str  # the config.ini section its export gets
     ft_model_type: str | None  # the FT Triton backend model_type that serves it; None: the python runtime only
+    ft_unsupported: str | None = None  # why FT's backend would compute another model than this (None: it would not)
 
 
 def describe_source(path: str | Path) -> SourceModel:
@@ -51,7 +52,8 @@ def describe_source(path: str | Path) -> SourceModel:
         config = (GGUFCheckpoint(path) if kind is SourceKind.GGUF else HFCheckpoint(path)).config
         architecture = architecture_for(config, _config_origin(path, kind))
         name = config["architectures"][0]
-    return SourceModel(kind, name, architecture.section, architecture.ft_model_type_of(config))
+    return SourceModel(kind, name, architecture.section, architecture.ft_model_type_of(config),
+                       architecture.ft_unsupported(config))
 
 
 __all__ = ["Architecture", "SourceModel", "TensorSpec", "architecture_for", "describe_source", "open_architecture",

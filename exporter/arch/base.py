@@ -94,6 +94,11 @@ class Architecture:
         class's, unless the family's config decides (NeMo GPT)."""
         return cls.ft_model_type
 
+    @classmethod
+    def ft_unsupported(cls, config: dict[str, Any]) -> str | None:
+        """Why FT's backend, which serves this family, would not compute this checkpoint's model (None: it would)."""
+        return None
+
     def full_name(self, source: str) -> str:
         return source if source in self.unprefixed else self.prefix + source
 

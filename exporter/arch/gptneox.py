@@ -23,6 +23,8 @@ from .registry import register
 log = logging.getLogger(__name__)
 
 BIAS_SUM = "mlp.attention.bias.sum"
+# FT computes rotary frequencies with base 10000 (decoder_masked_multihead_attention_utils.h); no config key sets it.
+FT_ROTARY_BASE = 10000.0
 
 
 @register("GPTNeoXForCausalLM", "GPTNeoXModel")
@@ -77,6 +79,13 @@ class GPTNeoX(LinearArchitecture):
             rope_theta=rope_theta(config, key="rotary_emb_base"),
             use_gptj_residual=bool(config.get("use_parallel_residual", True)),
         )
+
+    @classmethod
+    def ft_unsupported(cls, config: dict) -> str | None:
+        theta = rope_theta(config, key="rotary_emb_base")
+        if theta != FT_ROTARY_BASE:
+            return f"rotary base {theta:g} (FT's rotary kernels use {FT_ROTARY_BASE:g})"
+        return None
 
     def tables(self, params: FTConfig) -> tuple[Table, Table]:
         names = set(self.checkpoint.names())

@@ -41,7 +41,7 @@ class ModelSettings:
     max_batch_size: int
     layout: ParallelLayout
     data_type: str  # compute type: fp32 | fp16 | bf16
-    int8_mode: bool = False
+    int8_mode: int = 0  # 0 off, 1 weight-only int8 (FT quantises at load), 2 SmoothQuant (refused: see runtimes)
     enable_custom_all_reduce: bool = False
     device: str = "auto"
     instance_count: int = 1
@@ -49,6 +49,14 @@ class ModelSettings:
     # Streaming: the model answers each request with one response per generated token, then a final one.
     decoupled: bool = False
     max_beam_width: int = 4  # largest beam_width a request may ask for, where the runtime enforces one
+    # The config.ini section of the shards (which of FT's models they are: FT_MODEL_TYPES), known once converted.
+    section: str = "gpt"
+
+
+# FT's Triton backend model_type for each config.ini section: the backend's ModelFactory (fastertransformer_backend
+# src/libfastertransformer.cc) builds ParallelGpt for "GPT", GptJ for "GPT-J", GptNeoX for "GPT-NeoX", whose
+# loaders read the [gpt], [gptj] and [gptneox] sections. The [llama] section has none.
+FT_MODEL_TYPES = {"gpt": "GPT", "gptj": "GPT-J", "gptneox": "GPT-NeoX"}
 
 
 class Runtime:
@@ -62,8 +70,9 @@ class Runtime:
     def validate(self, cfg, require: Require) -> None:
         """Check the runtime's part of the validated config (`cfg` = the root DictConfig)."""
 
-    def check_source(self, checkpoint: Path) -> None:
-        """Refuse, before anything is written or submitted, a source this runtime cannot serve (CheckpointError)."""
+    def check_source(self, checkpoint: Path, settings: ModelSettings | None = None) -> None:
+        """Refuse, before anything is written or submitted, a source this runtime cannot serve (CheckpointError),
+        or cannot serve with `settings` (when given)."""
 
     def serving_resources(self, layout: ParallelLayout, device: str, gpus_per_node: int) -> Resources:
         """The shape of the job that serves the model (raises JobShapeError when it cannot be placed)."""
@@ -86,14 +95,17 @@ class Runtime:
         raise NotImplementedError(f"the {self.name} runtime serves on one node")
 
     def common_parameters(self, settings: ModelSettings, checkpoint_path: str) -> dict[str, object]:
-        """The parameters FT's GPT backend reads, in its config.pbtxt's order; every runtime renders them."""
+        """The parameters FT's backend reads for the shards' model type, in the order of its all_models/<model>
+        config.pbtxt; every runtime renders them. `model_type` is absent where FT has no model for the section;
+        `int8_mode` is left out for GPT-J and GPT-NeoX, whose factories do not read it (only "GPT"'s does)."""
+        model_type = FT_MODEL_TYPES.get(settings.section)
         return {
             "tensor_para_size": settings.layout.tensor_parallel,
             "pipeline_para_size": settings.layout.pipeline_parallel,
             "data_type": settings.data_type,
-            "model_type": "GPT",
+            **({"model_type": model_type} if model_type else {}),
             "model_checkpoint_path": checkpoint_path,
-            "int8_mode": settings.int8_mode,
+            **({"int8_mode": settings.int8_mode} if model_type not in ("GPT-J", "GPT-NeoX") else {}),
             "enable_custom_all_reduce": settings.enable_custom_all_reduce,
         }
 

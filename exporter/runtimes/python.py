@@ -29,9 +29,10 @@ class PythonRuntime(Runtime):
 
     def validate(self, cfg, require: Require) -> None:
         require(
-            not cfg.export.triton_deployment.int8_mode,
+            cfg.export.triton_deployment.int8_mode == 0,
             "export.triton_deployment.int8_mode",
-            "int8 weight-only mode needs the fastertransformer runtime; the python runtime serves fp32/fp16/bf16",
+            "the python runtime serves the shards unquantised (fp32/fp16/bf16 compute); weight-only int8 "
+            "(int8_mode=1) needs export.triton_deployment.runtime=fastertransformer",
         )
 
     def serving_resources(self, layout: ParallelLayout, device: str, gpus_per_node: int) -> Resources:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -101,6 +101,7 @@ def build_repository(repo_root: Path, checkpoint_path: Path, settings: ModelSett
         model_dir = partial / settings.name
         shard_dir = convert_checkpoint(checkpoint_path, model_dir / "1", settings.layout, weight_data_type,
                                        processes=processes, special_tokens=special_tokens)
+        settings = replace(settings, section=read_config(shard_dir).section)  # which of FT's models they are
         runtime.install(model_dir / "1", settings)
         render.write_config(runtime.model_config(settings, repo_root), model_dir)
         TEXT_MODELS[kind](partial, settings, shard_dir, skip_special_tokens)
@@ -294,7 +295,7 @@ def plan(cfg: DictConfig) -> list[SubStage]:
         checkpoint = resolve_checkpoint(cfg.export.model.checkpoint_path, paths.checkpoint_cache)
         if checkpoint.exists():  # else it may exist only where the convert job runs (a cluster's file system)
             describe_source(checkpoint)  # damaged files, unknown architecture: one CheckpointError, nothing written
-        runtime.check_source(checkpoint)
+        runtime.check_source(checkpoint, model_settings(cfg))
 
     def sub_stage(name: str, steps: tuple[Step, ...], **kwargs) -> SubStage:
         return SubStage(name=name, stage="export", results_dir=paths.results_dir / name, config_name=run.name,

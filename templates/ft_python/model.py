@@ -122,7 +122,8 @@ class TritonPythonModel:
             raise ValueError(f"pipeline_para_size={pp}: must be >= 1")
         int8 = params.get("int8_mode", "").strip()
         if int8 and int(int8) != 0:
-            raise ValueError(f"int8_mode={int8} is not supported by the python runtime")
+            raise ValueError(f"int8_mode={int8}: the python runtime serves the shards unquantised (int8_mode 0); "
+                             "weight-only int8 (1) is FT's backend's")
 
         device_param = (params.get("device", "").strip() or "auto").lower()
         if device_param not in ("auto", "cpu", "cuda"):
