@@ -227,7 +227,8 @@ def test_nemo_task_without_a_table_is_refused(tmp_path):
     # a template naming a task the table lacks (a p-tuning task whose encoder output never reached the table)
     with tarfile.open(nemo) as tar:
         weights = tar.extractfile("./model_weights.ckpt").read()
-    config = b"task_templates:\n- taskname: qa\n  total_virtual_tokens: 2\n- taskname: chat\n  total_virtual_tokens: 2\n"
+    config = (b"task_templates:\n- taskname: qa\n  total_virtual_tokens: 2\n"
+              b"- taskname: chat\n  total_virtual_tokens: 2\n")
     with tarfile.open(nemo, "w:") as tar:
         for name, data in (("model_config.yaml", config), ("model_weights.ckpt", weights)):
             info = tarfile.TarInfo(f"./{name}")
