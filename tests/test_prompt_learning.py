@@ -236,3 +236,68 @@ def test_nemo_task_without_a_table_is_refused(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     with pytest.raises(CheckpointError, match="task 'chat' has no prompt_table.chat.prompt_embeddings.weight"):
         load_prompt_tables("p_prompt_tuning", [], nemo=str(nemo))
+
+
+# -- served by tritonserver through the ensemble, a task picked by name ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served_prompts(tmp_path_factory, tiny_gpt2):
+    """tritonserver on a repository of conftest's tiny GPT-2 (real GPT-2 tokenizer) with two random prompt tables."""
+    pytest.importorskip("tritonclient.http")
+    from exporter.runtimes import ModelSettings
+    from exporter.serve.tritonserver import TritonServer
+    from exporter.stages.export import build_repository
+    from serving_fixtures import tritonserver_or_skip
+
+    install = tritonserver_or_skip()
+    root = tmp_path_factory.mktemp("served_prompts")
+    generator = torch.Generator().manual_seed(11)
+    values = {name: torch.randn(length, HIDDEN, generator=generator) for name, length in LENGTHS.items()}
+    tasks = []
+    for name, table in values.items():
+        np.save(root / f"{name}.npy", table.numpy())
+        tasks.append({"name": name, "path": str(root / f"{name}.npy")})
+    settings = ModelSettings(name="gpt2", runtime="python", max_batch_size=4, layout=ParallelLayout(1, 1),
+                             data_type="fp32", device="cpu")
+    repo = build_repository(root / "model_repo", tiny_gpt2, settings, "fp32",
+                            prompt_tables=load_prompt_tables("p_prompt_tuning", tasks))
+    with TritonServer(repo, root / "tritonserver.log", install=install, startup_timeout_s=240) as server:
+        yield server.http_url, values
+
+
+@pytest.mark.triton
+def test_ensemble_serves_tasks_by_name_as_hf_generates(served_prompts, tiny_gpt2, hf_model):
+    """One request, three rows: two tasks and none; each row's tokens and text equal HF's inputs_embeds greedy."""
+    from exporter.clients import common
+
+    url, values = served_prompts
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
+    prompts, names, new = ["Hello there", "The cat sat on", "One two"], ["summarize", "translate", ""], 6
+    arrays = common.ensemble_arrays(prompts, new)
+    arrays["PROMPT_TASK_NAME"] = common.text_array(names)
+    result = common.infer(url, "http", "ensemble", arrays).outputs
+    for row, (prompt, name) in enumerate(zip(prompts, names)):
+        ids = tokenizer(prompt).input_ids
+        with torch.no_grad():
+            embeds = hf_model.transformer.wte(torch.tensor([ids]))
+            if name:
+                embeds = torch.cat([values[name][None], embeds], dim=1)
+            expected = hf_model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2],
+                                                                                         dtype=torch.long),
+                                         max_new_tokens=new, do_sample=False, pad_token_id=50256)[0].tolist()
+        length = int(result["sequence_length"][row, 0])
+        start = len(ids) + (LENGTHS[name] if name else 0)  # the virtual ids count in the input, as in FT
+        assert result["output_ids"][row, 0, start:length].tolist() == expected
+        assert result["OUTPUT_0"][row].reshape(-1)[0].decode() == tokenizer.decode(expected)
+
+
+@pytest.mark.triton
+def test_unknown_task_name_is_a_clear_error(served_prompts):
+    from exporter.clients import common
+
+    url, _ = served_prompts
+    arrays = common.ensemble_arrays(["Hello there"], 4)
+    arrays["PROMPT_TASK_NAME"] = common.text_array(["poetry"])
+    with pytest.raises(common.ClientError, match="PROMPT_TASK_NAME.0. 'poetry' is not a prompt-learning task of this "
+                                                  "model; its tasks: summarize, translate"):
+        common.infer(url, "http", "ensemble", arrays)
