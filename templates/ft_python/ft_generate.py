@@ -241,6 +241,10 @@ def generate(model, batch, stream=None):
       top_p <- top_p_initial if the token == reset id else max(top_p * decay, top_p_min).
     stop_words_list: a row/beam stops when its sequence (prompt included) ends with a stop
       word; the word stays in the output and counts in sequence_length (as FT).
+    prompt_task_id (prompt_learning_task_name_ids, default -1 = none): FT's p/prompt tuning; the row's ids
+      >= model.prompt_start_id are virtual tokens embedded from that task's table, counted in lengths and
+      positions like any token, returned in output_ids as sent (check_inputs refuses unknown tasks and ids
+      outside the task's table).
     Word lists use FT's format [B, 2, L] (or [2, L] for all rows): row 0 the words' ids
       concatenated, row 1 cumulative end offsets, padded with -1 (ids padding is ignored).
       Batch holds them as a list of B tuples of words (tuples of ints), which
