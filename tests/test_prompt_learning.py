@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import re
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -301,3 +302,42 @@ def test_unknown_task_name_is_a_clear_error(served_prompts):
     with pytest.raises(common.ClientError, match="PROMPT_TASK_NAME.0. 'poetry' is not a prompt-learning task of this "
                                                   "model; its tasks: summarize, translate"):
         common.infer(url, "http", "ensemble", arrays)
+
+
+# -- the config keys ------------------------------------------------------------------------------------------------
+
+def _composed(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    from exporter.config import validate
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        return validate(compose("config", overrides=list(overrides)))
+
+
+def test_config_keys_reach_the_tables(tables):
+    from exporter.stages.export import prompt_tables_of
+
+    values, tasks = tables
+    listed = ",".join(f"{{name:{task['name']},path:'{task['path']}'}}" for task in tasks)
+    prompt_tables = prompt_tables_of(_composed(f"export.prompt_learning.tasks=[{listed}]"))
+    assert prompt_tables.names == ("summarize", "translate")
+    np.testing.assert_array_equal(prompt_tables.tables[1], values["translate"].numpy())
+    assert prompt_tables_of(_composed()) is None  # none by default
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["export.prompt_learning.type=soft_prompt", "export.prompt_learning.tasks=[{name:a,path:a.npy}]"],
+     "export.prompt_learning.type: soft_prompt is not supported: FT's type 1"),
+    (["export.prompt_learning.tasks=[{name:a,path:a.npy},{name:a,path:b.npy}]"],
+     "export.prompt_learning.tasks[1].name: 'a' is listed twice"),
+    (["export.prompt_learning.tasks=[{name:'a b',path:a.npy}]"], "export.prompt_learning.tasks[0].name: 'a b'"),
+    (["export.prompt_learning.tasks=[{name:a,path:''}]"], "export.prompt_learning.tasks[0].path: must name"),
+    (["export.prompt_learning.type=prompt"], "export.prompt_learning.type"),
+])
+def test_bad_config_keys_are_named(overrides, message):
+    from exporter.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _composed(*overrides)
