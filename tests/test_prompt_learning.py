@@ -180,14 +180,15 @@ NEMO_STEPS = 8  # the reference's greedy steps
 VIRTUAL = 4  # the first 4 reference tokens of each row become one task's virtual prompt
 
 
-def _prompt_learning_nemo(path, tasks):
+def _prompt_learning_nemo(path, tasks, weights=None, extra=()):
     """A MegatronGPTPromptLearningModel .nemo as FT's converter reads it: model_config.yaml with task_templates and
-    model_weights.ckpt = {"prompt_table": {"prompt_table.<task>.prompt_embeddings.weight": [P, h]}}."""
-    lines = ["virtual_prompt_style: p-tuning", "task_templates:"]
+    model_weights.ckpt = {"prompt_table": {"prompt_table.<task>.prompt_embeddings.weight": [P, h]}} (or `weights`)."""
+    lines = ["virtual_prompt_style: p-tuning", *extra, "task_templates:"]
     for name, table in tasks.items():
         lines += [f"- taskname: {name}", f"  total_virtual_tokens: {table.shape[0]}", "  prompt_template: '{text}'"]
     buffer = io.BytesIO()
-    torch.save({"prompt_table": {f"prompt_table.{name}.prompt_embeddings.weight": table
+    torch.save(weights if weights is not None else
+               {"prompt_table": {f"prompt_table.{name}.prompt_embeddings.weight": table
                                  for name, table in tasks.items()}}, buffer)
     with tarfile.open(path, "w:") as tar:
         for name, data in (("model_config.yaml", "\n".join(lines).encode()), ("model_weights.ckpt",
@@ -221,6 +222,24 @@ def test_nemo_prompt_tables_act_as_the_tokens_they_embed(tmp_path):
     out = generate(model, torch.as_tensor(ids), torch.full((len(ids),), width), torch.full((len(ids),), NEMO_STEPS),
                    prompt_task_id=torch.arange(len(ids)))
     np.testing.assert_array_equal(out.output_ids[:, 0, width:width + NEMO_STEPS].numpy(), greedy)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_nemo_p_tuning_encoder_gives_the_table(tmp_path, cached):
+    """Later NeMo saves a p-tuning model's encoder ("prompt_encoder"): its cached output when filled, else the MLP
+    encoder's output, computed here as torch's own nn.Sequential(Linear, ReLU, Linear) computes it."""
+    torch.manual_seed(5)
+    embeddings, mlp = torch.randn(4, 8), torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                                             torch.nn.Linear(16, 8))
+    expected = torch.randn(4, 8) if cached else mlp(embeddings).detach()
+    key = "prompt_table.qa.prompt_embeddings.weight"
+    encoder = {"prompt_table": {key: expected if cached else torch.zeros(4, 8)}, "embeddings": {"weight": embeddings},
+               "mlp_head": mlp.state_dict()}
+    nemo = _prompt_learning_nemo(tmp_path / "p.nemo", {"qa": embeddings}, weights={"prompt_encoder": encoder},
+                                 extra=["p_tuning:", "  encoder_type: mlp"])
+    tables = load_prompt_tables("p_prompt_tuning", [], nemo=str(nemo))
+    assert tables.names == ("qa",)
+    np.testing.assert_allclose(tables.tables[0], expected.numpy(), rtol=0, atol=1e-6)
 
 
 def test_nemo_task_without_a_table_is_refused(tmp_path):

@@ -19,7 +19,12 @@ What FT does with them (FasterTransformer, read from its sources; this project c
   and `model_weights.ckpt`, a torch.save dict whose "prompt_table" entry maps
   `prompt_table.<taskname>.prompt_embeddings.weight` to the task's [total_virtual_tokens, hidden] table; it writes
   type 3 with start id 50257. NeMo adds a p-tuning task's encoder output to that table when training ends, so
-  prompt tuning and p-tuning read alike.
+  prompt tuning and p-tuning read alike. Later NeMo releases (nemo/collections/nlp/modules/common/prompt_encoder.py)
+  save a p-tuning model's encoder instead, under "prompt_encoder": its cached output ("prompt_table", the same key
+  names; zeros until the model first ran in eval mode), "embeddings" ({"weight": [P, h]}) and the encoder's head;
+  with no cached output the table is the encoder's output, computed here for encoder_type `embedding` (the
+  embeddings) and `mlp` (nn.Sequential of Linear layers with ReLU between them, "mlp_head" = its state dict); `lstm`
+  and `tpmlp` encoders are refused.
 
 Soft prompts trained by prompt tuning are such tables too: FT serves them as type 3. Type 1 (embeddings in every
 request) and type 2 (per-layer prefixes, which this export has no source for) are refused, each naming why.
@@ -54,6 +59,7 @@ REFUSED_TYPES = {
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 NEMO_WEIGHTS = "model_weights.ckpt"
 NEMO_TABLE_KEY = "prompt_table"  # MegatronGPTPromptLearningModel's state-dict entry for its PromptTable
+NEMO_ENCODER_KEY = "prompt_encoder"  # later releases: the p-tuning encoder (module docstring)
 
 
 @dataclass(frozen=True)
@@ -180,25 +186,56 @@ def read_nemo_prompt_tables(path: Path, where: str) -> list[tuple[str, np.ndarra
             finally:
                 archive.close()
         state = load_state_dict(weights)
-        table_state = state.get(NEMO_TABLE_KEY) if isinstance(state, dict) else None
-        if not isinstance(table_state, dict):
-            raise CheckpointError(f"{where}: {path}'s {NEMO_WEIGHTS} has no '{NEMO_TABLE_KEY}' entry (found "
-                                  f"{sorted(state) if isinstance(state, dict) else type(state).__name__})")
+        state = state if isinstance(state, dict) else {}
+        table_state, encoder_state = state.get(NEMO_TABLE_KEY), state.get(NEMO_ENCODER_KEY)
+        if not isinstance(table_state, dict) and not isinstance(encoder_state, dict):
+            raise CheckpointError(f"{where}: {path}'s {NEMO_WEIGHTS} has neither a '{NEMO_TABLE_KEY}' nor a "
+                                  f"'{NEMO_ENCODER_KEY}' entry (found {sorted(state)})")
         result = []
         for template in templates:
             name, length = template.get("taskname"), template.get("total_virtual_tokens")
-            tensor = table_state.get(f"prompt_table.{name}.prompt_embeddings.weight")
+            key = f"prompt_table.{name}.prompt_embeddings.weight"
+            tensor = (table_state or {}).get(key)
+            if tensor is None and isinstance(encoder_state, dict):
+                tensor = _encoder_table(encoder_state, key, config, f"{where}: task {name!r}")
             if tensor is None:
                 raise CheckpointError(
-                    f"{where}: task {name!r} has no prompt_table.{name}.prompt_embeddings.weight in {path}: a p-tuning "
-                    "task whose encoder output was never added to the prompt table (NeMo adds it when training ends); "
-                    f"tables present: {sorted(table_state)}")
+                    f"{where}: task {name!r} has no {key} in {path}: a p-tuning task whose encoder output was never "
+                    "added to the prompt table (NeMo adds it when training ends); tables present: "
+                    f"{sorted(table_state or {})}")
             table = _checked_table(tensor.float().numpy(), f"{where}: task {name!r}")
             if length is not None and int(length) != table.shape[0]:
                 raise CheckpointError(f"{where}: task {name!r} says total_virtual_tokens={length} but its table has "
                                       f"{table.shape[0]} rows")
             result.append((str(name), table))
     return result
+
+
+def _encoder_table(encoder_state: dict, key: str, config: dict, where: str) -> torch.Tensor | None:
+    """A p-tuning encoder's table: its cached output when NeMo filled it, else the encoder's output (module
+    docstring); None when the encoder holds no embeddings."""
+    cached = (encoder_state.get("prompt_table") or {}).get(key)
+    if cached is not None and bool(cached.any()):
+        return cached
+    embeddings = (encoder_state.get("embeddings") or {}).get("weight")  # [P, h]
+    if embeddings is None:
+        return None
+    kind = str((config.get("p_tuning") or {}).get("encoder_type", "mlp")).lower()
+    if kind == "embedding":
+        return embeddings
+    if kind != "mlp":
+        raise CheckpointError(f"{where}: its p-tuning encoder ({kind}) left no cached output; only embedding and mlp "
+                              "encoders are computed here: run the model once in NeMo (eval) and save it again")
+    head = encoder_state.get("mlp_head") or {}
+    indices = sorted({int(name.split(".")[0]) for name in head})  # Linear layers of the Sequential, ReLU between
+    hidden = embeddings.float()
+    for position, index in enumerate(indices):
+        bias = head.get(f"{index}.bias")
+        hidden = torch.nn.functional.linear(hidden, head[f"{index}.weight"].float(),
+                                            None if bias is None else bias.float())
+        if position < len(indices) - 1:
+            hidden = torch.relu(hidden)
+    return hidden
 
 
 def _checked_table(table: np.ndarray, where: str) -> np.ndarray:
