@@ -309,6 +309,12 @@ def test_ensemble_serves_tasks_by_name_as_hf_generates(served_prompts, tiny_gpt2
         start = len(ids) + (LENGTHS[name] if name else 0)  # the virtual ids count in the input, as in FT
         assert result["output_ids"][row, 0, start:length].tolist() == expected
         assert result["OUTPUT_0"][row].reshape(-1)[0].decode() == tokenizer.decode(expected)
+        if name:  # the prompt client names the task too
+            from exporter.clients import prompt as prompt_client
+
+            args = prompt_client.parser().parse_args(["--url", url, "--protocol", "http", "--prompts", prompt,
+                                                      "--output-len", str(new), "--prompt-task", name])
+            assert prompt_client.run(args, out=io.StringIO()) == [[tokenizer.decode(expected)]]
 
 
 @pytest.mark.triton
