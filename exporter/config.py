@@ -136,11 +136,36 @@ class TokenizerConfig:
     skip_special_tokens: bool = True  # postprocessing leaves special tokens out of the text, as tok.decode(..., True)
 
 
+class PromptLearningType(_Choice):
+    """FT's prompt_learning_type by name; only p_prompt_tuning (3) is exported (exporter/ft/prompt_tables.py)."""
+
+    p_prompt_tuning = "p_prompt_tuning"
+    soft_prompt = "soft_prompt"
+    prefix_prompt = "prefix_prompt"
+
+
+@dataclass
+class PromptTaskConfig:
+    name: str = ""  # the task's name: requests pick it through the ensemble (PROMPT_TASK_NAME)
+    path: str = ""  # its [prompt_length, hidden] table: a .npy file or a .safetensors file holding one tensor
+
+
+@dataclass
+class PromptLearningConfig:
+    """Prompt tables served as FT's p/prompt tuning (config.ini prompt keys + model.prompt_table.<task>.weight.bin)."""
+
+    type: PromptLearningType = PromptLearningType.p_prompt_tuning
+    nemo: Optional[str] = None  # a MegatronGPTPromptLearningModel .nemo: its tasks come first (ids 0, 1, ...)
+    tasks: List[PromptTaskConfig] = field(default_factory=list)  # then these, in order
+    start_id: Optional[int] = None  # first virtual token id; null: the model's vocab_size
+
+
 @dataclass
 class ExportConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    prompt_learning: PromptLearningConfig = field(default_factory=PromptLearningConfig)
     triton_deployment: TritonDeploymentConfig = field(default_factory=TritonDeploymentConfig)
     accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
 
@@ -225,6 +250,7 @@ def _check_values(cfg: DictConfig) -> None:
         "a decoupled (streaming) model answers gRPC streams only; LAMBADA scoring sends plain requests: "
         "set export.accuracy.enabled=False",
     )
+    _check_prompt_learning(cfg.export.prompt_learning)
     _require(accuracy.batch_size >= 1, "export.accuracy.batch_size", "must be >= 1")
     _require(accuracy.limit is None or accuracy.limit >= 1, "export.accuracy.limit", "must be >= 1 or null")
     _require(accuracy.tolerance >= 0, "export.accuracy.tolerance", "must be >= 0")
@@ -240,6 +266,27 @@ def _check_values(cfg: DictConfig) -> None:
 
 
 _MEMORY = re.compile(r"^[0-9]+[KMGT]?$")
+_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _check_prompt_learning(prompt: DictConfig) -> None:
+    """The keys alone (the tables are read and checked against the model at export: exporter/ft/prompt_tables.py)."""
+    from .ft.prompt_tables import REFUSED_TYPES
+
+    key = "export.prompt_learning"
+    if not prompt.tasks and not prompt.nemo:
+        return
+    _require(prompt.type.value not in REFUSED_TYPES, f"{key}.type",
+             f"{prompt.type.value} is not supported: {REFUSED_TYPES.get(prompt.type.value, '')}")
+    names = []
+    for index, task in enumerate(prompt.tasks):
+        where = f"{key}.tasks[{index}]"
+        _require(bool(_TASK_NAME.match(task.name)), f"{where}.name",
+                 f"{task.name!r}: letters, digits, '_', '.' or '-' (FT makes a file name of it)")
+        _require(bool(task.path), f"{where}.path", "must name a .npy or .safetensors file")
+        _require(task.name not in names, f"{where}.name", f"{task.name!r} is listed twice")
+        names.append(task.name)
+    _require(prompt.start_id is None or prompt.start_id >= 0, f"{key}.start_id", "must be >= 0 or null")
 
 
 def _check_cluster(cluster: DictConfig, cluster_type: ClusterType) -> None:

@@ -23,6 +23,7 @@ FT_BACKEND_INPUTS = {
     "start_id": (pb.TYPE_UINT32, [1]), "end_id": (pb.TYPE_UINT32, [1]),
     "bad_words_list": (pb.TYPE_INT32, [2, -1]), "stop_words_list": (pb.TYPE_INT32, [2, -1]),
     "top_p_decay": (pb.TYPE_FP32, [1]), "top_p_min": (pb.TYPE_FP32, [1]), "top_p_reset_ids": (pb.TYPE_UINT32, [1]),
+    "prompt_learning_task_name_ids": (pb.TYPE_UINT32, [1]),
 }
 FT_BACKEND_OUTPUTS = {
     "output_ids": (pb.TYPE_UINT32, [-1, -1]), "sequence_length": (pb.TYPE_UINT32, [-1]),

@@ -25,6 +25,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bad-words", help="comma-separated words never to generate (INPUT_2)")
     p.add_argument("--stop-words", help="comma-separated words that end generation (INPUT_3)")
     p.add_argument("--stream", action="store_true", help="stream partial text (gRPC, decoupled model)")
+    p.add_argument("--prompt-task", help="the model's prompt-learning task for every row (PROMPT_TASK_NAME)")
     common.add_sampling_args(p)
     return p
 
@@ -33,6 +34,8 @@ def run(args: argparse.Namespace, out=sys.stdout) -> list[list[str]]:
     """The final texts, [prompt][beam]; partial texts are printed as they arrive when streaming."""
     arrays = common.ensemble_arrays(args.prompts, args.output_len, args.bad_words, args.stop_words,
                                     **common.sampling_options(args))
+    if args.prompt_task:
+        arrays["PROMPT_TASK_NAME"] = common.text_array([args.prompt_task] * len(args.prompts))
     url = common.resolve_url(args)
     if args.stream:
         if args.protocol != "grpc":

@@ -23,6 +23,7 @@ from ..parallel import ParallelLayout, ShardingError
 from ..readers import nemo_archive
 from ..readers.source import SourceKind, source_kind
 from ..tokenizer import SpecialTokens, decodable_vocab_size, load_tokenizer, save_served_tokenizer
+from .prompt_tables import PromptTables
 from .sharding import file_names, rank_shape
 from .verify import DTYPE_BYTES, expected_files, verify_shards
 from .writer import write_config, write_plan
@@ -80,15 +81,18 @@ def convert_checkpoint(
     weight_data_type: str = "fp32",
     processes: int = 1,
     special_tokens: SpecialTokens = SpecialTokens(),
+    prompt_tables: PromptTables | None = None,
 ) -> Path:
     """Convert; returns the finished `<out_dir>/<layout.shard_dir_name>` directory. Nothing is written before every
-    check passes. The directory's tokenizer.json is the served one: `special_tokens` decided (exporter/tokenizer.py)."""
+    check passes. The directory's tokenizer.json is the served one: `special_tokens` decided (exporter/tokenizer.py).
+    prompt_tables: FT's p/prompt-tuning tables and keys written beside the shards (ft/prompt_tables.py)."""
     if weight_data_type not in DTYPE_BYTES:
         raise ValueError(f"weight_data_type {weight_data_type!r} is not one of {sorted(DTYPE_BYTES)}")
     checkpoint_path = Path(checkpoint_path)
     if source_kind(checkpoint_path) is SourceKind.NEMO and not nemo_archive.is_staged(checkpoint_path):
         with _staged_nemo(checkpoint_path, Path(out_dir)) as staged:
-            return convert_checkpoint(staged, out_dir, layout, weight_data_type, processes, special_tokens)
+            return convert_checkpoint(staged, out_dir, layout, weight_data_type, processes, special_tokens,
+                                      prompt_tables)
     arch = open_architecture(checkpoint_path, layout)
     gguf = source_kind(checkpoint_path) is SourceKind.GGUF  # its reader rebuilt the tokenizer on opening
     # Pre/postprocessing need it: fail now, not after writing gigabytes.
@@ -101,6 +105,8 @@ def convert_checkpoint(
     layout = layout.with_layers(params.num_layer)
     layout.check(params.head_num, params.kv_head_num, params.inter_size)
     check_plan(plan, layout, weight_data_type)
+    if prompt_tables is not None:
+        prompt_tables.check(params)
 
     final = Path(out_dir) / layout.shard_dir_name
     started = time.monotonic()
@@ -132,6 +138,9 @@ def convert_checkpoint(
             log.info("padded vocabulary: %d rows, the tokenizer decodes %d ids; the others are padding",
                      config.vocab_size, tokenizer_vocab)
         write_generation_settings(generation, partial_dir)
+        if prompt_tables is not None:
+            prompt_tables.write(partial_dir, weight_data_type)
+            config = prompt_tables.config(config)
         # config.ini last: a directory without it is never mistaken for a finished export.
         write_config(replace(config, tokenizer_vocab_size=tokenizer_vocab), partial_dir)
         verify_shards(partial_dir)

@@ -23,6 +23,7 @@ from ..atomic import AtomicDirectory
 from ..builtin import resolve_checkpoint
 from ..config import BUILTIN_TINY_GPT2, Reference
 from ..ft.convert import convert_checkpoint
+from ..ft.prompt_tables import PromptTables, load_prompt_tables
 from ..ft.verify import read_config
 from ..jobs import Resources, Step, SubStage
 from ..parallel import ParallelLayout
@@ -83,7 +84,7 @@ def model_settings(cfg: DictConfig) -> ModelSettings:
 
 def build_repository(repo_root: Path, checkpoint_path: Path, settings: ModelSettings, weight_data_type: str,
                      processes: int = 1, special_tokens: SpecialTokens = SpecialTokens(),
-                     skip_special_tokens: bool = True) -> Path:
+                     skip_special_tokens: bool = True, prompt_tables: PromptTables | None = None) -> Path:
     """Fill one temporary directory in order, then rename it to `repo_root` (replacing an older one) when whole:
 
     1. convert: the checkpoint -> FT shards in `<model>/1/<tp>-gpu` (every check passes before anything is written);
@@ -91,7 +92,8 @@ def build_repository(repo_root: Path, checkpoint_path: Path, settings: ModelSett
     3. the text models around it for the model's kind: preprocessing, postprocessing, ensemble.
 
     special_tokens: what the served tokenizer adds around a prompt (default: as the checkpoint's tokenizer does);
-    skip_special_tokens: postprocessing leaves special tokens out of its text.
+    skip_special_tokens: postprocessing leaves special tokens out of its text; prompt_tables: FT's p/prompt-tuning
+    tables beside the shards, and a task name input on the ensemble (exporter/ft/prompt_tables.py).
     """
     runtime = runtime_for(settings.runtime)
     kind = ModelKind.DECODER  # every converter writes decoder-only FT shards today
@@ -100,7 +102,7 @@ def build_repository(repo_root: Path, checkpoint_path: Path, settings: ModelSett
     with AtomicDirectory(repo_root) as partial:
         model_dir = partial / settings.name
         shard_dir = convert_checkpoint(checkpoint_path, model_dir / "1", settings.layout, weight_data_type,
-                                       processes=processes, special_tokens=special_tokens)
+                                       processes=processes, special_tokens=special_tokens, prompt_tables=prompt_tables)
         settings = replace(settings, section=read_config(shard_dir).section)  # which of FT's models they are
         runtime.install(model_dir / "1", settings)
         render.write_config(runtime.model_config(settings, repo_root), model_dir)
@@ -118,7 +120,8 @@ def _decoder_text_models(repository: Path, settings: ModelSettings, shard_dir: P
                      "max_pos_seq_len": ft_config.max_pos_seq_len}
     add_decoder_ensemble(repository, settings.name, settings.max_batch_size, ft_config.end_id,
                          shard_dir / "tokenizer.json", settings.max_queue_delay_microseconds, settings.decoupled,
-                         eos_ids=eos_ids, skip_special_tokens=skip_special_tokens, output_length=output_length)
+                         eos_ids=eos_ids, skip_special_tokens=skip_special_tokens, output_length=output_length,
+                         prompt_tasks=ft_config.prompt_tasks, prompt_start_id=ft_config.prompt_learning_start_id)
 
 
 # The pre/postprocessing and ensemble that surround each kind of model.
@@ -132,7 +135,14 @@ def convert(cfg: DictConfig) -> Path:
     return build_repository(paths.repository, checkpoint, model_settings(cfg), model.weight_data_type.value,
                             processes=model.processes,
                             special_tokens=SpecialTokens(tokenizer.add_bos_token, tokenizer.add_eos_token),
-                            skip_special_tokens=tokenizer.skip_special_tokens)
+                            skip_special_tokens=tokenizer.skip_special_tokens,
+                            prompt_tables=prompt_tables_of(cfg))
+
+
+def prompt_tables_of(cfg: DictConfig) -> PromptTables | None:
+    """export.prompt_learning's tables, read and checked against each other (None: none configured)."""
+    prompt = cfg.export.prompt_learning
+    return load_prompt_tables(prompt.type.value, [dict(task) for task in prompt.tasks], prompt.nemo, prompt.start_id)
 
 
 def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
@@ -296,6 +306,10 @@ def plan(cfg: DictConfig) -> list[SubStage]:
         if checkpoint.exists():  # else it may exist only where the convert job runs (a cluster's file system)
             describe_source(checkpoint)  # damaged files, unknown architecture: one CheckpointError, nothing written
         runtime.check_source(checkpoint, model_settings(cfg))
+    prompt = cfg.export.prompt_learning
+    if all(Path(path).exists() for path in [task.path for task in prompt.tasks] + ([prompt.nemo] if prompt.nemo
+                                                                                    else [])):
+        prompt_tables_of(cfg)  # unreadable or inconsistent tables: refused here, before any job exists
 
     def sub_stage(name: str, steps: tuple[Step, ...], **kwargs) -> SubStage:
         return SubStage(name=name, stage="export", results_dir=paths.results_dir / name, config_name=run.name,

@@ -62,6 +62,11 @@ PREPROCESSING_OUTPUTS = (
     Tensor("STOP_WORDS_IDS", INT32, (2, -1)),
     Tensor("REQUEST_OUTPUT_LEN", UINT32, (-1,)),
 )
+# With prompt-learning tasks (FT's p/prompt tuning): a task picked by name; preprocessing prepends its virtual ids
+# and gives the model the task's id (prompt_learning_task_name_ids).
+PROMPT_TASK_INPUT = Tensor("PROMPT_TASK_NAME", STRING, (1,), optional=True)
+PROMPT_TASK_OUTPUT = Tensor("PROMPT_TASK_ID", UINT32, (1,))
+PROMPT_TASK_MODEL_INPUT = "prompt_learning_task_name_ids"
 POSTPROCESSING_INPUTS = (
     Tensor("TOKENS_BATCH", UINT32, (-1, -1)),
     Tensor("SEQUENCE_LENGTH", UINT32, (-1,)),
@@ -74,12 +79,15 @@ POSTPROCESSING_OUTPUTS = (Tensor("OUTPUT", STRING, (-1,)),)
 # The ensemble declares the sampling inputs as plain [1] (no reshape): Triton matches ensemble tensors against the
 # model's declared dims, before the model's reshape.
 # INPUT_2 / INPUT_3: bad / stop words as CSV strings, tokenized by preprocessing into the word-list tensors.
+# The prompt-learning task id is not an ensemble input: the ensemble takes the task's name (PROMPT_TASK_INPUT).
+_PASSED_THROUGH = tuple(tensor for tensor in SAMPLING_INPUTS
+                        if tensor.name not in WORD_LIST_INPUTS + (PROMPT_TASK_MODEL_INPUT,))
 ENSEMBLE_INPUTS = (
     Tensor("INPUT_0", STRING, (-1,)),
     Tensor("INPUT_1", UINT32, (-1,), optional=True),  # output length; absent: preprocessing's default
     Tensor("INPUT_2", STRING, (-1,), optional=True),
     Tensor("INPUT_3", STRING, (-1,), optional=True),
-) + tuple(replace(tensor, scalar=False) for tensor in SAMPLING_INPUTS if tensor.name not in WORD_LIST_INPUTS)
+) + tuple(replace(tensor, scalar=False) for tensor in _PASSED_THROUGH)
 ENSEMBLE_OUTPUTS = (Tensor("OUTPUT_0", STRING, (-1,)),) + MODEL_OUTPUTS
 
 
@@ -144,13 +152,20 @@ def _python_model(name: str, max_batch_size: int, inputs, outputs, parameters: d
 
 
 def preprocessing_config(max_batch_size: int, end_id: int, max_queue_delay_microseconds: int | None = None,
-                         output_length: dict[str, int] | None = None) -> pb.ModelConfig:
+                         output_length: dict[str, int] | None = None, prompt_tasks: tuple = (),
+                         prompt_start_id: int = 0) -> pb.ModelConfig:
     """output_length: what sizes a request that leaves REQUEST_OUTPUT_LEN out, as parameters: `max_new_tokens`
-    and `max_length` (generation_config.json's, when set), `max_pos_seq_len` (the model's context length)."""
+    and `max_length` (generation_config.json's, when set), `max_pos_seq_len` (the model's context length).
+    prompt_tasks: ((name, prompt_length), ...) in task-id order (config.ini's): input PROMPT_TASK_NAME, output
+    PROMPT_TASK_ID, parameters `prompt_tasks` ("name:length,...") and `prompt_learning_start_id`."""
     parameters = {"end_id": end_id, **{key: value for key, value in (output_length or {}).items()
                                        if value is not None}}
-    return _python_model("preprocessing", max_batch_size, PREPROCESSING_INPUTS, PREPROCESSING_OUTPUTS,
-                         parameters, max_queue_delay_microseconds)
+    inputs, outputs = PREPROCESSING_INPUTS, PREPROCESSING_OUTPUTS
+    if prompt_tasks:
+        inputs, outputs = inputs + (PROMPT_TASK_INPUT,), outputs + (PROMPT_TASK_OUTPUT,)
+        parameters.update(prompt_tasks=",".join(f"{name}:{length}" for name, length in prompt_tasks),
+                          prompt_learning_start_id=prompt_start_id)
+    return _python_model("preprocessing", max_batch_size, inputs, outputs, parameters, max_queue_delay_microseconds)
 
 
 def postprocessing_config(max_batch_size: int, end_id: int, max_queue_delay_microseconds: int | None = None,
@@ -163,15 +178,17 @@ def postprocessing_config(max_batch_size: int, end_id: int, max_queue_delay_micr
                          parameters, max_queue_delay_microseconds)
 
 
-def ensemble_config(model_name: str, max_batch_size: int, decoupled: bool = False) -> pb.ModelConfig:
+def ensemble_config(model_name: str, max_batch_size: int, decoupled: bool = False,
+                    prompt_tasks: bool = False) -> pb.ModelConfig:
     """Text in (`INPUT_0`, optional output length `INPUT_1`) -> text out (`OUTPUT_0`), as FT's all_models/gpt ensemble.
 
     decoupled: the model streams (python runtime, with STREAMING_OUTPUTS). A step downstream of a decoupled model
     may take tensors from that model only, so postprocessing reads the prompt lengths from the model's responses,
     and the ensemble returns `OUTPUT_0` only, once per streamed response (token ids: ask the model itself).
+    prompt_tasks: the model has prompt-learning tasks; a request names one in PROMPT_TASK_NAME (preprocessing maps it).
     """
     config = pb.ModelConfig(name="ensemble", platform="ensemble", max_batch_size=max_batch_size)
-    _add_inputs(config, ENSEMBLE_INPUTS)
+    _add_inputs(config, ENSEMBLE_INPUTS + ((PROMPT_TASK_INPUT,) if prompt_tasks else ()))
     _add_outputs(config, ENSEMBLE_OUTPUTS[:1] if decoupled else ENSEMBLE_OUTPUTS)
     steps = config.ensemble_scheduling.step
 
@@ -180,8 +197,10 @@ def ensemble_config(model_name: str, max_batch_size: int, decoupled: bool = Fals
     preprocessing.input_map["REQUEST_OUTPUT_LEN"] = "INPUT_1"
     preprocessing.input_map["BAD_WORDS_DICT"] = "INPUT_2"
     preprocessing.input_map["STOP_WORDS_DICT"] = "INPUT_3"
-    for tensor in PREPROCESSING_OUTPUTS:
+    for tensor in PREPROCESSING_OUTPUTS + ((PROMPT_TASK_OUTPUT,) if prompt_tasks else ()):
         preprocessing.output_map[tensor.name] = f"_{tensor.name}"
+    if prompt_tasks:
+        preprocessing.input_map[PROMPT_TASK_INPUT.name] = PROMPT_TASK_INPUT.name
 
     model = steps.add(model_name=model_name, model_version=-1)
     model.input_map["input_ids"] = "_INPUT_ID"
@@ -189,9 +208,10 @@ def ensemble_config(model_name: str, max_batch_size: int, decoupled: bool = Fals
     model.input_map["request_output_len"] = "_REQUEST_OUTPUT_LEN"
     model.input_map["bad_words_list"] = "_BAD_WORDS_IDS"
     model.input_map["stop_words_list"] = "_STOP_WORDS_IDS"
-    for tensor in SAMPLING_INPUTS:
-        if tensor.name not in WORD_LIST_INPUTS:
-            model.input_map[tensor.name] = tensor.name
+    for tensor in _PASSED_THROUGH:
+        model.input_map[tensor.name] = tensor.name
+    if prompt_tasks:
+        model.input_map[PROMPT_TASK_MODEL_INPUT] = f"_{PROMPT_TASK_OUTPUT.name}"
     if decoupled:  # only what postprocessing reads (Triton refuses unused ensemble tensors)
         for name in ("output_ids", "sequence_length") + tuple(tensor.name for tensor in STREAMING_OUTPUTS):
             model.output_map[name] = f"_{name}"

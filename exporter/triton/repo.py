@@ -41,17 +41,21 @@ def install_tokenizer_model(repo: Path, config, tokenizer_json: Path) -> Path:
 def add_decoder_ensemble(repo: Path, model_name: str, max_batch_size: int, end_id: int, tokenizer_json: Path,
                          max_queue_delay_microseconds: int = 0, decoupled: bool = False,
                          eos_ids: tuple[int, ...] = (), skip_special_tokens: bool = True,
-                         output_length: dict[str, int] | None = None) -> None:
+                         output_length: dict[str, int] | None = None, prompt_tasks: tuple = (),
+                         prompt_start_id: int = 0) -> None:
     """Text in, text out around a decoder-only model already in `<repo>/<model_name>`: preprocessing,
     postprocessing and the ensemble (FT's all_models/gpt layout). eos_ids: the ids postprocessing cuts the text
     at (the model's eos set; () = end_id only). output_length: the parameters that size a request without an output
     length (render.preprocessing_config). `tokenizer_json` is served as it is: its post-processor adds the
-    prompt's special tokens (exporter/tokenizer.py decided them)."""
+    prompt's special tokens (exporter/tokenizer.py decided them). prompt_tasks ((name, prompt_length), ...) and
+    prompt_start_id: the model's prompt-learning tasks, picked by name through the ensemble."""
     for config in (
-        render.preprocessing_config(max_batch_size, end_id, max_queue_delay_microseconds, output_length),
+        render.preprocessing_config(max_batch_size, end_id, max_queue_delay_microseconds, output_length,
+                                    prompt_tasks, prompt_start_id),
         render.postprocessing_config(max_batch_size, end_id, max_queue_delay_microseconds, eos_ids,
                                      skip_special_tokens),
     ):
         install_tokenizer_model(repo, config, tokenizer_json)
     (repo / "ensemble" / "1").mkdir(parents=True)
-    render.write_config(render.ensemble_config(model_name, max_batch_size, decoupled), repo / "ensemble")
+    render.write_config(render.ensemble_config(model_name, max_batch_size, decoupled, bool(prompt_tasks)),
+                        repo / "ensemble")

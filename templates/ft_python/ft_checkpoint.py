@@ -15,6 +15,7 @@ warns about a missing or short file and then serves uninitialised weights; `veri
 import configparser
 import dataclasses
 import os
+import re
 import typing
 from collections.abc import Mapping
 
@@ -28,6 +29,15 @@ LM_HEAD_FILE = "model.lm_head.weight.bin"
 
 # config.ini sections: FT's GPT (also OPT), GPT-J, GPT-NeoX, and Llama (no FT backend; python runtime only).
 SECTIONS = ("gpt", "gptj", "gptneox", "llama")
+
+# Prompt learning (FT's PromptLearningType): config.ini `prompt_learning_type`. Only p/prompt tuning reads tables from
+# the shard directory: FT's ParallelGptWeight loads `model.prompt_table.<task_name>.weight.bin` [prompt_length, hidden]
+# per [task_<i>] section when the type is 3 (2, prefix prompt, reads per-layer k/v prefixes; 1, soft prompt, takes
+# its embeddings in each request and loads nothing).
+PROMPT_LEARNING_TYPES = {0: "no_prompt", 1: "soft_prompt", 2: "prefix_prompt", 3: "p_prompt_tuning"}
+P_PROMPT_TUNING = 3
+# Task names become file names and config.ini section values.
+_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 # Keys config.ini must have: FT's loaders have no default for them.
 REQUIRED_KEYS = ("head_num", "size_per_head", "inter_size", "num_layer", "max_pos_seq_len",
@@ -135,6 +145,13 @@ class FTConfig(Mapping):
     sliding_window: int = 0
     sliding_window_layers: str = ""
     lm_head_bias: bool = False
+    # Prompt learning (PROMPT_LEARNING_TYPES), written only when the type is not 0. FT reads them from the model's
+    # section (ParallelGptTritonModel: prompt_learning_start_id defaults to end_id + 1 there; the exporter always
+    # writes it) plus `num_tasks` and one [task_<i>] section per task, i = the id a request names in
+    # prompt_learning_task_name_ids.
+    prompt_learning_type: int = 0
+    prompt_learning_start_id: int = 0  # input ids >= it are virtual tokens: row (id - start) of the task's table
+    prompt_tasks: tuple = ()  # ((task_name, prompt_length), ...) in task-id order; [task_<i>] sections, not keys
     section: str = "gpt"  # one of SECTIONS: the [section] of config.ini, not a key
 
     def __post_init__(self):
@@ -147,6 +164,34 @@ class FTConfig(Mapping):
         if not 0 < self.tokenizer_vocab_size <= self.vocab_size:
             raise CheckpointError(f"tokenizer_vocab_size {self.tokenizer_vocab_size} must be in [1, vocab_size "
                                   f"{self.vocab_size}] (0 = no padding)")
+        object.__setattr__(self, "prompt_tasks", tuple((str(n), int(k)) for n, k in self.prompt_tasks))
+        self._check_prompt_learning()
+
+    def _check_prompt_learning(self):
+        if self.prompt_learning_type not in PROMPT_LEARNING_TYPES:
+            raise CheckpointError(f"prompt_learning_type {self.prompt_learning_type} is not one of "
+                                  f"{PROMPT_LEARNING_TYPES}")
+        names = [name for name, _ in self.prompt_tasks]
+        bad = [name for name in names if not _TASK_NAME.match(name)]
+        if bad:
+            raise CheckpointError(f"prompt task names {bad} must be letters, digits, '_', '.' or '-' "
+                                  "(they name files)")
+        if len(set(names)) != len(names):
+            raise CheckpointError(f"prompt task names repeat: {names}")
+        short = [name for name, length in self.prompt_tasks if length < 1]
+        if short:
+            raise CheckpointError(f"prompt tasks {short} have prompt_length < 1")
+        if self.prompt_tasks and self.prompt_learning_type == 0:
+            raise CheckpointError("prompt tasks are listed but prompt_learning_type is 0 (none)")
+        if self.prompt_learning_type and self.prompt_learning_start_id < self.vocab_size:
+            # FT's default is end_id + 1; ids from there on would be read as virtual tokens, vocabulary ids included.
+            raise CheckpointError(f"prompt_learning_start_id {self.prompt_learning_start_id} is inside the "
+                                  f"vocabulary (vocab_size {self.vocab_size}): real tokens would be read as virtual")
+
+    @property
+    def prompt_task_ids(self):
+        """{task_name: task id} (the id a request sends in prompt_learning_task_name_ids)."""
+        return {name: index for index, (name, _) in enumerate(self.prompt_tasks)}
 
     @property
     def hidden_size(self):
@@ -171,8 +216,15 @@ class FTConfig(Mapping):
     def to_ini(self):
         """config.ini text: [<section>] with every key in field order, then [structure]."""
         lines = [f"[{self.section}]"]
-        lines += [f"{name} = {_format(kind, getattr(self, name))}" for name, kind in _KEY_TYPES.items()]
+        lines += [f"{name} = {_format(kind, getattr(self, name))}" for name, kind in _KEY_TYPES.items()
+                  if name not in _PROMPT_KEYS]
+        if self.prompt_learning_type:
+            lines += [f"prompt_learning_type = {self.prompt_learning_type}",
+                      f"prompt_learning_start_id = {self.prompt_learning_start_id}",
+                      f"num_tasks = {len(self.prompt_tasks)}"]
         lines += ["", "[structure]"] + [f"{name} = {value}" for name, value in STRUCTURE.items()]
+        for index, (name, length) in enumerate(self.prompt_tasks):  # FT: section task_<i>, i = the task's id
+            lines += ["", f"[task_{index}]", f"task_name = {name}", f"prompt_length = {length}"]
         return "\n".join(lines) + "\n\n"
 
     @classmethod
@@ -220,6 +272,7 @@ class FTConfig(Mapping):
         if values["weight_data_type"] not in DTYPE_BYTES:
             raise CheckpointError(f"{path}: weight_data_type {values['weight_data_type']!r} "
                                   f"is not one of {sorted(DTYPE_BYTES)}")
+        values["prompt_tasks"] = _read_tasks(parser, raw, section, path)
         return cls.from_mapping(values)
 
     @classmethod
@@ -244,8 +297,26 @@ class FTConfig(Mapping):
 
 
 _FIELD_NAMES = tuple(field.name for field in dataclasses.fields(FTConfig))
-# config.ini key -> its type (every field but the section), in file order.
-_KEY_TYPES = {name: kind for name, kind in typing.get_type_hints(FTConfig).items() if name != "section"}
+# config.ini key -> its type (every field but the section and the task list), in file order.
+_KEY_TYPES = {name: kind for name, kind in typing.get_type_hints(FTConfig).items()
+              if name not in ("section", "prompt_tasks")}
+_PROMPT_KEYS = ("prompt_learning_type", "prompt_learning_start_id")  # written only with prompt learning on
+
+
+def _read_tasks(parser, raw, section, path):
+    """((task_name, prompt_length), ...) from `num_tasks` and the [task_<i>] sections, as FT's ParallelGptTritonModel
+    reads them."""
+    try:
+        count = int(raw.get("num_tasks", "0"))
+        tasks = []
+        for index in range(count):
+            name = f"task_{index}"
+            if not parser.has_section(name):
+                raise CheckpointError(f"{path}: [{section}] num_tasks = {count} but section [{name}] is missing")
+            tasks.append((parser.get(name, "task_name").strip(), int(parser.get(name, "prompt_length"))))
+    except (configparser.Error, ValueError) as exc:
+        raise CheckpointError(f"{path}: prompt learning tasks: {exc}") from None
+    return tuple(tasks)
 
 
 def as_config(config):
@@ -364,6 +435,8 @@ def tensor_table(config, untied=False):
         table += [(f"model.final_layernorm.{p}", (h,), None) for p in norm_files]
     if untied:
         table.append(("model.lm_head.weight", (vocab, h), None))
+    if cfg.prompt_learning_type == P_PROMPT_TUNING:  # FT: the same whole table in the shard directory for every rank
+        table += [(f"model.prompt_table.{name}.weight", (length, h), None) for name, length in cfg.prompt_tasks]
     if cfg.lm_head_bias:
         table.append(("model.lm_head.bias", (vocab,), None))
     if kv == heads:  # FT's own layout: [h, 3, h/tp]

@@ -7,9 +7,10 @@ generate(model, batch); defaults = GenerationDefaults.read(shard_dir), the model
 It drives a decoder through this interface only (see ft_gpt.FTGPT):
 
   model.new_cache(batch, slots) -> cache         model.reorder_cache(cache, rows) -> cache
-  model.hidden_states(ids, pos, cache, start, mask) -> [B, S, h]
+  model.hidden_states(ids, pos, cache, start, mask[, prompt_tasks]) -> [B, S, h]
   model.logits(hidden [..., h]) -> [..., V] fp32
   model.device, model.vocab_size, model.end_id, model.max_positions, model.learned_positions
+  (p/prompt tuning, optional) model.prompt_lengths, model.prompt_task_names, model.prompt_start_id
 
 Batching: prompts arrive right-padded ([B, Lmax] + real lengths). Internally they are
 left-aligned (padding moved to the front) with per-row position ids and a key-padding mask,
@@ -63,6 +64,7 @@ class SamplingParams:
     top_p_decay: object = None
     top_p_min: object = None
     top_p_reset_ids: object = None
+    prompt_task_id: object = None
 
 
 GENERATION_CONFIG = "generation_config.json"  # beside the shards: the exporter's normalised copy of the source's
@@ -125,7 +127,7 @@ class Batch:
     int64 [B]; end_ids int64 [B, E]: every id that ends row b (end_id first, -1 padding); top_p, temperature,
     repetition_penalty, len_penalty, beam_search_diversity_rate, top_p_decay, top_p_min float32 [B];
     is_return_log_probs bool [B]; random_seed a list of B python ints; bad_words_list, stop_words_list lists of B
-    tuples of words (a word = tuple of token ids).
+    tuples of words (a word = tuple of token ids); prompt_task_id int64 [B] (-1: none).
     """
 
     input_ids: torch.Tensor
@@ -148,6 +150,7 @@ class Batch:
     start_id: torch.Tensor
     bad_words_list: list
     stop_words_list: list
+    prompt_task_id: torch.Tensor = None  # [B] int64, -1 = no prompt-learning task
 
     @classmethod
     def concatenate(cls, batches):
@@ -238,6 +241,10 @@ def generate(model, batch, stream=None):
       top_p <- top_p_initial if the token == reset id else max(top_p * decay, top_p_min).
     stop_words_list: a row/beam stops when its sequence (prompt included) ends with a stop
       word; the word stays in the output and counts in sequence_length (as FT).
+    prompt_task_id (prompt_learning_task_name_ids, default -1 = none): FT's p/prompt tuning; the row's ids
+      >= model.prompt_start_id are virtual tokens embedded from that task's table, counted in lengths and
+      positions like any token, returned in output_ids as sent (check_inputs refuses unknown tasks and ids
+      outside the task's table).
     Word lists use FT's format [B, 2, L] (or [2, L] for all rows): row 0 the words' ids
       concatenated, row 1 cumulative end offsets, padded with -1 (ids padding is ignored).
       Batch holds them as a list of B tuples of words (tuples of ints), which
@@ -333,8 +340,11 @@ class _Decoding:
         eye = torch.eye(lmax, dtype=torch.bool, device=dev)
         mask = ((causal[None] & key_valid[:, None, :lmax]) | eye[None])[:, None]
         cache = model.new_cache(bsz, total)
-        # position id = index inside the real prompt (pads get 0, never attended)
-        hidden = model.hidden_states(left_ids.to(dev), src.to(dev), cache, 0, mask)
+        # position id = index inside the real prompt (pads get 0, never attended); virtual prompt tokens are
+        # ordinary positions, as in FT
+        tasks = batch.prompt_task_id
+        prompt = {} if tasks is None or not bool((tasks >= 0).any()) else {"prompt_tasks": tasks.to(dev)}
+        hidden = model.hidden_states(left_ids.to(dev), src.to(dev), cache, 0, mask, **prompt)
         self.logits = model.logits(hidden[:, -1])                         # [B, V]
         if slots != bsz:
             cache = model.reorder_cache(cache, row_d)
@@ -349,7 +359,7 @@ class _Decoding:
         self.seen = None
         if bool((batch.repetition_penalty != 1.0).any()):  # [N, V] tokens in the sequence
             seen = torch.zeros(bsz, model.vocab_size, dtype=torch.bool, device=dev)
-            rows, cols = valid.nonzero(as_tuple=True)
+            rows, cols = (valid & (left_ids < model.vocab_size)).nonzero(as_tuple=True)  # not virtual prompt ids
             seen[rows.to(dev), left_ids[rows, cols].to(dev)] = True
             self.seen = seen[row_d]
         self.bad = _word_table(batch.bad_words_list, row_d, dev)
@@ -748,8 +758,14 @@ def check_inputs(model, input_ids, input_lengths, max_new_tokens, params=None, m
     if bool((start < 0).any()) or bool((start >= vocab).any()):
         problems.append(f"start_id must be in [0, {vocab}), got {start.tolist()}")
     real = torch.arange(lmax)[None, :] < lengths[:, None]
-    if bool(((ids < 0) | (ids >= vocab))[real].any()):
-        problems.append(f"input_ids contain token ids outside [0, {vocab})")
+    tasks = rows["prompt_task_id"]
+    tasks[tasks == 2**32 - 1] = -1  # UINT32 -1 on the wire
+    virtual = real & (ids >= vocab) & (tasks[:, None] >= 0)
+    problems += _prompt_problems(model, ids, virtual, tasks)
+    if bool(((ids < 0) | (ids >= vocab))[real & ~virtual].any()):
+        problems.append(f"input_ids contain token ids outside [0, {vocab})"
+                        + (" (virtual prompt ids need the row's prompt_learning_task_name_ids)"
+                           if getattr(model, "prompt_lengths", ()) else ""))
     # The table's bounds and the model-dependent ones, in this order (a message lists every problem in it).
     problems += _outside_bounds(rows, ("top_k", "top_p", "top_p_decay", "top_p_min"))
     if bool(((reset < -1) | (reset >= vocab)).any()):
@@ -770,6 +786,30 @@ def check_inputs(model, input_ids, input_lengths, max_new_tokens, params=None, m
         raise ValueError("; ".join(problems))
     return Batch(input_ids=ids, input_lengths=lengths, max_new_tokens=new, end_ids=end_ids, random_seed=seeds, **rows,
                  **words)
+
+
+def _prompt_problems(model, ids, virtual, tasks):
+    """FT's p/prompt tuning rules: a row's task id names a task of the model, and its virtual ids
+    (prompt_learning_start_id + j) stay inside that task's table. FT itself logs and returns invalid outputs for an
+    unknown task, and reads past a table for an id beyond it; both are refused here."""
+    lengths = getattr(model, "prompt_lengths", ())  # prompt_length of task 0, 1, ...
+    named = tasks >= 0
+    if not bool(named.any()):
+        return []
+    if not lengths:
+        return [f"prompt_learning_task_name_ids {tasks.tolist()}: the model has no prompt-learning tasks "
+                "(config.ini prompt_learning_type=0)"]
+    unknown = named & (tasks >= len(lengths))
+    if bool(unknown.any()):
+        names = ", ".join(f"{i}={name}" for i, name in enumerate(model.prompt_task_names))
+        return [f"prompt_learning_task_name_ids {tasks[unknown].tolist()} name no task of the model ({names})"]
+    start = model.prompt_start_id
+    limit = torch.tensor(lengths, dtype=torch.long)[tasks.clamp(min=0)]           # [B] each row's prompt_length
+    if bool(((ids - start >= limit[:, None]) & virtual).any()) or bool(((ids < start) & (ids >= model.vocab_size)
+                                                                         & virtual).any()):
+        return [f"input_ids hold virtual prompt ids outside [{start}, {start} + prompt_length) of the row's task "
+                f"(prompt lengths {list(lengths)})"]
+    return []
 
 
 def _outside_bounds(rows, names):

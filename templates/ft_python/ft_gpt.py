@@ -146,6 +146,20 @@ class FTGPT:
         # Output projection [V, h]: tied to wte unless FT would load a separate lm_head.
         self.lm_head = w("model.lm_head.weight") if "model.lm_head.weight" in weights else self.wte
         self.lm_head_bias = optional("model.lm_head.bias")            # [V] (GPT-J)
+        # FT's p/prompt tuning (ft_checkpoint.PROMPT_LEARNING_TYPES): every task's table stacked [sum P_t, h];
+        # task t's rows start at prompt_offsets[t]. Ids >= prompt_start_id are virtual tokens of the row's task.
+        if config.prompt_learning_type not in (0, ft_checkpoint.P_PROMPT_TUNING):
+            raise ValueError(f"prompt_learning_type {config.prompt_learning_type} "
+                             f"({ft_checkpoint.PROMPT_LEARNING_TYPES[config.prompt_learning_type]}) is not supported; "
+                             "only 3 (p/prompt tuning) reads tables from the shards")
+        tasks = config.prompt_tasks if config.prompt_learning_type else ()
+        self.prompt_task_names = tuple(name for name, _ in tasks)
+        self.prompt_lengths = tuple(length for _, length in tasks)
+        self.prompt_start_id = config.prompt_learning_start_id
+        self.prompt_rows = (torch.cat([w(f"model.prompt_table.{name}.weight") for name in self.prompt_task_names])
+                            if tasks else None)
+        self.prompt_offsets = torch.tensor(np.cumsum((0,) + self.prompt_lengths[:-1]), dtype=torch.long,
+                                           device=self.device)
         # cos / sin per position for the config's rope type (ft_rotary.py); None without rotary
         self.rotary_tables = ft_rotary.RotaryTables(config) if self.rotary_dim else None
         # Sliding-window attention: the window (in positions) of each layer, 0 = full causal.
@@ -216,11 +230,21 @@ class FTGPT:
             return self._rms(x, weight)
         return F.layer_norm(x, (self.hidden,), weight, bias, self.eps)
 
-    def _embed(self, ids, pos):
-        # ids, pos [B, S] -> [B, S, h]
+    def _embed(self, ids, pos, prompt_tasks=None):
+        # ids, pos [B, S] -> [B, S, h]; prompt_tasks [B] task id per row (-1: none) or None
+        virtual, given = None, ids
+        if prompt_tasks is not None and self.prompt_rows is not None:
+            virtual = (ids >= self.prompt_start_id) & (prompt_tasks[:, None] >= 0)   # [B, S]
+            ids = torch.where(virtual, 0, ids)  # any real row: overwritten below
         x = F.embedding(ids, self.wte)
         if self.config.embedding_multiplier != 1.0:  # Gemma: sqrt(h), rounded to the compute dtype
             x = x * torch.tensor(self.config.embedding_multiplier, dtype=x.dtype)
+        if virtual is not None and bool(virtual.any()):
+            # FT's lookup: row (id - prompt_learning_start_id) of the row's task table, used as it is (no
+            # embedding multiplier), then the position embedding of the token's place, as for any token.
+            rows, cols = virtual.nonzero(as_tuple=True)
+            index = self.prompt_offsets[prompt_tasks[rows]] + given[rows, cols] - self.prompt_start_id
+            x = x.index_put((rows, cols), self.prompt_rows[index])
         if self.wpe is not None:
             x = x + F.embedding(pos, self.wpe)
         if self.pre_ln is not None:
@@ -349,12 +373,13 @@ class FTGPT:
         """The cache with batch rows taken in the order of `rows` (a LongTensor), e.g. beams."""
         return [tuple(part.index_select(0, rows.to(part.device)) for part in layer) for layer in cache]
 
-    def hidden_states(self, ids, pos, cache, start, mask):
+    def hidden_states(self, ids, pos, cache, start, mask, prompt_tasks=None):
         """Final hidden states [B, S, h] for ids/pos [B, S] written to cache slots start..
 
-        mask [B, 1, S|1, start+S] bool, True = may attend.
+        mask [B, 1, S|1, start+S] bool, True = may attend. prompt_tasks [B]: each row's p/prompt-tuning task
+        (-1: none); its ids >= prompt_start_id are that task's virtual tokens.
         """
-        return self._blocks(self._embed(ids, pos), pos, cache, start, mask)
+        return self._blocks(self._embed(ids, pos, prompt_tasks), pos, cache, start, mask)
 
     @torch.inference_mode()
     def forward_logits(self, input_ids):

@@ -88,10 +88,13 @@ class Tensor:
         return NUMPY_DTYPES[self.triton_dtype]
 
 
-def _option(name, dtype, default, field, option=None, bounds=None):
-    """An optional per-row scalar input (dims [1] reshaped to [])."""
+_FIELD = object()  # _option's default: the clients' option is named as the field
+
+
+def _option(name, dtype, default, field, option=_FIELD, bounds=None):
+    """An optional per-row scalar input (dims [1] reshaped to []); option None: the clients do not set it."""
     return Tensor(name, dtype, (1,), scalar=True, optional=True, default=default, bounds=bounds, field=field,
-                  option=option if option is not None else field)
+                  option=field if option is _FIELD else option)
 
 
 INPUTS = (
@@ -121,6 +124,10 @@ INPUTS = (
     _option("top_p_decay", "FP32", 1.0, "top_p_decay", bounds=UNIT_POSITIVE),
     _option("top_p_min", "FP32", 1e-6, "top_p_min", bounds=UNIT_POSITIVE),
     _option("top_p_reset_ids", "UINT32", -1, "top_p_reset_ids"),  # -1 = none, else inside the vocabulary
+    # FT's p/prompt tuning: the row's task id (config.ini [task_<id>]); the virtual tokens are ids >= config.ini's
+    # prompt_learning_start_id inside input_ids (counted in input_lengths), embedded from that task's table.
+    # -1 (also 2^32 - 1 on the wire) = none. Clients name tasks through the ensemble (PROMPT_TASK_NAME) instead.
+    _option("prompt_learning_task_name_ids", "UINT32", -1, "prompt_task_id", option=None),
 )
 OUTPUTS = (
     Tensor("output_ids", "UINT32", (-1, -1)),  # [batch, beam, prompt + generated]

@@ -6,7 +6,9 @@ config.pbtxt, listed in ft_interface's table):
 inputs input_ids [B, L] (right-padded), input_lengths [B], request_output_len [B, 1], optional per-row
 runtime_top_k, runtime_top_p, temperature, len_penalty, repetition_penalty, random_seed,
 is_return_log_probs, beam_width, beam_search_diversity_rate, start_id, end_id, top_p_decay, top_p_min,
-top_p_reset_ids and the word lists bad_words_list / stop_words_list [B, 2, W]; outputs output_ids
+top_p_reset_ids, prompt_learning_task_name_ids (FT's p/prompt tuning: the row's task, whose virtual ids
+>= config.ini's prompt_learning_start_id sit inside input_ids) and the word lists bad_words_list / stop_words_list
+[B, 2, W]; outputs output_ids
 [B, beam, T], sequence_length [B, beam], cum_log_probs [B, beam], output_log_probs [B, beam, steps],
 beam = the request's largest beam_width. Decoding semantics: ft_generate.generate.
 The model's generation_config.json beside the shards (ft_generate.GenerationDefaults): its eos ids end every row

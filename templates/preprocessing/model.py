@@ -7,16 +7,21 @@ inputs : QUERY              BYTES  [B, 1]  utf-8 prompt per row
          REQUEST_OUTPUT_LEN UINT32 [B, 1]  optional: passed through; absent: the model's default per row
          BAD_WORDS_DICT     BYTES  [B, 1]  optional: comma-separated words (CSV, quotes allowed) never to generate
          STOP_WORDS_DICT    BYTES  [B, 1]  optional: comma-separated words that end a row's generation
+         PROMPT_TASK_NAME   BYTES  [B, 1]  optional, with prompt-learning tasks only: the row's task ('' = none)
 outputs: INPUT_ID           UINT32 [B, Lmax]  right-padded with end_id
          REQUEST_INPUT_LEN  UINT32 [B, 1]     real lengths
          BAD_WORDS_IDS      INT32  [B, 2, W]  FT's word-list format (see word_list), also when no words are given
          STOP_WORDS_IDS     INT32  [B, 2, W]
          REQUEST_OUTPUT_LEN UINT32 [B, 1]
+         PROMPT_TASK_ID     UINT32 [B, 1]     with prompt-learning tasks only: the task's id, 2^32 - 1 = none
 A prompt is encoded with the special tokens tokenizer.json's post-processor adds (as HF's `tok(prompt)`); stop and
 bad words without them.
 Config parameters (string_value): `end_id`, the pad / end token id; `max_new_tokens` and `max_length`, the
 checkpoint's generation_config.json values (each absent when it has none); `max_pos_seq_len`, the model's context
 length (config.ini). They size the output of a request that leaves REQUEST_OUTPUT_LEN out: see output_lengths.
+`prompt_tasks` ("name:prompt_length,..." in task-id order) and `prompt_learning_start_id`: FT's p/prompt tuning; a
+row naming a task gets its virtual ids (start, start + 1, ..., start + prompt_length - 1) before the prompt's ids, as
+FT's backend expects them inside input_ids, counted in REQUEST_INPUT_LEN.
 A bad request (empty, not utf-8, mismatched batch) gets its own error response; the others are unaffected.
 """
 
@@ -146,6 +151,43 @@ def output_lengths(prompt_lengths, max_new_tokens=None, max_length=None, max_pos
     return new.astype(np.uint32)
 
 
+NO_TASK = 2**32 - 1  # PROMPT_TASK_ID of a row without a task (UINT32 -1)
+
+
+def parse_prompt_tasks(text):
+    """"name:length,..." -> {name: (task id, prompt_length)}."""
+    tasks = {}
+    for index, item in enumerate(part for part in (text or "").split(",") if part):
+        name, length = item.rsplit(":", 1)
+        tasks[name] = (index, int(length))
+    return tasks
+
+
+def prompt_prefixes(names, batch, tasks, start_id):
+    """PROMPT_TASK_NAME [B, 1] (None: absent) -> (B lists of virtual ids to put before each prompt, task ids [B, 1]
+    uint32). An unknown name is a RequestError listing the model's tasks."""
+    prefixes, ids = [[] for _ in range(batch)], np.full((batch, 1), NO_TASK, dtype=np.uint32)
+    if names is None:
+        return prefixes, ids
+    names = np.asarray(names)
+    if names.ndim == 1:
+        names = names.reshape(-1, 1)
+    if names.shape != (batch, 1):
+        raise RequestError(f"PROMPT_TASK_NAME must have shape [{batch}, 1] (one task name per QUERY row), "
+                           f"got {list(names.shape)}")
+    for row in range(batch):
+        name = as_text(names[row, 0], "PROMPT_TASK_NAME", row)
+        if name == "":
+            continue
+        if name not in tasks:
+            raise RequestError(f"PROMPT_TASK_NAME[{row}] {name!r} is not a prompt-learning task of this model; "
+                               f"its tasks: {', '.join(tasks)}")
+        task_id, length = tasks[name]
+        prefixes[row] = list(range(start_id, start_id + length))
+        ids[row, 0] = task_id
+    return prefixes, ids
+
+
 def _int_parameter(config, key):
     """An integer config.pbtxt parameter, or None when the exporter wrote none."""
     raw = config_parameter(config, key)
@@ -163,6 +205,8 @@ class TritonPythonModel:
         self.length_defaults = {"max_new_tokens": _int_parameter(config, "max_new_tokens"),
                                 "max_length": _int_parameter(config, "max_length"),
                                 "max_positions": _int_parameter(config, "max_pos_seq_len")}
+        self.prompt_tasks = parse_prompt_tasks(config_parameter(config, "prompt_tasks"))
+        self.prompt_start_id = _int_parameter(config, "prompt_learning_start_id")
 
     def _one(self, request):
         texts = decode_queries(pb_utils.get_input_tensor_by_name(request, "QUERY").as_numpy())
@@ -180,11 +224,18 @@ class TritonPythonModel:
         for b, ids in enumerate(id_lists):
             if not ids:
                 raise RequestError(f"QUERY[{b}] encodes to no tokens")
+        task_outputs = []
+        if self.prompt_tasks:
+            names = pb_utils.get_input_tensor_by_name(request, "PROMPT_TASK_NAME")
+            prefixes, task_ids = prompt_prefixes(None if names is None else names.as_numpy(), len(texts),
+                                                 self.prompt_tasks, self.prompt_start_id)
+            id_lists = [prefix + list(ids) for prefix, ids in zip(prefixes, id_lists)]
+            task_outputs = [pb_utils.Tensor("PROMPT_TASK_ID", task_ids)]
         input_id, input_len = pad_ids(id_lists, self.end_id)
         if out_len_tensor is None:
             out_len = output_lengths(input_len, **self.length_defaults)
         return pb_utils.InferenceResponse(
-            output_tensors=[
+            output_tensors=task_outputs + [
                 pb_utils.Tensor("INPUT_ID", input_id),
                 pb_utils.Tensor("REQUEST_INPUT_LEN", input_len),
                 pb_utils.Tensor("BAD_WORDS_IDS", self._words(request, "BAD_WORDS_DICT", len(texts))),
