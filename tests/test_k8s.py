@@ -120,6 +120,7 @@ SHAPES = [
                                         "cluster.ib_resource_name=nvidia.com/hostdev", "cluster.ib_count=1"),
      "persistentVolumeClaim", 3, 1, 1),
     ("nfs", (), "nfs", 1, 1, 0),
+    ("cpu-only-nodes", ("cluster.gpus_per_node=0",), "hostPath", 1, 0, 0),  # the python runtime on CPU: no GPU asked
     # Seed 003's TP x PP rows on nodes of 8 GPUs: TP 1/2/4/8 on one node, TP 8 x PP 2 on 2 nodes.
     ("tp1", (*FT, "export.model.tensor_model_parallel_size=1"), "hostPath", 1, 1, 0),
     ("tp2", (*FT, "export.model.tensor_model_parallel_size=2"), "hostPath", 1, 2, 0),
@@ -172,8 +173,8 @@ def test_every_shape_renders_lints_validates_and_reads_right(helm, schemas, tmp_
     pod = server["spec"]["template"]["spec"]
     check_pod_common(pod, **common)
     triton = container(pod, "tritonserver")
-    asked = {"nvidia.com/gpu": gpus, **({"nvidia.com/hostdev": ib} if ib else {})}
-    assert triton["resources"] == {"requests": asked, "limits": asked}
+    asked = {**({"nvidia.com/gpu": gpus} if gpus else {}), **({"nvidia.com/hostdev": ib} if ib else {})}
+    assert triton.get("resources") == ({"requests": asked, "limits": asked} if asked else None)
     ports = {"http": 8000, "grpc": 8001, "metrics": 8002}
     assert {port["name"]: port["containerPort"] for port in triton["ports"]} == ports
     command = triton["command"]
