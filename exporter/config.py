@@ -356,7 +356,8 @@ def k8s_volume(cluster: DictConfig) -> tuple[str, str]:
 
 def _check_k8s(cluster: DictConfig, base_results_dir: Path) -> None:
     _require(bool(cluster.image and cluster.image.strip()), "cluster.image",
-             "cluster_type=k8s needs the image every pod runs (tritonserver and this project; cluster=k8s)")
+             "cluster_type=k8s needs the image every pod runs: tritonserver on PATH and python3 with this "
+             "project (conf/cluster/k8s.yaml)")
     _require(bool(_DNS_LABEL.match(cluster.namespace)), "cluster.namespace",
              f"{cluster.namespace!r} is not a Kubernetes namespace name (lower-case letters, digits, '-')")
     _require(cluster.pull_secret is None or bool(_DNS_SUBDOMAIN.match(cluster.pull_secret)), "cluster.pull_secret",

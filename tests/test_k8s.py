@@ -91,8 +91,6 @@ def check_pod_common(pod: dict, mount_path: str, *, sub_path: str | None, volume
     assert {key: value for key, value in volumes["workspace"].items() if key != "name"} == volume
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": shm}
     for spec in pod["containers"]:
-        if spec["name"] == "wait-for-server":
-            continue
         assert spec["image"] == IMAGE
         assert spec["workingDir"] == str(workdir)
         mounts = {mount["name"]: mount for mount in spec["volumeMounts"]}
@@ -214,7 +212,7 @@ def test_every_shape_renders_lints_validates_and_reads_right(helm, schemas, tmp_
     check_pod_common(pod, **common)
     wait = container(pod, "wait-for-server")
     assert env_of(wait)["READY_URL"] == f"http://{host}:8000/v2/health/ready"
-    assert wait["command"][:2] == ["python3", "-c"]
+    assert wait["command"][:2] == ["python3", "-c"] and wait["image"] == IMAGE
     run = container(pod, "client")
     assert run["command"] == ["python3", "-m", "exporter.run_substage",
                               str(results / "accuracy" / f"{cfg.export.run.name}_hydra.yaml"), "export", "accuracy",
@@ -304,7 +302,8 @@ def test_schema_validation_is_live(schemas):
 )
 def test_bad_k8s_config_names_the_key(overrides, key):
     with pytest.raises(ConfigError) as error:
-        validate(composed("cluster=k8s", "cluster_type=k8s", "base_results_dir=/data/results", *overrides))
+        validate(composed("cluster=k8s", "cluster_type=k8s", f"cluster.image={IMAGE}", "base_results_dir=/data/results",
+                          *overrides))
     assert str(error.value).startswith(f"{key}: ")
 
 

@@ -61,7 +61,7 @@ def time_limit_seconds(limit: str) -> int:
     return ((day_count * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
-def pod_values(cfg: DictConfig, sub_stage: SubStage, workdir: Path) -> dict:
+def pod_values(cfg: DictConfig, workdir: Path) -> dict:
     """What every pod of the release shares: image, pull secret, DNS policy, volume, shm, environment."""
     cluster = cfg.cluster
     kind, mount_path = k8s_volume(cluster)
@@ -110,7 +110,7 @@ def chart_values(cfg: DictConfig, sub_stage: SubStage, config_path: Path, workdi
     values = {
         "subStage": sub_stage.name,
         "activeDeadlineSeconds": time_limit_seconds(sub_stage.time_limit),
-        "pod": pod_values(cfg, sub_stage, workdir),
+        "pod": pod_values(cfg, workdir),
         "job": None,
         "server": None,
         "client": None,
@@ -174,7 +174,9 @@ def render(helm: str, cfg: DictConfig, sub_stage: SubStage, chart: Path) -> Path
 
 
 def render_sub_stage(cfg: DictConfig, sub_stage: SubStage, helm: str = "helm") -> tuple[Path, Path]:
-    """Write one sub-stage's saved config, chart and rendered manifests (nothing applied): (chart, manifests)."""
+    """Write one sub-stage's saved config, chart and rendered manifests into ${results_dir}/<sub_stage>/, applying
+    nothing: (chart folder, manifests.yaml). For callers that apply a chart themselves, e.g. with the sub-stages of
+    `exporter.stages.export.plan(validate(cfg))`."""
     config_path = prepare(cfg, sub_stage)
     chart = write_chart(cfg, sub_stage, config_path, Path.cwd())
     return chart, render(helm, cfg, sub_stage, chart)
