@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -331,3 +332,37 @@ def test_release_names_are_kubernetes_names():
     name = release_name(cfg, SimpleNamespace(job_name="export_" + "very_long_model_name" * 4 + "_accuracy"))
     assert name.startswith("r-9-team-export-very-long") and len(name) <= 42
     assert name.replace("-", "").isalnum() and name == name.lower() and not name.endswith("-")
+
+
+def test_client_waits_until_the_server_is_ready(tmp_path, monkeypatch, helm):
+    """The client Job's init container, run here as rendered: it keeps polling while the readiness path answers 503
+    and returns once it answers 200."""
+    import http.server
+    import threading
+
+    _, documents, _ = render(tmp_path, monkeypatch, "hostPath")
+    wait = container(only(documents["accuracy"], "Job", "-client-r1")["spec"]["template"]["spec"], "wait-for-server")
+    answers = iter([503, 503, 200])
+    seen = []
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802  (http.server's name)
+            seen.append(self.path)
+            self.send_response(next(answers, 200))
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v2/health/ready"
+        script = wait["command"][2].replace("time.sleep(5)", "time.sleep(0.1)")  # the same loop, polled faster
+        done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "READY_URL": url},
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stderr
+    assert seen == ["/v2/health/ready"] * 3
+    assert done.stdout.count("waiting for") == 2
