@@ -329,9 +329,16 @@ def test_release_names_are_kubernetes_names():
     from types import SimpleNamespace
 
     cfg = SimpleNamespace(cluster=SimpleNamespace(job_name_prefix="9_Team."))
-    name = release_name(cfg, SimpleNamespace(job_name="export_" + "very_long_model_name" * 4 + "_accuracy"))
-    assert name.startswith("r-9-team-export-very-long") and len(name) <= 42
-    assert name.replace("-", "").isalnum() and name == name.lower() and not name.endswith("-")
+    long_run = "export_" + "very_long_model_name" * 4
+    names = {sub_stage: release_name(cfg, SimpleNamespace(name=sub_stage, job_name=f"{long_run}_{sub_stage}"))
+             for sub_stage in ("convert", "accuracy")}
+    for sub_stage, name in names.items():
+        assert name.startswith("r-9-team-export-very") and name.endswith(sub_stage) and len(name) <= 42
+        assert name.replace("-", "").isalnum() and name == name.lower() and "--" not in name
+    assert names["convert"] != names["accuracy"]
+    short = release_name(SimpleNamespace(cluster=SimpleNamespace(job_name_prefix="ft-exporter-")),
+                         SimpleNamespace(name="convert", job_name="export_gpt2_convert"))
+    assert short == "ft-exporter-export-gpt2-convert"
 
 
 def test_client_waits_until_the_server_is_ready(tmp_path, monkeypatch, helm):

@@ -13,6 +13,7 @@ events and the ends of its pods' logs (kubectl).
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import subprocess
@@ -31,18 +32,25 @@ from .common import CONTAINER_PYTHON, PROJECT_ROOT, LaunchError, job_name, prepa
 CHART = Path(__file__).resolve().parent / "charts" / "substage"
 CHART_DIR = "chart"
 MANIFESTS = "manifests.yaml"
-SSH_PORT = 2222  # the ranks' sshd (mpirun's launcher); not 22, which a node's own sshd may hold under hostNetwork
+SSH_PORT = 2222  # the ranks' sshd (mpirun starts the other ranks over ssh); not 22, which an image may use
 RELEASE_NAME_LIMIT = 53 - len("-client-r999")  # Helm's release limit, less what the chart appends to Job names
 LOG_TAIL_LINES = 20
 
 
 def release_name(cfg: DictConfig, sub_stage: SubStage) -> str:
     """<job_name_prefix><job name> as a Kubernetes name: lower case, '-' for anything else, a letter first, at
-    most 42 characters (Helm's 53 less the suffixes of the objects' names)."""
-    name = re.sub(r"[^a-z0-9-]+", "-", job_name(cfg, sub_stage).lower()).strip("-")
+    most 42 characters (Helm's 53 less the suffixes of the objects' names). A longer name keeps its start and
+    the sub-stage's name around a hash of the whole, so the releases of one run never share a name."""
+    full = job_name(cfg, sub_stage)
+    name = re.sub(r"[^a-z0-9-]+", "-", full.lower()).strip("-")
     if not name[:1].isalpha():  # Service names start with a letter
         name = "r-" + name
-    return name[:RELEASE_NAME_LIMIT].rstrip("-")
+    if len(name) <= RELEASE_NAME_LIMIT:
+        return name
+    digest = hashlib.sha256(full.encode()).hexdigest()[:8]
+    tail = re.sub(r"[^a-z0-9-]+", "-", sub_stage.name.lower()).strip("-")[:16]
+    head = name[:RELEASE_NAME_LIMIT - len(tail) - len(digest) - 2].rstrip("-")
+    return f"{head}-{digest}-{tail}"
 
 
 def time_limit_seconds(limit: str) -> int:
