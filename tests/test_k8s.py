@@ -326,6 +326,8 @@ def test_time_limit_in_slurm_formats(limit, seconds):
 
 
 def test_release_names_are_kubernetes_names():
+    """Kubernetes-safe release names; long ones stay distinct per sub-stage (plain truncation gave convert and
+    accuracy one release name, so installing accuracy would have replaced convert's release)."""
     from types import SimpleNamespace
 
     cfg = SimpleNamespace(cluster=SimpleNamespace(job_name_prefix="9_Team."))
