@@ -86,7 +86,7 @@ def env_of(container_spec: dict) -> dict[str, str]:
 
 
 def check_pod_common(pod: dict, mount_path: str, *, sub_path: str | None, volume: dict, shm: str,
-                     workdir: Path, pull_secret: str | None, dns_policy: str | None) -> None:
+                     workdir: Path, pull_secret: str | None, dns_policy: str | None, kinds: set[str]) -> None:
     """Volumes, mounts, /dev/shm, image, working directory, PYTHONPATH, pull secret and DNS policy of one pod."""
     volumes = {entry["name"]: entry for entry in pod["volumes"]}
     assert {key: value for key, value in volumes["workspace"].items() if key != "name"} == volume
@@ -98,7 +98,9 @@ def check_pod_common(pod: dict, mount_path: str, *, sub_path: str | None, volume
         assert mounts["workspace"]["mountPath"] == mount_path
         assert mounts["workspace"].get("subPath") == sub_path
         assert mounts["dshm"]["mountPath"] == "/dev/shm"
-        assert env_of(spec)["PYTHONPATH"] == str(Path(__file__).resolve().parents[1])
+        env = env_of(spec)
+        assert env["PYTHONPATH"] == str(Path(__file__).resolve().parents[1])
+        assert ("MPI_HOSTS" in env) == (spec["name"] == "tritonserver" and "StatefulSet" in kinds)
     assert pod.get("imagePullSecrets") == ([{"name": pull_secret}] if pull_secret else None)
     assert pod.get("dnsPolicy") == dns_policy
 
@@ -147,7 +149,8 @@ def test_every_shape_renders_lints_validates_and_reads_right(helm, schemas, tmp_
     common = dict(mount_path=str(tmp_path), sub_path=str(tmp_path).lstrip("/") if volume == "persistentVolumeClaim"
                   else None, volume=expected_volume, shm="64Gi" if extras else "16Gi", workdir=tmp_path,
                   pull_secret="ngc-registry" if extras else None,
-                  dns_policy="ClusterFirstWithHostNet" if extras else None)
+                  dns_policy="ClusterFirstWithHostNet" if extras else None,
+                  kinds={doc["kind"] for doc in documents["accuracy"]})
     namespace = "llm" if extras else "default"
     results = Path(cfg.export.run.results_dir)
 

@@ -137,11 +137,11 @@ def chart_values(cfg: DictConfig, sub_stage: SubStage, config_path: Path, workdi
     mpi = server.mpi and shape.nodes > 1
     if mpi:
         hosts = [f"{release}-server-{rank}.{release}-ranks" for rank in range(shape.nodes)]
-        values["pod"]["env"] += [{"name": "MPI_HOSTS", "value": ",".join(hosts)},
-                                 {"name": "SSH_PORT", "value": str(SSH_PORT)}]
+        env = [{"name": "MPI_HOSTS", "value": ",".join(hosts)}, {"name": "SSH_PORT", "value": str(SSH_PORT)}]
         argv = ["bash", "/etc/ft-exporter/mpi/mpi-world.sh", *argv]
-    values["server"] = {"replicas": shape.nodes, "command": argv, "ports": ports, "readyPath": service.ready_path,
-                        "mpi": mpi, "sshPort": SSH_PORT, "resources": resources(cfg, shape)}
+    values["server"] = {"replicas": shape.nodes, "command": argv, "env": env if mpi else [], "ports": ports,
+                        "readyPath": service.ready_path, "mpi": mpi, "sshPort": SSH_PORT,
+                        "resources": resources(cfg, shape)}
     host = f"{release}-server.{cfg.cluster.namespace}.svc"  # the Service in front of the server (rank 0)
     client = _single(service.client, "client", sub_stage)
     http = dict(service.ports)["http"]

@@ -29,17 +29,19 @@ volumes:
       sizeLimit: {{ .Values.pod.shmSize }}
 {{- end }}
 
-{{/* Container settings every container shares: image, working directory, environment, mounts. */}}
+{{/* Container settings every container shares: image, working directory, environment (the pod's, then `env`:
+this container's own), mounts. Called with (dict "root" $ "env" list). */}}
 {{- define "substage.containerCommon" -}}
-image: {{ .Values.pod.image }}
+{{- $pod := .root.Values.pod }}
+image: {{ $pod.image }}
 imagePullPolicy: IfNotPresent
-workingDir: {{ .Values.pod.workingDir }}
+workingDir: {{ $pod.workingDir }}
 env:
-  {{- toYaml .Values.pod.env | nindent 2 }}
+  {{- toYaml (concat $pod.env (.env | default list)) | nindent 2 }}
 volumeMounts:
   - name: workspace
-    mountPath: {{ .Values.pod.mountPath }}
-    {{- with .Values.pod.subPath }}
+    mountPath: {{ $pod.mountPath }}
+    {{- with $pod.subPath }}
     subPath: {{ . }}
     {{- end }}
   - name: dshm
