@@ -24,7 +24,7 @@ from typing import Sequence
 import yaml
 from omegaconf import DictConfig
 
-from ..atomic import write_text_atomic
+from ..atomic import AtomicDirectory, write_text_atomic
 from ..config import k8s_volume
 from ..jobs import SERVER_HOST, Resources, Step, SubStage
 from .common import CONTAINER_PYTHON, PROJECT_ROOT, LaunchError, job_name, prepare, record_command, step_argv
@@ -157,11 +157,10 @@ def write_chart(cfg: DictConfig, sub_stage: SubStage, config_path: Path, workdir
     chart). Returns the chart's folder. Also what a caller that applies a chart itself uses."""
     values = chart_values(cfg, sub_stage, config_path, workdir)
     target = sub_stage.results_dir / CHART_DIR
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(CHART, target)
-    write_text_atomic(target / "values.yaml", "# Written by exporter/launch/k8s.py for this sub-stage.\n"
-                      + yaml.safe_dump(values, sort_keys=False, width=1000))
+    with AtomicDirectory(target) as partial:
+        shutil.copytree(CHART, partial, dirs_exist_ok=True)
+        (partial / "values.yaml").write_text("# Written by exporter/launch/k8s.py for this sub-stage.\n"
+                                             + yaml.safe_dump(values, sort_keys=False, width=1000))
     return target
 
 
