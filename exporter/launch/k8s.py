@@ -96,7 +96,10 @@ def pod_values(cfg: DictConfig, workdir: Path) -> dict:
 
 
 def resources(cfg: DictConfig, shape: Resources) -> dict[str, int]:
-    """Extended resources one pod asks for: its GPUs; IB devices for the pods of a multi-node job."""
+    """Extended resources one pod asks for: its GPUs; IB devices for the pods of a multi-node job.
+
+    No CUDA device list is set: the device plugin gives the pod exactly the GPUs it asks for, numbered from 0 (a
+    list of a node's device numbers, as Slurm jobs use, could name devices the pod does not have)."""
     asked = {}
     if shape.gpus_per_node:
         asked[cfg.cluster.gpu_resource_name] = shape.gpus_per_node
