@@ -34,14 +34,14 @@ def mode() -> str:
 class Progress:
     """`with Progress(total, "what", unit="B") as progress: ... progress.update(n)`; unit "B" shows bytes (MB)."""
 
-    def __init__(self, total: float, description: str, unit: str = "it", logger: logging.Logger | None = None,
+    def __init__(self, total: int, description: str, unit: str = "it", logger: logging.Logger | None = None,
                  interval_s: float = LOG_INTERVAL_S):
         self.total, self.description, self.unit = total, description, unit
         self.scale = unit == "B"
         self.log = logger or logging.getLogger(__name__)
         self.interval_s = interval_s
         self.mode = mode()
-        self.done = 0.0
+        self.done = 0
         self.started = self.last_line = time.monotonic()
         self._bar: tqdm | None = None
         self._redirect = None
@@ -54,7 +54,7 @@ class Progress:
                              file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
         return self
 
-    def update(self, amount: float) -> None:
+    def update(self, amount: int) -> None:
         self.done += amount
         if self._bar is not None:
             self._bar.update(amount)
