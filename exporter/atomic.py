@@ -36,9 +36,14 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 class NoSpaceError(RuntimeError):
     """The file system of an output has not enough free space for it."""
 
-    def __init__(self, path: Path, needed: int | None, free: int, written: int | None = None, kept: bool = False):
+    def __init__(self, path: Path, needed: int | None, free: int, written: int | None = None, kept: bool = False,
+                 at_least: bool = False):
+        """needed: bytes the output needs (None: unknown; `at_least`: a part of it, e.g. a nested directory's)."""
         self.path, self.needed, self.free, self.written = Path(path), needed, free, written
-        need = f"needs about {megabytes(needed)}" if needed else f"needs more than the {megabytes(written)} written"
+        if needed:
+            need = f"needs {'more than' if at_least else 'about'} {megabytes(needed)}"
+        else:
+            need = f"needs more than the {megabytes(written)} written"
         if written is None:  # refused before writing
             text = f"not enough space for {self.path}: it {need}, its file system has {megabytes(free)} free"
         else:
@@ -203,7 +208,7 @@ class AtomicDirectory:
             if isinstance(exc, NoSpaceError):  # from a nested AtomicDirectory: said again of this target
                 written = None if exc.written is None else exc.written + written
                 raise NoSpaceError(self.final, exc.needed, shutil.disk_usage(self.final.parent).free, written,
-                                   self.final.exists()) from exc
+                                   self.final.exists(), at_least=True) from exc
             if isinstance(exc, OSError) and exc.errno in _FULL:
                 raise NoSpaceError(self.final, self.needed_bytes, shutil.disk_usage(self.final.parent).free,
                                    written, self.final.exists()) from exc

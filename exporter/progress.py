@@ -15,9 +15,6 @@ import os
 import sys
 import time
 
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
-
 ENV = "EXPORTER_PROGRESS"
 MODES = ("bar", "log", "off")
 LOG_INTERVAL_S = 30.0
@@ -29,6 +26,15 @@ def mode() -> str:
     if chosen in MODES:
         return chosen
     return "bar" if sys.stderr.isatty() else "log"
+
+
+if mode() != "bar":
+    # Other libraries' bars (transformers de-quantising a GGUF: 272 redraws) would pile up in a log file too; tqdm
+    # reads this when first imported, so it quiets those imported after this module.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+from tqdm import tqdm  # noqa: E402
+from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 
 class Progress:
@@ -51,7 +57,7 @@ class Progress:
             self._redirect = logging_redirect_tqdm()
             self._redirect.__enter__()
             self._bar = tqdm(total=self.total, desc=self.description, unit=self.unit, unit_scale=self.scale,
-                             file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+                             file=sys.stderr, mininterval=0.5, dynamic_ncols=True, disable=False)
         return self
 
     def update(self, amount: int) -> None:

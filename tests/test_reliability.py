@@ -221,7 +221,8 @@ def attempt():
         build_repository(repository, checkpoint, settings, "fp32")
     except atomic.NoSpaceError as error:
         return {"message": str(error), "path": str(error.path), "needed": error.needed, "free": error.free,
-                "written": error.written, "intact": digest() == before, "listing": sorted(p.name for p in mount.iterdir())}
+                "written": error.written, "intact": digest() == before,
+                "listing": sorted(p.name for p in mount.iterdir())}
     return None
 
 build_repository(repository, checkpoint, settings, "fp32")

@@ -47,7 +47,7 @@ def run_interactive(cfg: DictConfig, sub_stages: Sequence[SubStage]) -> None:
     workdir = Path.cwd()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    # The sub-stage's output is piped (teed): it shows progress bars when ours goes to a terminal (exporter/progress.py).
+    # The sub-stage's output is piped (teed): progress bars when ours goes to a terminal (exporter/progress.py).
     env.setdefault("EXPORTER_PROGRESS", "bar" if sys.stderr.isatty() else "log")
     # Every sub-stage is checked before the first one runs.
     planned = [(sub_stage, prepare(cfg, sub_stage)) for sub_stage in sub_stages]
