@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from exporter import progress
-from exporter.evaluate import lambada
-from exporter.evaluate.lambada import Encoder, Placement, evaluate, read_texts, reference_placement
+from exporter.evaluate import placement
+from exporter.evaluate.lambada import Encoder, evaluate, read_texts
+from exporter.evaluate.placement import Placement, reference_placement
 from tokenizer_fixtures import LAMBADA
 
 
@@ -48,7 +49,7 @@ def test_expected_cost_is_logged_after_the_first_batch_before_the_rest(tmp_path,
 def test_half_precision_reference_widens_the_tolerance_and_says_so():
     assert Placement().tolerance(0.005, 24) == (0.005, "")
     tolerance, note = Placement("cuda", "bfloat16").tolerance(0.005, 1000)
-    assert tolerance == lambada.HALF_PRECISION_TOLERANCE and "bfloat16" in note
+    assert tolerance == placement.HALF_PRECISION_TOLERANCE and "bfloat16" in note
     assert Placement("cuda", "float16").tolerance(0.005, 24)[0] == 1 / 24  # one flipped example of 24
     assert Placement("cuda", "float16").tolerance(0.2, 24) == (0.2, "")
 

@@ -196,6 +196,7 @@ def _reference(cfg: DictConfig, paths: ExportPaths, end_id: int):
     tokenizer loaded as `tok = AutoTokenizer.from_pretrained(checkpoint)` (with export.tokenizer's overrides), encoding
     with `tok(text)`; or (None, None, why there is no reference)."""
     from ..evaluate import lambada
+    from ..evaluate.placement import reference_placement
 
     if cfg.export.accuracy.reference != Reference.hf:
         return None, None, "accuracy.reference=none"
@@ -215,7 +216,7 @@ def _reference(cfg: DictConfig, paths: ExportPaths, end_id: int):
         overrides.update(pretrained_model_name_or_path=str(checkpoint.parent), gguf_file=checkpoint.name)
     else:
         overrides.update(pretrained_model_name_or_path=str(checkpoint))
-    placement = lambada.reference_placement(checkpoint, cfg.export.accuracy.reference_device)
+    placement = reference_placement(checkpoint, cfg.export.accuracy.reference_device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(**overrides)
     except (OSError, ValueError) as error:  # the model loads, its tokenizer not: the reference scores the served ids
