@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import ConfigError
+
 # The reference in half precision: near-tie greedy choices may flip against a float32 served model, so parity
 # allows at least this difference in accuracy (and at least one example's flip on small subsets).
 HALF_PRECISION_TOLERANCE = 0.01
@@ -67,7 +69,7 @@ def reference_placement(checkpoint: Path, requested: str = "auto") -> Placement:
         return Placement(reason="the CPU, in float32 (accuracy.reference_device=cpu)")
     if not torch.cuda.is_available():
         if requested == "cuda":
-            raise ValueError("export.accuracy.reference_device=cuda, but torch sees no CUDA device")
+            raise ConfigError("export.accuracy.reference_device=cuda, but torch sees no CUDA device")
         return Placement(reason="the CPU, in float32 (no CUDA device)")
     dtype = _stored_dtype(checkpoint)
     needed = _weight_bytes(checkpoint, dtype)
@@ -75,6 +77,6 @@ def reference_placement(checkpoint: Path, requested: str = "auto") -> Placement:
     if needed * 1.2 + (1 << 30) > free:
         reason = f"{needed / 1e9:.1f} GB of {dtype} weights do not fit the GPU's {free / 1e9:.1f} GB free"
         if requested == "cuda":
-            raise ValueError(f"export.accuracy.reference_device=cuda: {reason}")
+            raise ConfigError(f"export.accuracy.reference_device=cuda: {reason}")
         return Placement(reason=f"the CPU, in float32 ({reason})")
     return Placement("cuda", dtype, f"the GPU, in {dtype} ({needed / 1e9:.1f} GB of {free / 1e9:.1f} GB free)")
