@@ -37,6 +37,11 @@ from tqdm import tqdm  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 
+def duration(seconds: float) -> str:
+    """[h:]mm:ss, as the bars show it."""
+    return tqdm.format_interval(seconds)
+
+
 class Progress:
     """`with Progress(total, "what", unit="B") as progress: ... progress.update(n)`; unit "B" shows bytes (MB)."""
 

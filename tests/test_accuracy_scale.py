@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from exporter import progress
-from exporter.evaluate import placement
+from exporter.evaluate import lambada, placement
 from exporter.evaluate.lambada import Encoder, evaluate, read_texts
 from exporter.evaluate.placement import Placement, reference_placement
 from tokenizer_fixtures import LAMBADA
@@ -101,3 +101,19 @@ def test_progress_on_a_terminal_is_a_bar_and_off_is_silent(monkeypatch, capsys, 
         with progress.Progress(2, "quiet") as bar:
             bar.update(2)
     assert capsys.readouterr().err == "" and not caplog.records
+
+
+def test_reference_cost_is_said_before_scoring(tiny_gpt2):
+    """Before anything is scored: the examples' tokens (as HF's own tokenizer counts them) through the model's
+    parameters, at a forward rate measured on this device."""
+    from transformers import GPT2TokenizerFast
+
+    tokenizer = GPT2TokenizerFast.from_pretrained(tiny_gpt2)
+    texts = read_texts(LAMBADA, 8, 100)
+    encoder = Encoder(lambda text, special: tokenizer(text, add_special_tokens=special).input_ids)
+    reference = lambada.HFGenerator(tiny_gpt2, 50256)
+    seconds, line = lambada.reference_cost(texts, encoder, 2, reference, 4, "export.accuracy.limit=8")
+    tokens = 2 * sum(len(tokenizer(text).input_ids) for text in texts)
+    parameters = sum(parameter.numel() for parameter in reference.model.parameters())
+    assert f"8 examples x 2 metric(s) = {tokens} tokens through {parameters / 1e6:.1f}M parameters on cpu" in line
+    assert line.endswith("export.accuracy.limit=8") and 0 < seconds < 60

@@ -29,11 +29,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from ..atomic import write_text_atomic
 from ..clients import common
-from ..progress import Progress
+from ..progress import Progress, duration
 from .placement import Placement
 
 log = logging.getLogger(__name__)
@@ -195,12 +194,25 @@ class HFGenerator:
         else:
             self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
         self.model = self.model.to(placement.device).eval()
-        parameters = sum(parameter.numel() for parameter in self.model.parameters())
-        log.info("HF reference: %.1fM parameters on %s", parameters / 1e6, placement.reason)
+        self.parameters = sum(parameter.numel() for parameter in self.model.parameters())
+        log.info("HF reference: %.1fM parameters on %s", self.parameters / 1e6, placement.reason)
         self.end_id = end_id
         # The eos ids HF's generate stops at: generation_config.json's (or config.json's) own, as the served model's.
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = [end_id] if eos is None else (eos if isinstance(eos, list) else [eos])
+
+    def tokens_per_second(self, rows: int = 8, length: int = 64) -> float:
+        """This device's forward rate on the model, measured on `rows` x `length` tokens after a small warm-up."""
+        torch = self.torch
+        length = min(length, getattr(self.model.config, "max_position_embeddings", length) or length)
+        ids = torch.full((rows, length), self.end_id, dtype=torch.long, device=self.placement.device)
+        with torch.inference_mode():
+            self.model(ids[:1, :8])
+            started = time.monotonic()
+            self.model(ids)
+            if self.placement.device != "cpu":
+                torch.cuda.synchronize()
+        return rows * length / max(time.monotonic() - started, 1e-9)
 
     def __call__(self, batch: list[Example]) -> list[list[int]]:
         torch = self.torch
@@ -329,7 +341,23 @@ def expected_cost(batch: int, served_seconds: float, reference_seconds: float, e
     """One line: the whole run's time extrapolated from its first batch (which includes any warm-up: an upper
     estimate)."""
     per_example = (served_seconds + reference_seconds) / batch
-    line = (f"expected cost: about {tqdm.format_interval(per_example * examples * metrics)} for {examples} examples x "
+    line = (f"expected cost: about {duration(per_example * examples * metrics)} for {examples} examples x "
             f"{metrics} metric(s) (first batch of {batch}: served {served_seconds:.1f}s")
     line += f", reference {reference_seconds:.1f}s)" if reference_seconds else ")"
     return line + (f"; bounded by {bounds}" if bounds else "")
+
+
+def reference_cost(texts: Sequence[str], encoder: Encoder, metrics: int, reference: HFGenerator, batch_size: int,
+                   bounds: str = "") -> tuple[float, str]:
+    """(seconds, one line) before any scoring: the examples' tokens x the model's parameters at the forward rate
+    measured here on a few rows (a full batch runs faster per token, generation steps slower: an estimate that the
+    first batch's measure then refines)."""
+    tokens = metrics * sum(len(encoder.encode(text, True)) for text in texts)
+    rows = min(batch_size, 8)
+    rate = reference.tokens_per_second(rows)
+    seconds = tokens / rate
+    line = (f"reference cost up front: {len(texts)} examples x {metrics} metric(s) = {tokens} tokens through "
+            f"{reference.parameters / 1e6:.1f}M parameters on {reference.placement.device} "
+            f"({reference.placement.dtype}) at {rate:.0f} tokens/s ({rows} rows, measured here): about "
+            f"{duration(seconds)}")
+    return seconds, line + (f"; bounded by {bounds}" if bounds else "")

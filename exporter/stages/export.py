@@ -34,6 +34,8 @@ from ..triton.repo import add_decoder_ensemble
 
 log = logging.getLogger(__name__)
 
+LONG_S = 600.0  # an accuracy run expected to take longer than this is announced as a warning
+
 
 @dataclass(frozen=True)
 class ExportPaths:
@@ -160,6 +162,7 @@ def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
     texts = lambada.read_texts(Path(acc.test_data), acc.limit, acc.stride)
 
     reference, reference_encoder, no_reference_reason = _reference(cfg, paths, end_id)
+    bounds = f"export.accuracy.limit={acc.limit} and export.accuracy.stride={acc.stride}"
     info = {"model": paths.model_name, "repository": str(paths.repository), "test_data": acc.test_data}
     tolerance = acc.tolerance
     if reference is None:
@@ -170,6 +173,9 @@ def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
         if note:
             info.update(tolerance_configured=acc.tolerance, tolerance_note=note)
             log.warning("%s", note)
+        seconds, line = lambada.reference_cost(texts, reference_encoder or encoder, len(acc.metrics), reference,
+                                               batch_size, bounds)
+        log.log(logging.WARNING if seconds > LONG_S else logging.INFO, "%s", line)
 
     with _serving(cfg, paths, server_url) as url:
         results = lambada.evaluate(
@@ -185,7 +191,7 @@ def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
             tolerance=tolerance,
             output_path=Path(acc.output_path),
             info=info,
-            bounds=f"export.accuracy.limit={acc.limit} and export.accuracy.stride={acc.stride}",
+            bounds=bounds,
         )
     print(summary(results, Path(acc.output_path)))
     return results
