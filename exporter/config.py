@@ -120,7 +120,9 @@ class AccuracyConfig:
     # Additions to NeMo-Launcher's keys:
     metrics: List[Metric] = field(default_factory=lambda: [Metric.last_token, Metric.last_word])
     limit: Optional[int] = 24  # evaluate only the first N examples (None: all); the default run's subset
+    stride: int = 1  # evaluate every k-th example (a subset spread over the whole set), then `limit` of them
     reference: Reference = Reference.hf
+    reference_device: str = "auto"  # auto: the GPU in the checkpoint's dtype when it fits, else the CPU | cpu | cuda
     tolerance: float = 0.005  # largest allowed |served - reference| accuracy, as a fraction
     tritonserver: Optional[str] = None  # path to a tritonserver binary; None: PATH, then the embedded one
     server_timeout_s: float = 300.0
@@ -294,6 +296,9 @@ def _check_values(cfg: DictConfig) -> None:
     _check_prompt_learning(cfg.export.prompt_learning)
     _require(accuracy.batch_size >= 1, "export.accuracy.batch_size", "must be >= 1")
     _require(accuracy.limit is None or accuracy.limit >= 1, "export.accuracy.limit", "must be >= 1 or null")
+    _require(accuracy.stride >= 1, "export.accuracy.stride", "must be >= 1")
+    _require(accuracy.reference_device in ("auto", "cpu", "cuda"), "export.accuracy.reference_device",
+             "must be auto, cpu or cuda")
     _require(accuracy.tolerance >= 0, "export.accuracy.tolerance", "must be >= 0")
     _require(len(accuracy.metrics) >= 1, "export.accuracy.metrics", "name at least one metric")
     runtime = accuracy.runtime

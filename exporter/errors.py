@@ -2,6 +2,7 @@
 
 from templates.ft_python.ft_checkpoint import CheckpointError
 
+from .atomic import NoSpaceError
 from .evaluate.lambada import AccuracyMismatch
 from .parallel import ShardingError
 from .serve.tritonserver import TritonServerError
@@ -14,4 +15,5 @@ USER_ERRORS = (
     TokenizerError,
     TritonServerError,
     FileNotFoundError,
+    NoSpaceError,
 )

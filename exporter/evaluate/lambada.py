@@ -14,6 +14,9 @@ Parity: with a reference, `passed` says whether every metric's |served - referen
 tolerance and, when the reference has its own tokenizer (HF's AutoTokenizer), whether the served tokenizer gave the
 very same ids on every example (`same_ids_as_reference`). Without one (a NeMo source, accuracy.reference=none, no
 transformers) nothing is compared: `parity` is "not checked", `passed` is null and `parity_note` says why.
+
+The reference runs where placement.py puts it (the GPU in the checkpoint's dtype when it fits); each metric is one
+pass over the batches, served then reference, with a progress bar and, after the first batch, the expected cost.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import numpy as np
 
 from ..atomic import write_text_atomic
 from ..clients import common
+from ..progress import Progress, duration
+from .placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +84,13 @@ class Score:
         return {"accuracy": self.accuracy, "correct": self.correct, "total": self.total}
 
 
-def read_texts(path: Path, limit: int | None = None) -> list[str]:
+def read_texts(path: Path, limit: int | None = None, stride: int = 1) -> list[str]:
+    """The examples' texts: every `stride`-th one (a subset spread over the whole set), the first `limit` of them."""
     texts = []
     with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
+        lines = (line for line in handle if line.strip())
+        for index, line in enumerate(lines):
+            if index % stride == 0:
                 texts.append(json.loads(line)["text"])
             if limit is not None and len(texts) >= limit:
                 break
@@ -116,21 +123,22 @@ def score(
 ) -> Score:
     """`generate` maps a batch of examples to greedy continuations of len(label) tokens (shorter if it stopped).
 
-    Logs progress about every tenth of the way."""
+    Shows progress (exporter/progress.py) under `label`."""
     result = Score()
-    started = time.monotonic()
-    next_report = len(examples) / 10
-    for start in range(0, len(examples), batch_size):
-        batch = list(examples[start : start + batch_size])
-        for example, generated in zip(batch, generate(batch)):
-            prediction = list(generated[: len(example.label)])
-            result.predictions.append(prediction)
-            result.correct += prediction == example.label
-            result.total += 1
-        if label and result.total >= next_report and result.total < len(examples):
-            log.info("%s: %d/%d examples (%.1fs)", label, result.total, len(examples), time.monotonic() - started)
-            next_report += len(examples) / 10
+    with Progress(len(examples), label or "scoring", unit="example", logger=log) as progress:
+        for start in range(0, len(examples), batch_size):
+            batch = list(examples[start : start + batch_size])
+            _tally(result, batch, generate(batch))
+            progress.update(len(batch))
     return result
+
+
+def _tally(result: Score, batch: list[Example], generated: list[list[int]]) -> None:
+    for example, continuation in zip(batch, generated):
+        prediction = list(continuation[: len(example.label)])
+        result.predictions.append(prediction)
+        result.correct += prediction == example.label
+        result.total += 1
 
 
 class TritonGenerator:
@@ -170,21 +178,41 @@ class TritonGenerator:
 class HFGenerator:
     """Greedy continuations from the source checkpoint with HF transformers, in-process (the independent reference)."""
 
-    def __init__(self, checkpoint: Path, end_id: int):
+    def __init__(self, checkpoint: Path, end_id: int, placement: Placement = Placement()):
         import torch
         from transformers import AutoModelForCausalLM
 
         self.torch = torch
+        self.placement = placement
+        dtype = getattr(torch, placement.dtype)
         checkpoint = Path(checkpoint)
-        if checkpoint.is_file():  # a GGUF file: transformers reads it from its directory, de-quantised to float32
+        if checkpoint.is_file():  # a GGUF file: transformers reads it from its directory, de-quantised
             self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint.parent), gguf_file=checkpoint.name,
-                                                              dtype=torch.float32).eval()
+                                                              dtype=dtype)
+        elif placement.device == "cpu":
+            self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).float()
         else:
-            self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).float().eval()
+            self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
+        self.model = self.model.to(placement.device).eval()
+        self.parameters = sum(parameter.numel() for parameter in self.model.parameters())
+        log.info("HF reference: %.1fM parameters on %s", self.parameters / 1e6, placement.reason)
         self.end_id = end_id
         # The eos ids HF's generate stops at: generation_config.json's (or config.json's) own, as the served model's.
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = [end_id] if eos is None else (eos if isinstance(eos, list) else [eos])
+
+    def tokens_per_second(self, rows: int = 8, length: int = 64) -> float:
+        """This device's forward rate on the model, measured on `rows` x `length` tokens after a small warm-up."""
+        torch = self.torch
+        length = min(length, getattr(self.model.config, "max_position_embeddings", length) or length)
+        ids = torch.full((rows, length), self.end_id, dtype=torch.long, device=self.placement.device)
+        with torch.inference_mode():
+            self.model(ids[:1, :8])
+            started = time.monotonic()
+            self.model(ids)
+            if self.placement.device != "cpu":
+                torch.cuda.synchronize()
+        return rows * length / max(time.monotonic() - started, 1e-9)
 
     def __call__(self, batch: list[Example]) -> list[list[int]]:
         torch = self.torch
@@ -198,8 +226,8 @@ class HFGenerator:
         steps = max(len(example.label) for example in batch)
         with torch.inference_mode():
             out = self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
+                input_ids=ids.to(self.placement.device),
+                attention_mask=mask.to(self.placement.device),
                 max_new_tokens=steps,
                 do_sample=False,
                 num_beams=1,
@@ -230,39 +258,56 @@ def evaluate(
     info: dict | None = None,
     no_reference_reason: str = "no reference given",
     reference_encoder: Encoder | None = None,
+    bounds: str = "",
 ) -> dict:
     """Score every metric on the served model (and the reference when given); write and return the results.
 
+    One pass per metric: each batch goes to the served model, then to the reference, so the first batch measures
+    both and the expected cost of the whole run is logged before the bulk of it (`bounds`: the keys that bound it).
     `reference_encoder`: the reference's own tokenizer; the reference then scores its own ids, and any example whose
     ids differ from the served tokenizer's fails parity. Without it the reference scores the served ids.
     Without a reference, parity is recorded as not checked, with `no_reference_reason`."""
     results: dict = {"examples": len(texts), "batch_size": batch_size, "tolerance": tolerance, **(info or {})}
     results["metrics"] = {}
     failures = []
-    for metric in metrics:
+    for number, metric in enumerate(metrics):
         examples = build_examples(texts, encoder, metric, max_seq_len)
-        started = time.monotonic()
-        served_score = score(examples, served, batch_size, f"{metric} served")
-        served_seconds = time.monotonic() - started
-        entry: dict = {
-            "served": served_score.summary(),
-            "served_predictions": served_score.predictions,
-            "served_seconds": round(served_seconds, 3),
-            "served_examples_per_second": round(len(examples) / served_seconds, 2) if served_seconds else None,
-        }
+        entry: dict = {}
+        reference_examples = examples
+        if reference is not None and reference_encoder is not None:
+            reference_examples = build_examples(texts, reference_encoder, metric, max_seq_len)
+            differ = [index for index, (a, b) in enumerate(zip(examples, reference_examples)) if a != b]
+            entry["same_ids_as_reference"] = 1 - len(differ) / len(examples)
+            if differ:
+                failures.append(f"{metric}: the served tokenizer's ids differ from the reference tokenizer's on "
+                                f"{len(differ)} of {len(examples)} examples (first: example {differ[0]})")
+        served_score, reference_score = Score(), Score()
+        served_seconds = reference_seconds = 0.0
+        sides = "served + reference" if reference is not None else "served"
+        with Progress(len(examples), f"{metric} ({sides})", unit="example", logger=log) as progress:
+            for start in range(0, len(examples), batch_size):
+                batch = list(examples[start : start + batch_size])
+                started = time.monotonic()
+                _tally(served_score, batch, served(batch))
+                served_seconds += time.monotonic() - started
+                if reference is not None:
+                    reference_batch = list(reference_examples[start : start + batch_size])
+                    started = time.monotonic()
+                    _tally(reference_score, reference_batch, reference(reference_batch))
+                    reference_seconds += time.monotonic() - started
+                progress.update(len(batch))
+                if number == 0 and start == 0:
+                    log.info("%s", expected_cost(len(batch), served_seconds, reference_seconds, len(examples),
+                                                 len(metrics), bounds))
+        entry.update(
+            served=served_score.summary(),
+            served_predictions=served_score.predictions,
+            served_seconds=round(served_seconds, 3),
+            served_examples_per_second=round(len(examples) / served_seconds, 2) if served_seconds else None,
+        )
         log.info("%s: served accuracy %.4f (%d/%d) in %.1fs", metric, served_score.accuracy, served_score.correct,
                  served_score.total, served_seconds)
         if reference is not None:
-            reference_examples = examples
-            if reference_encoder is not None:
-                reference_examples = build_examples(texts, reference_encoder, metric, max_seq_len)
-                differ = [index for index, (a, b) in enumerate(zip(examples, reference_examples)) if a != b]
-                entry["same_ids_as_reference"] = 1 - len(differ) / len(examples)
-                if differ:
-                    failures.append(f"{metric}: the served tokenizer's ids differ from the reference tokenizer's on "
-                                    f"{len(differ)} of {len(examples)} examples (first: example {differ[0]})")
-            started = time.monotonic()
-            reference_score = score(reference_examples, reference, batch_size, f"{metric} reference")
             difference = served_score.accuracy - reference_score.accuracy
             agreement = sum(
                 a == b for a, b in zip(served_score.predictions, reference_score.predictions)
@@ -270,7 +315,7 @@ def evaluate(
             entry.update(
                 reference=reference_score.summary(),
                 reference_predictions=reference_score.predictions,
-                reference_seconds=round(time.monotonic() - started, 3),
+                reference_seconds=round(reference_seconds, 3),
                 difference=difference,
                 prediction_agreement=agreement,
             )
@@ -289,3 +334,30 @@ def evaluate(
     if failures:
         raise AccuracyMismatch("; ".join(failures) + f" (details in {output_path})")
     return results
+
+
+def expected_cost(batch: int, served_seconds: float, reference_seconds: float, examples: int, metrics: int,
+                  bounds: str = "") -> str:
+    """One line: the whole run's time extrapolated from its first batch (which includes any warm-up: an upper
+    estimate)."""
+    per_example = (served_seconds + reference_seconds) / batch
+    line = (f"expected cost: about {duration(per_example * examples * metrics)} for {examples} examples x "
+            f"{metrics} metric(s) (first batch of {batch}: served {served_seconds:.1f}s")
+    line += f", reference {reference_seconds:.1f}s)" if reference_seconds else ")"
+    return line + (f"; bounded by {bounds}" if bounds else "")
+
+
+def reference_cost(texts: Sequence[str], encoder: Encoder, metrics: int, reference: HFGenerator, batch_size: int,
+                   bounds: str = "") -> tuple[float, str]:
+    """(seconds, one line) before any scoring: the examples' tokens x the model's parameters at the forward rate
+    measured here on a few rows (a full batch runs faster per token, generation steps slower: an estimate that the
+    first batch's measure then refines)."""
+    tokens = metrics * sum(len(encoder.encode(text, True)) for text in texts)
+    rows = min(batch_size, 8)
+    rate = reference.tokens_per_second(rows)
+    seconds = tokens / rate
+    line = (f"reference cost up front: {len(texts)} examples x {metrics} metric(s) = {tokens} tokens through "
+            f"{reference.parameters / 1e6:.1f}M parameters on {reference.placement.device} "
+            f"({reference.placement.dtype}) at {rate:.0f} tokens/s ({rows} rows, measured here): about "
+            f"{duration(seconds)}")
+    return seconds, line + (f"; bounded by {bounds}" if bounds else "")

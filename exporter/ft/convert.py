@@ -47,9 +47,9 @@ def ft_config(plan: Plan, layout: ParallelLayout, weight_data_type: str) -> FTCo
                    pipeline_para_size=layout.pipeline_parallel)
 
 
-def check_plan(plan: Plan, layout: ParallelLayout, weight_data_type: str) -> None:
+def check_plan(plan: Plan, layout: ParallelLayout, weight_data_type: str) -> int:
     """Every file the plan will write has exactly the size the runtime's table (FT's loader rules) reads; checked
-    before writing."""
+    before writing. Returns the bytes the plan writes."""
     untied = any(spec.ft_name == "model.lm_head.weight" for spec in plan.specs)
     expected = expected_files(ft_config(plan, layout, weight_data_type), untied=untied)
     planned: dict[str, int] = {}
@@ -72,6 +72,7 @@ def check_plan(plan: Plan, layout: ParallelLayout, weight_data_type: str) -> Non
         for name in wrong:
             details.append(f"{name}: planned {planned[name]} bytes, FT reads {expected[name]}")
         raise ShardingError("; ".join(details))
+    return sum(planned.values())
 
 
 def convert_checkpoint(
@@ -104,9 +105,12 @@ def convert_checkpoint(
     params = plan.params
     layout = layout.with_layers(params.num_layer)
     layout.check(params.head_num, params.kv_head_num, params.inter_size)
-    check_plan(plan, layout, weight_data_type)
+    shard_bytes = check_plan(plan, layout, weight_data_type)
     if prompt_tables is not None:
         prompt_tables.check(params)
+    # The free space needed, checked before writing: shards, tokenizer files, the served tokenizer.json, config files.
+    needed = (shard_bytes + sum(path.stat().st_size for path in arch.checkpoint.tokenizer_files())
+              + (0 if served_tokenizer is None else len(served_tokenizer.to_str())) + (1 << 20))
 
     final = Path(out_dir) / layout.shard_dir_name
     started = time.monotonic()
@@ -120,9 +124,9 @@ def convert_checkpoint(
         layout.pipeline_parallel,
         weight_data_type,
     )
-    with AtomicDirectory(final) as partial_dir:
+    with AtomicDirectory(final, needed_bytes=needed) as partial_dir:
         nbytes = write_plan(arch, partial(open_architecture, checkpoint_path, layout), plan, partial_dir, layout,
-                            weight_data_type, processes)
+                            weight_data_type, processes, total_bytes=shard_bytes)
         for tokenizer_file in arch.checkpoint.tokenizer_files():
             shutil.copy2(tokenizer_file, partial_dir / tokenizer_file.name)
         if gguf:  # tokenizer.json + tokenizer_config.json from the metadata, then the same special-token rules

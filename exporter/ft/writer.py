@@ -1,14 +1,14 @@
 """Write a plan of FT tensors as `<tp>-gpu/*.bin`, and `config.ini` (convert.py does so inside an AtomicDirectory).
 
 A failed or interrupted run leaves only a hidden `.<tp>-gpu.partial-*` directory (removed on the way out when the
-process survives), never something that looks like a finished export.
+process survives; reclaimed by the next run once its writer is gone, exporter/atomic.py), never something that
+looks like a finished export.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
-import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,6 +19,7 @@ from templates.ft_python.ft_checkpoint import FTConfig
 
 from ..arch.base import Architecture, Plan, TensorSpec
 from ..parallel import ParallelLayout
+from ..progress import Progress
 from ..readers.hf import Scratch
 from .sharding import file_names, split_tensor
 from .verify import TORCH_DTYPES
@@ -140,42 +141,44 @@ def write_plan(
     layout: ParallelLayout,
     weight_data_type: str,
     processes: int = 1,
+    total_bytes: int | None = None,
 ) -> int:
-    """Write every tensor of `plan` into `out_dir`, `processes` workers in parallel; worker errors propagate."""
+    """Write every tensor of `plan` into `out_dir`, `processes` workers in parallel; worker errors propagate.
+
+    Progress (exporter/progress.py) counts bytes written when `total_bytes` is given, else layers."""
     units = plan.by_layer()
-    started = time.monotonic()
     total = 0
     num_layers = plan.params.num_layer
+    description = "writing FT shards"
+    progress = Progress(total_bytes, description, unit="B") if total_bytes else Progress(len(units), description,
+                                                                                         unit="layer")
 
-    def report(layer: int | None, done: int) -> None:
-        elapsed = time.monotonic() - started
-        log.info(
-            "wrote %s (%d/%d units, %.1f MB so far, %.1fs)",
-            _unit_name(layer, num_layers),
-            done,
-            len(units),
-            total / 1e6,
-            elapsed,
-        )
+    def report(layer: int | None, nbytes: int) -> None:
+        log.debug("wrote %s (%.1f MB)", _unit_name(layer, num_layers), nbytes / 1e6)
+        progress.update(nbytes if total_bytes else 1)
 
-    if processes <= 1:
-        for done, (layer, specs) in enumerate(units.items(), start=1):
-            total += write_specs(arch, specs, out_dir, layout, weight_data_type)
-            report(layer, done)
-        return total
+    with progress:
+        if processes <= 1:
+            for layer, specs in units.items():
+                written = write_specs(arch, specs, out_dir, layout, weight_data_type)
+                total += written
+                report(layer, written)
+            return total
 
-    context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(processes, mp_context=context, initializer=_worker_init, initargs=(make_arch,)) as pool:
-        futures = {
-            pool.submit(_worker_write, specs, out_dir, layout, weight_data_type): layer
-            for layer, specs in units.items()
-        }
-        try:
-            for done, future in enumerate(as_completed(futures), start=1):
-                total += future.result()  # re-raises a worker's exception here
-                report(futures[future], done)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(processes, mp_context=context, initializer=_worker_init,
+                                 initargs=(make_arch,)) as pool:
+            futures = {
+                pool.submit(_worker_write, specs, out_dir, layout, weight_data_type): layer
+                for layer, specs in units.items()
+            }
+            try:
+                for future in as_completed(futures):
+                    written = future.result()  # re-raises a worker's exception here
+                    total += written
+                    report(futures[future], written)
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
     return total

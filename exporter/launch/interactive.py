@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -69,6 +70,8 @@ def run_interactive(cfg: DictConfig, sub_stages: Sequence[SubStage]) -> None:
     base_env = dict(os.environ)
     base_env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT)]
                                              + ([base_env["PYTHONPATH"]] if base_env.get("PYTHONPATH") else []))
+    # The sub-stage's output is piped (teed): progress bars when ours goes to a terminal (exporter/progress.py).
+    base_env.setdefault("EXPORTER_PROGRESS", "bar" if sys.stderr.isatty() else "log")
     # Every sub-stage is checked before the first one runs.
     planned = [(sub_stage, prepare(cfg, sub_stage)) for sub_stage in sub_stages]
     commands = [local_commands(cfg, sub_stage, config_path) for sub_stage, config_path in planned]

@@ -36,6 +36,8 @@ from ..triton.repo import add_decoder_ensemble
 
 log = logging.getLogger(__name__)
 
+LONG_S = 600.0  # an accuracy run expected to take longer than this is announced as a warning
+
 
 @dataclass(frozen=True)
 class ExportPaths:
@@ -169,11 +171,23 @@ def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
     # given to the served model and to the reference alike.
     tokenizer = Tokenizer.from_file(str(shard_dir / "tokenizer.json"))
     encoder = lambada.Encoder(lambda text, special: tokenizer.encode(text, add_special_tokens=special).ids)
-    texts = lambada.read_texts(Path(acc.test_data), acc.limit)
+    texts = lambada.read_texts(Path(acc.test_data), acc.limit, acc.stride)
 
     reference, reference_encoder, no_reference_reason = _reference(cfg, paths, end_id)
+    bounds = f"export.accuracy.limit={acc.limit} and export.accuracy.stride={acc.stride}"
+    info = {"model": paths.model_name, "repository": str(paths.repository), "test_data": acc.test_data}
+    tolerance = acc.tolerance
     if reference is None:
         log.warning("parity will not be checked: %s", no_reference_reason)
+    else:  # a half-precision reference (on the GPU) widens the tolerance, and says so in the results
+        tolerance, note = reference.placement.tolerance(acc.tolerance, len(texts))
+        info.update(reference_device=reference.placement.device, reference_dtype=reference.placement.dtype)
+        if note:
+            info.update(tolerance_configured=acc.tolerance, tolerance_note=note)
+            log.warning("%s", note)
+        seconds, line = lambada.reference_cost(texts, reference_encoder or encoder, len(acc.metrics), reference,
+                                               batch_size, bounds)
+        log.log(logging.WARNING if seconds > LONG_S else logging.INFO, "%s", line)
 
     with _serving(cfg, paths, server_url) as url:
         results = lambada.evaluate(
@@ -186,9 +200,10 @@ def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
             metrics=[metric.value for metric in acc.metrics],
             batch_size=batch_size,
             max_seq_len=max_seq_len,
-            tolerance=acc.tolerance,
+            tolerance=tolerance,
             output_path=Path(acc.output_path),
-            info={"model": paths.model_name, "repository": str(paths.repository), "test_data": acc.test_data},
+            info=info,
+            bounds=bounds,
         )
     print(summary(results, Path(acc.output_path)))
     return results
@@ -199,6 +214,7 @@ def _reference(cfg: DictConfig, paths: ExportPaths, end_id: int):
     tokenizer loaded as `tok = AutoTokenizer.from_pretrained(checkpoint)` (with export.tokenizer's overrides), encoding
     with `tok(text)`; or (None, None, why there is no reference)."""
     from ..evaluate import lambada
+    from ..evaluate.placement import reference_placement
 
     if cfg.export.accuracy.reference != Reference.hf:
         return None, None, "accuracy.reference=none"
@@ -218,14 +234,15 @@ def _reference(cfg: DictConfig, paths: ExportPaths, end_id: int):
         overrides.update(pretrained_model_name_or_path=str(checkpoint.parent), gguf_file=checkpoint.name)
     else:
         overrides.update(pretrained_model_name_or_path=str(checkpoint))
+    placement = reference_placement(checkpoint, cfg.export.accuracy.reference_device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(**overrides)
     except (OSError, ValueError) as error:  # the model loads, its tokenizer not: the reference scores the served ids
         log.warning("HF transformers cannot load %s's tokenizer (%s): the reference scores the served tokenizer's "
                     "ids", checkpoint, str(error).splitlines()[0] if str(error) else type(error).__name__)
-        return lambada.HFGenerator(checkpoint, end_id), None, ""
+        return lambada.HFGenerator(checkpoint, end_id, placement), None, ""
     encoder = lambada.Encoder(lambda text, special: tokenizer(text, add_special_tokens=special).input_ids)
-    return lambada.HFGenerator(checkpoint, end_id), encoder, ""
+    return lambada.HFGenerator(checkpoint, end_id, placement), encoder, ""
 
 
 @contextlib.contextmanager
