@@ -100,6 +100,8 @@ class TritonDeploymentConfig:
     decoupled: bool = False  # streaming: one response per generated token (model_transaction_policy.decoupled)
     max_queue_delay_microseconds: int = 0  # dynamic batching: how long a request may wait for others
     max_beam_width: int = 4  # python runtime: requests with a larger beam_width are refused
+    # The TensorRT-LLM-compatible model (text_input, max_tokens, ... -> text_output): its name; null: none.
+    trtllm_model_name: Optional[str] = "trtllm"
 
 
 @dataclass
