@@ -129,3 +129,31 @@ def test_refused_parameter_gets_a_clear_error_and_the_server_stays_up(served, hf
     assert status == 400, raw
     assert named in json.loads(raw)["error"]
     assert generate(served, model, {"text_input": PROMPT, "max_tokens": 2})["num_output_tokens"] == 2
+
+
+def test_grpc_streams_of_genai_perf_payload_run_concurrently(served, hf_model, tokenizer):
+    """GenAI-Perf's `--backend tensorrtllm --streaming` requests (its inputs.json: text_input BYTES, max_tokens INT32,
+    exclude_input_in_output and stream BOOL, each [1, 1]) over gRPC streams, two at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from exporter.clients import common
+
+    prompts = [PROMPT, "Q: Are you going for lunch?"]
+
+    def one(prompt):
+        arrays = {"text_input": np.array([[prompt.encode()]], dtype=object),
+                  "max_tokens": np.array([[8]], dtype=np.int32),
+                  "exclude_input_in_output": np.array([[True]]), "stream": np.array([[True]])}
+        responses = common.stream(served.grpc_url, TRTLLM_STREAM, arrays,
+                                  output_names=["text_output", "num_output_tokens"])
+        text = "".join(response["text_output"][0, 0].decode() for response in responses)
+        return text, int(responses[-1]["num_output_tokens"][0, 0])
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(one, prompts))
+    for prompt, (text, count) in zip(prompts, results):
+        _, generated = hf_generate(hf_model, tokenizer, prompt, 8)
+        assert text == tokenizer.decode([t for t in generated if t != END_ID])
+        assert count == len(generated)

@@ -100,12 +100,27 @@ class TritonPythonModel:
                 sender.send(response, flags=final if is_last else 0)
         except Exception as exc:  # noqa: BLE001 - the client gets the reason, the model stays up
             message = str(exc) if isinstance(exc, RequestError) else f"{type(exc).__name__}: {exc}"
-            sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)),
-                        flags=final)
+            try:
+                sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)),
+                            flags=final)
+            except Exception as lost:  # noqa: BLE001 - the client went away: nobody left to tell
+                pb_utils.Logger.log_warn(f"trtllm: could not send the error {message!r}: {lost}")
 
     def _optional(self, request, name):
         tensor = pb_utils.get_input_tensor_by_name(request, name)
         return None if tensor is None else np.asarray(tensor.as_numpy())
+
+    def _per_row(self, request, name, batch):
+        """Input `name` as one value per row [B, 1] (the first of a row's values; one value serves every row), None
+        when the request leaves it out."""
+        value = self._optional(request, name)
+        if value is None:
+            return None
+        if value.size == 1:
+            return np.full((batch, 1), value.reshape(-1)[0], dtype=value.dtype)
+        if value.shape[0] != batch:
+            raise RequestError(f"{name} has batch {value.shape[0]}, text_input has {batch}")
+        return value.reshape(batch, -1)[:, :1]
 
     def _flag(self, request, name, default):
         value = self._optional(request, name)
@@ -131,11 +146,11 @@ class TritonPythonModel:
             if not row_ids:
                 raise RequestError(f"text_input[{row}] encodes to no tokens")
         input_ids, input_lengths = text_preprocessing.pad_ids(ids, self.end_id)
-        max_tokens = self._optional(request, "max_tokens")
+        max_tokens = self._per_row(request, "max_tokens", batch)
         if max_tokens is None:
             output_len = text_preprocessing.output_lengths(input_lengths, **self.length_defaults)
         else:
-            max_tokens = max_tokens.reshape(batch, -1)[:, :1].astype(np.int64)
+            max_tokens = max_tokens.astype(np.int64)
             if np.any(max_tokens < 1):
                 raise RequestError(f"max_tokens must be >= 1, got {max_tokens.reshape(-1).tolist()}")
             output_len = max_tokens.astype(np.uint32)
@@ -145,11 +160,11 @@ class TritonPythonModel:
             if words is not None:
                 inputs[target] = words
         for name, (target, dtype) in PASSED_ON.items():
-            value = self._optional(request, name)
+            value = self._per_row(request, name, batch)
             if value is not None:
-                if value.dtype.kind in "iu" and np.any(value < 0) and name != "end_id":
+                if value.dtype.kind == "i" and np.any(value < 0):
                     raise RequestError(f"{name} must be >= 0, got {value.reshape(-1).tolist()}")
-                inputs[target] = value.reshape(batch, -1)[:, :1].astype(dtype)
+                inputs[target] = value.astype(dtype)
 
         model_request = pb_utils.InferenceRequest(
             model_name=self.model_name, requested_output_names=MODEL_OUTPUTS,
