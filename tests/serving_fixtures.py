@@ -2,7 +2,8 @@
 
 Imported by tests/conftest.py so the session-scoped server starts once for all of those files. The repository
 holds the tiny HF GPT-2 of conftest.py exported twice: `gpt2` + `ensemble` (plain responses) and `gpt2_stream`
-+ `ensemble_stream` (decoupled: one response per generated token), sharing preprocessing and postprocessing.
++ `ensemble_stream` (decoupled: one response per generated token), sharing preprocessing and postprocessing, and the
+TensorRT-LLM-compatible `trtllm` / `trtllm_stream` over each.
 Dynamic batching waits QUEUE_DELAY_US so concurrent requests share a batch.
 """
 
@@ -20,6 +21,7 @@ MAX_BEAM_WIDTH = 4
 QUEUE_DELAY_US = 20_000
 MODEL, STREAM_MODEL = "gpt2", "gpt2_stream"
 ENSEMBLE, STREAM_ENSEMBLE = "ensemble", "ensemble_stream"
+TRTLLM, TRTLLM_STREAM = "trtllm", "trtllm_stream"  # the TensorRT-LLM-compatible model over each
 
 
 def tritonserver_or_skip():
@@ -65,6 +67,10 @@ def build_serving_repository(root: Path, checkpoint: Path) -> Path:
     ensemble.name = STREAM_ENSEMBLE
     (repo / STREAM_ENSEMBLE / "1").mkdir(parents=True)
     render.write_config(ensemble, repo / STREAM_ENSEMBLE)
+    # The TensorRT-LLM-compatible model over the decoupled model too (the plain export made TRTLLM over MODEL).
+    shutil.copytree(streaming / TRTLLM, repo / TRTLLM_STREAM)
+    config_path = repo / TRTLLM_STREAM / "config.pbtxt"
+    config_path.write_text(config_path.read_text().replace(f'name: "{TRTLLM}"', f'name: "{TRTLLM_STREAM}"', 1))
     shutil.rmtree(streaming)
     return repo
 

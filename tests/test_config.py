@@ -69,6 +69,7 @@ def test_interpolations_follow_nemo_launcher():
         ("export.triton_deployment.int8_mode=true", "export.triton_deployment.int8_mode"),
         ("export.tokenizer.add_bos_token=maybe", "export.tokenizer.add_bos_token"),
         ("export.tokenizer.skip_special_tokens=null", "export.tokenizer.skip_special_tokens"),
+        ("export.triton_deployment.trtllm_model_name=ensemble", "export.triton_deployment.trtllm_model_name"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

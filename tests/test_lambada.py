@@ -173,7 +173,8 @@ def test_default_run_end_to_end(tmp_path):
     for entry in results["metrics"].values():
         assert entry["served_predictions"] == entry["reference_predictions"]
     repo = tmp_path / "gpt2" / "export_tp1_pp1_fp32_fp32" / "model_repo"
-    assert sorted(p.name for p in repo.iterdir()) == ["ensemble", "gpt2", "postprocessing", "preprocessing"]
+    assert sorted(p.name for p in repo.iterdir()) == ["ensemble", "gpt2", "postprocessing", "preprocessing",
+                                                         "trtllm"]
 
 
 @pytest.mark.triton

@@ -46,10 +46,39 @@ def repo(request, tmp_path_factory, tiny_gpt2):
 
 def test_every_config_parses_back(repo):
     configs = {path.parent.name: parse(path) for path in repo.glob("*/config.pbtxt")}
-    assert set(configs) == {"my_gpt", "preprocessing", "postprocessing", "ensemble"}
+    assert set(configs) == {"my_gpt", "preprocessing", "postprocessing", "ensemble", "trtllm"}
     for name, config in configs.items():
         assert config.name == name
         assert config.max_batch_size == 16
+
+
+# tensorrtllm_backend's all_models/inflight_batcher_llm/ensemble/config.pbtxt: the names and types GenAI-Perf and
+# TensorRT-LLM clients send ([1] per row unless -1; all optional but text_input, whose max_tokens is optional here).
+TRTLLM_INPUTS = {
+    "text_input": ("TYPE_STRING", [-1]), "max_tokens": ("TYPE_INT32", [-1]), "bad_words": ("TYPE_STRING", [-1]),
+    "stop_words": ("TYPE_STRING", [-1]), "exclude_input_in_output": ("TYPE_BOOL", [1]),
+    "end_id": ("TYPE_INT32", [1]), "pad_id": ("TYPE_INT32", [1]), "top_k": ("TYPE_INT32", [1]),
+    "top_p": ("TYPE_FP32", [1]), "temperature": ("TYPE_FP32", [1]), "length_penalty": ("TYPE_FP32", [1]),
+    "repetition_penalty": ("TYPE_FP32", [1]), "min_length": ("TYPE_INT32", [1]),
+    "presence_penalty": ("TYPE_FP32", [1]), "frequency_penalty": ("TYPE_FP32", [1]),
+    "random_seed": ("TYPE_UINT64", [1]), "return_log_probs": ("TYPE_BOOL", [1]), "beam_width": ("TYPE_INT32", [1]),
+    "stream": ("TYPE_BOOL", [1]),
+}
+
+
+def test_trtllm_model_has_tensorrt_llm_names_and_streams(repo):
+    config = parse(repo / "trtllm" / "config.pbtxt")
+    inputs = {i.name: (pb.DataType.Name(i.data_type), list(i.dims)) for i in config.input}
+    assert inputs == TRTLLM_INPUTS
+    assert {i.name for i in config.input if not i.optional} == {"text_input"}
+    assert {o.name: pb.DataType.Name(o.data_type) for o in config.output} == {
+        "text_output": "TYPE_STRING", "cum_log_probs": "TYPE_FP32", "output_log_probs": "TYPE_FP32",
+        "num_input_tokens": "TYPE_INT32", "num_output_tokens": "TYPE_INT32"}
+    # decoupled: Triton's generate_stream needs it; the model it calls is the repository's GPT model
+    assert config.model_transaction_policy.decoupled
+    assert config.parameters["model_name"].string_value == "my_gpt"
+    assert {path.name for path in (repo / "trtllm" / "1").iterdir()} == {
+        "model.py", "tokenizer_model.py", "text_preprocessing.py", "tokenizer"}
 
 
 def test_model_has_ft_backend_interface(repo):

@@ -113,7 +113,8 @@ def test_export_on_slurm(slurm, tmp_path):
 
     # What the jobs produced: the repository with TP=1 shards, and the evaluation through the served model.
     repo = results / "model_repo"
-    assert sorted(p.name for p in repo.iterdir()) == ["ensemble", "gpt2", "postprocessing", "preprocessing"]
+    assert sorted(p.name for p in repo.iterdir()) == ["ensemble", "gpt2", "postprocessing", "preprocessing",
+                                                      "trtllm"]
     assert (repo / "gpt2" / "1" / "1-gpu" / "config.ini").is_file()
     evaluation = read_json(results / "eval_output.json")
     assert evaluation["examples"] == LIMIT and evaluation["passed"] is True

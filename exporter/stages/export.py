@@ -82,6 +82,7 @@ def model_settings(cfg: DictConfig) -> ModelSettings:
         decoupled=deploy.decoupled,
         max_queue_delay_microseconds=deploy.max_queue_delay_microseconds,
         max_beam_width=deploy.max_beam_width,
+        trtllm_model_name=deploy.trtllm_model_name or None,
     )
 
 
@@ -124,7 +125,8 @@ def _decoder_text_models(repository: Path, settings: ModelSettings, shard_dir: P
     add_decoder_ensemble(repository, settings.name, settings.max_batch_size, ft_config.end_id,
                          shard_dir / "tokenizer.json", settings.max_queue_delay_microseconds, settings.decoupled,
                          eos_ids=eos_ids, skip_special_tokens=skip_special_tokens, output_length=output_length,
-                         prompt_tasks=ft_config.prompt_tasks, prompt_start_id=ft_config.prompt_learning_start_id)
+                         prompt_tasks=ft_config.prompt_tasks, prompt_start_id=ft_config.prompt_learning_start_id,
+                         trtllm_model_name=settings.trtllm_model_name)
 
 
 # The pre/postprocessing and ensemble that surround each kind of model.

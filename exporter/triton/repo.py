@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from . import render
+from . import render, trtllm
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 # What each text model's version directory gets, as paths under templates/.
@@ -42,13 +42,18 @@ def add_decoder_ensemble(repo: Path, model_name: str, max_batch_size: int, end_i
                          max_queue_delay_microseconds: int = 0, decoupled: bool = False,
                          eos_ids: tuple[int, ...] = (), skip_special_tokens: bool = True,
                          output_length: dict[str, int] | None = None, prompt_tasks: tuple = (),
-                         prompt_start_id: int = 0) -> None:
+                         prompt_start_id: int = 0, trtllm_model_name: str | None = None) -> None:
     """Text in, text out around a decoder-only model already in `<repo>/<model_name>`: preprocessing,
     postprocessing and the ensemble (FT's all_models/gpt layout). eos_ids: the ids postprocessing cuts the text
     at (the model's eos set; () = end_id only). output_length: the parameters that size a request without an output
     length (render.preprocessing_config). `tokenizer_json` is served as it is: its post-processor adds the
     prompt's special tokens (exporter/tokenizer.py decided them). prompt_tasks ((name, prompt_length), ...) and
-    prompt_start_id: the model's prompt-learning tasks, picked by name through the ensemble."""
+    prompt_start_id: the model's prompt-learning tasks, picked by name through the ensemble. trtllm_model_name: also
+    the TensorRT-LLM-compatible model of that name (exporter/triton/trtllm.py)."""
+    taken = (model_name, "preprocessing", "postprocessing", "ensemble")
+    if trtllm_model_name in taken:
+        raise ValueError(f"trtllm_model_name={trtllm_model_name!r} clashes with a model of the repository "
+                         f"({', '.join(taken)}); pick another name")
     for config in (
         render.preprocessing_config(max_batch_size, end_id, max_queue_delay_microseconds, output_length,
                                     prompt_tasks, prompt_start_id),
@@ -59,3 +64,7 @@ def add_decoder_ensemble(repo: Path, model_name: str, max_batch_size: int, end_i
     (repo / "ensemble" / "1").mkdir(parents=True)
     render.write_config(render.ensemble_config(model_name, max_batch_size, decoupled, bool(prompt_tasks)),
                         repo / "ensemble")
+    if trtllm_model_name:
+        trtllm.add_trtllm_model(repo, trtllm.trtllm_config(
+            trtllm_model_name, model_name, max_batch_size, decoupled, end_id, eos_ids, skip_special_tokens,
+            output_length), tokenizer_json, TEMPLATES)
