@@ -100,9 +100,10 @@ class Row:
 
 
 class TritonBackend:
-    """Runs GenerationRequests on `model` (plain) and `stream_model` (decoupled, optional) of one tritonserver."""
+    """Runs GenerationRequests on `model` (plain) and `stream_model` (decoupled) of one tritonserver; either may be
+    None (a decoupled-only repository answers every request through the stream)."""
 
-    def __init__(self, files: ModelFiles, http_url: str, model: str, max_batch_size: int,
+    def __init__(self, files: ModelFiles, http_url: str, model: str | None, max_batch_size: int,
                  grpc_url: str | None = None, stream_model: str | None = None):
         self.files, self.http_url, self.model, self.max_batch_size = files, http_url, model, max_batch_size
         self.grpc_url, self.stream_model = grpc_url, stream_model
@@ -183,7 +184,7 @@ class TritonBackend:
                     on_delta(row, delta)
 
         try:
-            if request.stream and self.stream_model is not None:
+            if self.stream_model is not None and (request.stream or self.model is None):
                 responses = common.stream(self.grpc_url, self.stream_model, arrays, output_names=MODEL_OUTPUTS,
                                           on_response=lambda result: take(result, result.final))
                 if not responses or not responses[-1].final:

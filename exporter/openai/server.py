@@ -139,20 +139,36 @@ class Handler(BaseHTTPRequestHandler):
         event("[DONE]")
 
 
-def make_server(repository: Path, http_url: str, model: str, *, host: str = "127.0.0.1", port: int = 8080,
+def make_server(repository: Path, http_url: str, model: str | None, *, host: str = "127.0.0.1", port: int = 8080,
                 grpc_url: str | None = None, stream_model: str | None = None,
                 served_name: str | None = None) -> OpenAIServer:
-    """A bound (not yet serving) server; the model's max_batch_size comes from the running tritonserver."""
+    """A bound (not yet serving) server; the model's max_batch_size comes from the running tritonserver.
+
+    model None: only `stream_model` (a decoupled export) is served, and answers plain requests too."""
     import tritonclient.http as http
 
-    files = ModelFiles.load(tokenizer_directory(Path(repository), model))
+    name = model or stream_model
+    if name is None:
+        raise ValueError("give the plain model, the decoupled stream model, or both")
+    files = ModelFiles.load(tokenizer_directory(Path(repository), name))
     client = http.InferenceServerClient(http_url)
     try:
-        max_batch_size = int(client.get_model_config(model).get("max_batch_size", 1)) or 1
+        max_batch_size = int(client.get_model_config(name).get("max_batch_size", 1)) or 1
     finally:
         client.close()
     backend = TritonBackend(files, http_url, model, max_batch_size, grpc_url, stream_model)
-    return OpenAIServer((host, port), backend, served_name or model)
+    return OpenAIServer((host, port), backend, served_name or name)
+
+
+def serve(server: OpenAIServer) -> None:
+    """Serve until interrupted (Ctrl-C, or the job's end), then close the socket."""
+    log.info("OpenAI API on %s (model %s)", server.url, server.served_name)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton-url", default="127.0.0.1:8000", help="tritonserver's HTTP host:port")
     parser.add_argument("--triton-grpc-url", default="127.0.0.1:8001",
                         help="tritonserver's gRPC host:port (streaming through --stream-model)")
-    parser.add_argument("--model", default="gpt2", help="the Triton model answering FT's tensor interface")
+    parser.add_argument("--model", default="gpt2", help="the Triton model answering FT's tensor interface (\"\": none, --stream-model only)")
     parser.add_argument("--stream-model", default=None,
                         help="a decoupled export of the same model for token-by-token streaming (absent: a streamed "
                              "request gets its whole text in one chunk)")
@@ -170,16 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8080)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = make_server(args.repository, args.triton_url, args.model, host=args.host, port=args.port,
+    server = make_server(args.repository, args.triton_url, args.model or None, host=args.host, port=args.port,
                          grpc_url=args.triton_grpc_url, stream_model=args.stream_model,
                          served_name=args.served_model_name)
-    log.info("OpenAI API on %s (model %s)", server.url, server.served_name)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    serve(server)
     return 0
 
 
