@@ -12,6 +12,8 @@ import shutil
 import threading
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,6 +57,15 @@ def hf(chat_checkpoint):
     return tokenizer, model
 
 
+@dataclass(frozen=True)
+class FrontEnd:
+    url: str  # the OpenAI API's base URL (http://host:port/v1)
+    server: object  # exporter.openai.server.OpenAIServer
+    repository: Path
+    triton_http: str
+    triton_grpc: str
+
+
 @pytest.fixture(scope="module")
 def front_end(chat_checkpoint, tmp_path_factory):
     """tritonserver over the exported repository + the OpenAI server on a free port (both always stopped)."""
@@ -70,7 +81,7 @@ def front_end(chat_checkpoint, tmp_path_factory):
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         try:
-            yield server
+            yield FrontEnd(server.url, server, repository, triton.http_url, triton.grpc_url)
         finally:
             server.shutdown()
             server.server_close()
@@ -157,7 +168,7 @@ def test_stop_string_cuts_the_text_and_the_count(client, hf, stream):
         chunks = list(client.completions.create(model="tiny-chat", prompt=PROMPT, max_tokens=16, temperature=0,
                                                 stop=[stop], stream=True, stream_options={"include_usage": True}))
         assert "".join(c.choices[0].text for c in chunks if c.choices) == cut
-        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
         assert chunks[-1].usage.completion_tokens == tokens
     else:
         response = client.completions.create(model="tiny-chat", prompt=PROMPT, max_tokens=16, temperature=0,
@@ -176,6 +187,24 @@ def test_n_samples_with_a_seed_are_reproducible(client):
     first = sample()
     assert len(first) == 3 and len(set(first)) > 1  # the n samples differ
     assert sample() == first  # the same seed samples the same again
+
+
+def test_a_decoupled_only_repository_answers_plain_requests_through_its_stream(client, front_end):
+    from exporter.openai.server import make_server
+
+    streaming_only = make_server(front_end.repository, front_end.triton_http, None, port=0,
+                                 grpc_url=front_end.triton_grpc, stream_model=STREAM_MODEL, served_name="tiny-chat")
+    thread = threading.Thread(target=streaming_only.serve_forever, daemon=True)
+    thread.start()
+    try:
+        other = openai.OpenAI(base_url=streaming_only.url, api_key="unused", max_retries=0)
+        expected = client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=6, temperature=0)
+        answer = other.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=6, temperature=0)
+        assert answer.choices[0].message.content == expected.choices[0].message.content
+        assert answer.usage == expected.usage
+    finally:
+        streaming_only.shutdown()
+        streaming_only.server_close()
 
 
 def test_errors_are_openai_shaped_and_the_server_keeps_serving(client, front_end):

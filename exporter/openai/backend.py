@@ -73,11 +73,11 @@ class Row:
         positions = [text.find(stop) for stop in self.stops if stop in text]
         return min(positions) if positions else None
 
-    def update(self, generated: np.ndarray, final: bool) -> str:
+    def update(self, generated: np.ndarray, final: bool) -> str | None:
         """Take the ids generated so far; return the new text that may be sent (none past a stop string, none
-        that could still become one, no split multi-byte character unless final)."""
+        that could still become one, no split multi-byte character unless final); None once the row has ended."""
         if self.finish_reason is not None:
-            return ""
+            return None
         text = self._decode(generated)
         self.tokens = len(generated)
         stop_at = self._first_stop(text)
@@ -180,7 +180,7 @@ class TritonBackend:
             for row, length in zip(rows, lengths):
                 end = int(result["sequence_length"][row.index, 0])
                 delta = row.update(result["output_ids"][row.index, 0, length:max(end, length)], final)
-                if on_delta is not None and (delta or row.finish_reason):
+                if on_delta is not None and delta is not None and (delta or row.finish_reason):
                     on_delta(row, delta)
 
         try:
