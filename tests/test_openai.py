@@ -231,3 +231,37 @@ def test_errors_are_openai_shaped_and_the_server_keeps_serving(client, front_end
     assert set(json.loads(raw.value.read())["error"]) == {"message", "type", "param", "code"}
     response = client.completions.create(model="tiny-chat", prompt=PROMPT, max_tokens=2, temperature=0)
     assert response.usage.completion_tokens == 2
+
+
+def test_the_command_serves_the_repository(front_end, client):
+    """`ft-exporter-openai` as installed ([project.scripts]) and run as a process, until terminated."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from test_clients import declared_scripts
+
+    assert declared_scripts()["ft-exporter-openai"] == "exporter.openai.server:main"
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "exporter.openai.server", str(front_end.repository),
+                                "--model", MODEL, "--triton-url", front_end.triton_http, "--port", str(port),
+                                "--served-model-name", "tiny-chat"], cwd=root)
+    try:
+        other = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                other.models.list()
+                break
+            except openai.APIConnectionError:
+                assert process.poll() is None and time.monotonic() < deadline, "the command did not start serving"
+                time.sleep(0.5)
+        request = dict(model="tiny-chat", prompt=PROMPT, max_tokens=5, temperature=0)
+        assert other.completions.create(**request).choices[0].text == client.completions.create(**request).choices[0].text
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
