@@ -24,7 +24,8 @@ TEMPLATE = """{{ bos_token }}
         {{ raise_exception('unknown role: ' + message['role']) }}
     {% endif %}
     {% set ns.turns = ns.turns + 1 %}
-[{{ message['role'] | upper }}] {{ message['content'] }}{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}
+[{{ message['role'] | upper }}] {{ message['content'] }}
+{%- if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}
 
 {% endfor %}
 {{ {'turns': ns.turns, 'quote': '<"é">'} | tojson }}
@@ -47,8 +48,9 @@ def tokenizer_directory(tmp_path, config: dict, jinja: str | None = None):
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_template_renders_as_transformers(tmp_path, add_generation_prompt):
-    directory = tokenizer_directory(tmp_path, {"bos_token": "<|endoftext|>", "eos_token": {"__type": "AddedToken", "content": "</s>", "lstrip": False, "normalized": False,
-                                                             "rstrip": False, "single_word": False, "special": True},
+    eos = {"__type": "AddedToken", "content": "</s>", "lstrip": False, "normalized": False, "rstrip": False,
+           "single_word": False, "special": True}  # tokenizer_config.json's AddedToken form
+    directory = tokenizer_directory(tmp_path, {"bos_token": "<|endoftext|>", "eos_token": eos,
                                                "chat_template": TEMPLATE})
     reference = transformers.AutoTokenizer.from_pretrained(directory)
     expected = reference.apply_chat_template(MESSAGES, add_generation_prompt=add_generation_prompt, tokenize=False)

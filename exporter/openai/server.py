@@ -85,6 +85,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._answer(request)
         except OpenAIError as error:
             self._send_error(error)
+        except (BrokenPipeError, ConnectionResetError):  # the client left mid-answer (a dropped stream)
+            log.info("client %s disconnected", self.address_string())
         except Exception as error:  # a bug must not take the server down: answer it and log it
             log.exception("request failed")
             self._send_error(OpenAIError(500, f"internal error: {type(error).__name__}: {error}",
@@ -177,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton-url", default="127.0.0.1:8000", help="tritonserver's HTTP host:port")
     parser.add_argument("--triton-grpc-url", default="127.0.0.1:8001",
                         help="tritonserver's gRPC host:port (streaming through --stream-model)")
-    parser.add_argument("--model", default="gpt2", help="the Triton model answering FT's tensor interface (\"\": none, --stream-model only)")
+    parser.add_argument("--model", default="gpt2",
+                        help="the Triton model answering FT's tensor interface (\"\": none, --stream-model only)")
     parser.add_argument("--stream-model", default=None,
                         help="a decoupled export of the same model for token-by-token streaming (absent: a streamed "
                              "request gets its whole text in one chunk)")
