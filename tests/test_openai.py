@@ -229,6 +229,9 @@ def test_errors_are_openai_shaped_and_the_server_keeps_serving(client, front_end
         urllib.request.urlopen(request, timeout=30)
     assert raw.value.code == 400
     assert set(json.loads(raw.value.read())["error"]) == {"message", "type", "param", "code"}
+    with client.completions.create(model="tiny-chat", prompt=PROMPT, max_tokens=40, temperature=0,
+                                   stream=True) as dropped:  # a client leaving mid-stream
+        next(iter(dropped))
     response = client.completions.create(model="tiny-chat", prompt=PROMPT, max_tokens=2, temperature=0)
     assert response.usage.completion_tokens == 2
 
