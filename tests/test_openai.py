@@ -1,6 +1,6 @@
 """The OpenAI-compatible front end (`ft-exporter-openai`) driven by the official `openai` client.
 
-A tiny seeded GPT-2 whose tokenizer_config.json carries a chat template is exported (plain + decoupled model) and
+A tiny seeded GPT-2 with a chat template (chat_template.jinja) is exported (plain + decoupled model) and
 served by tritonserver; the front end runs in this process. Expected texts and token counts come from HF
 transformers: `apply_chat_template` + `generate` (greedy) and the HF tokenizer.
 """
@@ -45,8 +45,10 @@ def chat_checkpoint(tiny_gpt2, tmp_path_factory):
     directory = tmp_path_factory.mktemp("chat-gpt2") / "checkpoint"
     shutil.copytree(tiny_gpt2, directory)
     config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-              "unk_token": "<|endoftext|>", "chat_template": CHAT_TEMPLATE}
+              "unk_token": "<|endoftext|>"}
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    # As transformers >= 4.43 saves it; the export must carry the file into the repository.
+    (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return directory
 
 
