@@ -131,6 +131,16 @@ class AccuracyConfig:
 
 
 @dataclass
+class OpenAIConfig:
+    """The `openai` sub-stage: tritonserver on the repository + ft-exporter-openai, serving until the job ends."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"  # 0.0.0.0 to answer other machines
+    port: int = 8080
+    served_model_name: Optional[str] = None  # the OpenAI model id; None: the Triton model's name
+
+
+@dataclass
 class TokenizerConfig:
     """Special tokens of the served text models (exporter/tokenizer.py decides them at export)."""
 
@@ -173,6 +183,7 @@ class ExportConfig:
     prompt_learning: PromptLearningConfig = field(default_factory=PromptLearningConfig)
     triton_deployment: TritonDeploymentConfig = field(default_factory=TritonDeploymentConfig)
     accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)
 
 
 @dataclass

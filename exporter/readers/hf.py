@@ -34,6 +34,7 @@ TOKENIZER_FILES = (
     "merges.txt",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "chat_template.jinja",  # the chat template transformers 4.43+ saves beside tokenizer_config.json
     "tokenizer.model",
 )
 

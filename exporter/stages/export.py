@@ -21,7 +21,7 @@ from templates.ft_python.ft_generate import GenerationDefaults
 from ..arch import describe_source
 from ..atomic import AtomicDirectory
 from ..builtin import resolve_checkpoint
-from ..config import BUILTIN_TINY_GPT2, Reference
+from ..config import BUILTIN_TINY_GPT2, ConfigError, Reference
 from ..ft.convert import convert_checkpoint
 from ..ft.prompt_tables import PromptTables, load_prompt_tables
 from ..ft.verify import read_config
@@ -307,7 +307,26 @@ def summary(results: dict, output_path: Path) -> str:
     return "\n".join(lines)
 
 
-RUNNERS: dict[str, Callable[..., object]] = {"convert": convert, "accuracy": accuracy}
+def openai(cfg: DictConfig) -> None:
+    """Serve the repository with tritonserver and the OpenAI API in front of it until interrupted (or the job ends).
+
+    The tritonserver binary and readiness timeout are accuracy's keys; a decoupled export answers every request
+    through its stream."""
+    from ..openai.server import make_server, serve
+    from ..serve.tritonserver import TritonServer, find_tritonserver
+
+    paths, settings, front = export_paths(cfg), model_settings(cfg), cfg.export.openai
+    install = find_tritonserver(cfg.export.accuracy.tritonserver)
+    log_path = paths.results_dir / "openai" / "tritonserver.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with TritonServer(paths.repository, log_path, install=install,
+                      startup_timeout_s=cfg.export.accuracy.server_timeout_s) as server:
+        plain, stream = (None, settings.name) if settings.decoupled else (settings.name, None)
+        serve(make_server(paths.repository, server.http_url, plain, host=front.host, port=front.port,
+                          grpc_url=server.grpc_url, stream_model=stream, served_name=front.served_model_name))
+
+
+RUNNERS: dict[str, Callable[..., object]] = {"convert": convert, "accuracy": accuracy, "openai": openai}
 
 
 def plan(cfg: DictConfig) -> list[SubStage]:
@@ -336,10 +355,22 @@ def plan(cfg: DictConfig) -> list[SubStage]:
                         job_name=f"{run.name}_{name}", time_limit=run.time_limit, steps=steps, **kwargs)
 
     stages = [sub_stage("convert", (Step(entry=("export", "convert")),), resources=Resources())]
-    if not cfg.export.accuracy.enabled:
+    if not (cfg.export.accuracy.enabled or cfg.export.openai.enabled):
         return stages
     layout = layout_of(cfg)
     shape = runtime.serving_resources(layout, deploy.device, cfg.cluster.gpus_per_node)
+    if cfg.export.accuracy.enabled:
+        stages.append(_accuracy_sub_stage(cfg, sub_stage, paths, shape, layout))
+    if cfg.export.openai.enabled:  # last: it serves until the job ends
+        if shape.nodes != 1:
+            raise ConfigError(f"export.openai.enabled serves on one node; this layout needs {shape.nodes} nodes")
+        after = ("convert", "accuracy") if cfg.export.accuracy.enabled else ("convert",)
+        stages.append(sub_stage("openai", (Step(entry=("export", "openai")),), resources=shape, depends_on=after))
+    return stages
+
+
+def _accuracy_sub_stage(cfg: DictConfig, sub_stage, paths, shape, layout) -> SubStage:
+    runtime = runtime_for(cfg.export.triton_deployment.runtime)
     binary = cfg.export.accuracy.tritonserver or "tritonserver"  # NVIDIA's Triton containers have it on PATH
     if shape.nodes == 1:
         # One node: the accuracy code launches tritonserver itself, next to the client.
@@ -351,5 +382,4 @@ def plan(cfg: DictConfig) -> list[SubStage]:
     # The same job as a server and its client, for launchers that run the server as its own workload (k8s).
     client = Step(entry=("export", "accuracy", "--server-url", f"http://{SERVER_HOST}:{dict(endpoints.PORTS)['http']}"))
     service = Service(servers=servers, ports=endpoints.PORTS, ready_path=endpoints.READY_PATH, client=(client,))
-    stages.append(sub_stage("accuracy", steps, resources=shape, depends_on=("convert",), service=service))
-    return stages
+    return sub_stage("accuracy", steps, resources=shape, depends_on=("convert",), service=service)
