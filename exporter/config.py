@@ -52,6 +52,7 @@ class ClusterType(_Choice):
     bcm = "bcm"  # Slurm (Base Command Manager clusters): sbatch, srun, pyxis containers
     bcp = "bcp"  # Base Command Platform: bcprun inside the running BCP job
     interactive = "interactive"  # here, one sub-stage after the other
+    k8s = "k8s"  # Kubernetes: one Helm release per sub-stage (exporter/launch/k8s.py)
 
 
 class Metric(_Choice):
@@ -146,6 +147,34 @@ class ExportConfig:
 
 
 @dataclass
+class NfsVolume:
+    server: Optional[str] = None
+    path: Optional[str] = None  # mounted at the same path in every pod
+
+
+@dataclass
+class HostPathVolume:
+    path: Optional[str] = None  # a folder of the node, mounted at the same path in every pod
+    type: str = "Directory"  # Kubernetes' hostPath type; Directory: the folder must exist
+
+
+@dataclass
+class ClaimVolume:
+    claimName: Optional[str] = None  # an existing PersistentVolumeClaim of the namespace
+    subPath: Optional[str] = None  # the claim's folder to mount, at /<subPath> (NeMo-Launcher's mirroring)
+    mountPath: Optional[str] = None  # addition: where the claim is mounted when subPath is null
+
+
+@dataclass
+class VolumesConfig:
+    """The one volume every pod mounts (repository, results, saved configs): set exactly one kind."""
+
+    nfs: NfsVolume = field(default_factory=NfsVolume)
+    hostPath: HostPathVolume = field(default_factory=HostPathVolume)
+    persistentVolumeClaim: ClaimVolume = field(default_factory=ClaimVolume)
+
+
+@dataclass
 class ClusterConfig:
     """conf/cluster/*.yaml: NeMo-Launcher's cluster keys plus the container the jobs run in."""
 
@@ -160,6 +189,16 @@ class ClusterConfig:
     srun_args: List[str] = field(default_factory=list)  # extra srun options, e.g. [--no-container-mount-home]
     container: Optional[str] = None  # image for pyxis' --container-image; null: run on the host
     container_mounts: List[str] = field(default_factory=list)  # "src:dst[:flags]" or "path"
+    # Kubernetes (cluster_type=k8s; conf/cluster/k8s.yaml): NeMo-Launcher's keys, then the additions.
+    pull_secret: Optional[str] = None
+    shm_size: str = "16Gi"
+    volumes: VolumesConfig = field(default_factory=VolumesConfig)
+    ib_resource_name: Optional[str] = None
+    ib_count: str = "8"
+    dns_policy: Optional[str] = None
+    image: Optional[str] = None
+    namespace: str = "default"
+    gpu_resource_name: str = "nvidia.com/gpu"
 
 
 @dataclass
@@ -202,6 +241,8 @@ def _check_values(cfg: DictConfig) -> None:
     for stage in cfg.stages:
         _require(stage in KNOWN_STAGES, "stages", f"unknown stage {stage!r}; known: {list(KNOWN_STAGES)}")
     _check_cluster(cfg.cluster, cfg.cluster_type)
+    if cfg.cluster_type == ClusterType.k8s:
+        _check_k8s(cfg.cluster, Path(cfg.base_results_dir).resolve())
     model, deploy, accuracy = cfg.export.model, cfg.export.triton_deployment, cfg.export.accuracy
     _require(bool(model.checkpoint_path), "export.model.checkpoint_path", "must be set")
     _require(model.tensor_model_parallel_size >= 1, "export.model.tensor_model_parallel_size", "must be >= 1")
@@ -268,6 +309,74 @@ def _check_cluster(cluster: DictConfig, cluster_type: ClusterType) -> None:
             f"containers are set up by Slurm (pyxis) only; cluster_type={cluster_type.value} runs in the current "
             "environment: set cluster.container=null and cluster.container_mounts=[]",
         )
+
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+_RESOURCE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+DNS_POLICIES = ("ClusterFirst", "ClusterFirstWithHostNet", "Default", "None")
+HOST_PATH_TYPES = ("", "DirectoryOrCreate", "Directory", "FileOrCreate", "File", "Socket", "CharDevice", "BlockDevice")
+
+
+def k8s_volume(cluster: DictConfig) -> tuple[str, str]:
+    """(the kind of volume set in cluster.volumes, where pods mount it): nfs and hostPath at their own path, a
+    claim at /<subPath> (NeMo-Launcher's mirroring) or its mountPath. Raises ConfigError unless exactly one is set."""
+    volumes = cluster.volumes
+    claim = volumes.persistentVolumeClaim
+    chosen = [kind for kind, is_set in (("nfs", volumes.nfs.server is not None or volumes.nfs.path is not None),
+                                        ("hostPath", volumes.hostPath.path is not None),
+                                        ("persistentVolumeClaim", claim.claimName is not None)) if is_set]
+    _require(len(chosen) == 1, "cluster.volumes", f"set exactly one of nfs.server/nfs.path, hostPath.path, "
+             f"persistentVolumeClaim.claimName (the volume holding the results and the repository); set: {chosen}")
+    kind = chosen[0]
+    if kind == "nfs":
+        _require(bool(volumes.nfs.server), "cluster.volumes.nfs.server", "must be set with nfs.path")
+        path = volumes.nfs.path or ""
+        _require(path.startswith("/"), "cluster.volumes.nfs.path", f"{path!r} is not an absolute path")
+        return kind, path
+    if kind == "hostPath":
+        path = volumes.hostPath.path
+        _require(path.startswith("/"), "cluster.volumes.hostPath.path", f"{path!r} is not an absolute path")
+        _require(volumes.hostPath.type in HOST_PATH_TYPES, "cluster.volumes.hostPath.type",
+                 f"{volumes.hostPath.type!r} is not a hostPath type; known: {list(HOST_PATH_TYPES)}")
+        return kind, path
+    _require(bool(_DNS_SUBDOMAIN.match(claim.claimName)), "cluster.volumes.persistentVolumeClaim.claimName",
+             f"{claim.claimName!r} is not a Kubernetes object name (lower-case letters, digits, '-', '.')")
+    if claim.subPath is not None:
+        parts = claim.subPath.split("/")
+        _require(bool(claim.subPath) and not claim.subPath.startswith("/") and ".." not in parts,
+                 "cluster.volumes.persistentVolumeClaim.subPath",
+                 f"{claim.subPath!r} must be a relative path inside the claim (no leading '/', no '..')")
+    mount = claim.mountPath or (f"/{claim.subPath}" if claim.subPath else None)
+    _require(mount is not None and mount.startswith("/"), "cluster.volumes.persistentVolumeClaim.mountPath",
+             "set an absolute mountPath, or a subPath (mounted at /<subPath>)")
+    return kind, mount
+
+
+def _check_k8s(cluster: DictConfig, base_results_dir: Path) -> None:
+    _require(bool(cluster.image and cluster.image.strip()), "cluster.image",
+             "cluster_type=k8s needs the image every pod runs: tritonserver on PATH and python3 with this "
+             "project (conf/cluster/k8s.yaml)")
+    _require(bool(_DNS_LABEL.match(cluster.namespace)), "cluster.namespace",
+             f"{cluster.namespace!r} is not a Kubernetes namespace name (lower-case letters, digits, '-')")
+    _require(cluster.pull_secret is None or bool(_DNS_SUBDOMAIN.match(cluster.pull_secret)), "cluster.pull_secret",
+             f"{cluster.pull_secret!r} is not a Kubernetes secret name, or null")
+    _require(bool(_QUANTITY.match(cluster.shm_size)), "cluster.shm_size",
+             f"{cluster.shm_size!r} is not a Kubernetes quantity (e.g. 512Gi, 64Gi, 1024Mi)")
+    _require(bool(_RESOURCE_NAME.match(cluster.gpu_resource_name)), "cluster.gpu_resource_name",
+             f"{cluster.gpu_resource_name!r} is not an extended resource name (e.g. nvidia.com/gpu)")
+    _require(cluster.ib_resource_name is None or bool(_RESOURCE_NAME.match(cluster.ib_resource_name)),
+             "cluster.ib_resource_name", f"{cluster.ib_resource_name!r} is not an extended resource name "
+             "(e.g. nvidia.com/hostdev), or null for none")
+    _require(cluster.ib_count.isdigit() and int(cluster.ib_count) >= 1, "cluster.ib_count",
+             f"{cluster.ib_count!r} is not a count of IB devices (>= 1)")
+    _require(cluster.dns_policy is None or cluster.dns_policy in DNS_POLICIES, "cluster.dns_policy",
+             f"{cluster.dns_policy!r} is not a Kubernetes dnsPolicy; known: {list(DNS_POLICIES)} or null")
+    _, mount = k8s_volume(cluster)
+    _require(base_results_dir.is_relative_to(mount), "base_results_dir",
+             f"{base_results_dir} is not on the pods' volume (mounted at {mount}): the jobs read their config and "
+             "write the repository and results there")
 
 
 def _register_resolvers() -> None:

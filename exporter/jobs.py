@@ -43,6 +43,23 @@ class Step:
             raise ValueError("a Step has exactly one of argv or entry")
 
 
+# In a Service's client steps, the server's host name; the launcher that runs the server puts its address there.
+SERVER_HOST = "{server_host}"
+
+
+@dataclass(frozen=True)
+class Service:
+    """The same work as a sub-stage's steps, split for launchers that run a server as its own workload (k8s):
+    `servers` start the server (as every_node steps: one task per node of the job's shape; `mpi`: one MPI world),
+    listening on `ports` (name -> port; "http" among them), ready when HTTP GET `ready_path` on the http port answers
+    200; `client` steps run beside it once it is ready, naming its host SERVER_HOST."""
+
+    servers: tuple[Step, ...]
+    ports: tuple[tuple[str, int], ...]
+    ready_path: str
+    client: tuple[Step, ...]
+
+
 @dataclass(frozen=True)
 class SubStage:
     name: str  # convert, accuracy, ...
@@ -54,3 +71,4 @@ class SubStage:
     steps: tuple[Step, ...]
     resources: Resources = field(default_factory=Resources)
     depends_on: tuple[str, ...] = ()  # names of earlier sub-stages that must succeed first
+    service: Service | None = None  # the steps as a server and its client, for launchers that run them apart

@@ -24,10 +24,11 @@ from ..builtin import resolve_checkpoint
 from ..config import BUILTIN_TINY_GPT2, Reference
 from ..ft.convert import convert_checkpoint
 from ..ft.verify import read_config
-from ..jobs import Resources, Step, SubStage
+from ..jobs import SERVER_HOST, Resources, Service, Step, SubStage
 from ..parallel import ParallelLayout
 from ..readers.source import SourceKind, source_kind
 from ..runtimes import ModelKind, ModelSettings, runtime_for
+from ..serve import endpoints
 from ..tokenizer import SpecialTokens
 from ..triton import render
 from ..triton.repo import add_decoder_ensemble
@@ -305,12 +306,16 @@ def plan(cfg: DictConfig) -> list[SubStage]:
         return stages
     layout = layout_of(cfg)
     shape = runtime.serving_resources(layout, deploy.device, cfg.cluster.gpus_per_node)
+    binary = cfg.export.accuracy.tritonserver or "tritonserver"  # NVIDIA's Triton containers have it on PATH
     if shape.nodes == 1:
         # One node: the accuracy code launches tritonserver itself, next to the client.
         steps: tuple[Step, ...] = (Step(entry=("export", "accuracy")),)
+        servers: tuple[Step, ...] = (Step(argv=endpoints.server_argv(binary, paths.repository)),)
     else:
-        binary = cfg.export.accuracy.tritonserver or "tritonserver"  # NVIDIA's Triton containers have it on PATH
         servers, url = runtime.multi_node_server(paths.repository, binary, shape, layout)
         steps = (*servers, Step(entry=("export", "accuracy", "--server-url", url)))
-    stages.append(sub_stage("accuracy", steps, resources=shape, depends_on=("convert",)))
+    # The same job as a server and its client, for launchers that run the server as its own workload (k8s).
+    client = Step(entry=("export", "accuracy", "--server-url", f"http://{SERVER_HOST}:{dict(endpoints.PORTS)['http']}"))
+    service = Service(servers=servers, ports=endpoints.PORTS, ready_path=endpoints.READY_PATH, client=(client,))
+    stages.append(sub_stage("accuracy", steps, resources=shape, depends_on=("convert",), service=service))
     return stages
