@@ -33,7 +33,7 @@ write_source_lists() {
   mkdir -p "$apt_dir/sources.list.d" "$apt_dir/lists/partial" "$apt_dir/archives/partial"
   for list in /etc/apt/sources.list.d/*.sources; do
     [ -f "$list" ] || continue
-    grep -q '^Types:.*\bdeb\b' "$list" || continue
+    grep -qE '^Types:(.* )?deb( |$)' "$list" || continue  # binary entries (not deb-src)
     sed 's/^Types:.*/Types: deb-src/' "$list" >"$apt_dir/sources.list.d/$(basename "$list")"
     found=1
   done
@@ -72,7 +72,10 @@ build_kube_apiserver() {
   source_apt "$work/apt" update >/dev/null
   (cd "$work" && source_apt "$work/apt" source --download-only "kubernetes=$KUBERNETES_SOURCE_VERSION" >/dev/null)
   tree="$work/kubernetes"
-  dpkg-source -x "$work"/kubernetes_"${KUBERNETES_SOURCE_VERSION}".dsc "$tree" >/dev/null
+  # apt-get checked the files against the signed Release file; dpkg-source only warns that it has no keyring for
+  # the uploader's own signature, so its output is kept for a failure.
+  dpkg-source -x "$work"/kubernetes_"${KUBERNETES_SOURCE_VERSION}".dsc "$tree" >"$work/dpkg-source.log" 2>&1 ||
+    die "dpkg-source failed: $(tail -n 5 "$work/dpkg-source.log")"
   # Kubernetes 1.20 builds in GOPATH mode from its vendor/ folder, as its own `make` and Debian's rules do.
   gopath="$work/gopath"
   mkdir -p "$gopath/src/k8s.io"

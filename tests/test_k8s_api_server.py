@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from k8s_cluster import SERVICE_CIDR, KubernetesApiServer, kubernetes_api_server  # noqa: F401 (fixture)
+from test_k8s import helm  # noqa: F401 (fixture: scripts/install_helm.sh's helm)
 
 pytestmark = pytest.mark.k8s
 
@@ -176,3 +178,52 @@ def test_server_refuses_a_gpu_request_above_its_limit(kubernetes_api_server, tmp
     result = apply(kubernetes_api_server, [deployment], tmp_path, check=False)
     assert result.returncode != 0
     assert "nvidia.com/gpu" in result.stderr
+
+
+# The k8s launcher's own charts (exporter/launch/k8s.py), as `cluster_type=k8s dry_run=true` writes them.
+
+def assert_stored_as_rendered(rendered, stored, path: str = "") -> None:
+    """Every field the chart rendered is stored with the same value; the server may only add fields (defaults, a
+    generated selector). Quantities compare as text: the chart's `nvidia.com/gpu: 1` is stored as "1"."""
+    if isinstance(rendered, dict):
+        assert isinstance(stored, dict), f"{path}: {stored!r} is not an object"
+        for key, value in rendered.items():
+            assert key in stored, f"{path}.{key} was not stored"
+            assert_stored_as_rendered(value, stored[key], f"{path}.{key}")
+    elif isinstance(rendered, list):
+        assert isinstance(stored, list) and len(stored) == len(rendered), f"{path}: {stored!r}"
+        for index, (item, stored_item) in enumerate(zip(rendered, stored)):
+            assert_stored_as_rendered(item, stored_item, f"{path}[{index}]")
+    else:
+        same = rendered == stored or (type(rendered) in (int, float) and str(rendered) == stored)
+        assert same, f"{path}: rendered {rendered!r}, stored {stored!r}"
+
+
+def test_python_runtime_single_node_chart_installs_as_rendered(kubernetes_api_server, helm, tmp_path, monkeypatch):
+    """The python runtime on one node with 1 GPU: the convert Job's chart and the accuracy chart (Deployment,
+    Service, client Job), installed with `helm upgrade --install` into the real API server, are stored as rendered.
+
+    Client-side apply (--server-side=false): Kubernetes 1.20's server-side apply refuses the chart's integer GPU
+    quantities ("expected string, got 1", kubernetes/kubernetes#94275), which later releases accept.
+    """
+    from test_k8s import render
+
+    cfg, documents, folders = render(tmp_path, monkeypatch, "hostPath", "export.triton_deployment.device=auto")
+    namespace = cfg.cluster.namespace
+    assert [doc["kind"] for doc in documents["accuracy"]].count("Deployment") == 1  # one node: no StatefulSet
+    for name, folder in folders.items():
+        release = documents[name][0]["metadata"]["labels"]["app.kubernetes.io/instance"]
+        install = [helm, "upgrade", "--install", release, str(folder / "chart"), "--namespace", namespace,
+                   "--server-side=false", "--kubeconfig", str(kubernetes_api_server.kubeconfig)]
+        done = subprocess.run(install, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"helm upgrade --install {name}: {done.stderr}"
+        # Helm's release record is a Secret in the API server (what `helm list` reads).
+        kubernetes_api_server.get("secret", f"sh.helm.release.v1.{release}.v1", namespace)
+        for document in documents[name]:
+            stored = kubernetes_api_server.get(document["kind"], document["metadata"]["name"], namespace)
+            assert_stored_as_rendered(document, stored, f"{document['kind']}/{document['metadata']['name']}")
+            if document["kind"] == "Job":
+                assert stored["spec"]["selector"]["matchLabels"]["controller-uid"] == stored["metadata"]["uid"]
+            if document["kind"] == "Service":
+                cluster_ip = ipaddress.ip_address(stored["spec"]["clusterIP"])
+                assert cluster_ip in ipaddress.ip_network(SERVICE_CIDR)
