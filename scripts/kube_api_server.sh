@@ -115,7 +115,7 @@ install_all() {
   # etcd-server starts a system etcd on the default ports where an init system runs; the tests start their own.
   ln -sf "$(command -v etcd)" "$BIN_DIR/etcd"
   work="$(mktemp -d)"
-  chmod 755 "$work"  # apt-get download/source fetch as the _apt user
+  chown _apt "$work" 2>/dev/null || chmod 777 "$work"  # apt-get download/source fetch as the _apt user
   trap 'rm -rf "$work"' RETURN
   [ -x "$BIN_DIR/kubectl" ] || unpack_kubectl "$work"
   [ -x "$BIN_DIR/kube-apiserver" ] || build_kube_apiserver "$work"
