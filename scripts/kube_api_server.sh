@@ -116,7 +116,7 @@ install_all() {
   ln -sf "$(command -v etcd)" "$BIN_DIR/etcd"
   work="$(mktemp -d)"
   chown _apt "$work" 2>/dev/null || chmod 777 "$work"  # apt-get download/source fetch as the _apt user
-  trap 'rm -rf "$work"' RETURN
+  trap 'rm -rf -- "$work"; trap - RETURN' RETURN  # once: a RETURN trap left set fires again, with $work gone
   [ -x "$BIN_DIR/kubectl" ] || unpack_kubectl "$work"
   [ -x "$BIN_DIR/kube-apiserver" ] || build_kube_apiserver "$work"
   "$BIN_DIR/kube-apiserver" --version >/dev/null || die "the built kube-apiserver does not run"
