@@ -175,7 +175,7 @@ def test_every_shape_renders_lints_validates_and_reads_right(helm, schemas, tmp_
     pod = server["spec"]["template"]["spec"]
     check_pod_common(pod, **common)
     triton = container(pod, "tritonserver")
-    asked = {**({"nvidia.com/gpu": gpus} if gpus else {}), **({"nvidia.com/hostdev": ib} if ib else {})}
+    asked = {**({"nvidia.com/gpu": str(gpus)} if gpus else {}), **({"nvidia.com/hostdev": str(ib)} if ib else {})}
     assert triton.get("resources") == ({"requests": asked, "limits": asked} if asked else None)
     ports = {"http": 8000, "grpc": 8001, "metrics": 8002}
     assert {port["name"]: port["containerPort"] for port in triton["ports"]} == ports

@@ -203,8 +203,8 @@ def test_python_runtime_single_node_chart_installs_as_rendered(kubernetes_api_se
     """The python runtime on one node with 1 GPU: the convert Job's chart and the accuracy chart (Deployment,
     Service, client Job), installed with `helm upgrade --install` into the real API server, are stored as rendered.
 
-    Client-side apply (--server-side=false): Kubernetes 1.20's server-side apply refuses the chart's integer GPU
-    quantities ("expected string, got 1", kubernetes/kubernetes#94275), which later releases accept.
+    Helm 4's default server-side apply: Kubernetes 1.20 refused the chart's GPU quantities when they were rendered
+    as integers ("expected string, got 1", kubernetes/kubernetes#94275); they are strings now.
     """
     from test_k8s import render
 
@@ -214,7 +214,7 @@ def test_python_runtime_single_node_chart_installs_as_rendered(kubernetes_api_se
     for name, folder in folders.items():
         release = documents[name][0]["metadata"]["labels"]["app.kubernetes.io/instance"]
         install = [helm, "upgrade", "--install", release, str(folder / "chart"), "--namespace", namespace,
-                   "--server-side=false", "--kubeconfig", str(kubernetes_api_server.kubeconfig)]
+                   "--kubeconfig", str(kubernetes_api_server.kubeconfig)]
         done = subprocess.run(install, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, f"helm upgrade --install {name}: {done.stderr}"
         # Helm's release record is a Secret in the API server (what `helm list` reads).

@@ -95,16 +95,19 @@ def pod_values(cfg: DictConfig, workdir: Path) -> dict:
     }
 
 
-def resources(cfg: DictConfig, shape: Resources) -> dict[str, int]:
+def resources(cfg: DictConfig, shape: Resources) -> dict[str, str]:
     """Extended resources one pod asks for: its GPUs; IB devices for the pods of a multi-node job.
+
+    Quantities are strings, as the API's schema types them: an integer is refused by server-side apply (Helm 4's
+    default) on Kubernetes before 1.21 ("expected string, got 1", kubernetes/kubernetes#94275).
 
     No CUDA device list is set: the device plugin gives the pod exactly the GPUs it asks for, numbered from 0 (a
     list of a node's device numbers, as Slurm jobs use, could name devices the pod does not have)."""
     asked = {}
     if shape.gpus_per_node:
-        asked[cfg.cluster.gpu_resource_name] = shape.gpus_per_node
+        asked[cfg.cluster.gpu_resource_name] = str(shape.gpus_per_node)
     if shape.nodes > 1 and cfg.cluster.ib_resource_name:
-        asked[cfg.cluster.ib_resource_name] = int(cfg.cluster.ib_count)
+        asked[cfg.cluster.ib_resource_name] = str(int(cfg.cluster.ib_count))
     return asked
 
 
