@@ -18,7 +18,7 @@ from .registry import register
 # Copied flat into the model's version directory, beside the shards: the python backend's model.py and the modules
 # it imports (stdlib + numpy + torch only), so a stock tritonserver serves the repository without this package.
 FILES = ("ft_python/model.py", "ft_python/ft_checkpoint.py", "ft_python/ft_gpt.py", "ft_python/ft_rotary.py",
-         "ft_python/ft_generate.py", "ft_python/ft_interface.py")
+         "ft_python/ft_generate.py", "ft_python/ft_interface.py", "ft_python/ft_metrics.py")
 
 
 @register
