@@ -65,6 +65,18 @@ def server(tmp_path_factory, tiny_gpt2):
         yield running
 
 
+def test_warm_up_request_ran_before_the_model_was_ready(server):
+    """model_warmup (exporter/triton/render.py add_warmup): by the time the server reports ready, the model has
+    executed exactly one request of one prompt token, as its own metrics count (no request was sent yet)."""
+    from test_metrics import scrape
+
+    metrics = scrape(server.metrics_url)
+    assert metrics[("ft_python_requests_total", MODEL)] == 1
+    assert metrics[("ft_python_prompt_tokens_total", MODEL)] == 1
+    assert metrics[("ft_python_request_failures_total", MODEL)] == 0
+    assert metrics[("ft_python_generated_tokens_total", MODEL)] <= 1
+
+
 def test_killed_stub_is_a_zombie_the_check_sees_and_a_restart_cures(server, capsys):
     from exporter.serve import health
 

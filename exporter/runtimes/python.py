@@ -45,6 +45,7 @@ class PythonRuntime(Runtime):
 
     def install(self, version_dir: Path, settings: ModelSettings) -> None:
         copy_templates(FILES, version_dir)
+        render.write_warmup_files(version_dir.parent)  # the model_warmup request's inputs
 
     def model_config(self, settings: ModelSettings, repository: Path) -> pb.ModelConfig:
         # The python backend hands every request's tensors to execute() separately, so requests with different
@@ -57,5 +58,5 @@ class PythonRuntime(Runtime):
         return render.decoder_model_config(
             settings.name, self.backend, settings.max_batch_size, settings.instance_count, parameters,
             ragged=True, decoupled=settings.decoupled,
-            max_queue_delay_microseconds=settings.max_queue_delay_microseconds,
+            max_queue_delay_microseconds=settings.max_queue_delay_microseconds, warmup=True,
         )
