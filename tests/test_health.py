@@ -6,7 +6,8 @@ and the python backend never starts a new stub by itself. Readiness probes there
 The check infers (one tiny request per model), exits 1 from its CLI, and `ensure_healthy` restarts the server.
 
 Tried and not used (tritonserver 2.51, explicit model control): `load` of the loaded model is a no-op that keeps the
-dead stub, with or without its config as an override; unload + load starts a new instance yet requests still failed.
+dead stub, with or without its config as an override; in one try, unload + load started a new instance yet the
+probe still failed.
 """
 
 from __future__ import annotations

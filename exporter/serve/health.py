@@ -10,12 +10,13 @@ Recovery is a restart of the server: the check's non-zero exit is a failed liven
 the container and a Slurm / local step fails fast; the local launcher restarts it itself (TritonServer.restart(),
 used by `ensure_healthy`). Reloading the model through the repository API is no way out in tritonserver 2.51: `load`
 of a loaded model whose files did not change is a no-op that keeps the dead stub (even with its config as an
-override), and unload + load did not bring the model back either (tried; see tests/test_health.py's docstring).
+override); in one try, unload + load started a new instance yet the probe still failed (not pursued).
 
     python -m exporter.serve.health --url 127.0.0.1:8001 [--model gpt2] [--timeout 10]
 
-exits 0 when every probed model answered, 1 otherwise, with one line per failing model. By default every ready model except the ensembles is probed (an ensemble runs no stub of its own,
-and a request through it would generate as many tokens as preprocessing's default output length).
+exits 0 when every probed model answered, 1 otherwise, with one line per failing model. By default every ready
+model except the ensembles is probed (an ensemble runs no stub of its own, and a request through it would generate
+as many tokens as preprocessing's default output length).
 """
 
 from __future__ import annotations
