@@ -73,10 +73,12 @@ def model_type(data_type: int) -> str:
     return pb.DataType.Name(data_type).removeprefix("TYPE_")
 
 
-def default_models(client) -> list[str]:
+def default_models(client, timeout_s: float | None = None) -> list[str]:
     """Every ready model that is not an ensemble."""
-    ready = [entry.name for entry in client.get_model_repository_index().models if entry.state == "READY"]
-    return [name for name in ready if client.get_model_config(name).config.platform != "ensemble"]
+    index = client.get_model_repository_index(client_timeout=timeout_s).models
+    ready = [entry.name for entry in index if entry.state == "READY"]
+    return [name for name in ready
+            if client.get_model_config(name, client_timeout=timeout_s).config.platform != "ensemble"]
 
 
 def probe_model(url: str, model: str, timeout_s: float, client=None) -> Problem | None:
@@ -116,7 +118,7 @@ def check(url: str, models: Sequence[str] | None = None, timeout_s: float = 10.0
     client = grpc.InferenceServerClient(url)
     try:
         try:
-            names = list(models) if models else default_models(client)
+            names = list(models) if models else default_models(client, timeout_s)
         except InferenceServerException as error:
             return [Problem("<server>", " ".join(str(error.message()).split()))]
         return [problem for name in names if (problem := probe_model(url, name, timeout_s, client)) is not None]
