@@ -104,7 +104,7 @@ def test_killed_stub_is_a_zombie_the_check_sees_and_a_restart_cures(server, caps
     assert "unhealthy: gpt2: Stub process 'gpt2_0_0' is not healthy." in capsys.readouterr().err
 
     cured = health.ensure_healthy(server)  # restarts the server
-    assert [problem.model for problem in cured] == [MODEL]
+    assert MODEL in [problem.model for problem in cured]  # with any model that calls it (BLS)
     assert health.check(server.grpc_url) == []
     result = common.infer(server.http_url, "http", MODEL, REQUEST)
     assert result["output_ids"].shape[-1] == 5
