@@ -18,7 +18,7 @@ from .registry import register
 # Copied flat into the model's version directory, beside the shards: the python backend's model.py and the modules
 # it imports (stdlib + numpy + torch only), so a stock tritonserver serves the repository without this package.
 FILES = ("ft_python/model.py", "ft_python/ft_checkpoint.py", "ft_python/ft_gpt.py", "ft_python/ft_rotary.py",
-         "ft_python/ft_generate.py", "ft_python/ft_interface.py")
+         "ft_python/ft_generate.py", "ft_python/ft_interface.py", "ft_python/ft_metrics.py")
 
 
 @register
@@ -45,6 +45,7 @@ class PythonRuntime(Runtime):
 
     def install(self, version_dir: Path, settings: ModelSettings) -> None:
         copy_templates(FILES, version_dir)
+        render.write_warmup_files(version_dir.parent)  # the model_warmup request's inputs
 
     def model_config(self, settings: ModelSettings, repository: Path) -> pb.ModelConfig:
         # The python backend hands every request's tensors to execute() separately, so requests with different
@@ -57,5 +58,5 @@ class PythonRuntime(Runtime):
         return render.decoder_model_config(
             settings.name, self.backend, settings.max_batch_size, settings.instance_count, parameters,
             ragged=True, decoupled=settings.decoupled,
-            max_queue_delay_microseconds=settings.max_queue_delay_microseconds,
+            max_queue_delay_microseconds=settings.max_queue_delay_microseconds, warmup=True,
         )

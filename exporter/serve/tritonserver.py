@@ -472,6 +472,12 @@ class TritonServer:
                 except OSError:
                     pass
 
+    def restart(self) -> "TritonServer":
+        """Stop and start again (new free ports: read the urls afterwards), e.g. when a model's python-backend stub
+        died and the server keeps reporting ready (exporter/serve/health.py)."""
+        self.stop()
+        return self.start()
+
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None

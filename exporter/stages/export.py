@@ -250,6 +250,7 @@ def _reference(cfg: DictConfig, paths: ExportPaths, end_id: int):
 @contextlib.contextmanager
 def _serving(cfg: DictConfig, paths: ExportPaths, server_url: str | None) -> Iterator[str]:
     """Yield the URL of a ready tritonserver on the repository: `server_url`'s, or one started (and stopped) here."""
+    from ..serve import health
     from ..serve.tritonserver import TritonServer, find_tritonserver
 
     acc = cfg.export.accuracy
@@ -264,6 +265,9 @@ def _serving(cfg: DictConfig, paths: ExportPaths, server_url: str | None) -> Ite
     log_path = paths.results_dir / "accuracy" / "tritonserver.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with TritonServer(paths.repository, log_path, install=install, startup_timeout_s=acc.server_timeout_s) as server:
+        # Ready is not proof of a live stub (exporter/serve/health.py): every model answers one tiny request first.
+        for problem in health.ensure_healthy(server):
+            log.warning("restarted tritonserver: %s", problem)
         log.info("tritonserver ready at http://%s (log: %s)", server.http_url, log_path)
         yield server.http_url
 

@@ -6,6 +6,7 @@ postprocessing ensemble is the same whichever runtime (FT backend or the python 
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -112,14 +113,41 @@ def _parameters(config: pb.ModelConfig, values: dict[str, object]) -> None:
         config.parameters[key].string_value = str(value)
 
 
+# model_warmup: Triton sends each model instance one request before reporting it ready, so the first real request
+# does not pay for lazy initialisation (torch's first kernels and allocations, a CUDA context). One prompt token
+# (id 1) generating one token; the values come from files in <model>/warmup/ (zero_data would send input_lengths 0,
+# which the model refuses, and a refused warm-up fails the model's load).
+WARMUP_DIR = "warmup"
+WARMUP_FILES = {"one_uint32": struct.pack("<I", 1)}  # name -> raw little-endian bytes, as Triton reads them
+WARMUP_INPUTS = ("input_ids", "input_lengths", "request_output_len")
+
+
+def add_warmup(config: pb.ModelConfig) -> None:
+    """One warm-up request (see WARMUP_FILES), written by `write_warmup_files` into the model's folder."""
+    warmup = config.model_warmup.add(name="one_token", batch_size=1 if config.max_batch_size > 0 else 0)
+    for name in WARMUP_INPUTS:
+        tensor = warmup.inputs[name]
+        tensor.data_type, tensor.dims[:] = pb.TYPE_UINT32, [1]
+        tensor.input_data_file = "one_uint32"
+
+
+def write_warmup_files(model_dir: Path) -> None:
+    """`<model_dir>/warmup/<file>` for add_warmup's request (inside the repository being built)."""
+    folder = Path(model_dir) / WARMUP_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in WARMUP_FILES.items():
+        (folder / name).write_bytes(data)
+
+
 def decoder_model_config(name: str, backend: str, max_batch_size: int, instance_count: int,
                          parameters: dict[str, object], *, ragged: bool = False, decoupled: bool = False,
-                         max_queue_delay_microseconds: int | None = None) -> pb.ModelConfig:
+                         max_queue_delay_microseconds: int | None = None, warmup: bool = False) -> pb.ModelConfig:
     """The middle model of a decoder-only ensemble, with FT's GPT backend's tensors whichever runtime serves it.
 
     ragged: every input with a -1 dimension may differ in shape between the requests of one batch. decoupled: the
-    model streams, and adds STREAMING_OUTPUTS. max_queue_delay_microseconds: dynamic batching (None: none). The
-    runtime (exporter/runtimes/) chooses these and the parameters.
+    model streams, and adds STREAMING_OUTPUTS. max_queue_delay_microseconds: dynamic batching (None: none). warmup:
+    add_warmup's request (the runtime writes its files). The runtime (exporter/runtimes/) chooses these and the
+    parameters.
     """
     config = pb.ModelConfig(name=name, max_batch_size=max_batch_size)
     config.backend = backend
@@ -131,6 +159,8 @@ def decoder_model_config(name: str, backend: str, max_batch_size: int, instance_
     if max_queue_delay_microseconds is not None:
         config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_microseconds
     _parameters(config, parameters)
+    if warmup:
+        add_warmup(config)
     return config
 
 

@@ -1,6 +1,7 @@
 """Triton python-backend model that serves FasterTransformer GPT shards with PyTorch.
 
-Copied into `<model_name>/1/` of a generated model repository together with ft_checkpoint.py,
+Copied into `<model_name>/1/` of a generated model repository together with ft_checkpoint.py, ft_metrics.py (its
+Prometheus metrics),
 ft_gpt.py, ft_generate.py and ft_interface.py. Same tensors as the fastertransformer backend (FT's GPT
 config.pbtxt, listed in ft_interface's table):
 inputs input_ids [B, L] (right-padded), input_lengths [B], request_output_len [B, 1], optional per-row
@@ -35,6 +36,7 @@ a request may ask for).
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,6 +48,7 @@ import ft_checkpoint  # noqa: E402
 import ft_generate  # noqa: E402
 import ft_gpt  # noqa: E402
 import ft_interface  # noqa: E402
+import ft_metrics  # noqa: E402
 
 
 def _log(message):
@@ -150,6 +153,8 @@ class TritonPythonModel:
 
         self.model = ft_gpt.FTGPT.from_shards(checkpoint, device=device, dtype=dtype)
         self.defaults = ft_generate.GenerationDefaults.read(checkpoint)
+        self.metrics = ft_metrics.Metrics(pb_utils, args.get("model_name", ""), args.get("model_version", ""),
+                                          self.model_config.get("max_batch_size", 0))
         _log(f"ft_python: loaded {checkpoint} (tp={config.tensor_para_size}, "
              f"weights {config.weight_data_type}) on {device} computing in {dtype}; {self.defaults}")
 
@@ -189,6 +194,9 @@ class TritonPythonModel:
 
     def execute(self, requests):
         """All valid requests form one generation batch; each gets its own response(s), in order."""
+        started = time.monotonic()
+        self.metrics.started(len(requests))
+        self._answered = set()  # ids of the requests that got their first response (time to first token)
         parsed = []
         for request in requests:
             try:
@@ -199,8 +207,10 @@ class TritonPythonModel:
         senders = [request.get_response_sender() for request in requests] if self.decoupled else None
         results, failure = None, None
         if good:
+            self.metrics.batch(sum(item.input_ids.shape[0] for _, item in good),
+                               sum(int(item.input_lengths.sum()) for _, item in good))
             try:
-                stream = self._streamer(good, senders, requests) if self.decoupled else None
+                stream = self._streamer(good, senders, requests, started) if self.decoupled else None
                 merged = ft_generate.Batch.concatenate([item for _, item in good])
                 results = ft_generate.generate(self.model, merged, stream=stream)
             except Exception as exc:  # noqa: BLE001 - report to every client instead of dying
@@ -215,6 +225,7 @@ class TritonPythonModel:
                 batch = item.input_ids.shape[0]
                 responses.append(self._response(results, slice(row, row + batch), item))
                 row += batch
+        self._count(requests, parsed, results if failure is None else None, started)
         if not self.decoupled:
             return responses
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -226,7 +237,26 @@ class TritonPythonModel:
                 _send(sender, response, flags=final)
         return None
 
-    def _streamer(self, good, senders, requests):
+    def _count(self, requests, parsed, results, started):
+        """Metrics of one execute(): failures, generated tokens (each row's own beams), first responses."""
+        failures = sum(1 for item in parsed if not isinstance(item, ft_generate.Batch)) if results is not None \
+            else len(parsed)
+        generated, row = 0, 0
+        for item in parsed:
+            if results is None or not isinstance(item, ft_generate.Batch):
+                continue
+            for offset in range(item.input_ids.shape[0]):
+                beams = int(item.beam_width[offset])
+                lengths = results.sequence_length[row + offset, :beams] - int(item.input_lengths[offset])
+                generated += int(lengths.clamp(min=0).sum())
+            row += item.input_ids.shape[0]
+        elapsed = time.monotonic() - started
+        for request in requests:  # plain responses, and streams whose first response is the final one
+            if id(request) not in self._answered:
+                self.metrics.first_response(elapsed)
+        self.metrics.finished(len(requests), failures, generated)
+
+    def _streamer(self, good, senders, requests, started):
         """The stream callback: after each step, a response to every request whose sequences grew."""
         sender_of = {id(request): sender for request, sender in zip(requests, senders)}
         targets, row = [], 0
@@ -246,6 +276,9 @@ class TritonPythonModel:
                 target[3] = lengths.clone()
                 if _cancelled(request) or not _send(sender, self._response(partial, rows, item, steps=steps)):
                     target[0] = None  # its client went away; the other requests go on
+                elif id(request) not in self._answered:
+                    self._answered.add(id(request))
+                    self.metrics.first_response(time.monotonic() - started)
 
         return send
 
@@ -278,6 +311,8 @@ class TritonPythonModel:
             for name, tensor in cut.items()])
 
     def finalize(self):
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
         device = getattr(getattr(self, "model", None), "device", None)
         self.model = None
         if device is not None and device.type == "cuda":
