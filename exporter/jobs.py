@@ -72,12 +72,15 @@ class Service:
     """The same work as a sub-stage's steps, split for launchers that run a server as its own workload (k8s):
     `servers` start the server (as every_node steps: one task per node of the job's shape; `mpi`: one MPI world),
     listening on `ports` (name -> port; "http" among them), ready when HTTP GET `ready_path` on the http port answers
-    200; `client` steps run beside it once it is ready, naming its host SERVER_HOST."""
+    200; `client` steps run beside it once it is ready, naming its host SERVER_HOST. `liveness`: arguments of
+    `python` (this project's code) that exit non-zero when the running server no longer answers inferences (its
+    readiness can stay true with a dead model process); empty: none."""
 
     servers: tuple[Step, ...]
     ports: tuple[tuple[str, int], ...]
     ready_path: str
     client: tuple[Step, ...]
+    liveness: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

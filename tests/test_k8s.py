@@ -184,6 +184,13 @@ def test_every_shape_renders_lints_validates_and_reads_right(helm, schemas, tmp_
     assert server_argv == ["tritonserver", f"--model-repository={results / 'model_repo'}", "--http-port=8000",
                            "--grpc-port=8001", "--metrics-port=8002"]
     assert triton["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    if pods == 1:  # liveness that infers (exporter.serve.health), probed once the server has started
+        assert triton["startupProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+        assert triton["livenessProbe"]["exec"]["command"] == [
+            "python3", "-m", "exporter.serve.health", "--url", "127.0.0.1:8001", "--timeout", "30"]
+        assert triton["livenessProbe"]["timeoutSeconds"] > 30
+    else:  # only rank 0 takes requests
+        assert "livenessProbe" not in triton and "startupProbe" not in triton
 
     service = only(accuracy, "Service", "-server")
     assert {port["name"]: (port["port"], port["targetPort"]) for port in service["spec"]["ports"]} == {

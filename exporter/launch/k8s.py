@@ -147,6 +147,8 @@ def chart_values(cfg: DictConfig, sub_stage: SubStage, config_path: Path, workdi
         argv = ["bash", "/etc/ft-exporter/mpi/mpi-world.sh", *argv]
     values["server"] = {"replicas": shape.nodes, "command": argv, "env": env if mpi else [], "ports": ports,
                         "readyPath": service.ready_path, "mpi": mpi, "sshPort": SSH_PORT,
+                        # One pod: its own server answers the probe. Across pods only rank 0 takes requests.
+                        "liveness": [CONTAINER_PYTHON, *service.liveness] if service.liveness and not mpi else None,
                         "resources": resources(cfg, shape)}
     host = f"{release}-server.{cfg.cluster.namespace}.svc"  # the Service in front of the server (rank 0)
     client = _single(service.client, "client", sub_stage)

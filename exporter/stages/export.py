@@ -373,6 +373,9 @@ def plan(cfg: DictConfig) -> list[SubStage]:
     return stages
 
 
+LIVENESS_TIMEOUT_S = 30  # one tiny inference; longer than a busy batch step, so a working model is not killed
+
+
 def _accuracy_sub_stage(cfg: DictConfig, sub_stage, paths, shape, layout) -> SubStage:
     runtime = runtime_for(cfg.export.triton_deployment.runtime)
     binary = cfg.export.accuracy.tritonserver or "tritonserver"  # NVIDIA's Triton containers have it on PATH
@@ -385,5 +388,9 @@ def _accuracy_sub_stage(cfg: DictConfig, sub_stage, paths, shape, layout) -> Sub
         steps = (*servers, Step(entry=("export", "accuracy", "--server-url", url)))
     # The same job as a server and its client, for launchers that run the server as its own workload (k8s).
     client = Step(entry=("export", "accuracy", "--server-url", f"http://{SERVER_HOST}:{dict(endpoints.PORTS)['http']}"))
-    service = Service(servers=servers, ports=endpoints.PORTS, ready_path=endpoints.READY_PATH, client=(client,))
+    # Liveness that infers (a dead python-backend stub leaves the server "ready"), run inside the server's pod.
+    liveness = ("-m", "exporter.serve.health", "--url", f"127.0.0.1:{dict(endpoints.PORTS)['grpc']}",
+                "--timeout", str(LIVENESS_TIMEOUT_S))
+    service = Service(servers=servers, ports=endpoints.PORTS, ready_path=endpoints.READY_PATH, client=(client,),
+                      liveness=liveness)
     return sub_stage("accuracy", steps, resources=shape, depends_on=("convert",), service=service)
