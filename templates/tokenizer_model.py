@@ -23,6 +23,12 @@ def config_parameter(config, key):
     return value if value not in (None, "") else None
 
 
+def int_parameter(config, key):
+    """An integer config.pbtxt parameter, or None when the exporter wrote none."""
+    raw = config_parameter(config, key)
+    return None if raw is None else int(raw)
+
+
 def respond_each(requests, handle, model_name, pb_utils):
     """One response per request, in order; a request whose `handle` raises gets its own error response, so one bad
     request never fails the others batched with it."""

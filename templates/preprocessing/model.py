@@ -35,7 +35,8 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # tokenizer_model.py is copied next to this file.
-from tokenizer_model import RequestError, config_parameter, load_tokenizer_and_end_id, respond_each  # noqa: E402
+from tokenizer_model import (  # noqa: E402
+    RequestError, config_parameter, int_parameter, load_tokenizer_and_end_id, respond_each)
 
 
 def as_text(item, name, row):
@@ -188,12 +189,6 @@ def prompt_prefixes(names, batch, tasks, start_id):
     return prefixes, ids
 
 
-def _int_parameter(config, key):
-    """An integer config.pbtxt parameter, or None when the exporter wrote none."""
-    raw = config_parameter(config, key)
-    return None if raw is None else int(raw)
-
-
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -202,11 +197,11 @@ class TritonPythonModel:
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         # The output length of a request that leaves REQUEST_OUTPUT_LEN out (see output_lengths).
-        self.length_defaults = {"max_new_tokens": _int_parameter(config, "max_new_tokens"),
-                                "max_length": _int_parameter(config, "max_length"),
-                                "max_positions": _int_parameter(config, "max_pos_seq_len")}
+        self.length_defaults = {"max_new_tokens": int_parameter(config, "max_new_tokens"),
+                                "max_length": int_parameter(config, "max_length"),
+                                "max_positions": int_parameter(config, "max_pos_seq_len")}
         self.prompt_tasks = parse_prompt_tasks(config_parameter(config, "prompt_tasks"))
-        self.prompt_start_id = _int_parameter(config, "prompt_learning_start_id")
+        self.prompt_start_id = int_parameter(config, "prompt_learning_start_id")
 
     def _one(self, request):
         texts = decode_queries(pb_utils.get_input_tensor_by_name(request, "QUERY").as_numpy())

@@ -39,7 +39,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import text_preprocessing  # noqa: E402
-from tokenizer_model import RequestError, config_parameter, load_tokenizer_and_end_id  # noqa: E402
+from tokenizer_model import RequestError, config_parameter, int_parameter, load_tokenizer_and_end_id  # noqa: E402
 
 # TensorRT-LLM's sampling inputs -> (the GPT model's input, its numpy dtype) (templates/ft_python/ft_interface.py).
 PASSED_ON = {
@@ -59,11 +59,6 @@ MODEL_OUTPUTS = ["output_ids", "sequence_length", "cum_log_probs", "output_log_p
 REPLACEMENT = "\ufffd"  # a trailing incomplete utf-8 character, completed by a later token
 
 
-def _int_parameter(config, key):
-    raw = config_parameter(config, key)
-    return None if raw is None else int(raw)
-
-
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -77,9 +72,9 @@ class TritonPythonModel:
         self.eos_ids = tuple(int(i) for i in eos.split(",")) if eos else (self.end_id,)
         self.skip_special_tokens = config_parameter(config, "skip_special_tokens") != "0"
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
-        self.length_defaults = {"max_new_tokens": _int_parameter(config, "max_new_tokens"),
-                                "max_length": _int_parameter(config, "max_length"),
-                                "max_positions": _int_parameter(config, "max_pos_seq_len")}
+        self.length_defaults = {"max_new_tokens": int_parameter(config, "max_new_tokens"),
+                                "max_length": int_parameter(config, "max_length"),
+                                "max_positions": int_parameter(config, "max_pos_seq_len")}
         self.threads = []
 
     def execute(self, requests):
