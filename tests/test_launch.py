@@ -106,7 +106,7 @@ def test_golden_sbatch_accuracy_two_nodes(golden_bcm):
     assert "--mpi=pmix" not in options and f"--container-image={IMAGE}" in options
     assert client[program:] == ["python3", "-m", "exporter.run_substage",
                                 str(golden_bcm / "accuracy" / "export_gpt2_hydra.yaml"), "export", "accuracy",
-                                "--server-url", "http://127.0.0.1:8000"]
+                                "--server-url", "http://127.0.0.1:8000", "--server-grpc-url", "127.0.0.1:8001"]
     text = script.read_text()
     assert "NCCL world size = TP*PP = 8*2 = 16 = 2 nodes x 8 GPUs" in text  # the MPI requirements, written out
     assert "trap 'kill $(jobs -p)" in text  # the background servers end with the job
@@ -156,7 +156,7 @@ def test_golden_bcprun(tmp_path, monkeypatch):
     inner = shlex.split(client[6])
     assert inner[3:] == [sys.executable, "-m", "exporter.run_substage",
                          str(results / "accuracy" / "export_gpt2_hydra.yaml"), "export", "accuracy",
-                         "--server-url", "http://127.0.0.1:8000"]
+                         "--server-url", "http://127.0.0.1:8000", "--server-grpc-url", "127.0.0.1:8001"]
     assert "NCCL world size = TP*PP = 8*2 = 16" in script.read_text()
     (convert,) = commands(results / "convert" / "launcher.sh", "bcprun")
     assert convert[:5] == ["bcprun", "--nnodes", "1", "--npernode", "1"]
