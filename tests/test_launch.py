@@ -316,7 +316,8 @@ def test_accuracy_client_uses_a_server_it_did_not_start(tmp_path, monkeypatch, t
     converted = sub_stage("convert")
     assert converted.returncode == 0, converted.stdout[-2000:] + converted.stderr[-2000:]
     with TritonServer(results / "model_repo", tmp_path / "server.log") as server:
-        scored = sub_stage("accuracy", "--server-url", f"http://{server.http_url}")
+        scored = sub_stage("accuracy", "--server-url", f"http://{server.http_url}", "--server-grpc-url",
+                           server.grpc_url)
     assert scored.returncode == 0, scored.stdout[-2000:] + scored.stderr[-2000:]
     assert f"using the tritonserver at {server.http_url}" in scored.stdout
     assert not (results / "accuracy" / "tritonserver.log").exists()  # it started none of its own
@@ -326,6 +327,45 @@ def test_accuracy_client_uses_a_server_it_did_not_start(tmp_path, monkeypatch, t
     assert evaluation["examples"] == 8 and evaluation["passed"] is True
     for entry in evaluation["metrics"].values():  # served through that server == HF transformers in-process
         assert entry["prediction_agreement"] == 1.0
+
+
+@pytest.mark.triton
+def test_accuracy_client_refuses_a_server_whose_stub_is_dead(tmp_path, monkeypatch, tiny_gpt2):
+    """Bug pinned: the client step of a server it did not start (`--server-url`, multi-node / k8s) only waited for
+    readiness, which a dead python-backend stub does not change (tests/test_health.py), so it scored through a zombie
+    whose every request fails. Now the inferring liveness check at `--server-grpc-url` refuses first, naming the dead
+    model and saying that the server is not this step's to restart."""
+    import os
+    import signal
+
+    from test_health import stub_pids
+
+    from exporter.serve.tritonserver import TritonServer
+
+    results = dry_run(tmp_path, monkeypatch, f"export.model.checkpoint_path={tiny_gpt2}", "export.accuracy.limit=4",
+                      "export.accuracy.batch_size=2", "export.triton_deployment.max_batch_size=2",
+                      "export.accuracy.reference=none")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def sub_stage(name: str, *extra: str) -> subprocess.CompletedProcess:
+        config = results / name / "export_gpt2_hydra.yaml"
+        return subprocess.run([sys.executable, "-m", "exporter.run_substage", str(config), "export", name, *extra],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    converted = sub_stage("convert")
+    assert converted.returncode == 0, converted.stdout[-2000:] + converted.stderr[-2000:]
+    with TritonServer(results / "model_repo", tmp_path / "server.log") as server:
+        (stub,) = stub_pids(server, "gpt2")
+        os.kill(stub, signal.SIGKILL)  # what an OOM kill does; the server and the model stay "ready"
+        scored = sub_stage("accuracy", "--server-url", f"http://{server.http_url}", "--server-grpc-url",
+                           server.grpc_url)
+        assert server.process.poll() is None  # not restarted or stopped by the client: not its server
+    assert scored.returncode == 1, scored.stdout[-2000:] + scored.stderr[-2000:]
+    (error,) = [line for line in scored.stdout.splitlines() if "TritonServerError" in line]
+    assert f"tritonserver at {server.http_url} reports ready, but the liveness check" in error
+    assert "gpt2: Stub process 'gpt2_0_0' is not healthy" in error
+    assert "did not start that server, so it cannot restart it" in error
+    assert not (results / "eval_output.json").exists()  # nothing scored
 
 
 def test_run_substage_refuses_unknown_sub_stage(tmp_path, monkeypatch):
