@@ -377,6 +377,18 @@ def test_run_substage_refuses_unknown_sub_stage(tmp_path, monkeypatch):
     assert run_substage([str(tmp_path / "missing.yaml"), "export", "convert"]) == 2
 
 
+def test_run_substage_refuses_a_server_url_without_its_grpc_address(tmp_path, monkeypatch, caplog):
+    """A server this step did not start is checked over gRPC before scoring; an HTTP URL alone is refused before
+    anything runs (exit 2), not scored unchecked."""
+    from exporter.run_substage import main as run_substage
+
+    results = dry_run(tmp_path, monkeypatch)
+    config = str(results / "accuracy" / "export_gpt2_hydra.yaml")
+    assert run_substage([config, "export", "accuracy", "--server-url", "http://127.0.0.1:8000"]) == 2
+    assert "needs both --server-url (HTTP, to score) and --server-grpc-url" in caplog.text
+    assert not (results / "eval_output.json").exists()
+
+
 def test_bcm_group_has_nemo_launcher_keys():
     cluster = composed().cluster  # the default group, conf/cluster/bcm.yaml
     for key in ("partition", "account", "exclusive", "gpus_per_task", "gpus_per_node", "mem", "overcommit",

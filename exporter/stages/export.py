@@ -154,8 +154,9 @@ def accuracy(cfg: DictConfig, server_url: str | None = None, server_grpc_url: st
     """Score LAMBADA through tritonserver: one launched here, or (multi-node, k8s) the one already at `server_url`,
     whose gRPC host:port `server_grpc_url` the liveness check uses."""
     if (server_url is None) != (server_grpc_url is None):
-        raise ConfigError("a running tritonserver is given by both its HTTP URL and its gRPC host:port "
-                          f"(--server-url and --server-grpc-url); got {server_url=} {server_grpc_url=}")
+        raise ConfigError("a tritonserver this step did not start needs both --server-url (HTTP, to score) and "
+                          "--server-grpc-url (host:port, for the liveness check); got "
+                          f"--server-url={server_url} --server-grpc-url={server_grpc_url}")
     from tokenizers import Tokenizer
 
     from ..evaluate import lambada
