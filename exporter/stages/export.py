@@ -287,11 +287,11 @@ def _refuse_unhealthy(grpc_address: str, address: str) -> None:
 
     problems = health.check(grpc_address, timeout_s=LIVENESS_TIMEOUT_S)
     if problems:
+        found = "; ".join(str(problem).rstrip(".") for problem in problems)
         raise TritonServerError(
             f"tritonserver at {address} reports ready, but the liveness check (one tiny inference per model over "
-            f"gRPC at {grpc_address}) failed: " + "; ".join(map(str, problems)) + ". This step did not start that "
-            "server, so it cannot restart it: restart the server (its job or pod) and run the accuracy sub-stage "
-            "again")
+            f"gRPC at {grpc_address}) failed: {found}. This step did not start that server, so it cannot restart "
+            "it: restart the server (its job or pod) and run the accuracy sub-stage again")
 
 
 def _wait_until_ready(address: str, repository: Path, timeout_s: float) -> None:
