@@ -1,7 +1,8 @@
 """Run one planned sub-stage from its saved, resolved config: what every launcher's job executes.
 
     python -m exporter.run_substage <results_dir>/<sub_stage>/<run.name>_hydra.yaml export convert
-    python -m exporter.run_substage <...>_hydra.yaml export accuracy [--server-url http://127.0.0.1:8000]
+    python -m exporter.run_substage <...>_hydra.yaml export accuracy \
+        [--server-url http://127.0.0.1:8000 --server-grpc-url 127.0.0.1:8001]
 
 Exit codes as main.py: 2 for a configuration error, 1 for a problem with the input or environment (one line).
 """
@@ -26,7 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("config", type=Path, help="the resolved Hydra config the launcher saved")
     parser.add_argument("stage")
     parser.add_argument("sub_stage")
-    parser.add_argument("--server-url", help="accuracy: use this running tritonserver (multi-node rank 0)")
+    parser.add_argument("--server-url", help="accuracy: use this running tritonserver (multi-node rank 0, k8s)")
+    parser.add_argument("--server-grpc-url", help="accuracy: that server's gRPC host:port, for the liveness check")
     return parser.parse_args(argv)
 
 
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> object:
     if runners is None or args.sub_stage not in runners:
         raise ConfigError(f"no sub-stage {args.stage}/{args.sub_stage}; known: "
                           + ", ".join(f"{s}/{n}" for s, subs in RUNNERS.items() for n in subs))
-    kwargs = {"server_url": args.server_url} if args.server_url else {}
+    kwargs = {key: value for key in ("server_url", "server_grpc_url") if (value := getattr(args, key))}
     return runners[args.sub_stage](cfg, **kwargs)
 
 

@@ -80,6 +80,8 @@ def test_sbatch_script_of_every_row(tmp_path, monkeypatch, row):
         assert f"--nodes={row.nodes}" in server and f"--ntasks-per-node={row.tasks_per_node}" in server
         assert "--mpi=pmix" in server and server[-1] == "&"
         assert {"--nodes=1", "--ntasks=1", "--relative=0"} <= set(client)
+        # Rank 0's HTTP address to score through and its gRPC address for the liveness check before scoring.
+        assert client[-4:] == ["--server-url", "http://127.0.0.1:8000", "--server-grpc-url", "127.0.0.1:8001"]
         world = row.tensor_parallel * row.pipeline_parallel
         assert (f"NCCL world size = TP*PP = {row.tensor_parallel}*{row.pipeline_parallel} = {world} = "
                 f"{row.nodes} nodes x {row.gpus_per_node} GPUs") in script.read_text()

@@ -44,7 +44,7 @@ def stub_pids(server, model: str) -> list[int]:
             continue
         group = int(stat[stat.rfind(")") + 2:].split()[2])
         if (group == server.process.pid and argv[0].endswith(b"triton_python_backend_stub")
-                and f"/{model}/".encode() in argv[1]):
+                and Path(os.fsdecode(argv[1])).parts[-3:-2] == (model,)):  # <repository>/<model>/<version>/model.py
             pids.append(int(entry.name))
     return pids
 

@@ -227,7 +227,7 @@ def test_every_shape_renders_lints_validates_and_reads_right(helm, schemas, tmp_
     run = container(pod, "client")
     assert run["command"] == ["python3", "-m", "exporter.run_substage",
                               str(results / "accuracy" / f"{cfg.export.run.name}_hydra.yaml"), "export", "accuracy",
-                              "--server-url", f"http://{host}:8000"]
+                              "--server-url", f"http://{host}:8000", "--server-grpc-url", f"{host}:8001"]
     assert "resources" not in run  # the client needs no GPU
 
     # dry run: what would be installed is recorded, with the chart written beside it.

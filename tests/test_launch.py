@@ -106,7 +106,7 @@ def test_golden_sbatch_accuracy_two_nodes(golden_bcm):
     assert "--mpi=pmix" not in options and f"--container-image={IMAGE}" in options
     assert client[program:] == ["python3", "-m", "exporter.run_substage",
                                 str(golden_bcm / "accuracy" / "export_gpt2_hydra.yaml"), "export", "accuracy",
-                                "--server-url", "http://127.0.0.1:8000"]
+                                "--server-url", "http://127.0.0.1:8000", "--server-grpc-url", "127.0.0.1:8001"]
     text = script.read_text()
     assert "NCCL world size = TP*PP = 8*2 = 16 = 2 nodes x 8 GPUs" in text  # the MPI requirements, written out
     assert "trap 'kill $(jobs -p)" in text  # the background servers end with the job
@@ -156,7 +156,7 @@ def test_golden_bcprun(tmp_path, monkeypatch):
     inner = shlex.split(client[6])
     assert inner[3:] == [sys.executable, "-m", "exporter.run_substage",
                          str(results / "accuracy" / "export_gpt2_hydra.yaml"), "export", "accuracy",
-                         "--server-url", "http://127.0.0.1:8000"]
+                         "--server-url", "http://127.0.0.1:8000", "--server-grpc-url", "127.0.0.1:8001"]
     assert "NCCL world size = TP*PP = 8*2 = 16" in script.read_text()
     (convert,) = commands(results / "convert" / "launcher.sh", "bcprun")
     assert convert[:5] == ["bcprun", "--nnodes", "1", "--npernode", "1"]
@@ -316,7 +316,8 @@ def test_accuracy_client_uses_a_server_it_did_not_start(tmp_path, monkeypatch, t
     converted = sub_stage("convert")
     assert converted.returncode == 0, converted.stdout[-2000:] + converted.stderr[-2000:]
     with TritonServer(results / "model_repo", tmp_path / "server.log") as server:
-        scored = sub_stage("accuracy", "--server-url", f"http://{server.http_url}")
+        scored = sub_stage("accuracy", "--server-url", f"http://{server.http_url}", "--server-grpc-url",
+                           server.grpc_url)
     assert scored.returncode == 0, scored.stdout[-2000:] + scored.stderr[-2000:]
     assert f"using the tritonserver at {server.http_url}" in scored.stdout
     assert not (results / "accuracy" / "tritonserver.log").exists()  # it started none of its own
@@ -328,6 +329,45 @@ def test_accuracy_client_uses_a_server_it_did_not_start(tmp_path, monkeypatch, t
         assert entry["prediction_agreement"] == 1.0
 
 
+@pytest.mark.triton
+def test_accuracy_client_refuses_a_server_whose_stub_is_dead(tmp_path, monkeypatch, tiny_gpt2):
+    """Bug pinned: the client step of a server it did not start (`--server-url`, multi-node / k8s) only waited for
+    readiness, which a dead python-backend stub does not change (tests/test_health.py), so it scored through a zombie
+    whose every request fails. Now the inferring liveness check at `--server-grpc-url` refuses first, naming the dead
+    model and saying that the server is not this step's to restart."""
+    import os
+    import signal
+
+    from test_health import stub_pids
+
+    from exporter.serve.tritonserver import TritonServer
+
+    results = dry_run(tmp_path, monkeypatch, f"export.model.checkpoint_path={tiny_gpt2}", "export.accuracy.limit=4",
+                      "export.accuracy.batch_size=2", "export.triton_deployment.max_batch_size=2",
+                      "export.accuracy.reference=none")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def sub_stage(name: str, *extra: str) -> subprocess.CompletedProcess:
+        config = results / name / "export_gpt2_hydra.yaml"
+        return subprocess.run([sys.executable, "-m", "exporter.run_substage", str(config), "export", name, *extra],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    converted = sub_stage("convert")
+    assert converted.returncode == 0, converted.stdout[-2000:] + converted.stderr[-2000:]
+    with TritonServer(results / "model_repo", tmp_path / "server.log") as server:
+        (stub,) = stub_pids(server, "gpt2")
+        os.kill(stub, signal.SIGKILL)  # what an OOM kill does; the server and the model stay "ready"
+        scored = sub_stage("accuracy", "--server-url", f"http://{server.http_url}", "--server-grpc-url",
+                           server.grpc_url)
+        assert server.process.poll() is None  # not restarted or stopped by the client: not its server
+    assert scored.returncode == 1, scored.stdout[-2000:] + scored.stderr[-2000:]
+    (error,) = [line for line in scored.stdout.splitlines() if "TritonServerError" in line]
+    assert f"tritonserver at {server.http_url} reports ready, but the liveness check" in error
+    assert "gpt2: Stub process 'gpt2_0_0' is not healthy" in error
+    assert "did not start that server, so it cannot restart it" in error
+    assert not (results / "eval_output.json").exists()  # nothing scored
+
+
 def test_run_substage_refuses_unknown_sub_stage(tmp_path, monkeypatch):
     from exporter.run_substage import main as run_substage
 
@@ -335,6 +375,18 @@ def test_run_substage_refuses_unknown_sub_stage(tmp_path, monkeypatch):
     config = results / "convert" / "export_gpt2_hydra.yaml"
     assert run_substage([str(config), "export", "deploy"]) == 2
     assert run_substage([str(tmp_path / "missing.yaml"), "export", "convert"]) == 2
+
+
+def test_run_substage_refuses_a_server_url_without_its_grpc_address(tmp_path, monkeypatch, caplog):
+    """A server this step did not start is checked over gRPC before scoring; an HTTP URL alone is refused before
+    anything runs (exit 2), not scored unchecked."""
+    from exporter.run_substage import main as run_substage
+
+    results = dry_run(tmp_path, monkeypatch)
+    config = str(results / "accuracy" / "export_gpt2_hydra.yaml")
+    assert run_substage([config, "export", "accuracy", "--server-url", "http://127.0.0.1:8000"]) == 2
+    assert "needs both --server-url (HTTP, to score) and --server-grpc-url" in caplog.text
+    assert not (results / "eval_output.json").exists()
 
 
 def test_bcm_group_has_nemo_launcher_keys():

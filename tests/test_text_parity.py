@@ -133,7 +133,7 @@ def hf_text(checkpoint: Path, prompt: str, new_tokens: int) -> tuple[list[int], 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda case: case.name)
 def served_case(request, tmp_path_factory):
-    """(case, checkpoint, model directory, server URL): the case's checkpoint exported by the pipeline and served by
+    """(case, checkpoint, model directory, TritonServer): the case's checkpoint exported by the pipeline and served by
     tritonserver."""
     pytest.importorskip("tritonclient.http")
     from exporter.parallel import ParallelLayout
@@ -150,7 +150,7 @@ def served_case(request, tmp_path_factory):
                              data_type="fp32", device="cpu")
     repo = build_repository(root / "model_repo", checkpoint, settings, "fp32")
     with TritonServer(repo, root / "tritonserver.log", install=install, startup_timeout_s=240) as server:
-        yield case, checkpoint, repo / case.name, server.http_url
+        yield case, checkpoint, repo / case.name, server
 
 
 @pytest.mark.triton
@@ -159,8 +159,8 @@ def test_ensemble_text_equals_hf_generate(served_case):
     </s> first), so served text differed from HF's `generate(**tok(prompt))`."""
     from test_e2e import infer_ensemble
 
-    case, checkpoint, _, url = served_case
-    served = infer_ensemble(url, list(case.prompts), NEW_TOKENS)
+    case, checkpoint, _, server = served_case
+    served = infer_ensemble(server.http_url, list(case.prompts), NEW_TOKENS)
     for row, prompt in enumerate(case.prompts):
         prompt_ids, new, text = hf_text(checkpoint, prompt, NEW_TOKENS)
         seq_len = int(served["sequence_length"][row, 0])
@@ -178,13 +178,13 @@ def test_lambada_ids_and_predictions_equal_hf(served_case, tmp_path):
     from exporter.config import validate
     from exporter.stages.export import accuracy
 
-    case, checkpoint, model_dir, url = served_case
+    case, checkpoint, model_dir, server = served_case
     cfg = validate(composed(
         f"base_results_dir={tmp_path}", f"export.model.checkpoint_path={checkpoint}",
         f"export.triton_deployment.triton_model_dir={model_dir}", "export.triton_deployment.max_batch_size=4",
         "export.accuracy.limit=12", "export.accuracy.batch_size=4", f"export.accuracy.output_path={tmp_path}/eval.json",
     ))
-    results = accuracy(cfg, server_url=f"http://{url}")
+    results = accuracy(cfg, server_url=f"http://{server.http_url}", server_grpc_url=server.grpc_url)
     assert (results["parity"], results["passed"], results["reference_ids"]) == ("passed", True, "its own tokenizer's")
     for metric, entry in results["metrics"].items():
         assert entry["same_ids_as_reference"] == 1.0, metric

@@ -91,9 +91,9 @@ class Runtime:
         """Refuse a tritonserver that cannot run this runtime's backend (TritonServerError)."""
 
     def multi_node_server(self, repository: Path, tritonserver: str, shape: Resources,
-                          layout: ParallelLayout) -> tuple[tuple[Step, ...], str]:
-        """The steps that start the server on every node of a multi-node serving job (`shape`), and the URL at
-        which the job's first node reaches it."""
+                          layout: ParallelLayout) -> tuple[tuple[Step, ...], str, str]:
+        """The steps that start the server on every node of a multi-node serving job (`shape`), and the HTTP URL
+        and gRPC host:port at which the job's first node reaches it."""
         raise NotImplementedError(f"the {self.name} runtime serves on one node")
 
     def common_parameters(self, settings: ModelSettings, checkpoint_path: str) -> dict[str, object]:

@@ -155,7 +155,7 @@ class FasterTransformerRuntime(Runtime):
             )
 
     def multi_node_server(self, repository: Path, tritonserver: str, shape: Resources,
-                          layout: ParallelLayout) -> tuple[tuple[Step, ...], str]:
+                          layout: ParallelLayout) -> tuple[tuple[Step, ...], str, str]:
         """One tritonserver per node as one MPI world (FT's multi-node backend); clients talk to rank 0."""
         tp, pp = layout.tensor_parallel, layout.pipeline_parallel
         server = Step(
@@ -172,7 +172,7 @@ class FasterTransformerRuntime(Runtime):
                 "Rank 0 (the first node, where this script runs) serves requests; the client below talks to it.",
             ),
         )
-        return (server,), f"http://127.0.0.1:{SERVER_PORTS['http']}"
+        return (server,), f"http://127.0.0.1:{SERVER_PORTS['http']}", f"127.0.0.1:{SERVER_PORTS['grpc']}"
 
 
 def check_world_size(shape: Resources, layout: ParallelLayout) -> None:

@@ -150,8 +150,13 @@ def prompt_tables_of(cfg: DictConfig) -> PromptTables | None:
     return load_prompt_tables(prompt.type.value, [dict(task) for task in prompt.tasks], prompt.nemo, prompt.start_id)
 
 
-def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
-    """Score LAMBADA through tritonserver: one launched here, or (multi-node) the one already at `server_url`."""
+def accuracy(cfg: DictConfig, server_url: str | None = None, server_grpc_url: str | None = None) -> dict:
+    """Score LAMBADA through tritonserver: one launched here, or (multi-node, k8s) the one already at `server_url`,
+    whose gRPC host:port `server_grpc_url` the liveness check uses."""
+    if (server_url is None) != (server_grpc_url is None):
+        raise ConfigError("a tritonserver this step did not start needs both --server-url (HTTP, to score) and "
+                          "--server-grpc-url (host:port, for the liveness check); got "
+                          f"--server-url={server_url} --server-grpc-url={server_grpc_url}")
     from tokenizers import Tokenizer
 
     from ..evaluate import lambada
@@ -191,7 +196,7 @@ def accuracy(cfg: DictConfig, server_url: str | None = None) -> dict:
                                                batch_size, bounds)
         log.log(logging.WARNING if seconds > LONG_S else logging.INFO, "%s", line)
 
-    with _serving(cfg, paths, server_url) as url:
+    with _serving(cfg, paths, server_url, server_grpc_url) as url:
         results = lambada.evaluate(
             texts=texts,
             encoder=encoder,
@@ -248,7 +253,8 @@ def _reference(cfg: DictConfig, paths: ExportPaths, end_id: int):
 
 
 @contextlib.contextmanager
-def _serving(cfg: DictConfig, paths: ExportPaths, server_url: str | None) -> Iterator[str]:
+def _serving(cfg: DictConfig, paths: ExportPaths, server_url: str | None,
+             server_grpc_url: str | None) -> Iterator[str]:
     """Yield the URL of a ready tritonserver on the repository: `server_url`'s, or one started (and stopped) here."""
     from ..serve import health
     from ..serve.tritonserver import TritonServer, find_tritonserver
@@ -256,8 +262,9 @@ def _serving(cfg: DictConfig, paths: ExportPaths, server_url: str | None) -> Ite
     acc = cfg.export.accuracy
     if server_url is not None:
         address = server_url.split("://", 1)[-1]  # host:port, as tritonclient takes it
-        log.info("using the tritonserver at %s (MPI rank 0 of the multi-node server)", address)
+        log.info("using the tritonserver at %s (started by the job, not by this step)", address)
         _wait_until_ready(address, paths.repository, acc.server_timeout_s)
+        _refuse_unhealthy(server_grpc_url.split("://", 1)[-1], address)
         yield address
         return
     install = find_tritonserver(acc.tritonserver)
@@ -270,6 +277,21 @@ def _serving(cfg: DictConfig, paths: ExportPaths, server_url: str | None) -> Ite
             log.warning("restarted tritonserver: %s", problem)
         log.info("tritonserver ready at http://%s (log: %s)", server.http_url, log_path)
         yield server.http_url
+
+
+def _refuse_unhealthy(grpc_address: str, address: str) -> None:
+    """Fail fast when a model of a server we did not start fails the inferring liveness check (a dead stub is
+    "ready"); that server is not ours to restart, so the error says who can."""
+    from ..serve import health
+    from ..serve.tritonserver import TritonServerError
+
+    problems = health.check(grpc_address, timeout_s=LIVENESS_TIMEOUT_S)
+    if problems:
+        found = "; ".join(str(problem).rstrip(".") for problem in problems)
+        raise TritonServerError(
+            f"tritonserver at {address} reports ready, but the liveness check (one tiny inference per model over "
+            f"gRPC at {grpc_address}) failed: {found}. This step did not start that server, so it cannot restart "
+            "it: restart the server (its job or pod) and run the accuracy sub-stage again")
 
 
 def _wait_until_ready(address: str, repository: Path, timeout_s: float) -> None:
@@ -384,12 +406,14 @@ def _accuracy_sub_stage(cfg: DictConfig, sub_stage, paths, shape, layout) -> Sub
         steps: tuple[Step, ...] = (Step(entry=("export", "accuracy")),)
         servers: tuple[Step, ...] = (Step(argv=endpoints.server_argv(binary, paths.repository)),)
     else:
-        servers, url = runtime.multi_node_server(paths.repository, binary, shape, layout)
-        steps = (*servers, Step(entry=("export", "accuracy", "--server-url", url)))
+        servers, url, grpc_url = runtime.multi_node_server(paths.repository, binary, shape, layout)
+        steps = (*servers, Step(entry=("export", "accuracy", "--server-url", url, "--server-grpc-url", grpc_url)))
     # The same job as a server and its client, for launchers that run the server as its own workload (k8s).
-    client = Step(entry=("export", "accuracy", "--server-url", f"http://{SERVER_HOST}:{dict(endpoints.PORTS)['http']}"))
+    ports = dict(endpoints.PORTS)
+    client = Step(entry=("export", "accuracy", "--server-url", f"http://{SERVER_HOST}:{ports['http']}",
+                         "--server-grpc-url", f"{SERVER_HOST}:{ports['grpc']}"))
     # Liveness that infers (a dead python-backend stub leaves the server "ready"), run inside the server's pod.
-    liveness = ("-m", "exporter.serve.health", "--url", f"127.0.0.1:{dict(endpoints.PORTS)['grpc']}",
+    liveness = ("-m", "exporter.serve.health", "--url", f"127.0.0.1:{ports['grpc']}",
                 "--timeout", str(LIVENESS_TIMEOUT_S))
     service = Service(servers=servers, ports=endpoints.PORTS, ready_path=endpoints.READY_PATH, client=(client,),
                       liveness=liveness)
