@@ -53,7 +53,8 @@ def serving_manifests() -> list[dict]:
         "name": "accuracy",
         "image": IMAGE,
         "command": ["python3", "-m", "exporter.run_substage", "/workspace/results/accuracy/export_gpt2_hydra.yaml",
-                    "export", "accuracy", f"--server-url=http://{service_host}:{PORTS['http']}"],
+                    "export", "accuracy", f"--server-url=http://{service_host}:{PORTS['http']}",
+                    f"--server-grpc-url={service_host}:{PORTS['grpc']}"],
         "volumeMounts": [{"name": "workspace", "mountPath": "/workspace"}],
     }
     wait_for_server = {
