@@ -189,17 +189,28 @@ def prompt_prefixes(names, batch, tasks, start_id):
     return prefixes, ids
 
 
+def prompt_tokenizer(config):
+    """(tokenizer, end_id) for prompts: the model wants raw prompt ids, no padding/truncation baked into
+    tokenizer.json."""
+    tokenizer, end_id = load_tokenizer_and_end_id(config)
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer, end_id
+
+
+def output_length_defaults(config):
+    """output_lengths' keyword arguments from the config parameters: the output length of a request that gives none."""
+    return {"max_new_tokens": int_parameter(config, "max_new_tokens"),
+            "max_length": int_parameter(config, "max_length"),
+            "max_positions": int_parameter(config, "max_pos_seq_len")}
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        self.tokenizer, self.end_id = load_tokenizer_and_end_id(config)
-        # The model wants raw prompt ids: no padding/truncation baked into tokenizer.json.
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
+        self.tokenizer, self.end_id = prompt_tokenizer(config)
         # The output length of a request that leaves REQUEST_OUTPUT_LEN out (see output_lengths).
-        self.length_defaults = {"max_new_tokens": int_parameter(config, "max_new_tokens"),
-                                "max_length": int_parameter(config, "max_length"),
-                                "max_positions": int_parameter(config, "max_pos_seq_len")}
+        self.length_defaults = output_length_defaults(config)
         self.prompt_tasks = parse_prompt_tasks(config_parameter(config, "prompt_tasks"))
         self.prompt_start_id = int_parameter(config, "prompt_learning_start_id")
 

@@ -39,7 +39,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import text_preprocessing  # noqa: E402
-from tokenizer_model import RequestError, config_parameter, int_parameter, load_tokenizer_and_end_id  # noqa: E402
+from tokenizer_model import RequestError, config_parameter  # noqa: E402
 
 # TensorRT-LLM's sampling inputs -> (the GPT model's input, its numpy dtype) (templates/ft_python/ft_interface.py).
 PASSED_ON = {
@@ -62,9 +62,7 @@ REPLACEMENT = "\ufffd"  # a trailing incomplete utf-8 character, completed by a 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        self.tokenizer, self.end_id = load_tokenizer_and_end_id(config)
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
+        self.tokenizer, self.end_id = text_preprocessing.prompt_tokenizer(config)
         self.model_name = config_parameter(config, "model_name")
         self.model_decoupled = config_parameter(config, "model_decoupled") == "1"
         self.exclude_input_default = config_parameter(config, "exclude_input_in_output") != "0"
@@ -72,9 +70,7 @@ class TritonPythonModel:
         self.eos_ids = tuple(int(i) for i in eos.split(",")) if eos else (self.end_id,)
         self.skip_special_tokens = config_parameter(config, "skip_special_tokens") != "0"
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
-        self.length_defaults = {"max_new_tokens": int_parameter(config, "max_new_tokens"),
-                                "max_length": int_parameter(config, "max_length"),
-                                "max_positions": int_parameter(config, "max_pos_seq_len")}
+        self.length_defaults = text_preprocessing.output_length_defaults(config)
         self.threads = []
 
     def execute(self, requests):
