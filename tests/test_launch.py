@@ -293,6 +293,20 @@ def test_every_cluster_group_composes_and_validates(group):
     assert cfg.cluster.gpus_per_node == 8 and cfg.cluster.job_name_prefix == "ft-exporter-"
 
 
+def sub_stage_runner(results: Path, cwd: Path):
+    """Runs a dry run's sub-stage as its job does: `python -m exporter.run_substage <saved config> export <name> ...`."""
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def run(name: str, *extra: str) -> subprocess.CompletedProcess:
+        config = results / name / "export_gpt2_hydra.yaml"
+        return subprocess.run([sys.executable, "-m", "exporter.run_substage", str(config), "export", name, *extra],
+                              cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+    return run
+
+
 @pytest.mark.triton
 def test_accuracy_client_uses_a_server_it_did_not_start(tmp_path, monkeypatch, tiny_gpt2):
     """The multi-node client step (`--server-url`): it waits for a running server and scores through it.
@@ -300,19 +314,11 @@ def test_accuracy_client_uses_a_server_it_did_not_start(tmp_path, monkeypatch, t
     The server here is one tritonserver (no MPI); what is tested is the client side of that step, run as the
     job runs it: `python -m exporter.run_substage <saved config> export accuracy --server-url ...`.
     """
-    import os
-
     from exporter.serve.tritonserver import TritonServer
 
     results = dry_run(tmp_path, monkeypatch, f"export.model.checkpoint_path={tiny_gpt2}", "export.accuracy.limit=8",
                       "export.accuracy.batch_size=4", "export.triton_deployment.max_batch_size=4")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-
-    def sub_stage(name: str, *extra: str) -> subprocess.CompletedProcess:
-        config = results / name / "export_gpt2_hydra.yaml"
-        return subprocess.run([sys.executable, "-m", "exporter.run_substage", str(config), "export", name, *extra],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-
+    sub_stage = sub_stage_runner(results, tmp_path)
     converted = sub_stage("convert")
     assert converted.returncode == 0, converted.stdout[-2000:] + converted.stderr[-2000:]
     with TritonServer(results / "model_repo", tmp_path / "server.log") as server:
@@ -345,13 +351,7 @@ def test_accuracy_client_refuses_a_server_whose_stub_is_dead(tmp_path, monkeypat
     results = dry_run(tmp_path, monkeypatch, f"export.model.checkpoint_path={tiny_gpt2}", "export.accuracy.limit=4",
                       "export.accuracy.batch_size=2", "export.triton_deployment.max_batch_size=2",
                       "export.accuracy.reference=none")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-
-    def sub_stage(name: str, *extra: str) -> subprocess.CompletedProcess:
-        config = results / name / "export_gpt2_hydra.yaml"
-        return subprocess.run([sys.executable, "-m", "exporter.run_substage", str(config), "export", name, *extra],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-
+    sub_stage = sub_stage_runner(results, tmp_path)
     converted = sub_stage("convert")
     assert converted.returncode == 0, converted.stdout[-2000:] + converted.stderr[-2000:]
     with TritonServer(results / "model_repo", tmp_path / "server.log") as server:
