@@ -11,7 +11,7 @@ from ..readers import nemo_archive
 from ..readers.gguf import GGUFCheckpoint
 from ..readers.hf import CONFIG_NAME, HFCheckpoint
 from ..readers.source import SourceKind, source_kind
-from . import gemma, gpt2, gptj, gptneox, llama, mistral, nemo_gpt, opt, phi3, qwen2, qwen3  # noqa: F401  (each registers itself)
+from . import gemma, gpt2, gptj, gptneox, llama, mistral, nemo_gpt, opt, phi3, qwen2, qwen3, t5  # noqa: F401  (each registers itself)
 from .base import Architecture, TensorSpec
 from .nemo_gpt import nemo_architecture, nemo_model_class, open_nemo
 from .registry import architecture_for, register, registered
