@@ -32,6 +32,7 @@ from ..parallel import Split
 from .base import ENCODER_DECODER, Architecture, Plan, TensorSpec
 from .registry import register
 
+FT_LAYER_NORM_EPSILON = 1e-6  # FT's T5Encoder.h / T5Decoding.h: constexpr layernorm_eps_
 # FT file stem (after "encoder.block.{i}." / "decoder.block.{i}.") -> (HF name after the same prefix, split).
 ENCODER_LAYER = {
     **{f"layer.0.SelfAttention.{n}.weight": (f"layer.0.SelfAttention.{n}.weight", Split.COLUMN) for n in "qkv"},
@@ -79,6 +80,10 @@ class T5(Architecture):
         if distance != FT_MAX_DISTANCE:
             return (f"config.json relative_attention_max_distance {distance}: FT's T5 backend always uses "
                     f"{FT_MAX_DISTANCE} (T5TritonModel.cc)")
+        epsilon = config.get("layer_norm_epsilon", FT_LAYER_NORM_EPSILON)
+        if epsilon != FT_LAYER_NORM_EPSILON:
+            return (f"config.json layer_norm_epsilon {epsilon}: FT's T5 always uses {FT_LAYER_NORM_EPSILON} "
+                    "(T5Encoder.h, T5Decoding.h)")
         return None
 
     def _detect_prefix(self) -> str:
