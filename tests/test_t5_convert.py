@@ -189,3 +189,63 @@ def test_untied_config_without_lm_head_refused(checkpoints, tmp_path):
 def test_unknown_tensor_refused(checkpoints, tmp_path):
     source = _copy(checkpoints["relu-tied"], tmp_path / "src", add="encoder.block.0.layer.0.SelfAttention.q.bias")
     _assert_refused(source, tmp_path / "out", CheckpointError, ("encoder.block.0.layer.0.SelfAttention.q.bias",))
+
+
+# -- the export stage: as far as the pipeline goes for encoder-decoder models -----------------------------------
+
+def test_export_writes_shards_then_stops_for_python_runtime(checkpoints, tmp_path):
+    """The python runtime does not serve encoder-decoder models on this branch: the repository gets the verified
+    shards, then one error names the runtime and where the shards are (no half-built serving repository)."""
+    from exporter.runtimes import ModelSettings
+    from exporter.stages.export import build_repository
+
+    settings = ModelSettings(name="t5", runtime="python", max_batch_size=4, layout=ParallelLayout(2),
+                             data_type="fp32")
+    with pytest.raises(CheckpointError, match="python runtime does not serve encoder-decoder models"):
+        build_repository(tmp_path / "repo", checkpoints["gated-untied"], settings, "fp32")
+    verify(tmp_path / "repo" / "t5" / "1" / "2-gpu")
+    assert sorted(path.name for path in (tmp_path / "repo").iterdir()) == ["t5"]
+    assert not (tmp_path / "repo" / "t5" / "config.pbtxt").exists()
+
+
+def test_export_with_ft_runtime_renders_t5_model_then_stops(checkpoints, tmp_path):
+    """FT's backend serves the shards (model_type "T5"): shards + its config.pbtxt, then the export stops because
+    the text ensemble for encoder-decoder models is not built yet."""
+    from exporter.runtimes import ModelSettings
+    from exporter.stages.export import build_repository
+
+    source = _copy(checkpoints["relu-tied"], tmp_path / "src", {"relative_attention_max_distance": 128})
+    settings = ModelSettings(name="t5", runtime="fastertransformer", max_batch_size=4, layout=ParallelLayout(1),
+                             data_type="fp16")
+    with pytest.raises(CheckpointError, match="text ensemble for encoder-decoder models are not built yet"):
+        build_repository(tmp_path / "repo", source, settings, "fp16")
+    assert 'string_value: "T5"' in (tmp_path / "repo" / "t5" / "config.pbtxt").read_text()
+    assert verify(tmp_path / "repo" / "t5" / "1" / "1-gpu").weight_data_type == "fp16"
+
+
+def test_ft_runtime_refuses_t5_it_would_compute_differently(checkpoints):
+    """FT's T5 backend fixes relative_attention_max_distance at 128: a source with 16 is refused up front."""
+    from exporter.runtimes import runtime_for
+
+    with pytest.raises(CheckpointError, match="relative_attention_max_distance 16"):
+        runtime_for("fastertransformer").check_source(checkpoints["relu-tied"])
+
+
+def test_main_export_of_t5_writes_shards_and_says_what_is_missing(checkpoints, tmp_path):
+    """`python main.py export.model.checkpoint_path=<t5 dir>`: the convert job writes the shards and the run stops
+    with one line naming what is not built yet."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "main.py", f"base_results_dir={tmp_path}",
+         f"export.model.checkpoint_path={checkpoints['relu-tied']}", "export.run.model_train_name=t5tiny",
+         "export.triton_deployment.device=cpu"],
+        cwd=root, capture_output=True, text=True, timeout=600,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    assert "runtime does not serve encoder-decoder models yet" in output, output[-3000:]
+    shard_dirs = list(tmp_path.glob("t5tiny/*/model_repo/t5tiny/1/1-gpu"))
+    assert len(shard_dirs) == 1 and verify(shard_dirs[0]).encoder_num_layers == 2
