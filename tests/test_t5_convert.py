@@ -11,6 +11,7 @@ FT's converter writes.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +250,52 @@ def test_main_export_of_t5_writes_shards_and_says_what_is_missing(checkpoints, t
     assert "runtime does not serve encoder-decoder models yet" in output, output[-3000:]
     shard_dirs = list(tmp_path.glob("t5tiny/*/model_repo/t5tiny/1/1-gpu"))
     assert len(shard_dirs) == 1 and verify(shard_dirs[0]).encoder_num_layers == 2
+
+
+def test_reads_config_ini_as_ft_converter_writes_it(checkpoints, tmp_path):
+    """A shard directory made by FT's own converter (seed 003's route) has its config.ini: HF's encoder and decoder
+    sub-configs' to_dict() as text, relative_attention_num_buckets renamed, [structure], no tensor_para_size. The
+    runtime's reader takes the split from the `<tp>-gpu` name and reads the same model."""
+    import configparser
+
+    from transformers import T5ForConditionalGeneration
+
+    checkpoint = checkpoints["relu-tied"]
+    shard_dir = convert_checkpoint(checkpoint, tmp_path, ParallelLayout(2), "fp32")
+    ours = verify(shard_dir)
+    model = T5ForConditionalGeneration.from_pretrained(checkpoint)
+    parser = configparser.ConfigParser()
+    for section, sub_config in (("encoder", model.encoder.config), ("decoder", model.decoder.config)):
+        parser[section] = {key: f"{value}" for key, value in sub_config.to_dict().items()}
+        parser[section]["weight_data_type"] = "fp32"
+        parser[section]["relative_attention_num_buckets_or_max_pos_seq_len"] = \
+            parser[section].pop("relative_attention_num_buckets")
+    parser["structure"] = {"t5_with_bias": "false", "use_gated_activation": "false",
+                           "position_embedding_type": "relative"}
+    with open(shard_dir / "config.ini", "w") as handle:
+        parser.write(handle)
+    theirs = verify(shard_dir)
+    assert theirs.tensor_para_size == 2
+    assert replace(theirs, name_or_path="", pipeline_para_size=1) == replace(ours, name_or_path="")
+
+
+def test_pipeline_split_of_encoder_refused(checkpoints, tmp_path):
+    """FT's T5 encoder requires its layers to divide evenly over pipeline stages (FT_CHECK in T5EncoderWeight)."""
+    with pytest.raises(ShardingError, match="num_layers 2 .encoder. is not divisible by pipeline_para_size 3"):
+        convert_checkpoint(checkpoints["relu-tied"], tmp_path / "out", ParallelLayout(1, 3))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_bf16_and_parallel_writer(checkpoints, tmp_path):
+    """weight_data_type bf16 (FT's getModelFileType reads it; FT's own converter writes fp32/fp16 only): each file
+    is the HF tensor in bfloat16 (torch's cast of the numpy reference), written by two worker processes."""
+    import torch
+
+    checkpoint = checkpoints["gated-untied"]
+    shard_dir = convert_checkpoint(checkpoint, tmp_path, ParallelLayout(2), "bf16", processes=2)
+    expected = ft_converter_files(checkpoint, 2)
+    assert {path.name for path in shard_dir.glob("*.bin")} == set(expected)
+    for name, array in expected.items():
+        as_bf16 = torch.from_numpy(np.ascontiguousarray(array)).to(torch.bfloat16)
+        assert (shard_dir / name).read_bytes() == as_bf16.view(torch.int16).numpy().tobytes(), name
+    assert verify(shard_dir).weight_data_type == "bf16"
