@@ -28,6 +28,9 @@ from ..readers.hf import HFCheckpoint, Scratch
 
 log = logging.getLogger(__name__)
 
+# What a family's converter writes (exporter.runtimes.ModelKind's values: arch/ does not import runtimes/).
+DECODER, ENCODER_DECODER = "decoder", "encoder-decoder"
+
 Sources = Union[str, tuple[str, ...]]
 Table = dict[str, tuple[Sources, Split]]
 
@@ -46,7 +49,9 @@ class TensorSpec:
 
 @dataclass
 class Plan:
-    params: FTConfig  # the model's hyper-parameters and section; the layout and weight type are the writer's
+    # The model's hyper-parameters and section; the layout and weight type are the writer's. Encoder-decoder
+    # architectures (model_kind ENCODER_DECODER) give ft_t5_checkpoint.T5Config instead.
+    params: FTConfig
     specs: list[TensorSpec] = field(default_factory=list)
 
     def by_layer(self) -> dict[int | None, list[TensorSpec]]:
@@ -72,6 +77,8 @@ class Architecture:
     section: ClassVar[str] = "gpt"
     # FT Triton backend `model_type` that serves this section; None: FT has no backend for it (python runtime only).
     ft_model_type: ClassVar[str | None] = "GPT"
+    # DECODER (GPT layout, FTConfig) or ENCODER_DECODER (FT's T5 layout, ft_t5_checkpoint.T5Config).
+    model_kind: ClassVar[str] = DECODER
     # FT name -> (source name(s) without prefix, split); `{i}` is the layer index in per-layer tables.
     global_tensors: ClassVar[Table] = {}
     layer_tensors: ClassVar[Table] = {}
