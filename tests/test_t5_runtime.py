@@ -1,0 +1,225 @@
+"""The python runtime for FT T5 shards (templates/ft_python/ft_t5.py) against HF transformers' T5.
+
+Two tiny seeded T5ForConditionalGeneration models: original T5 (ReLU MLP, tied embeddings, decoder output scaled by
+d_model**-0.5) and T5 v1.1 style (gated GELU, untied lm_head, no scaling). Each is converted to FT's T5 shard layout
+at TP 1 and 2 and run by ft_t5.FTT5 on the CPU. References come from HF: encoder outputs and teacher-forced logits
+(within 1e-4), generate() for greedy and beam search (num_beams, length_penalty, early_stopping=True, as
+ft_generate documents) on a batch of prompts of different lengths.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from templates.ft_python import ft_generate, ft_t5, ft_t5_checkpoint  # noqa: E402
+
+VOCAB, EOS, PAD, START = 96, 1, 0, 0
+# Encoder prompts of different lengths (right-padded in a batch).
+PROMPTS = [[5, 17, 42, 8, 63, 21, 1], [33, 9, 1], [70, 12, 55, 4, 90, 1], [2, 1]]
+# The seeds and scales make each model's outputs depend on its prompt, and some rows end with eos (a
+# random tied T5 otherwise repeats one token: its embedding dominates the decoder output).
+VARIANTS = {"relu": {"feed_forward_proj": "relu", "tie_word_embeddings": True, "seed": 1, "embedding_scale": 0.2},
+            "gated-gelu": {"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False, "seed": 0}}
+
+
+def build_hf_t5(feed_forward_proj, tie_word_embeddings, seed, embedding_scale=1.0, eos_boost=2.0):
+    """A tiny seeded T5ForConditionalGeneration; untied: its own random lm_head (as T5 v1.1 / Flan-T5).
+    embedding_scale scales the shared embedding, eos_boost the output row of eos."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2, num_decoder_layers=2,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                      feed_forward_proj=feed_forward_proj, tie_word_embeddings=tie_word_embeddings,
+                      decoder_start_token_id=START, eos_token_id=EOS, pad_token_id=PAD, dropout_rate=0.0)
+    model = T5ForConditionalGeneration(config).eval()
+    if not tie_word_embeddings:
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, 32))
+    with torch.no_grad():
+        model.shared.weight.mul_(embedding_scale)
+        model.lm_head.weight[EOS] *= eos_boost  # tied: the shared row
+    assert model.config.scale_decoder_outputs == tie_word_embeddings
+    return model
+
+
+def write_ft_t5_shards(model, directory, tp):
+    """FT's T5 shards written as FT's converter does (interim: the project's converter replaces this)."""
+    hf = model.config
+    config = ft_t5_checkpoint.T5Config(
+        num_heads=hf.num_heads, d_kv=hf.d_kv, d_model=hf.d_model, d_ff=hf.d_ff, vocab_size=hf.vocab_size,
+        encoder_num_layers=hf.num_layers, decoder_num_layers=hf.num_decoder_layers,
+        relative_attention_num_buckets=hf.relative_attention_num_buckets,
+        relative_attention_max_distance=hf.relative_attention_max_distance, feed_forward_proj=hf.feed_forward_proj,
+        layer_norm_epsilon=hf.layer_norm_epsilon, scale_decoder_output=hf.scale_decoder_outputs,
+        tensor_para_size=tp)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.ini").write_text(config.to_ini())
+    state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+
+    def split(name, value, axis, stem=None):
+        for rank, piece in enumerate(np.split(value, tp, axis=axis)):
+            np.ascontiguousarray(piece).tofile(directory / f"{stem or name}.{rank}.bin")
+
+    for name, value in state.items():
+        if "embed_tokens" in name:
+            continue
+        value = value.T if value.ndim == 2 else value
+        if name == "shared.weight":
+            np.ascontiguousarray(value).tofile(directory / "shared.weight.bin")
+            np.ascontiguousarray(value.T).tofile(directory / "shared.weight_T.bin")
+        elif name == "lm_head.weight":
+            np.ascontiguousarray(value.T).tofile(directory / "lm_head.weight.bin")
+        elif "layer_norm" in name:
+            value.tofile(directory / f"{name}.bin")
+        elif name.endswith(("o.weight", "wo.weight", "relative_attention_bias.weight")):
+            split(name, value, 0)
+        elif name.startswith("decoder") and "SelfAttention" in name:
+            continue  # q, k, v fused below
+        else:
+            split(name, value, -1, name.replace("wi_0", "wi").replace("wi_1", "wi2"))
+    for i in range(hf.num_decoder_layers):
+        p = f"decoder.block.{i}.layer.0.SelfAttention."
+        qkv = np.stack([state[f"{p}{n}.weight"].T for n in "qkv"], axis=1)  # [d, 3, inner]
+        split(f"{p}qkv.weight", qkv, -1)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def hf_models():
+    return {name: build_hf_t5(**kwargs) for name, kwargs in VARIANTS.items()}
+
+
+@pytest.fixture(scope="module")
+def runtimes(hf_models, tmp_path_factory):
+    """(variant, tp) -> FTT5 loaded from that variant's shards at that TP."""
+    root = tmp_path_factory.mktemp("t5_shards")
+    return {(name, tp): ft_t5.FTT5.from_shards(write_ft_t5_shards(model, root / f"{name}-{tp}" / f"{tp}-gpu", tp))
+            for name, model in hf_models.items() for tp in (1, 2)}
+
+
+CASES = [(name, tp) for name in VARIANTS for tp in (1, 2)]
+
+
+def _batch(prompts=PROMPTS):
+    lengths = torch.tensor([len(p) for p in prompts])
+    ids = torch.full((len(prompts), int(lengths.max())), PAD, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, :len(prompt)] = torch.tensor(prompt)
+    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+    return ids, lengths, mask
+
+
+@pytest.mark.parametrize("variant,tp", CASES)
+def test_encoder_outputs_and_logits_match_hf(hf_models, runtimes, variant, tp):
+    hf, model = hf_models[variant], runtimes[(variant, tp)]
+    ids, lengths, mask = _batch()
+    decoder_ids = torch.tensor([[START, 7, 30, 2, 64, 11]] * len(PROMPTS))
+    with torch.no_grad():
+        reference = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids)
+    encoded = model.encode(ids, lengths)
+    valid = mask.bool()
+    assert torch.allclose(encoded[valid], reference.encoder_last_hidden_state[valid], atol=1e-4, rtol=0)
+    logits = model.bind(ids, lengths).forward_logits(decoder_ids)
+    assert logits.shape == reference.logits.shape
+    assert torch.allclose(logits, reference.logits, atol=1e-4, rtol=0), (logits - reference.logits).abs().max()
+
+
+def _hf_generate(hf, new, **kwargs):
+    ids, _, mask = _batch()
+    with torch.no_grad():
+        return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, **kwargs)
+
+
+def _hf_rows(sequences):
+    """HF's sequences [B, 1 + T] (start token first, pad after eos) -> generated tokens per row, eos included."""
+    rows = []
+    for row in sequences[:, 1:].tolist():
+        rows.append(row[:row.index(EOS) + 1] if EOS in row else row)
+    return rows
+
+
+def _ours(output, beam=0):
+    ids, lengths = output.output_ids[:, beam], output.sequence_length[:, beam]
+    return [ids[row, :int(lengths[row])].tolist() for row in range(ids.shape[0])]
+
+
+@pytest.mark.parametrize("variant,tp", CASES)
+def test_greedy_matches_hf_generate(hf_models, runtimes, variant, tp):
+    new = 12
+    expected = _hf_rows(_hf_generate(hf_models[variant], new))
+    ids, lengths, _ = _batch()
+    output = ft_t5.generate_t5(runtimes[(variant, tp)], ids, lengths, new)
+    assert output.output_ids.shape == (len(PROMPTS), 1, new)
+    assert _ours(output) == expected
+    # FT's T5 layout: generated tokens only, end_id after a row's sequence_length
+    for row, tokens in enumerate(expected):
+        assert output.output_ids[row, 0, len(tokens):].eq(EOS).all()
+
+
+@pytest.mark.parametrize("variant,tp", CASES)
+@pytest.mark.parametrize("beams,length_penalty", [(2, 1.0), (3, 0.6)])
+def test_beam_search_matches_hf_generate(hf_models, runtimes, variant, tp, beams, length_penalty):
+    new = 10
+    expected = _hf_rows(_hf_generate(hf_models[variant], new, num_beams=beams, length_penalty=length_penalty,
+                                     early_stopping=True))
+    ids, lengths, _ = _batch()
+    params = ft_generate.SamplingParams(beam_width=beams, len_penalty=length_penalty)
+    output = ft_t5.generate_t5(runtimes[(variant, tp)], ids, lengths, new, params)
+    assert output.output_ids.shape == (len(PROMPTS), beams, new)
+    assert _ours(output) == expected
+
+
+def test_seeded_sampling_is_reproducible(runtimes):
+    model = runtimes[("gated-gelu", 2)]
+    ids, lengths, _ = _batch()
+
+    def sample(seeds):
+        params = ft_generate.SamplingParams(top_k=20, top_p=0.9, temperature=1.5, random_seed=seeds)
+        return ft_t5.generate_t5(model, ids, lengths, 8, params)
+
+    first, again = sample([1, 2, 3, 4]), sample([1, 2, 3, 4])
+    assert torch.equal(first.output_ids, again.output_ids)
+    assert torch.equal(first.sequence_length, again.sequence_length)
+    other = sample([11, 12, 13, 14])
+    assert not torch.equal(first.output_ids, other.output_ids)
+    # a row's sample depends on its own seed only: row 0 alone gives the same tokens
+    params = ft_generate.SamplingParams(top_k=20, top_p=0.9, temperature=1.5, random_seed=[1])
+    alone = ft_t5.generate_t5(model, ids[:1, :int(lengths[0])], lengths[:1], 8, params)
+    assert torch.equal(alone.output_ids[0], first.output_ids[0])
+
+
+def test_t5_output_drops_the_start_token():
+    """FT's T5Decoding returns the generated tokens without the decoder start token, and a sequence_length that
+    does not count it; ft_generate's output (prompt = [start]) is converted to that."""
+    gpt_layout = ft_generate.GenerationOutput(
+        output_ids=torch.tensor([[[0, 5, 6, 1, 1]], [[0, 7, 8, 9, 4]]]),
+        sequence_length=torch.tensor([[4], [5]]),
+        cum_log_probs=torch.tensor([[-1.0], [-2.0]]),
+        output_log_probs=torch.zeros(2, 1, 4))
+    t5 = ft_t5.t5_output(gpt_layout)
+    assert t5.output_ids.tolist() == [[[5, 6, 1, 1]], [[7, 8, 9, 4]]]
+    assert t5.sequence_length.tolist() == [[3], [4]]
+    assert t5.output_log_probs.shape == (2, 1, 4)
+
+
+def test_start_id_per_row_is_the_decoder_prompt(hf_models, runtimes):
+    """start_id replaces config.ini's decoder_start_token_id as a row's first decoder token, as HF's
+    decoder_start_token_id."""
+    hf, model = hf_models["relu"], runtimes[("relu", 1)]
+    ids, lengths, mask = _batch()
+    with torch.no_grad():
+        reference = _hf_rows(hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                         decoder_start_token_id=9))
+    output = ft_t5.generate_t5(model, ids, lengths, 6, ft_generate.SamplingParams(start_id=9))
+    assert _ours(output) == reference
+
+
+def test_a_cache_for_other_rows_is_refused(runtimes):
+    ids, lengths, _ = _batch()
+    decoder = runtimes[("relu", 1)].bind(ids, lengths)
+    with pytest.raises(ValueError, match="bound to 4 encoder rows"):
+        decoder.new_cache(3, 5)
