@@ -185,6 +185,44 @@ def build_gpt2(directory: Path) -> Path:
 # NeMo checkpoints saved by NeMo itself, with NeMo's own greedy tokens (see tests/test_nemo.py).
 # Resolved once for every test: $NEMO_FIXTURES, else ../shared/fixtures/nemo beside this checkout, else the
 # team's shared copy.
+T5_VOCAB = 100
+
+
+def build_t5(directory: Path, *, gated: bool = False, seed: int = 11) -> Path:
+    """Tiny T5: original (relu, decoder output scaled by d_model ** -0.5, lm_head tied to shared) or, with `gated`,
+    T5 v1.1 / Flan-T5 / UL2-like (gated-gelu, unscaled, its own lm_head.weight: config.json tie_word_embeddings
+    false, as those checkpoints have it). transformers 5 always ties lm_head when building a T5, so the untied
+    lm_head is added to the saved file; from_pretrained keeps it separate (its values differ from shared)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=T5_VOCAB, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
+                      num_decoder_layers=2, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                      feed_forward_proj="gated-gelu" if gated else "relu", decoder_start_token_id=0, pad_token_id=0,
+                      eos_token_id=1, dropout_rate=0.0)
+    model = T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "layer_norm" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.2)
+    model.save_pretrained(directory)
+    if gated:
+        weights_file = directory / "model.safetensors"
+        weights = load_file(weights_file)
+        weights["lm_head.weight"] = torch.randn(T5_VOCAB, 32)
+        save_file(weights, weights_file, metadata={"format": "pt"})
+        config_file = directory / "config.json"
+        saved = json.loads(config_file.read_text())
+        saved.pop("scale_decoder_outputs", None)  # as a transformers 4 checkpoint says it
+        saved["tie_word_embeddings"] = False
+        config_file.write_text(json.dumps(saved, indent=2))
+    return directory
+
+
 def _nemo_fixtures() -> Path:
     if os.environ.get("NEMO_FIXTURES"):
         return Path(os.environ["NEMO_FIXTURES"])
@@ -274,6 +312,12 @@ FIXTURES: dict[str, Fixture] = {
         "nemo-rope-swiglu-gqa": nemo_checkpoint("gpt_rope_swiglu_tp1"),
         "nemo-tp2-legacy": nemo_checkpoint("gpt_tp2_legacy"),
     }, reference=nemo_reference, prompts=nemo_prompts(), new_tokens=8),
+}
+# Encoder-decoder architectures (ModelKind.ENCODER_DECODER): converted and checked by tests/test_t5_convert.py and
+# the registry test; not in FIXTURES, whose users generate with AutoModelForCausalLM.
+ENCODER_DECODER_FIXTURES: dict[str, Fixture] = {
+    "T5ForConditionalGeneration": Fixture({"t5-relu-tied": build_t5,
+                                           "t5-gated-gelu-untied": lambda d: build_t5(d, gated=True)}),
 }
 # Registered aliases (the bare base models) share their family's fixture: they differ only in the name prefix.
 ALIASES = {"GPT2Model": "GPT2LMHeadModel", "OPTModel": "OPTForCausalLM", "GPTJModel": "GPTJForCausalLM",

@@ -11,7 +11,7 @@ from ..readers import nemo_archive
 from ..readers.gguf import GGUFCheckpoint
 from ..readers.hf import CONFIG_NAME, HFCheckpoint
 from ..readers.source import SourceKind, source_kind
-from . import gemma, gpt2, gptj, gptneox, llama, mistral, nemo_gpt, opt, phi3, qwen2, qwen3  # noqa: F401  (each registers itself)
+from . import gemma, gpt2, gptj, gptneox, llama, mistral, nemo_gpt, opt, phi3, qwen2, qwen3, t5  # noqa: F401  (each registers itself)
 from .base import Architecture, TensorSpec
 from .nemo_gpt import nemo_architecture, nemo_model_class, open_nemo
 from .registry import architecture_for, register, registered
@@ -36,6 +36,7 @@ class SourceModel:
     section: str  # the config.ini section its export gets
     ft_model_type: str | None  # the FT Triton backend model_type that serves it; None: the python runtime only
     ft_unsupported: str | None = None  # why FT's backend would compute another model than this (None: it would not)
+    model_kind: str = "decoder"  # exporter.runtimes.ModelKind's value: what its converter writes
 
 
 def describe_source(path: str | Path) -> SourceModel:
@@ -53,7 +54,7 @@ def describe_source(path: str | Path) -> SourceModel:
         architecture = architecture_for(config, _config_origin(path, kind))
         name = config["architectures"][0]
     return SourceModel(kind, name, architecture.section, architecture.ft_model_type_of(config),
-                       architecture.ft_unsupported(config))
+                       architecture.ft_unsupported(config), architecture.model_kind)
 
 
 __all__ = ["Architecture", "SourceModel", "TensorSpec", "architecture_for", "describe_source", "open_architecture",

@@ -28,6 +28,9 @@ from ..readers.hf import HFCheckpoint, Scratch
 
 log = logging.getLogger(__name__)
 
+# What a family's converter writes (exporter.runtimes.ModelKind's values: arch/ does not import runtimes/).
+DECODER, ENCODER_DECODER = "decoder", "encoder-decoder"
+
 Sources = Union[str, tuple[str, ...]]
 Table = dict[str, tuple[Sources, Split]]
 
@@ -72,6 +75,8 @@ class Architecture:
     section: ClassVar[str] = "gpt"
     # FT Triton backend `model_type` that serves this section; None: FT has no backend for it (python runtime only).
     ft_model_type: ClassVar[str | None] = "GPT"
+    # DECODER (GPT layout, FTConfig) or ENCODER_DECODER (FT's T5 layout, ft_t5_checkpoint.T5Config).
+    model_kind: ClassVar[str] = DECODER
     # FT name -> (source name(s) without prefix, split); `{i}` is the layer index in per-layer tables.
     global_tensors: ClassVar[Table] = {}
     layer_tensors: ClassVar[Table] = {}

@@ -13,16 +13,17 @@ from functools import partial
 from pathlib import Path
 from typing import Iterator
 
-from templates.ft_python.ft_checkpoint import FTConfig
+from templates.ft_python.ft_checkpoint import CheckpointError, FTConfig
 
 from ..arch import open_architecture
-from ..arch.base import Plan
+from ..arch.base import ENCODER_DECODER, Plan
 from ..atomic import AtomicDirectory
 from ..generation import generation_settings, write_generation_settings
 from ..parallel import ParallelLayout, ShardingError
 from ..readers import nemo_archive
 from ..readers.source import SourceKind, source_kind
 from ..tokenizer import SpecialTokens, decodable_vocab_size, load_tokenizer, save_served_tokenizer
+from .encoder_decoder import convert_encoder_decoder
 from .prompt_tables import PromptTables
 from .sharding import file_names, rank_shape
 from .verify import DTYPE_BYTES, expected_files, verify_shards
@@ -95,6 +96,11 @@ def convert_checkpoint(
             return convert_checkpoint(staged, out_dir, layout, weight_data_type, processes, special_tokens,
                                       prompt_tables)
     arch = open_architecture(checkpoint_path, layout)
+    if arch.model_kind == ENCODER_DECODER:  # FT's own T5 layout, [encoder] / [decoder] config.ini
+        if prompt_tables is not None:
+            raise CheckpointError("prompt tables are supported for decoder models only (export.prompt_learning)")
+        return convert_encoder_decoder(arch, partial(open_architecture, checkpoint_path, layout), checkpoint_path,
+                                       out_dir, layout, weight_data_type, processes)
     gguf = source_kind(checkpoint_path) is SourceKind.GGUF  # its reader rebuilt the tokenizer on opening
     # Pre/postprocessing need it: fail now, not after writing gigabytes.
     served_tokenizer = None if gguf else load_tokenizer(checkpoint_path, special_tokens)

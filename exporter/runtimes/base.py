@@ -26,10 +26,12 @@ Require = Callable[[bool, str, str], None]
 
 
 class ModelKind(enum.Enum):
-    """What the converter produced, and so which ensemble surrounds the model: decoder-only GPT models today;
-    encoder-decoder models (T5, UL2) are the planned second kind."""
+    """What the converter produced, and so which ensemble surrounds the model: decoder-only GPT models (FT's GPT
+    layout), or encoder-decoder models (T5, UL2: FT's T5 layout, templates/ft_python/ft_t5_checkpoint.py). The
+    values are the architectures' `model_kind` (exporter/arch/base.py)."""
 
     DECODER = "decoder"
+    ENCODER_DECODER = "encoder-decoder"
 
 
 @dataclass(frozen=True)
