@@ -2,20 +2,23 @@
 
 Two tiny seeded T5ForConditionalGeneration models: original T5 (ReLU MLP, tied embeddings, decoder output scaled by
 d_model**-0.5) and T5 v1.1 style (gated GELU, untied lm_head, no scaling). Each is converted to FT's T5 shard layout
-at TP 1 and 2 and run by ft_t5.FTT5 on the CPU. References come from HF: encoder outputs and teacher-forced logits
+at TP 1 and 2 by the project's converter (exporter.ft.convert) and run by ft_t5.FTT5 on the CPU. References come from HF: encoder outputs and teacher-forced logits
 (within 1e-4), generate() for greedy and beam search (num_beams, length_penalty, early_stopping=True, as
 ft_generate documents) on a batch of prompts of different lengths.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import json
+
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from templates.ft_python import ft_generate, ft_t5, ft_t5_checkpoint  # noqa: E402
+from exporter.ft.convert import convert_checkpoint  # noqa: E402
+from exporter.parallel import ParallelLayout  # noqa: E402
+from templates.ft_python import ft_generate, ft_t5  # noqa: E402
 
 VOCAB, EOS, PAD, START = 96, 1, 0, 0
 # Encoder prompts of different lengths (right-padded in a batch).
@@ -26,79 +29,57 @@ VARIANTS = {"relu": {"feed_forward_proj": "relu", "tie_word_embeddings": True, "
             "gated-gelu": {"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False, "seed": 0}}
 
 
-def build_hf_t5(feed_forward_proj, tie_word_embeddings, seed, embedding_scale=1.0, eos_boost=2.0):
-    """A tiny seeded T5ForConditionalGeneration; untied: its own random lm_head (as T5 v1.1 / Flan-T5).
-    embedding_scale scales the shared embedding, eos_boost the output row of eos."""
+def build_hf_t5(directory, feed_forward_proj, tie_word_embeddings, seed, embedding_scale=1.0, eos_boost=2.0):
+    """A tiny seeded T5ForConditionalGeneration saved in `directory`; untied: its own random lm_head.weight and
+    config.json tie_word_embeddings false, as T5 v1.1 / Flan-T5 checkpoints (transformers 5 ties lm_head when it
+    builds a T5, and keeps a saved lm_head that differs from shared). embedding_scale scales the shared
+    embedding, eos_boost the output row of eos. Returns the model as HF loads it back (the reference)."""
+    from safetensors.torch import load_file, save_file
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
     config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2, num_decoder_layers=2,
                       relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                      feed_forward_proj=feed_forward_proj, tie_word_embeddings=tie_word_embeddings,
-                      decoder_start_token_id=START, eos_token_id=EOS, pad_token_id=PAD, dropout_rate=0.0)
+                      feed_forward_proj=feed_forward_proj, decoder_start_token_id=START, eos_token_id=EOS,
+                      pad_token_id=PAD, dropout_rate=0.0)
     model = T5ForConditionalGeneration(config).eval()
-    if not tie_word_embeddings:
-        model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, 32))
+    lm_head = torch.randn(VOCAB, 32)
     with torch.no_grad():
         model.shared.weight.mul_(embedding_scale)
-        model.lm_head.weight[EOS] *= eos_boost  # tied: the shared row
-    assert model.config.scale_decoder_outputs == tie_word_embeddings
-    return model
-
-
-def write_ft_t5_shards(model, directory, tp):
-    """FT's T5 shards written as FT's converter does (interim: the project's converter replaces this)."""
-    hf = model.config
-    config = ft_t5_checkpoint.T5Config(
-        num_heads=hf.num_heads, d_kv=hf.d_kv, d_model=hf.d_model, d_ff=hf.d_ff, vocab_size=hf.vocab_size,
-        encoder_num_layers=hf.num_layers, decoder_num_layers=hf.num_decoder_layers,
-        relative_attention_num_buckets=hf.relative_attention_num_buckets,
-        relative_attention_max_distance=hf.relative_attention_max_distance, feed_forward_proj=hf.feed_forward_proj,
-        layer_norm_epsilon=hf.layer_norm_epsilon, scale_decoder_output=hf.scale_decoder_outputs,
-        tensor_para_size=tp)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.ini").write_text(config.to_ini())
-    state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
-
-    def split(name, value, axis, stem=None):
-        for rank, piece in enumerate(np.split(value, tp, axis=axis)):
-            np.ascontiguousarray(piece).tofile(directory / f"{stem or name}.{rank}.bin")
-
-    for name, value in state.items():
-        if "embed_tokens" in name:
-            continue
-        value = value.T if value.ndim == 2 else value
-        if name == "shared.weight":
-            np.ascontiguousarray(value).tofile(directory / "shared.weight.bin")
-            np.ascontiguousarray(value.T).tofile(directory / "shared.weight_T.bin")
-        elif name == "lm_head.weight":
-            np.ascontiguousarray(value.T).tofile(directory / "lm_head.weight.bin")
-        elif "layer_norm" in name:
-            value.tofile(directory / f"{name}.bin")
-        elif name.endswith(("o.weight", "wo.weight", "relative_attention_bias.weight")):
-            split(name, value, 0)
-        elif name.startswith("decoder") and "SelfAttention" in name:
-            continue  # q, k, v fused below
-        else:
-            split(name, value, -1, name.replace("wi_0", "wi").replace("wi_1", "wi2"))
-    for i in range(hf.num_decoder_layers):
-        p = f"decoder.block.{i}.layer.0.SelfAttention."
-        qkv = np.stack([state[f"{p}{n}.weight"].T for n in "qkv"], axis=1)  # [d, 3, inner]
-        split(f"{p}qkv.weight", qkv, -1)
-    return directory
+        (model.shared.weight if tie_word_embeddings else lm_head)[EOS] *= eos_boost
+    model.save_pretrained(directory)
+    if not tie_word_embeddings:
+        weights = load_file(directory / "model.safetensors")
+        weights["lm_head.weight"] = lm_head
+        save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+        saved = json.loads((directory / "config.json").read_text())
+        saved.pop("scale_decoder_outputs", None)
+        saved["tie_word_embeddings"] = False
+        (directory / "config.json").write_text(json.dumps(saved, indent=2))
+    reference = T5ForConditionalGeneration.from_pretrained(directory).eval()
+    assert reference.config.scale_decoder_outputs == tie_word_embeddings
+    assert torch.equal(reference.lm_head.weight, model.shared.weight if tie_word_embeddings else lm_head)
+    return reference
 
 
 @pytest.fixture(scope="module")
-def hf_models():
-    return {name: build_hf_t5(**kwargs) for name, kwargs in VARIANTS.items()}
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t5_hf")
+    return {name: root / name for name in VARIANTS}
 
 
 @pytest.fixture(scope="module")
-def runtimes(hf_models, tmp_path_factory):
-    """(variant, tp) -> FTT5 loaded from that variant's shards at that TP."""
+def hf_models(checkpoints):
+    return {name: build_hf_t5(checkpoints[name], **kwargs) for name, kwargs in VARIANTS.items()}
+
+
+@pytest.fixture(scope="module")
+def runtimes(hf_models, checkpoints, tmp_path_factory):
+    """(variant, tp) -> FTT5 loaded from the project converter's shards of that variant at that TP."""
     root = tmp_path_factory.mktemp("t5_shards")
-    return {(name, tp): ft_t5.FTT5.from_shards(write_ft_t5_shards(model, root / f"{name}-{tp}" / f"{tp}-gpu", tp))
-            for name, model in hf_models.items() for tp in (1, 2)}
+    return {(name, tp): ft_t5.FTT5.from_shards(convert_checkpoint(checkpoints[name], root / f"{name}-{tp}",
+                                                                  ParallelLayout(tp), "fp32"))
+            for name in hf_models for tp in (1, 2)}
 
 
 CASES = [(name, tp) for name in VARIANTS for tp in (1, 2)]
