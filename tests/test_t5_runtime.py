@@ -204,3 +204,44 @@ def test_a_cache_for_other_rows_is_refused(runtimes):
     decoder = runtimes[("relu", 1)].bind(ids, lengths)
     with pytest.raises(ValueError, match="bound to 4 encoder rows"):
         decoder.new_cache(3, 5)
+
+
+def test_bad_words_match_hf_generate(hf_models, runtimes):
+    """ft_generate's word lists work unchanged on the T5 decoder: greedy with a banned token equals HF's
+    bad_words_ids."""
+    hf, model = hf_models["gated-gelu"], runtimes[("gated-gelu", 1)]
+    banned = [[61], [5, 32]]
+    expected = _hf_rows(_hf_generate(hf, 8, bad_words_ids=banned))
+    ids, lengths, _ = _batch()
+    output = ft_t5.generate_t5(model, ids, lengths, 8, ft_generate.SamplingParams(bad_words_list=[tuple(
+        tuple(word) for word in banned)] * len(PROMPTS)))
+    assert _ours(output) == expected
+    assert expected != _hf_rows(_hf_generate(hf, 8))  # the ban changed something
+
+
+def test_streaming_and_batched_requests(runtimes):
+    """The stream sees FT's T5 layout growing one step at a time and ends with the final result; two requests
+    batched together (T5Batch.concatenate) give each its result alone."""
+    model = runtimes[("relu", 2)]
+    ids, lengths, _ = _batch()
+    seen = []
+    final = ft_t5.generate_t5(model, ids, lengths, 6, stream=lambda out: seen.append(out))
+    assert [out.output_ids.shape[-1] for out in seen] == list(range(1, len(seen) + 1))
+    assert torch.equal(seen[-1].sequence_length, final.sequence_length)
+    first = ft_t5.check_t5_inputs(model, ids[:2, :int(lengths[:2].max())], lengths[:2], 6)
+    second = ft_t5.check_t5_inputs(model, ids[2:], lengths[2:], 6, ft_generate.SamplingParams(beam_width=2))
+    merged = ft_t5.generate_batch(model, ft_t5.T5Batch.concatenate([first, second]))
+    alone = ft_t5.generate_t5(model, ids[2:], lengths[2:], 6, ft_generate.SamplingParams(beam_width=2))
+    assert torch.equal(merged.output_ids[:2, 0], final.output_ids[:2, 0])
+    assert torch.equal(merged.output_ids[2:], alone.output_ids)
+    assert torch.equal(merged.sequence_length[2:], alone.sequence_length)
+
+
+def test_bad_encoder_inputs_are_refused(runtimes):
+    model = runtimes[("relu", 1)]
+    with pytest.raises(ValueError, match=r"outside \[0, 96\)"):
+        ft_t5.check_t5_inputs(model, [[5, 200]], [2], 4)
+    with pytest.raises(ValueError, match="sequence_length"):
+        ft_t5.check_t5_inputs(model, [[5, 6]], [3], 4)
+    with pytest.raises(ValueError, match="start_id"):
+        ft_t5.check_t5_inputs(model, [[5, 6]], [2], 4, ft_generate.SamplingParams(start_id=500))

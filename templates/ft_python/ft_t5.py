@@ -17,6 +17,7 @@ per-row cross-attention keys/values and the encoder padding, reordered together 
 ft_generate.generate on it with [start_id] as each row's decoder prompt and returns FT's T5 output layout.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -139,15 +140,11 @@ class FTT5:
     # ------------------------------------------------------------------ encoder
     @torch.inference_mode()
     def encode(self, input_ids, input_lengths):
-        """Encoder output [B, L, d] for right-padded input_ids [B, L] and input_lengths [B] (rows past a length
-        are padding: never attended; their outputs are meaningless)."""
-        ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long).to(self.device)
-        lengths = torch.as_tensor(np.asarray(input_lengths), dtype=torch.long).reshape(-1).to(self.device)
+        """Encoder output [B, L, d] for right-padded input_ids [B, L] and input_lengths [B] (positions past a
+        row's length are padding: never attended; their outputs are meaningless)."""
+        ids, lengths = encoder_inputs(input_ids, input_lengths, self.vocab_size)
+        ids, lengths = ids.to(self.device), lengths.to(self.device)
         bsz, seq = ids.shape
-        if bool((ids < 0).any()) or bool((ids >= self.config.vocab_size).any()):
-            raise ValueError(f"input_ids contain token ids outside [0, {self.config.vocab_size})")
-        if lengths.numel() != bsz or bool((lengths < 1).any()) or bool((lengths > seq).any()):
-            raise ValueError(f"input_lengths must be {bsz} values in [1, {seq}], got {lengths.tolist()}")
         valid = torch.arange(seq, device=self.device)[None, :] < lengths[:, None]          # [B, L]
         positions = torch.arange(seq, device=self.device)
         bias = self._position_bias(self.encoder_bias, positions[None, :] - positions[:, None], True)[None]
@@ -159,6 +156,18 @@ class FTT5:
             x = x + self._attend(q, k, v, bias) @ lw["o"]
             x = x + self._mlp(self._norm(x, lw["mlp"]["ln"]), lw["mlp"])
         return self._norm(x, self.encoder_final)
+
+    # check_inputs reads these (the bound decoder has the same)
+    @property
+    def vocab_size(self):
+        return self.config.vocab_size
+
+    @property
+    def end_id(self):
+        return self.config.eos_token_id
+
+    learned_positions = False
+    max_positions = 0
 
     def bind(self, input_ids, input_lengths):
         """Run the encoder once; a T5Decoder over its output for ft_generate (row b of the decoder batch is
@@ -256,24 +265,78 @@ class T5Decoder:
         return self.logits(self.hidden_states(ids, pos, self.new_cache(bsz, seq), 0, mask)).cpu()
 
 
+def encoder_inputs(input_ids, input_lengths, vocab_size):
+    """Right-padded encoder input_ids [B, L] and input_lengths [B] (sequences, arrays or tensors) -> CPU int64
+    tensors; ValueError naming the input when an id is outside the vocabulary or a length outside [1, L]."""
+    ids = np.asarray(input_ids)
+    ids = torch.as_tensor(ids.astype(np.int64) if ids.dtype.kind == "u" else ids).to("cpu", torch.long)
+    if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, length >= 1], got shape {list(ids.shape)}")
+    bsz, seq = ids.shape
+    lengths = np.asarray(input_lengths).reshape(-1)
+    lengths = torch.as_tensor(lengths.astype(np.int64)).to("cpu", torch.long)
+    if lengths.numel() == 1:
+        lengths = lengths.expand(bsz).clone()
+    if lengths.numel() != bsz or bool((lengths < 1).any()) or bool((lengths > seq).any()):
+        raise ValueError(f"sequence_length (encoder input lengths) must be {bsz} values in [1, {seq}], "
+                         f"got {lengths.tolist()}")
+    real = torch.arange(seq)[None, :] < lengths[:, None]
+    if bool(((ids < 0) | (ids >= vocab_size))[real].any()):
+        raise ValueError(f"input_ids contain token ids outside [0, {vocab_size})")
+    return torch.where(real, ids, 0), lengths
+
+
+@dataclasses.dataclass
+class T5Batch:
+    """One or more checked T5 requests: encoder inputs and the decoder's ft_generate.Batch (prompt = [start_id])."""
+
+    encoder_ids: torch.Tensor      # [B, L] int64, right-padded with 0
+    encoder_lengths: torch.Tensor  # [B] int64
+    decoder: ft_generate.Batch
+
+    @classmethod
+    def concatenate(cls, batches):
+        """Row-wise: encoder inputs right-padded to the longest, decoder batches by ft_generate's rule."""
+        width = max(b.encoder_ids.shape[1] for b in batches)
+        ids = torch.cat([F.pad(b.encoder_ids, (0, width - b.encoder_ids.shape[1])) for b in batches])
+        return cls(ids, torch.cat([b.encoder_lengths for b in batches]),
+                   ft_generate.Batch.concatenate([b.decoder for b in batches]))
+
+
+def check_t5_inputs(model, input_ids, input_lengths, max_new_tokens, params=None,
+                    max_beam_width=ft_generate.MAX_BEAM_WIDTH, defaults=None):
+    """One request -> a T5Batch (ValueError naming the bad input). input_ids [B, L] right-padded encoder inputs,
+    input_lengths [B] (FT's sequence_length), max_new_tokens [B] (FT's max_output_len), params an
+    ft_generate.SamplingParams (start_id: the row's first decoder token, default config.ini decoder_start_token_id),
+    defaults an ft_generate.GenerationDefaults."""
+    params = ft_generate.SamplingParams() if params is None else params
+    ids, lengths = encoder_inputs(input_ids, input_lengths, model.vocab_size)
+    bsz = ids.shape[0]
+    start = model.config.decoder_start_token_id if params.start_id is None else params.start_id
+    start = np.asarray(start).reshape(-1).astype(np.int64)
+    if start.size not in (1, bsz):
+        raise ValueError(f"start_id has {start.size} values for a batch of {bsz}")
+    prompt = torch.as_tensor(np.broadcast_to(start, (bsz,)).copy())[:, None]            # [B, 1]
+    if bool((prompt < 0).any()) or bool((prompt >= model.vocab_size).any()):
+        raise ValueError(f"start_id must be in [0, {model.vocab_size}), got {prompt[:, 0].tolist()}")
+    decoder = ft_generate.check_inputs(model, prompt, torch.ones(bsz, dtype=torch.long), max_new_tokens, params,
+                                       max_beam_width=max_beam_width, defaults=defaults)
+    return T5Batch(ids, lengths, decoder)
+
+
+def generate_batch(model, batch, stream=None):
+    """Encode a T5Batch once and decode it with ft_generate.generate; returns t5_output's layout (stream(output)
+    gets the same layout after each step)."""
+    decoder = model.bind(batch.encoder_ids, batch.encoder_lengths)
+    wrapped = None if stream is None else (lambda output: stream(t5_output(output)))
+    return t5_output(ft_generate.generate(decoder, batch.decoder, wrapped))
+
+
 def generate_t5(model, input_ids, input_lengths, max_new_tokens, params=None, defaults=None, stream=None,
                 max_beam_width=ft_generate.MAX_BEAM_WIDTH):
-    """Encode once, decode with ft_generate from [start_id] (default config.ini decoder_start_token_id) per row.
-
-    input_ids [B, L] right-padded encoder inputs, input_lengths [B], max_new_tokens [B] (FT's max_output_len),
-    params an ft_generate.SamplingParams, defaults a GenerationDefaults; stream(output) gets t5_output's layout.
-    Returns ft_generate.GenerationOutput in FT's T5 layout (t5_output).
-    """
-    params = ft_generate.SamplingParams() if params is None else params
-    decoder = model.bind(input_ids, input_lengths)
-    bsz = decoder.batch
-    start = ft_generate._per_row(params.start_id, bsz, decoder.start_id, torch.long, "start_id")
-    if bool((start < 0).any()) or bool((start >= decoder.vocab_size).any()):
-        raise ValueError(f"start_id must be in [0, {decoder.vocab_size}), got {start.tolist()}")
-    batch = ft_generate.check_inputs(decoder, start[:, None], torch.ones(bsz, dtype=torch.long), max_new_tokens,
-                                     params, max_beam_width=max_beam_width, defaults=defaults)
-    wrapped = None if stream is None else (lambda output: stream(t5_output(output)))
-    return t5_output(ft_generate.generate(decoder, batch, wrapped))
+    """check_t5_inputs + generate_batch for one request: FT's T5 output layout (t5_output)."""
+    batch = check_t5_inputs(model, input_ids, input_lengths, max_new_tokens, params, max_beam_width, defaults)
+    return generate_batch(model, batch, stream)
 
 
 def t5_output(output):
