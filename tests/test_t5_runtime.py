@@ -9,8 +9,13 @@ ft_generate documents) on a batch of prompts of different lengths.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
+import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +23,7 @@ transformers = pytest.importorskip("transformers")
 
 from exporter.ft.convert import convert_checkpoint  # noqa: E402
 from exporter.parallel import ParallelLayout  # noqa: E402
+from exporter.triton.repo import copy_templates  # noqa: E402
 from templates.ft_python import ft_generate, ft_t5  # noqa: E402
 
 VOCAB, EOS, PAD, START = 96, 1, 0, 0
@@ -74,12 +80,17 @@ def hf_models(checkpoints):
 
 
 @pytest.fixture(scope="module")
-def runtimes(hf_models, checkpoints, tmp_path_factory):
-    """(variant, tp) -> FTT5 loaded from the project converter's shards of that variant at that TP."""
+def shard_dirs(hf_models, checkpoints, tmp_path_factory):
+    """(variant, tp) -> the project converter's fp32 shards of that variant at that TP."""
     root = tmp_path_factory.mktemp("t5_shards")
-    return {(name, tp): ft_t5.FTT5.from_shards(convert_checkpoint(checkpoints[name], root / f"{name}-{tp}",
-                                                                  ParallelLayout(tp), "fp32"))
+    return {(name, tp): convert_checkpoint(checkpoints[name], root / f"{name}-{tp}", ParallelLayout(tp), "fp32")
             for name in hf_models for tp in (1, 2)}
+
+
+@pytest.fixture(scope="module")
+def runtimes(shard_dirs):
+    """(variant, tp) -> FTT5 loaded from those shards."""
+    return {key: ft_t5.FTT5.from_shards(directory) for key, directory in shard_dirs.items()}
 
 
 CASES = [(name, tp) for name in VARIANTS for tp in (1, 2)]
@@ -245,3 +256,89 @@ def test_bad_encoder_inputs_are_refused(runtimes):
         ft_t5.check_t5_inputs(model, [[5, 6]], [3], 4)
     with pytest.raises(ValueError, match="start_id"):
         ft_t5.check_t5_inputs(model, [[5, 6]], [2], 4, ft_generate.SamplingParams(start_id=500))
+
+
+# ---------------------------------------------------------------- model_t5.py, the Triton python-backend model
+T5_MODEL_FILES = ("ft_python/model_t5.py", "ft_python/ft_t5.py", "ft_python/ft_t5_checkpoint.py",
+                  "ft_python/ft_t5_interface.py", "ft_python/ft_checkpoint.py", "ft_python/ft_generate.py",
+                  "ft_python/ft_interface.py")
+
+
+class _Tensor:
+    def __init__(self, name, array):
+        self._name, self._array = name, np.asarray(array)
+
+    def name(self):
+        return self._name
+
+    def as_numpy(self):
+        return self._array
+
+
+class _Response:
+    def __init__(self, output_tensors=None, error=None):
+        self.output_tensors, self.error = output_tensors or [], error
+
+    def output(self, name):
+        return next(t.as_numpy() for t in self.output_tensors if t.name() == name)
+
+
+class _Error(Exception):
+    def message(self):
+        return str(self)
+
+
+def _stand_in_pb_utils():
+    """The parts of triton_python_backend_utils that model_t5.py uses (no server: the python model in process)."""
+    module = types.ModuleType("triton_python_backend_utils")
+    module.Tensor, module.InferenceResponse, module.TritonError = _Tensor, _Response, _Error
+    module.get_input_tensor_by_name = lambda request, name: request.get(name)
+    return module
+
+
+def _t5_request(prompts, max_output_len, **optional):
+    ids, lengths, _ = _batch(prompts)
+    request = {"input_ids": _Tensor("input_ids", ids.numpy().astype(np.uint32)),
+               "sequence_length": _Tensor("sequence_length", lengths.numpy().astype(np.uint32)[:, None]),
+               "max_output_len": _Tensor("max_output_len", np.asarray(max_output_len, np.uint32)[:, None])}
+    for name, (value, dtype) in optional.items():
+        request[name] = _Tensor(name, np.asarray(value, dtype).reshape(len(prompts), 1))
+    return request
+
+
+def test_model_t5_serves_batched_requests_in_ft_t5_layout(shard_dirs, hf_models, tmp_path, monkeypatch):
+    """model_t5.py (as Triton loads it from a model directory) batches requests, answers each in FT's T5 layout
+    (INT32, [B, beam, max_output_len], generated tokens only) equal to HF generate, and fails bad requests alone."""
+    version_dir = tmp_path / "t5" / "1"
+    copy_templates(T5_MODEL_FILES, version_dir)
+    shutil.copytree(shard_dirs[("gated-gelu", 2)], version_dir / "2-gpu")
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _stand_in_pb_utils())
+    for name in ("ft_checkpoint", "ft_generate", "ft_interface", "ft_t5", "ft_t5_checkpoint", "ft_t5_interface"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec = importlib.util.spec_from_file_location("ft_python_model_t5", version_dir / "model_t5.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    served = module.TritonPythonModel()
+    parameters = {"model_checkpoint_path": "2-gpu", "tensor_para_size": "2", "data_type": "fp32", "device": "cpu"}
+    served.initialize({"model_config": json.dumps({"name": "t5", "parameters": {
+        key: {"string_value": value} for key, value in parameters.items()}}), "model_instance_kind": "CPU"})
+
+    requests = [_t5_request(PROMPTS[:2], [8, 5]),
+                _t5_request(PROMPTS[:1], [0]),                                        # no output: refused
+                _t5_request(PROMPTS[2:], [7, 7], beam_width=([2, 2], np.uint32)),
+                _t5_request(PROMPTS[:1], [3], ia3_tasks=([0], np.int32))]             # not served: refused
+    responses = served.execute(requests)
+    assert responses[1].error is not None and "request_output_len" in responses[1].error.message()
+    assert responses[3].error is not None and "ia3_tasks" in responses[3].error.message()
+    hf = hf_models["gated-gelu"]
+    greedy = _hf_rows(_hf_generate(hf, 8))[:2]
+    beams = _hf_rows(_hf_generate(hf, 7, num_beams=2, length_penalty=0.0, early_stopping=True))[2:]
+    greedy[1] = greedy[1][:5]  # that row's max_output_len
+    for response, expected, shape in ((responses[0], greedy, (2, 1, 8)), (responses[2], beams, (2, 2, 7))):
+        assert response.error is None
+        output_ids, lengths = response.output("output_ids"), response.output("sequence_length")
+        assert output_ids.dtype == np.int32 and lengths.dtype == np.int32 and output_ids.shape == shape
+        assert response.output("output_log_probs").shape == shape
+        assert response.output("cum_log_probs").shape == shape[:2]
+        assert [output_ids[row, 0, :lengths[row, 0]].tolist() for row in range(2)] == expected
