@@ -31,6 +31,7 @@ except ImportError:  # imported as a top-level module inside a Triton model dire
     import ft_generate
     import ft_t5_checkpoint
 
+
 def relative_position_bucket(relative, bidirectional, num_buckets, max_distance):
     """T5's bucket of each relative position (key position - query position), as HF / Mesh TensorFlow:
     half the buckets exact small distances, half logarithmic up to max_distance; bidirectional halves the buckets
@@ -63,8 +64,7 @@ class FTT5:
             return weights[name].to(device=self.device, dtype=dtype)
 
         self.embedding = w("shared.weight_T")                                     # [V, d]
-        # FT loads lm_head.weight.bin; an untied copy of the embedding when HF's tied one was written
-        self.lm_head = w("lm_head.weight") if "lm_head.weight" in weights else self.embedding
+        self.lm_head = w("lm_head.weight")                                        # [V, d] (tied: shared's copy)
         self.encoder_bias = w("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")  # [H, buckets]
         self.decoder_bias = w("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
         self.encoder_final = w("encoder.final_layer_norm.weight")
@@ -97,8 +97,9 @@ class FTT5:
     def from_shards(cls, shard_dir, device="cpu", dtype=None):
         """Verify and load a `<tp>-gpu/` T5 directory (TP pieces merged); dtype None: fp32 on CPU, the weights'
         type on CUDA."""
-        device = torch.device("cuda" if str(device) == "auto" and torch.cuda.is_available()
-                              else "cpu" if str(device) == "auto" else device)
+        if str(device) == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
         config = ft_t5_checkpoint.verify(shard_dir)
         if dtype is None:
             dtype = torch.float32 if device.type == "cpu" else ft_checkpoint.TORCH_DTYPES[config.weight_data_type]
@@ -119,6 +120,15 @@ class FTT5:
         if lw["wi2"] is not None:  # gated: act(x wi_0) * (x wi_1)
             h = h * (x @ lw["wi2"])
         return h @ lw["wo"]
+
+    @staticmethod
+    def _clamp(x):
+        # as HF's T5 in fp16: keep the residual stream finite (T5 v1.1 activations overflow fp16)
+        if x.dtype != torch.float16:
+            return x
+        limit = torch.finfo(x.dtype).max
+        limit = torch.where(torch.isinf(x).any(), limit - 1000, limit)
+        return torch.clamp(x, min=-limit, max=limit)
 
     def _heads(self, x):
         # [B, S, H*dk] -> [B, H, S, dk]
@@ -153,8 +163,8 @@ class FTT5:
         for lw in self.encoder_layers:
             y = self._norm(x, lw["ln"])
             q, k, v = (self._heads(t) for t in (y @ lw["qkv"]).chunk(3, dim=-1))
-            x = x + self._attend(q, k, v, bias) @ lw["o"]
-            x = x + self._mlp(self._norm(x, lw["mlp"]["ln"]), lw["mlp"])
+            x = self._clamp(x + self._attend(q, k, v, bias) @ lw["o"])
+            x = self._clamp(x + self._mlp(self._norm(x, lw["mlp"]["ln"]), lw["mlp"]))
         return self._norm(x, self.encoder_final)
 
     # check_inputs reads these (the bound decoder has the same)
@@ -172,7 +182,8 @@ class FTT5:
     def bind(self, input_ids, input_lengths):
         """Run the encoder once; a T5Decoder over its output for ft_generate (row b of the decoder batch is
         row b of these inputs)."""
-        return T5Decoder(self, self.encode(input_ids, input_lengths), input_lengths)
+        ids, lengths = encoder_inputs(input_ids, input_lengths, self.vocab_size)
+        return T5Decoder(self, self.encode(ids, lengths), lengths)
 
 
 class T5Decoder:
@@ -193,7 +204,7 @@ class T5Decoder:
         self.start_id = config.decoder_start_token_id
         self.max_positions = 0  # unused: learned_positions is False
         bsz, seq, _ = encoder_output.shape
-        lengths = torch.as_tensor(np.asarray(encoder_lengths), dtype=torch.long).reshape(-1).to(self.device)
+        lengths = encoder_lengths.to(self.device)                                   # [B] checked by bind
         self.batch = bsz
         self.encoder_valid = torch.arange(seq, device=self.device)[None, :] < lengths[:, None]   # [B, L]
         self.cross = []  # per layer (k, v) [B, H, L, dk], computed once per request as FT's decoder does
@@ -242,10 +253,10 @@ class T5Decoder:
             y = m._norm(x, lw["ln"])
             q, k, v = (m._heads(t) for t in (y @ lw["qkv"]).chunk(3, dim=-1))
             k_cache[:, :, start:end], v_cache[:, :, start:end] = k, v
-            x = x + m._attend(q, k_cache[:, :, :end], v_cache[:, :, :end], self_bias) @ lw["o"]
+            x = m._clamp(x + m._attend(q, k_cache[:, :, :end], v_cache[:, :, :end], self_bias) @ lw["o"])
             q = m._heads(m._norm(x, lw["cross_ln"]) @ lw["cross_q"])
-            x = x + m._attend(q, cross_k, cross_v, cross_bias) @ lw["cross_o"]
-            x = x + m._mlp(m._norm(x, lw["mlp"]["ln"]), lw["mlp"])
+            x = m._clamp(x + m._attend(q, cross_k, cross_v, cross_bias) @ lw["cross_o"])
+            x = m._clamp(x + m._mlp(m._norm(x, lw["mlp"]["ln"]), lw["mlp"]))
         return m._norm(x, m.decoder_final)
 
     def logits(self, hidden):
