@@ -191,3 +191,60 @@ def test_config_ini_as_ft_reads_it(exports, variant):
     assert read["encoder", "feed_forward_proj"] == hf.feed_forward_proj
     assert read["encoder", "feed_forward_proj"] in FT_ACTIVATIONS
     assert read["encoder", "num_tasks"] == 0 and read["encoder", "prompt_learning_type"] == 0
+
+
+# fastertransformer_backend all_models/t5/fastertransformer/config.pbtxt (c6936c39): (name, type, dims, reshaped to
+# a scalar, optional) of each input, in its order; (name, type, dims) of each output.
+FT_T5_INPUTS = (
+    ("input_ids", "TYPE_UINT32", [-1], False, False),
+    ("sequence_length", "TYPE_UINT32", [1], True, False),
+    ("runtime_top_k", "TYPE_UINT32", [1], True, True),
+    ("runtime_top_p", "TYPE_FP32", [1], True, True),
+    ("beam_search_diversity_rate", "TYPE_FP32", [1], True, True),
+    ("temperature", "TYPE_FP32", [1], True, True),
+    ("len_penalty", "TYPE_FP32", [1], True, True),
+    ("repetition_penalty", "TYPE_FP32", [1], True, True),
+    ("random_seed", "TYPE_UINT64", [1], True, True),
+    ("is_return_log_probs", "TYPE_BOOL", [1], True, True),
+    ("max_output_len", "TYPE_UINT32", [1], True, False),
+    ("beam_width", "TYPE_UINT32", [1], True, True),
+    ("start_id", "TYPE_UINT32", [1], True, True),
+    ("end_id", "TYPE_UINT32", [1], True, True),
+    ("bad_words_list", "TYPE_INT32", [2, -1], False, True),
+    ("stop_words_list", "TYPE_INT32", [2, -1], False, True),
+    ("prompt_learning_task_name_ids", "TYPE_UINT32", [1], True, True),
+    ("request_prompt_lengths", "TYPE_UINT32", [1], True, True),
+    ("request_prompt_embedding", "TYPE_FP16", [-1, -1], False, True),
+    ("ia3_tasks", "TYPE_INT32", [1], True, True),
+    ("top_p_decay", "TYPE_FP32", [1], True, True),
+    ("top_p_min", "TYPE_FP32", [1], True, True),
+    ("top_p_reset_ids", "TYPE_UINT32", [1], True, True),
+)
+FT_T5_OUTPUTS = (("output_ids", "TYPE_INT32", [-1, -1]), ("sequence_length", "TYPE_INT32", [-1]),
+                 ("cum_log_probs", "TYPE_FP32", [-1]), ("output_log_probs", "TYPE_FP32", [-1, -1]))
+FT_T5_PARAMETERS = {"tensor_para_size", "pipeline_para_size", "data_type", "enable_custom_all_reduce", "model_type",
+                    "model_checkpoint_path"}
+
+
+def test_t5_model_config_matches_ft_backend_example(tmp_path):
+    """The FT runtime's config.pbtxt for a T5 export: FT's all_models/t5 tensors and parameters (model_type "T5",
+    no int8_mode: the backend's T5 factory does not read it), the shards' absolute path."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    from exporter.runtimes import ModelSettings, runtime_for
+
+    settings = ModelSettings(name="t5", runtime="fastertransformer", max_batch_size=8, layout=ParallelLayout(2),
+                             data_type="fp16", section="t5")
+    config = runtime_for("fastertransformer").model_config(settings, tmp_path / "repo")
+    inputs = tuple((tensor.name, pb.DataType.Name(tensor.data_type), list(tensor.dims), tensor.HasField("reshape"),
+                    tensor.optional) for tensor in config.input)
+    assert inputs == FT_T5_INPUTS
+    assert all(not tensor.reshape.shape for tensor in config.input)  # reshape: { shape: [ ] }
+    outputs = tuple((tensor.name, pb.DataType.Name(tensor.data_type), list(tensor.dims)) for tensor in config.output)
+    assert outputs == FT_T5_OUTPUTS
+    assert set(config.parameters) == FT_T5_PARAMETERS
+    assert config.parameters["model_type"].string_value == "T5"
+    assert config.parameters["tensor_para_size"].string_value == "2"
+    assert config.parameters["model_checkpoint_path"].string_value == str(tmp_path / "repo" / "t5" / "1" / "2-gpu")
+    assert config.backend == "fastertransformer"
+    assert [group.kind for group in config.instance_group] == [pb.ModelInstanceGroup.KIND_CPU]

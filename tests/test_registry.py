@@ -17,21 +17,40 @@ import torch
 from exporter.arch import registered
 from exporter.ft.convert import convert_checkpoint
 from exporter.parallel import ParallelLayout
-from exporter.runtimes import ModelSettings, runtime_for
+from exporter.runtimes import ModelKind, ModelSettings, runtime_for
 from exporter.triton import render
-from family_fixtures import ALIASES, END_ID, FIXTURES, NEMO_AVAILABLE, NEMO_MISSING
+from family_fixtures import ALIASES, END_ID, ENCODER_DECODER_FIXTURES, FIXTURES, NEMO_AVAILABLE, NEMO_MISSING
 
 PROMPTS = [[464, 2068, 7586, 21831, 18045, 625, 262], [40, 1101, 257], [15496, 11, 616, 1438, 318, 3271, 13, 314]]
 NEW_TOKENS = 8
 
 
 def test_every_registered_architecture_has_a_fixture():
-    missing = sorted(name for name in registered() if ALIASES.get(name, name) not in FIXTURES)
+    """Decoder architectures in FIXTURES, encoder-decoder ones in ENCODER_DECODER_FIXTURES: each under its kind."""
+    by_kind = {ModelKind.DECODER: FIXTURES, ModelKind.ENCODER_DECODER: ENCODER_DECODER_FIXTURES}
+    missing = sorted(name for name, cls in registered().items()
+                     if ALIASES.get(name, name) not in by_kind[ModelKind(cls.model_kind)])
     assert not missing, f"registered architectures without a tiny fixture in tests/family_fixtures.py: {missing}"
-    stale = sorted(name for name in FIXTURES if name not in registered())
+    stale = sorted(name for name in {**FIXTURES, **ENCODER_DECODER_FIXTURES} if name not in registered())
     assert not stale, f"fixtures for architectures that are not registered: {stale}"
-    for name, fixture in FIXTURES.items():
+    for name, fixture in {**FIXTURES, **ENCODER_DECODER_FIXTURES}.items():
         assert fixture.variants, name
+    assert all(by_kind[kind] for kind in ModelKind), "every model kind has at least one registered architecture"
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("architecture, variant", [(architecture, variant)
+                                                   for architecture, fixture in ENCODER_DECODER_FIXTURES.items()
+                                                   for variant in fixture.variants])
+def test_encoder_decoder_architecture_converts(tmp_path, architecture, variant, tp):
+    """Every registered encoder-decoder architecture converts at TP 1 and 2 into shards its runtime table verifies
+    (byte-level equality with FT's converter and the FT loader contract: test_t5_convert.py, test_ft_t5_contract.py;
+    served parity comes with the encoder-decoder serving path)."""
+    from templates.ft_python.ft_t5_checkpoint import verify
+
+    checkpoint = ENCODER_DECODER_FIXTURES[architecture].variants[variant](tmp_path / variant)
+    config = verify(convert_checkpoint(checkpoint, tmp_path / "out", ParallelLayout(tp)))
+    assert config.tensor_para_size == tp
 
 
 def add_model(repo: Path, name: str, checkpoint: Path, tp: int, pp: int = 1) -> None:

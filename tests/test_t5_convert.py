@@ -11,6 +11,7 @@ FT's converter writes.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,112 @@ def test_untied_config_without_lm_head_refused(checkpoints, tmp_path):
 def test_unknown_tensor_refused(checkpoints, tmp_path):
     source = _copy(checkpoints["relu-tied"], tmp_path / "src", add="encoder.block.0.layer.0.SelfAttention.q.bias")
     _assert_refused(source, tmp_path / "out", CheckpointError, ("encoder.block.0.layer.0.SelfAttention.q.bias",))
+
+
+# -- the export stage: as far as the pipeline goes for encoder-decoder models -----------------------------------
+
+def test_export_writes_shards_then_stops_for_python_runtime(checkpoints, tmp_path):
+    """The python runtime does not serve encoder-decoder models on this branch: the repository gets the verified
+    shards, then one error names the runtime and where the shards are (no half-built serving repository)."""
+    from exporter.runtimes import ModelSettings
+    from exporter.stages.export import build_repository
+
+    settings = ModelSettings(name="t5", runtime="python", max_batch_size=4, layout=ParallelLayout(2),
+                             data_type="fp32")
+    with pytest.raises(CheckpointError, match="python runtime does not serve encoder-decoder models"):
+        build_repository(tmp_path / "repo", checkpoints["gated-untied"], settings, "fp32")
+    verify(tmp_path / "repo" / "t5" / "1" / "2-gpu")
+    assert sorted(path.name for path in (tmp_path / "repo").iterdir()) == ["t5"]
+    assert not (tmp_path / "repo" / "t5" / "config.pbtxt").exists()
+
+
+def test_export_with_ft_runtime_renders_t5_model_then_stops(checkpoints, tmp_path):
+    """FT's backend serves the shards (model_type "T5"): shards + its config.pbtxt, then the export stops because
+    the text ensemble for encoder-decoder models is not built yet."""
+    from exporter.runtimes import ModelSettings
+    from exporter.stages.export import build_repository
+
+    source = _copy(checkpoints["relu-tied"], tmp_path / "src", {"relative_attention_max_distance": 128})
+    settings = ModelSettings(name="t5", runtime="fastertransformer", max_batch_size=4, layout=ParallelLayout(1),
+                             data_type="fp16")
+    with pytest.raises(CheckpointError, match="text ensemble for encoder-decoder models are not built yet"):
+        build_repository(tmp_path / "repo", source, settings, "fp16")
+    assert 'string_value: "T5"' in (tmp_path / "repo" / "t5" / "config.pbtxt").read_text()
+    assert verify(tmp_path / "repo" / "t5" / "1" / "1-gpu").weight_data_type == "fp16"
+
+
+def test_ft_runtime_refuses_t5_it_would_compute_differently(checkpoints):
+    """FT's T5 backend fixes relative_attention_max_distance at 128: a source with 16 is refused up front."""
+    from exporter.runtimes import runtime_for
+
+    with pytest.raises(CheckpointError, match="relative_attention_max_distance 16"):
+        runtime_for("fastertransformer").check_source(checkpoints["relu-tied"])
+
+
+def test_main_export_of_t5_writes_shards_and_says_what_is_missing(checkpoints, tmp_path):
+    """`python main.py export.model.checkpoint_path=<t5 dir>`: the convert job writes the shards and the run stops
+    with one line naming what is not built yet."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "main.py", f"base_results_dir={tmp_path}",
+         f"export.model.checkpoint_path={checkpoints['relu-tied']}", "export.run.model_train_name=t5tiny",
+         "export.triton_deployment.device=cpu"],
+        cwd=root, capture_output=True, text=True, timeout=600,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    assert "runtime does not serve encoder-decoder models yet" in output, output[-3000:]
+    shard_dirs = list(tmp_path.glob("t5tiny/*/model_repo/t5tiny/1/1-gpu"))
+    assert len(shard_dirs) == 1 and verify(shard_dirs[0]).encoder_num_layers == 2
+
+
+def test_reads_config_ini_as_ft_converter_writes_it(checkpoints, tmp_path):
+    """A shard directory made by FT's own converter (seed 003's route) has its config.ini: HF's encoder and decoder
+    sub-configs' to_dict() as text, relative_attention_num_buckets renamed, [structure], no tensor_para_size. The
+    runtime's reader takes the split from the `<tp>-gpu` name and reads the same model."""
+    import configparser
+
+    from transformers import T5ForConditionalGeneration
+
+    checkpoint = checkpoints["relu-tied"]
+    shard_dir = convert_checkpoint(checkpoint, tmp_path, ParallelLayout(2), "fp32")
+    ours = verify(shard_dir)
+    model = T5ForConditionalGeneration.from_pretrained(checkpoint)
+    parser = configparser.ConfigParser()
+    for section, sub_config in (("encoder", model.encoder.config), ("decoder", model.decoder.config)):
+        parser[section] = {key: f"{value}" for key, value in sub_config.to_dict().items()}
+        parser[section]["weight_data_type"] = "fp32"
+        parser[section]["relative_attention_num_buckets_or_max_pos_seq_len"] = \
+            parser[section].pop("relative_attention_num_buckets")
+    parser["structure"] = {"t5_with_bias": "false", "use_gated_activation": "false",
+                           "position_embedding_type": "relative"}
+    with open(shard_dir / "config.ini", "w") as handle:
+        parser.write(handle)
+    theirs = verify(shard_dir)
+    assert theirs.tensor_para_size == 2
+    assert replace(theirs, name_or_path="", pipeline_para_size=1) == replace(ours, name_or_path="")
+
+
+def test_pipeline_split_of_encoder_refused(checkpoints, tmp_path):
+    """FT's T5 encoder requires its layers to divide evenly over pipeline stages (FT_CHECK in T5EncoderWeight)."""
+    with pytest.raises(ShardingError, match="num_layers 2 .encoder. is not divisible by pipeline_para_size 3"):
+        convert_checkpoint(checkpoints["relu-tied"], tmp_path / "out", ParallelLayout(1, 3))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_bf16_and_parallel_writer(checkpoints, tmp_path):
+    """weight_data_type bf16 (FT's getModelFileType reads it; FT's own converter writes fp32/fp16 only): each file
+    is the HF tensor in bfloat16 (torch's cast of the numpy reference), written by two worker processes."""
+    import torch
+
+    checkpoint = checkpoints["gated-untied"]
+    shard_dir = convert_checkpoint(checkpoint, tmp_path, ParallelLayout(2), "bf16", processes=2)
+    expected = ft_converter_files(checkpoint, 2)
+    assert {path.name for path in shard_dir.glob("*.bin")} == set(expected)
+    for name, array in expected.items():
+        as_bf16 = torch.from_numpy(np.ascontiguousarray(array)).to(torch.bfloat16)
+        assert (shard_dir / name).read_bytes() == as_bf16.view(torch.int16).numpy().tobytes(), name
+    assert verify(shard_dir).weight_data_type == "bf16"

@@ -49,7 +49,9 @@ class TensorSpec:
 
 @dataclass
 class Plan:
-    params: FTConfig  # the model's hyper-parameters and section; the layout and weight type are the writer's
+    # The model's hyper-parameters and section; the layout and weight type are the writer's. Encoder-decoder
+    # architectures (model_kind ENCODER_DECODER) give ft_t5_checkpoint.T5Config instead.
+    params: FTConfig
     specs: list[TensorSpec] = field(default_factory=list)
 
     def by_layer(self) -> dict[int | None, list[TensorSpec]]:

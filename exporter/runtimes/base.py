@@ -59,8 +59,9 @@ class ModelSettings:
 
 # FT's Triton backend model_type for each config.ini section: the backend's ModelFactory (fastertransformer_backend
 # src/libfastertransformer.cc) builds ParallelGpt for "GPT", GptJ for "GPT-J", GptNeoX for "GPT-NeoX", whose
-# loaders read the [gpt], [gptj] and [gptneox] sections. The [llama] section has none.
-FT_MODEL_TYPES = {"gpt": "GPT", "gptj": "GPT-J", "gptneox": "GPT-NeoX"}
+# loaders read the [gpt], [gptj] and [gptneox] sections, and T5TritonModel for "T5" (an encoder-decoder export, whose
+# config.ini has [encoder] / [decoder]: "t5" is its architecture's section name). The [llama] section has none.
+FT_MODEL_TYPES = {"gpt": "GPT", "gptj": "GPT-J", "gptneox": "GPT-NeoX", "t5": "T5"}
 
 
 class Runtime:
@@ -101,7 +102,7 @@ class Runtime:
     def common_parameters(self, settings: ModelSettings, checkpoint_path: str) -> dict[str, object]:
         """The parameters FT's backend reads for the shards' model type, in the order of its all_models/<model>
         config.pbtxt; every runtime renders them. `model_type` is absent where FT has no model for the section;
-        `int8_mode` is left out for GPT-J and GPT-NeoX, whose factories do not read it (only "GPT"'s does)."""
+        `int8_mode` is left out for GPT-J, GPT-NeoX and T5, whose factories do not read it (only "GPT"'s does)."""
         model_type = FT_MODEL_TYPES.get(settings.section)
         return {
             "tensor_para_size": settings.layout.tensor_parallel,
@@ -109,7 +110,7 @@ class Runtime:
             "data_type": settings.data_type,
             **({"model_type": model_type} if model_type else {}),
             "model_checkpoint_path": checkpoint_path,
-            **({"int8_mode": settings.int8_mode} if model_type not in ("GPT-J", "GPT-NeoX") else {}),
+            **({"int8_mode": settings.int8_mode} if model_type not in ("GPT-J", "GPT-NeoX", "T5") else {}),
             "enable_custom_all_reduce": settings.enable_custom_all_reduce,
         }
 

@@ -17,7 +17,7 @@ from templates.ft_python.ft_checkpoint import CheckpointError
 from ..jobs import JobShapeError, Resources, Step, node_share
 from ..parallel import ParallelLayout
 from ..triton import render
-from .base import FT_MODEL_TYPES, ModelSettings, Require, Runtime
+from .base import FT_MODEL_TYPES, ModelKind, ModelSettings, Require, Runtime
 from .registry import register
 
 # Ports of the multi-node server on each node (whole nodes are allocated, so the defaults are free).
@@ -44,6 +44,7 @@ def check_model_type(model_type: str, settings: ModelSettings) -> None:
 class FasterTransformerRuntime(Runtime):
     name = "fastertransformer"
     backend = "fastertransformer"
+    model_kinds = (ModelKind.DECODER, ModelKind.ENCODER_DECODER)  # T5: model_type "T5"
 
     def validate(self, cfg, require: Require) -> None:
         deploy = cfg.export.triton_deployment
@@ -141,6 +142,9 @@ class FasterTransformerRuntime(Runtime):
                                   "serve it with export.triton_deployment.runtime=python")
         check_model_type(model_type, settings)
         parameters = self.common_parameters(settings, str(self.shard_path(settings, repository)))
+        if model_type == "T5":
+            return render.encoder_decoder_model_config(settings.name, self.backend, settings.max_batch_size,
+                                                       settings.instance_count, parameters)
         return render.decoder_model_config(settings.name, self.backend, settings.max_batch_size,
                                            settings.instance_count, parameters)
 

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 from omegaconf import DictConfig
 
+from templates.ft_python.ft_checkpoint import CheckpointError
 from templates.ft_python.ft_generate import GenerationDefaults
 
 from ..arch import describe_source
@@ -28,7 +29,7 @@ from ..ft.verify import read_config
 from ..jobs import SERVER_HOST, Resources, Service, Step, SubStage
 from ..parallel import ParallelLayout
 from ..readers.source import SourceKind, source_kind
-from ..runtimes import ModelKind, ModelSettings, runtime_for
+from ..runtimes import ModelKind, ModelSettings, runtime_for, runtime_names
 from ..serve import endpoints
 from ..tokenizer import SpecialTokens
 from ..triton import render
@@ -100,9 +101,12 @@ def build_repository(repo_root: Path, checkpoint_path: Path, settings: ModelSett
     tables beside the shards, and a task name input on the ensemble (exporter/ft/prompt_tables.py).
     """
     runtime = runtime_for(settings.runtime)
-    kind = ModelKind.DECODER  # every converter writes decoder-only FT shards today
-    runtime.check_kind(kind)
+    source = describe_source(checkpoint_path)
+    kind = ModelKind(source.model_kind)
     repo_root = Path(repo_root).resolve()
+    if kind not in TEXT_MODELS or kind not in runtime.model_kinds:
+        _convert_only(repo_root, checkpoint_path, settings, weight_data_type, processes, kind, source.section)
+    runtime.check_kind(kind)
     with AtomicDirectory(repo_root) as partial:
         model_dir = partial / settings.name
         shard_dir = convert_checkpoint(checkpoint_path, model_dir / "1", settings.layout, weight_data_type,
@@ -113,6 +117,30 @@ def build_repository(repo_root: Path, checkpoint_path: Path, settings: ModelSett
         TEXT_MODELS[kind](partial, settings, shard_dir, skip_special_tokens)
     log.info("model repository ready: %s", repo_root)
     return repo_root
+
+
+def _convert_only(repo_root: Path, checkpoint_path: Path, settings: ModelSettings, weight_data_type: str,
+                  processes: int, kind: ModelKind, section: str) -> None:
+    """A kind of model the pipeline cannot serve yet (encoder-decoder: no pre/postprocessing and ensemble; a runtime
+    without it in its model_kinds): the repository gets the FT shards (and the runtime's model where it serves the
+    kind), then the export stops with one error saying what is missing, so no half-built repository is served."""
+    runtime = runtime_for(settings.runtime)
+    serves = kind in runtime.model_kinds
+    with AtomicDirectory(repo_root) as partial:
+        model_dir = partial / settings.name
+        convert_checkpoint(checkpoint_path, model_dir / "1", settings.layout, weight_data_type, processes=processes)
+        if serves:
+            settings = replace(settings, section=section)
+            runtime.install(model_dir / "1", settings)
+            render.write_config(runtime.model_config(settings, repo_root), model_dir)
+    shard_dir = repo_root / settings.name / "1" / settings.layout.shard_dir_name
+    if serves:
+        missing = f"pre/postprocessing and the text ensemble for {kind.value} models are not built yet"
+    else:
+        serving = [name for name in runtime_names() if kind in runtime_for(name).model_kinds]
+        missing = (f"the {runtime.name} runtime does not serve {kind.value} models yet (runtimes that do: "
+                   f"{serving or 'none yet'}; export.triton_deployment.runtime)")
+    raise CheckpointError(f"{kind.value} model converted: FT shards in {shard_dir}; the export stops there: {missing}")
 
 
 def _decoder_text_models(repository: Path, settings: ModelSettings, shard_dir: Path,

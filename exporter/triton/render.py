@@ -267,3 +267,47 @@ def ensemble_config(model_name: str, max_batch_size: int, decoupled: bool = Fals
 def write_config(config: pb.ModelConfig, model_dir: Path) -> Path:
     """Write `<model_dir>/config.pbtxt` atomically."""
     return write_text_atomic(Path(model_dir) / "config.pbtxt", text_format.MessageToString(config))
+
+
+# FT's T5 backend (model_type "T5") inputs and outputs, per row, in the order of fastertransformer_backend's
+# all_models/t5/fastertransformer/config.pbtxt (c6936c39): the encoder's input ids and their length, the decoding
+# options, FT's word-list format, prompt learning and IA3 task ids as FT declares them.
+_SCALAR_UINT32, _SCALAR_FP32 = (pb.TYPE_UINT32, (1,)), (pb.TYPE_FP32, (1,))
+ENCODER_DECODER_INPUTS = (
+    Tensor("input_ids", UINT32, (-1,)),
+    Tensor("sequence_length", UINT32, (1,), scalar=True),
+    *(Tensor(name, *_SCALAR_UINT32, scalar=True, optional=True) for name in ("runtime_top_k",)),
+    *(Tensor(name, *_SCALAR_FP32, scalar=True, optional=True)
+      for name in ("runtime_top_p", "beam_search_diversity_rate", "temperature", "len_penalty",
+                   "repetition_penalty")),
+    Tensor("random_seed", pb.TYPE_UINT64, (1,), scalar=True, optional=True),
+    Tensor("is_return_log_probs", BOOL, (1,), scalar=True, optional=True),
+    Tensor("max_output_len", UINT32, (1,), scalar=True),
+    *(Tensor(name, *_SCALAR_UINT32, scalar=True, optional=True) for name in ("beam_width", "start_id", "end_id")),
+    Tensor("bad_words_list", INT32, (2, -1), optional=True),
+    Tensor("stop_words_list", INT32, (2, -1), optional=True),
+    *(Tensor(name, *_SCALAR_UINT32, scalar=True, optional=True)
+      for name in ("prompt_learning_task_name_ids", "request_prompt_lengths")),
+    Tensor("request_prompt_embedding", pb.TYPE_FP16, (-1, -1), optional=True),
+    Tensor("ia3_tasks", INT32, (1,), scalar=True, optional=True),
+    *(Tensor(name, *_SCALAR_FP32, scalar=True, optional=True) for name in ("top_p_decay", "top_p_min")),
+    Tensor("top_p_reset_ids", UINT32, (1,), scalar=True, optional=True),
+)
+ENCODER_DECODER_OUTPUTS = (
+    Tensor("output_ids", INT32, (-1, -1)),
+    Tensor("sequence_length", INT32, (-1,)),
+    Tensor("cum_log_probs", pb.TYPE_FP32, (-1,)),
+    Tensor("output_log_probs", pb.TYPE_FP32, (-1, -1)),
+)
+
+
+def encoder_decoder_model_config(name: str, backend: str, max_batch_size: int, instance_count: int,
+                                 parameters: dict[str, object]) -> pb.ModelConfig:
+    """The middle model of an encoder-decoder (T5) model with FT's T5 backend's tensors (all_models/t5)."""
+    config = pb.ModelConfig(name=name, max_batch_size=max_batch_size)
+    config.backend = backend
+    _add_inputs(config, ENCODER_DECODER_INPUTS)
+    _add_outputs(config, ENCODER_DECODER_OUTPUTS)
+    config.instance_group.add(count=instance_count, kind=pb.ModelInstanceGroup.KIND_CPU)
+    _parameters(config, parameters)
+    return config

@@ -126,16 +126,20 @@ class T5Config:
         return "\n".join(lines) + "\n"
 
     @classmethod
-    def from_ini(cls, path):
+    def from_ini(cls, path, tensor_para_size=None):
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise CheckpointError(f"missing file: {path}")
         with open(path, encoding="utf-8") as handle:
-            return cls.from_text(handle.read(), path)
+            return cls.from_text(handle.read(), path, tensor_para_size)
 
     @classmethod
-    def from_text(cls, text, origin="config.ini"):
-        """Parse config.ini text; both sections must agree on every shared key (one model width, one vocabulary)."""
+    def from_text(cls, text, origin="config.ini", tensor_para_size=None):
+        """Parse config.ini text; both sections must agree on every shared key (one model width, one vocabulary).
+
+        Also reads the config.ini FT's own converter writes (HF's to_dict values, Python-style booleans, no
+        tensor_para_size / pipeline_para_size keys: `tensor_para_size` then gives the split, e.g. from the
+        `<tp>-gpu` directory name)."""
         parser = configparser.ConfigParser(interpolation=None)
         try:
             parser.read_string(text, source=origin)
@@ -171,6 +175,8 @@ class T5Config:
                     raise CheckpointError(f"{origin}: [encoder] and [decoder] disagree on "
                                           f"{_INI_KEYS.get(name, name)} ({values[name]} vs {value})")
                 values[name] = value
+        if "tensor_para_size" not in values and tensor_para_size is not None:
+            values["tensor_para_size"] = tensor_para_size
         gated = parser.get("structure", "use_gated_activation", fallback="false")
         config = cls(**values)
         if _parse_bool("use_gated_activation", gated, origin) != config.gated:
@@ -207,7 +213,11 @@ def _parse_bool(key, text, origin):
 
 
 def read_config(shard_dir):
-    return T5Config.from_ini(os.path.join(os.fspath(shard_dir), "config.ini"))
+    """`<shard_dir>/config.ini`; without a tensor_para_size key (FT's converter writes none) the directory's
+    `<tp>-gpu` name gives it."""
+    name = os.path.basename(os.path.normpath(os.fspath(shard_dir)))
+    tp = int(name[:-len("-gpu")]) if name.endswith("-gpu") and name[:-len("-gpu")].isdigit() else None
+    return T5Config.from_ini(os.path.join(os.fspath(shard_dir), "config.ini"), tp)
 
 
 def tensor_table(config):
