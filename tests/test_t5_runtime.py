@@ -306,12 +306,11 @@ def _t5_request(prompts, max_output_len, **optional):
     return request
 
 
-def test_model_t5_serves_batched_requests_in_ft_t5_layout(shard_dirs, hf_models, tmp_path, monkeypatch):
-    """model_t5.py (as Triton loads it from a model directory) batches requests, answers each in FT's T5 layout
-    (INT32, [B, beam, max_output_len], generated tokens only) equal to HF generate, and fails bad requests alone."""
+def _load_model_t5(shard_dir, tmp_path, monkeypatch, decoupled=False):
+    """model_t5.py imported from a model directory laid out as Triton sees it, and initialized."""
     version_dir = tmp_path / "t5" / "1"
     copy_templates(T5_MODEL_FILES, version_dir)
-    shutil.copytree(shard_dirs[("gated-gelu", 2)], version_dir / "2-gpu")
+    shutil.copytree(shard_dir, version_dir / "2-gpu")
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _stand_in_pb_utils())
     for name in ("ft_checkpoint", "ft_generate", "ft_interface", "ft_t5", "ft_t5_checkpoint", "ft_t5_interface"):
         monkeypatch.delitem(sys.modules, name, raising=False)
@@ -321,9 +320,17 @@ def test_model_t5_serves_batched_requests_in_ft_t5_layout(shard_dirs, hf_models,
     spec.loader.exec_module(module)
     served = module.TritonPythonModel()
     parameters = {"model_checkpoint_path": "2-gpu", "tensor_para_size": "2", "data_type": "fp32", "device": "cpu"}
-    served.initialize({"model_config": json.dumps({"name": "t5", "parameters": {
-        key: {"string_value": value} for key, value in parameters.items()}}), "model_instance_kind": "CPU"})
+    config = {"name": "t5", "parameters": {key: {"string_value": value} for key, value in parameters.items()}}
+    if decoupled:
+        config["model_transaction_policy"] = {"decoupled": True}
+    served.initialize({"model_config": json.dumps(config), "model_instance_kind": "CPU"})
+    return served
 
+
+def test_model_t5_serves_batched_requests_in_ft_t5_layout(shard_dirs, hf_models, tmp_path, monkeypatch):
+    """model_t5.py (as Triton loads it from a model directory) batches requests, answers each in FT's T5 layout
+    (INT32, [B, beam, max_output_len], generated tokens only) equal to HF generate, and fails bad requests alone."""
+    served = _load_model_t5(shard_dirs[("gated-gelu", 2)], tmp_path, monkeypatch)
     requests = [_t5_request(PROMPTS[:2], [8, 5]),
                 _t5_request(PROMPTS[:1], [0]),                                        # no output: refused
                 _t5_request(PROMPTS[2:], [7, 7], beam_width=([2, 2], np.uint32)),
@@ -342,3 +349,31 @@ def test_model_t5_serves_batched_requests_in_ft_t5_layout(shard_dirs, hf_models,
         assert response.output("output_log_probs").shape == shape
         assert response.output("cum_log_probs").shape == shape[:2]
         assert [output_ids[row, 0, :lengths[row, 0]].tolist() for row in range(2)] == expected
+
+
+class _Sender:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, response=None, flags=0):
+        self.sent.append((response, flags))
+
+
+def test_model_t5_decoupled_streams_each_step_then_the_final_result(shard_dirs, tmp_path, monkeypatch):
+    served = _load_model_t5(shard_dirs[("gated-gelu", 2)], tmp_path, monkeypatch, decoupled=True)
+    module = sys.modules["triton_python_backend_utils"]
+    module.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    request = _t5_request(PROMPTS[:2], [4, 4])
+    sender = _Sender()
+    request["__sender"] = sender
+
+    class _Request(dict):
+        def get_response_sender(self):
+            return self["__sender"]
+
+    assert served.execute([_Request(request)]) is None
+    widths = [response.output("output_ids").shape[-1] for response, _ in sender.sent]
+    assert widths == [1, 2, 3, 4, 4]  # one response per step, then the final one
+    assert [flags for _, flags in sender.sent] == [0, 0, 0, 0, 1]
+    final = sender.sent[-1][0]
+    assert np.array_equal(final.output("output_ids")[:, :, :3], sender.sent[2][0].output("output_ids"))
