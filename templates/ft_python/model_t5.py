@@ -1,0 +1,228 @@
+"""Triton python-backend model that serves FasterTransformer T5 shards (encoder-decoder) with PyTorch.
+
+Copied into `<model_name>/1/` of a generated model repository together with ft_t5.py, ft_t5_checkpoint.py,
+ft_t5_interface.py, ft_checkpoint.py, ft_generate.py and ft_interface.py. Same tensors as FT's T5 backend
+(all_models/t5/fastertransformer/config.pbtxt, listed in ft_t5_interface): inputs input_ids [B, L] (right-padded
+encoder inputs), sequence_length [B, 1] (their lengths), max_output_len [B, 1], the optional per-row sampling
+options and word lists of the GPT interface (start_id = the row's first decoder token); outputs output_ids
+[B, beam, max_output_len] (generated tokens only, end_id padded), sequence_length [B, beam], cum_log_probs [B, beam],
+output_log_probs [B, beam, max_output_len], beam = the request's largest beam_width. Decoding semantics:
+ft_generate.generate on ft_t5's bound decoder.
+
+The valid requests of one execute() form one batch (encoder inputs padded to the longest, one encoder pass);
+a bad request gets its own error response. Decoupled (model_transaction_policy { decoupled: true }): every request
+gets a response after each decoding step that grew one of its sequences, then the final one flagged
+TRITONSERVER_RESPONSE_COMPLETE_FINAL.
+
+Parameters (config.pbtxt, string_value): model_checkpoint_path (relative to this file's directory, default
+"<tensor_para_size>-gpu"), tensor_para_size (must match config.ini), pipeline_para_size (layers run in sequence
+on one device), data_type (compute type on CUDA; the CPU computes in fp32), int8_mode (0), device ("auto" | "cpu" |
+"cuda"), max_beam_width.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+import ft_checkpoint  # noqa: E402
+import ft_generate  # noqa: E402
+import ft_t5  # noqa: E402
+import ft_t5_checkpoint  # noqa: E402
+import ft_t5_interface  # noqa: E402
+
+
+def _log(message):
+    logger = getattr(pb_utils, "Logger", None)
+    if logger is not None:
+        logger.log_info(message)
+    else:
+        print(message, flush=True)
+
+
+def _input(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _rows(array, batch, name):
+    """A per-row value [B] from an input shaped [B], [B, 1] or one value for every row."""
+    flat = np.asarray(array).reshape(-1)
+    if flat.size == 1:
+        return np.repeat(flat, batch)
+    if flat.size != batch:
+        raise ValueError(f"{name} has shape {list(np.shape(array))}, expected [{batch}] or [{batch}, 1]")
+    return flat
+
+
+def _error(message):
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+
+
+def _send(sender, response, flags=0):
+    try:
+        if response is None:
+            sender.send(flags=flags)
+        else:
+            sender.send(response, flags=flags)
+    except Exception as exc:  # noqa: BLE001 - one lost stream must not fail the rest of the batch
+        _log(f"ft_python t5: could not send a response: {type(exc).__name__}: {exc}")
+        return False
+    return True
+
+
+class TritonPythonModel:
+    """One model instance: a verified, loaded FTT5 on the chosen device."""
+
+    def initialize(self, args):
+        self.model_config = json.loads(args["model_config"])
+        params = {key: value.get("string_value", "")
+                  for key, value in self.model_config.get("parameters", {}).items()}
+        here = os.path.dirname(os.path.abspath(__file__))
+        tp_param = params.get("tensor_para_size", "").strip()
+        checkpoint = params.get("model_checkpoint_path", "").strip() or ft_checkpoint.shard_dir_name(tp_param or 1)
+        if not os.path.isabs(checkpoint):
+            checkpoint = os.path.join(here, checkpoint)
+        config = ft_t5_checkpoint.verify(checkpoint)  # CheckpointError naming every bad file: Triton refuses
+        if tp_param and int(tp_param) != config.tensor_para_size:
+            raise ValueError(f"parameter tensor_para_size={tp_param} but {checkpoint}/config.ini says "
+                             f"tensor_para_size={config.tensor_para_size}")
+        int8 = params.get("int8_mode", "").strip()
+        if int8 and int(int8) != 0:
+            raise ValueError(f"int8_mode={int8}: the python runtime serves the shards unquantised (int8_mode 0)")
+        device_param = (params.get("device", "").strip() or "auto").lower()
+        if device_param not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"parameter device={device_param!r}: expected auto, cpu or cuda")
+        cuda = device_param == "cuda" or (device_param == "auto" and torch.cuda.is_available())
+        if cuda and not torch.cuda.is_available():
+            raise RuntimeError("parameter device=cuda but torch sees no CUDA device")
+        device = torch.device("cuda", int(args.get("model_instance_device_id", 0))
+                              if args.get("model_instance_kind") == "GPU" else 0) if cuda else torch.device("cpu")
+        data_type = params.get("data_type", "").strip() or config.weight_data_type
+        if data_type not in ft_checkpoint.TORCH_DTYPES:
+            raise ValueError(f"parameter data_type={data_type!r}: expected one of {sorted(ft_checkpoint.TORCH_DTYPES)}")
+        dtype = torch.float32 if device.type == "cpu" else ft_checkpoint.TORCH_DTYPES[data_type]
+        beam_param = params.get("max_beam_width", "").strip()
+        self.max_beam_width = int(beam_param) if beam_param else ft_generate.MAX_BEAM_WIDTH
+        if self.max_beam_width < 1:
+            raise ValueError(f"parameter max_beam_width={beam_param}: must be >= 1")
+        self.decoupled = bool(self.model_config.get("model_transaction_policy", {}).get("decoupled", False))
+        self.model = ft_t5.FTT5.from_shards(checkpoint, device=device, dtype=dtype)
+        self.defaults = ft_generate.GenerationDefaults.read(checkpoint)
+        _log(f"ft_python t5: loaded {checkpoint} (tp={config.tensor_para_size}, weights {config.weight_data_type}) "
+             f"on {device} computing in {dtype}; {self.defaults}")
+
+    def _parse(self, request):
+        """One request's inputs -> its checked ft_t5.T5Batch (ValueError naming the bad input)."""
+        for name in ft_t5_interface.UNSERVED_INPUTS:
+            if _input(request, name) is not None:
+                raise ValueError(f"{name} is not served by the python runtime's T5 model")
+        ids = _input(request, "input_ids")
+        if ids is None:
+            raise ValueError("input_ids is required")
+        ids = np.asarray(ids)
+        ids = ids[None, :] if ids.ndim == 1 else ids
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, length >= 1], got shape {list(ids.shape)}")
+        batch = ids.shape[0]
+        lengths = _input(request, "sequence_length")
+        lengths = np.full(batch, ids.shape[1]) if lengths is None else _rows(lengths, batch, "sequence_length")
+        output_len = _input(request, "max_output_len")
+        if output_len is None:
+            raise ValueError("max_output_len is required")
+        params = ft_generate.SamplingParams()
+        for tensor in ft_t5_interface.SAMPLING_INPUTS:
+            value = _input(request, tensor.name)
+            if value is None:
+                continue
+            if not tensor.scalar:  # FT's word-list format [B, 2, W]
+                value = np.asarray(value).astype(np.int64)
+            else:
+                value = _rows(value, batch, tensor.name)
+                if value.dtype.kind == "u" and tensor.field != "random_seed":  # seeds stay uint64
+                    value = value.astype(np.int64)
+            setattr(params, tensor.field, value)
+        return ft_t5.check_t5_inputs(self.model, ids.astype(np.int64), lengths.astype(np.int64),
+                                     _rows(output_len, batch, "max_output_len").astype(np.int64), params,
+                                     max_beam_width=self.max_beam_width, defaults=self.defaults)
+
+    def execute(self, requests):
+        parsed = []
+        for request in requests:
+            try:
+                parsed.append(self._parse(request))
+            except Exception as exc:  # noqa: BLE001 - a bad request fails alone
+                parsed.append(exc)
+        good = [(request, item) for request, item in zip(requests, parsed) if isinstance(item, ft_t5.T5Batch)]
+        senders = [request.get_response_sender() for request in requests] if self.decoupled else None
+        results, failure = None, None
+        if good:
+            try:
+                stream = self._streamer(good, requests, senders) if self.decoupled else None
+                results = ft_t5.generate_batch(self.model, ft_t5.T5Batch.concatenate([item for _, item in good]),
+                                               stream)
+            except Exception as exc:  # noqa: BLE001 - report to every client instead of dying
+                failure = f"generation failed: {type(exc).__name__}: {exc}"
+        responses, row = [], 0
+        for item in parsed:
+            if not isinstance(item, ft_t5.T5Batch):
+                responses.append(_error(f"bad request: {item}"))
+            elif failure is not None:
+                responses.append(_error(failure))
+            else:
+                rows = item.encoder_ids.shape[0]
+                responses.append(self._response(results, slice(row, row + rows), item))
+                row += rows
+        if not self.decoupled:
+            return responses
+        for sender, response in zip(senders, responses):
+            _send(sender, response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+
+    def _streamer(self, good, requests, senders):
+        """After each step, a response to every request whose sequences grew."""
+        sender_of = {id(request): sender for request, sender in zip(requests, senders)}
+        targets, row = [], 0
+        for request, item in good:
+            rows = item.encoder_ids.shape[0]
+            targets.append([sender_of[id(request)], slice(row, row + rows), item, None])
+            row += rows
+
+        def send(partial):
+            for target in targets:
+                sender, rows, item, last = target
+                lengths = partial.sequence_length[rows]
+                if sender is None or (last is not None and torch.equal(lengths, last)):
+                    continue
+                target[3] = lengths.clone()
+                if not _send(sender, self._response(partial, rows, item, steps=partial.output_ids.shape[-1])):
+                    target[0] = None
+
+        return send
+
+    def _response(self, results, rows, item, steps=None):
+        """One request's rows and beams of the batch result: T = its max_output_len (steps so far when
+        streaming)."""
+        max_new = int(item.decoder.max_new_tokens.max())
+        steps = max_new if steps is None else min(steps, max_new)
+        beams = int(item.decoder.beam_width.max())
+        cut = {"output_ids": results.output_ids[rows, :beams, :steps],
+               "sequence_length": results.sequence_length[rows, :beams],
+               "cum_log_probs": results.cum_log_probs[rows, :beams],
+               "output_log_probs": results.output_log_probs[rows, :beams, :steps]}
+        # Owned copies, never views of torch memory (a decoupled response is serialised with the GIL released).
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(name, np.array(tensor.numpy(), copy=True, order="C",
+                                           dtype=ft_t5_interface.OUTPUTS_BY_NAME[name].numpy_dtype))
+            for name, tensor in cut.items()])
+
+    def finalize(self):
+        device = getattr(getattr(self, "model", None), "device", None)
+        self.model = None
+        if device is not None and device.type == "cuda":
+            torch.cuda.empty_cache()
