@@ -253,3 +253,46 @@ def test_cancelled_stream_stops_early_and_the_server_goes_on(served, hf_model):
     result = common.infer(served.grpc_url, "grpc", MODEL, _arrays([SHORT_PROMPT], SHORT_NEW))
     assert result["output_ids"][0, 0, : int(result["sequence_length"][0, 0])].tolist() == \
         SHORT_PROMPT + _hf_greedy(hf_model, SHORT_PROMPT, SHORT_NEW)
+
+
+# ------------------------------------------------------------------------------------ model.py's scheduler
+
+
+@pytest.fixture
+def served_in_process(tiny_gpt2, tmp_path, monkeypatch):
+    """model.py laid out as the exporter lays it out (1-gpu shards), initialised with the stand-in pb_utils."""
+    from exporter.runtimes import python as python_runtime
+    from exporter.triton.repo import copy_templates
+    from test_runtime_inprocess import _load_model_py
+
+    root = tmp_path / "gpt" / "1"
+    root.mkdir(parents=True)
+    copy_templates(python_runtime.FILES, root)
+    convert_checkpoint(tiny_gpt2, root, ParallelLayout(1), "fp32")
+    instance = _load_model_py(root, monkeypatch, {"model_checkpoint_path": "1-gpu", "device": "cpu"})
+    yield instance
+    instance.finalize()
+
+
+def test_engine_failure_answers_its_requests_with_an_error_and_serving_goes_on(served_in_process, hf_model):
+    """An exception inside the decoding step (here: the logits of a joint forward) must answer every request of
+    that step with an error instead of leaving its client waiting; the next request is served normally."""
+    from test_runtime_inprocess import _execute, _request
+
+    model = served_in_process
+    logits = model.model.logits
+    calls = {"count": 0}
+
+    def failing(hidden):
+        calls["count"] += 1
+        if calls["count"] == 4:  # two prefills, then the second joint step
+            raise RuntimeError("injected failure")
+        return logits(hidden)
+
+    model.model.logits = failing
+    first = _execute(model, [_request([PROMPTS[0]], [6]), _request([PROMPTS[2]], [6], beam_width=[2])])
+    assert all(r.error is not None and "injected failure" in r.error.message() for r in first)
+    (again,) = _execute(model, [_request([PROMPTS[1]], [5])])
+    assert again.error is None
+    assert again.output("output_ids")[0, 0, : int(again.output("sequence_length")[0, 0])].tolist() == \
+        PROMPTS[1] + _hf_greedy(hf_model, PROMPTS[1], 5)
