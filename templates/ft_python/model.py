@@ -86,7 +86,7 @@ def _rows(array, batch, name, take_first=False):
 
 
 def _send(sender, response, flags=0):
-    """Send on a decoupled request's stream (response None: flags only); False (logged) when that fails."""
+    """Send through a request's response sender (response None: flags only); False (logged) when that fails."""
     try:
         if response is None:
             sender.send(flags=flags)
@@ -268,7 +268,7 @@ class TritonPythonModel:
                 for work in self._running.values():
                     self._close(work, _error(f"generation failed: {type(exc).__name__}: {exc}"), failed=True)
                 self._running.clear()
-        for work in waiting + [work for work in self._running.values()] + self._take(block=False):
+        for work in waiting + list(self._running.values()) + self._take(block=False):
             self._close(work, _error("the model is being unloaded"), failed=True)
         self._running.clear()
 
@@ -319,8 +319,8 @@ class TritonPythonModel:
                 self._close(work, None, cancelled=True)
 
     def _close(self, work, response, failed=False, cancelled=False, generated=0):
-        """Send a request's final response (a cancelled one: a flags-only final on a stream, an error otherwise)
-        and count it."""
+        """Send a request's final response and count it (ft_metrics). A cancelled request: a flags-only final on a
+        stream, an error response on a plain model (which must send exactly one response)."""
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if cancelled or (not failed and _cancelled(work.request)):
             _log("ft_python: a request was cancelled by its client; it is stopped and closed")
