@@ -7,9 +7,10 @@ generate(model, batch), or Engine(model) to decode requests that come and go (in
 It drives a decoder through this interface only (see ft_gpt.FTGPT):
 
   model.new_cache(batch, slots) -> cache         model.reorder_cache(cache, rows) -> cache
-  model.grow_cache(cache, slots) -> cache        model.cache_bytes(cache) -> int
   model.hidden_states(ids, pos, cache, start, mask[, prompt_tasks]) -> [B, S, h]
-  model.hidden_states_grouped(ids, pos, [(cache, start, mask), ...]) -> [B, S, h]   (Engine only)
+  (optional) model.grow_cache(cache, slots) -> cache: caches grow as decoding goes (else allocated whole);
+    model.hidden_states_grouped(ids, pos, [(cache, start, mask), ...]) -> [B, S, h]: Engine's joint forward
+    (else a forward per cohort); model.cache_bytes(cache) -> int
   model.logits(hidden [..., h]) -> [..., V] fp32
   model.device, model.vocab_size, model.end_id, model.max_positions, model.learned_positions
   (p/prompt tuning, optional) model.prompt_lengths, model.prompt_task_names, model.prompt_start_id
@@ -358,9 +359,9 @@ class Engine:
         """The next logits of every cohort from one forward over all their slots."""
         model = self.model
         inputs = [cohort.decode_inputs() for cohort in cohorts]
-        if len(inputs) == 1:
-            ids, pos, group = inputs[0]
-            hidden = model.hidden_states(ids, pos, *group)
+        if len(inputs) == 1 or not callable(getattr(model, "hidden_states_grouped", None)):
+            # one cohort, or a decoder without the grouped forward: a forward per cohort
+            hidden = torch.cat([model.hidden_states(ids, pos, *group) for ids, pos, group in inputs])
         else:
             ids = torch.cat([ids for ids, _, _ in inputs])
             pos = torch.cat([pos for _, pos, _ in inputs])
@@ -426,7 +427,8 @@ class _Decoding:
         eye = torch.eye(lmax, dtype=torch.bool, device=dev)
         mask = ((causal[None] & key_valid[:, None, :lmax]) | eye[None])[:, None]
         self.total = total
-        cache = model.new_cache(bsz, self._capacity(lmax + 1))
+        self.capacity = self._capacity(lmax + 1)  # cache positions (the cache's layout is the model's)
+        cache = model.new_cache(bsz, self.capacity)
         # position id = index inside the real prompt (pads get 0, never attended); virtual prompt tokens are
         # ordinary positions, as in FT
         tasks = batch.prompt_task_id
@@ -628,7 +630,10 @@ class _Decoding:
         return bool(self.done.all()) and bool(self.beam_done.all())
 
     def _capacity(self, needed):
-        """Cache positions to hold `needed`: whole CACHE_BLOCKs, at most prompt + max_new_tokens."""
+        """Cache positions to hold `needed`: whole CACHE_BLOCKs, at most prompt + max_new_tokens; all of them at
+        once for a decoder without grow_cache (e.g. ft_t5's)."""
+        if not callable(getattr(self.model, "grow_cache", None)):
+            return self.total
         return min(self.total, -(-needed // CACHE_BLOCK) * CACHE_BLOCK)
 
     def run(self):
@@ -655,8 +660,9 @@ class _Decoding:
         """
         step = self.step - 1
         start = self.lmax + step
-        if self.cache[0][0].shape[2] <= start:
-            self.cache = self.model.grow_cache(self.cache, self._capacity(start + 1))
+        if self.capacity <= start:
+            self.capacity = self._capacity(start + 1)
+            self.cache = self.model.grow_cache(self.cache, self.capacity)
         pos = (self.slot_lengths + step)[:, None]
         mask = self.key_valid[:, None, None, :start + 1]
         return self.token[:, None], pos, (self.cache, start, mask)
