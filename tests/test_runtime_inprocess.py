@@ -12,6 +12,7 @@ import importlib.util
 import json
 import shutil
 import sys
+import threading
 import types
 
 import numpy as np
@@ -32,6 +33,7 @@ END_ID = 999  # eos of the tiny model; written to config.ini as end_id by the co
 # Prompts of different lengths (right-padded into one batch) and per-row output lengths.
 PROMPTS = [[5, 17, 300, 42, 8], [77], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [640, 12, 999 - 1]]
 NEW_TOKENS = [20, 12, 16, 9]
+FINAL = 1  # the stand-in TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 def _padded(prompts, pad=END_ID):
@@ -347,6 +349,41 @@ class _FakeResponse:
         return next(t.as_numpy() for t in self.output_tensors if t.name() == name)
 
 
+class _FakeSender:
+    """A request's response sender: records what model.py sends; `closed` is set by the final response."""
+
+    def __init__(self):
+        self.sent, self.closed = [], threading.Event()
+
+    def send(self, response=None, flags=0):
+        assert not self.closed.is_set(), "a response after the final one"
+        self.sent.append(response)
+        if flags & FINAL:
+            self.closed.set()
+
+
+class _FakeRequest(dict):
+    """A request: its input tensors by name, and its response sender."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sender = _FakeSender()
+
+    def get_response_sender(self):
+        return self.sender
+
+    def is_cancelled(self):
+        return False
+
+
+def _execute(model, requests, timeout=120):
+    """model.execute(requests) as Triton runs it: None returned, each request's final response from its sender."""
+    assert model.execute(requests) is None
+    for request in requests:
+        assert request.sender.closed.wait(timeout), "no final response"
+    return [request.sender.sent[-1] for request in requests]
+
+
 class _FakeError(Exception):
     def __init__(self, msg):
         super().__init__(msg)
@@ -363,16 +400,17 @@ def _fake_pb_utils():
     mod.InferenceResponse = _FakeResponse
     mod.TritonError = _FakeError
     mod.get_input_tensor_by_name = lambda request, name: request.get(name)
+    mod.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL
     return mod
 
 
 def _request(prompts, output_len, **optional):
     ids, lengths = _padded(prompts)
-    req = {
+    req = _FakeRequest({
         "input_ids": _FakeTensor("input_ids", ids.astype(np.uint32)),
         "input_lengths": _FakeTensor("input_lengths", lengths.astype(np.uint32)[:, None]),
         "request_output_len": _FakeTensor("request_output_len", np.asarray(output_len, np.uint32)[:, None]),
-    }
+    })
     dtypes = {"runtime_top_k": np.uint32, "runtime_top_p": np.float32, "temperature": np.float32,
               "random_seed": np.uint64, "beam_width": np.uint32, "end_id": np.uint32, "is_return_log_probs": bool}
     for name, value in optional.items():
@@ -417,7 +455,10 @@ def test_model_py_batches_requests_and_isolates_bad_ones(version_dir, monkeypatc
         _request([[4, 5]], [127]),                                      # longer than max_pos_seq_len
     ]
     requests[3]["input_lengths"] = _FakeTensor("input_lengths", np.array([[9]], np.uint32))  # > width too
-    responses = triton_model.execute(requests)
+    try:
+        responses = _execute(triton_model, requests)
+    finally:
+        triton_model.finalize()
     assert len(responses) == len(requests)
     for bad in (1, 3, 5):
         assert responses[bad].error is not None and not responses[bad].output_tensors

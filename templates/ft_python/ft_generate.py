@@ -3,11 +3,14 @@
 Copied into generated Triton model repositories next to ft_gpt.py and ft_interface.py (the
 request interface's table: defaults and bounds of the options); needs only torch and numpy.
 Use: batch = check_inputs(model, ids, lengths, max_new_tokens, SamplingParams(...), defaults), then
-generate(model, batch); defaults = GenerationDefaults.read(shard_dir), the model's generation_config.json.
+generate(model, batch), or Engine(model) to decode requests that come and go (in-flight batching); defaults = GenerationDefaults.read(shard_dir), the model's generation_config.json.
 It drives a decoder through this interface only (see ft_gpt.FTGPT):
 
   model.new_cache(batch, slots) -> cache         model.reorder_cache(cache, rows) -> cache
   model.hidden_states(ids, pos, cache, start, mask[, prompt_tasks]) -> [B, S, h]
+  (optional) model.grow_cache(cache, slots) -> cache: caches grow as decoding goes (else allocated whole);
+    model.hidden_states_grouped(ids, pos, [(cache, start, mask), ...]) -> [B, S, h]: Engine's joint forward
+    (else a forward per cohort); model.cache_bytes(cache) -> int
   model.logits(hidden [..., h]) -> [..., V] fp32
   model.device, model.vocab_size, model.end_id, model.max_positions, model.learned_positions
   (p/prompt tuning, optional) model.prompt_lengths, model.prompt_task_names, model.prompt_start_id
@@ -286,8 +289,91 @@ def generate(model, batch, stream=None):
     return _Decoding(model, batch, stream).run()
 
 
+CACHE_BLOCK = 64  # a decoding's KV cache grows by this many positions at a time
+
+
+class Engine:
+    """In-flight batching: many decodings advanced together, one joint forward per step.
+
+    admit(batch) prefills a request's batch alone and returns its Cohort (the state generate() keeps for one call);
+    step() chooses the next token of every cohort, then runs ONE forward for all cohorts still decoding: their rows
+    go through every projection together (the weights are read once per step) and attend to their own caches. A
+    cohort leaves as soon as it finishes (its result in cohort.output) or is cancelled, and its cache is freed at
+    once; a cohort admitted between two steps joins at the next. Each cohort's output is that of generate() on its
+    batch alone. Caches grow by CACHE_BLOCK positions as the cohort decodes, never to max_new_tokens up front:
+    model.cache_bytes(cohort.cache) = 2 x layers x slots x kv_heads x head_dim x element size x capacity.
+    Not thread-safe: one thread drives an Engine.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.cohorts = []
+
+    @torch.inference_mode()
+    def admit(self, batch, stream=None):
+        """Prefill `batch` (check_inputs' Batch) and add it; its first token is chosen at the next step()."""
+        cohort = _Decoding(self.model, batch, stream)
+        self.cohorts.append(cohort)
+        return cohort
+
+    def cancel(self, cohort):
+        """Drop a cohort now (its cache with it); it gets no output."""
+        if cohort in self.cohorts:
+            self.cohorts.remove(cohort)
+        cohort.release()
+
+    @property
+    def rows(self):
+        """Decoder slots (rows x beams) of the cohorts still decoding."""
+        return sum(cohort.slots for cohort in self.cohorts)
+
+    @torch.inference_mode()
+    def step(self):
+        """One decoding step of every cohort; returns the cohorts that left in it, each with `output` (its
+        GenerationOutput) or `error` (the exception that ended it: its stream callback, or the joint forward, which
+        ends every cohort in it)."""
+        going, left = [], []
+        for cohort in self.cohorts:
+            try:
+                more = cohort.advance()
+            except Exception as exc:  # noqa: BLE001 - one cohort's failure ends that cohort only
+                cohort.error = exc
+                more = False
+            (going if more else left).append(cohort)
+        try:
+            if going:
+                self._forward(going)
+        except Exception as exc:  # noqa: BLE001 - reported on every cohort of the forward
+            for cohort in going:
+                cohort.error = exc
+            left += going
+            going = []
+        self.cohorts = going
+        for cohort in left:
+            if cohort.error is None:
+                cohort.output = cohort.result()
+            cohort.release()
+        return left
+
+    def _forward(self, cohorts):
+        """The next logits of every cohort from one forward over all their slots."""
+        model = self.model
+        inputs = [cohort.decode_inputs() for cohort in cohorts]
+        if len(inputs) == 1 or not callable(getattr(model, "hidden_states_grouped", None)):
+            # one cohort, or a decoder without the grouped forward: a forward per cohort
+            hidden = torch.cat([model.hidden_states(ids, pos, *group) for ids, pos, group in inputs])
+        else:
+            ids = torch.cat([ids for ids, _, _ in inputs])
+            pos = torch.cat([pos for _, pos, _ in inputs])
+            hidden = model.hidden_states_grouped(ids, pos, [group for _, _, group in inputs])
+        logits = model.logits(hidden[:, 0])
+        for cohort, part in zip(cohorts, torch.split(logits, [cohort.slots for cohort in cohorts])):
+            cohort.logits = part
+
+
 class _Decoding:
-    """The state of one generate() call.
+    """The state of one generate() call (an Engine's cohort): prefilled when made, then advance() chooses a step's
+    tokens from `logits`, decode_inputs() gives the forward that makes the next `logits`, result() the output.
 
     Row b owns W_b consecutive slots (decoder batch rows): one for a greedy / sampling row,
     beam_width for a beam row. Slots never change rows; beam search only permutes the slots
@@ -296,6 +382,7 @@ class _Decoding:
 
     def __init__(self, model, batch, stream):
         self.model, self.stream = model, stream
+        self.step, self.output, self.error = 0, None, None
         dev = self.dev = model.device
         ids, lengths, new = batch.input_ids, batch.input_lengths, batch.max_new_tokens
         self.lengths, self.end = lengths, batch.end_id
@@ -339,7 +426,9 @@ class _Decoding:
         causal = torch.ones(lmax, lmax, dtype=torch.bool, device=dev).tril()
         eye = torch.eye(lmax, dtype=torch.bool, device=dev)
         mask = ((causal[None] & key_valid[:, None, :lmax]) | eye[None])[:, None]
-        cache = model.new_cache(bsz, total)
+        self.total = total
+        self.capacity = self._capacity(lmax + 1)  # cache positions (the cache's layout is the model's)
+        cache = model.new_cache(bsz, self.capacity)
         # position id = index inside the real prompt (pads get 0, never attended); virtual prompt tokens are
         # ordinary positions, as in FT
         tasks = batch.prompt_task_id
@@ -540,45 +629,78 @@ class _Decoding:
     def _all_done(self):
         return bool(self.done.all()) and bool(self.beam_done.all())
 
+    def _capacity(self, needed):
+        """Cache positions to hold `needed`: whole CACHE_BLOCKs, at most prompt + max_new_tokens; all of them at
+        once for a decoder without grow_cache (e.g. ft_t5's)."""
+        if not callable(getattr(self.model, "grow_cache", None)):
+            return self.total
+        return min(self.total, -(-needed // CACHE_BLOCK) * CACHE_BLOCK)
+
     def run(self):
-        dev, model, slots = self.dev, self.model, self.slots
+        while self.advance():
+            ids, pos, group = self.decode_inputs()
+            hidden = self.model.hidden_states(ids, pos, *group)
+            self.logits = self.model.logits(hidden[:, 0])
+        return self.result()
+
+    def result(self):
+        """The complete output (T = Lmax + max(max_new_tokens))."""
+        return self._output(self.steps)
+
+    def release(self):
+        """Free the cache and logits (the cohort left its engine)."""
+        self.cache = self.logits = None
+
+    def decode_inputs(self):
+        """(ids [N, 1], pos [N, 1], (cache, start, mask)) of the forward after advance(), the cache grown to hold
+        the step's token: cache slot lmax+step, position length+step.
+
+        (learned positions never pass max_positions: such requests are refused up front;
+        rotary positions run on past the context length, as in transformers)
+        """
+        step = self.step - 1
+        start = self.lmax + step
+        if self.capacity <= start:
+            self.capacity = self._capacity(start + 1)
+            self.cache = self.model.grow_cache(self.cache, self.capacity)
+        pos = (self.slot_lengths + step)[:, None]
+        mask = self.key_valid[:, None, None, :start + 1]
+        return self.token[:, None], pos, (self.cache, start, mask)
+
+    def advance(self):
+        """Choose every slot's token of the next step from `logits` (streamed); False once the decoding is over."""
+        dev, model, slots, step = self.dev, self.model, self.slots, self.step
         every = torch.arange(slots, device=dev)
         logits = self.logits
-        for step in range(self.steps):
-            logits, logprobs = self._process(logits, step)
-            token = torch.empty(slots, dtype=torch.long, device=dev)
-            logprob = torch.empty(slots, dtype=torch.float32, device=dev)
-            if self.single_slots.numel():
-                token[self.single_slots], logprob[self.single_slots] = self._choose_single(
-                    logits, logprobs, step)
-            if self.beam_rows.numel():
-                parent, beam_token, cum, beam_lp = self._choose_beams(logprobs, step)
-                lanes = self.beam_slots[self.beam_ok]
-                order = every.clone()
-                order[lanes] = parent[self.beam_ok]
-                token[lanes], logprob[lanes] = beam_token[self.beam_ok], beam_lp[self.beam_ok]
-                self.beam_cum[lanes] = cum[self.beam_ok]
-                if not torch.equal(order, every):  # slots follow their parents
-                    self.hist, self.gen_lp = self.hist[order], self.gen_lp[order]
-                    if self.seen is not None:
-                        self.seen = self.seen[order]
-                    self.cache = model.reorder_cache(self.cache, order)
-            self.hist[:, self.lmax + step] = token
-            self.gen_lp[:, step] = logprob
-            if self.stream is not None:
-                self.stream(self._output(step + 1))
-            if step + 1 == self.steps or self._all_done():
-                break
-            if self.seen is not None:
-                self.seen[every, token] = True
-            # Decode one token per slot: cache slot lmax+step, position length+step.
-            # (learned positions never pass max_positions: such requests are refused up front;
-            # rotary positions run on past the context length, as in transformers)
-            pos = (self.slot_lengths + step)[:, None]
-            mask = self.key_valid[:, None, None, :self.lmax + step + 1]
-            hidden = model.hidden_states(token[:, None], pos, self.cache, self.lmax + step, mask)
-            logits = model.logits(hidden[:, 0])
-        return self._output(self.steps)
+        logits, logprobs = self._process(logits, step)
+        token = torch.empty(slots, dtype=torch.long, device=dev)
+        logprob = torch.empty(slots, dtype=torch.float32, device=dev)
+        if self.single_slots.numel():
+            token[self.single_slots], logprob[self.single_slots] = self._choose_single(
+                logits, logprobs, step)
+        if self.beam_rows.numel():
+            parent, beam_token, cum, beam_lp = self._choose_beams(logprobs, step)
+            lanes = self.beam_slots[self.beam_ok]
+            order = every.clone()
+            order[lanes] = parent[self.beam_ok]
+            token[lanes], logprob[lanes] = beam_token[self.beam_ok], beam_lp[self.beam_ok]
+            self.beam_cum[lanes] = cum[self.beam_ok]
+            if not torch.equal(order, every):  # slots follow their parents
+                self.hist, self.gen_lp = self.hist[order], self.gen_lp[order]
+                if self.seen is not None:
+                    self.seen = self.seen[order]
+                self.cache = model.reorder_cache(self.cache, order)
+        self.hist[:, self.lmax + step] = token
+        self.gen_lp[:, step] = logprob
+        self.step = step + 1
+        if self.stream is not None:
+            self.stream(self._output(step + 1))
+        if step + 1 == self.steps or self._all_done():
+            return False
+        if self.seen is not None:
+            self.seen[every, token] = True
+        self.token = token
+        return True
 
     # ---------------------------------------------------------------- outputs
     def _output(self, steps):

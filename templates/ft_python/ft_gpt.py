@@ -274,10 +274,14 @@ class FTGPT:
             rot = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
         return torch.cat((rot.to(x.dtype), rest), dim=-1)
 
-    def _attention(self, y, lw, layer_cache, start, mask, rotary):
-        """Self-attention of y [B, S, h] -> [B, S, h] (without the output bias), filling the cache."""
+    def _attention(self, y, lw, parts, rotary):
+        """Self-attention of y [B, S, h] -> [B, S, h] (without the output bias), filling the caches.
+
+        parts: per group of consecutive rows, (layer_cache, start, mask): the group's rows are the first
+        layer_cache[0].shape[0] rows not taken by the groups before it; the projections run once over all rows,
+        attention per group against its own cache.
+        """
         bsz, seq, h = y.shape
-        end = start + seq
         d, nq, nkv = self.head_dim, self.num_heads, self.kv_heads
         qkv = _linear(y.reshape(-1, h), lw["qkv_w"], lw["qkv_b"])          # [B*S, (nq + 2 nkv) d]
         q, k, v = torch.split(qkv, [nq * d, nkv * d, nkv * d], dim=-1)
@@ -288,14 +292,21 @@ class FTGPT:
             q, k = self._rms(q, lw["q_norm"]), self._rms(k, lw["k_norm"])
         if rotary is not None:
             q, k = self._rotate(q, *rotary), self._rotate(k, *rotary)
-        k_cache, v_cache = layer_cache
-        k_cache[:, :, start:end] = k
-        v_cache[:, :, start:end] = v
-        keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
-        if nkv != nq:  # grouped-query attention: q head j reads kv head j // (nq / nkv)
-            keys = keys.repeat_interleave(nq // nkv, dim=1)
-            values = values.repeat_interleave(nq // nkv, dim=1)
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        outputs, row = [], 0
+        for (k_cache, v_cache), start, mask in parts:
+            rows = slice(row, row + k_cache.shape[0])
+            row = rows.stop
+            end = start + seq
+            k_cache[:, :, start:end] = k[rows]
+            v_cache[:, :, start:end] = v[rows]
+            keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
+            if nkv != nq:  # grouped-query attention: q head j reads kv head j // (nq / nkv)
+                keys = keys.repeat_interleave(nq // nkv, dim=1)
+                values = values.repeat_interleave(nq // nkv, dim=1)
+            outputs.append(F.scaled_dot_product_attention(q[rows], keys, values, attn_mask=mask))
+        if row != bsz:
+            raise ValueError(f"the caches hold {row} rows for {bsz} rows of hidden states")
+        attn = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         attn = attn.transpose(1, 2).reshape(-1, nq * d)                    # [B*S, h]
         return torch.mm(attn, lw["o_w"]).view(bsz, seq, h)
 
@@ -307,39 +318,39 @@ class FTGPT:
             inner = inner * _linear(flat, lw["up_w"], lw["up_b"])
         return torch.mm(inner, lw["fc2_w"]).view(bsz, seq, h)
 
-    def _blocks(self, x, pos, cache, start, mask):
-        """Run all layers on x [B, S, h] (positions pos [B, S]) whose tokens go to cache slots
-        start..start+S-1.
+    def _blocks(self, x, pos, groups):
+        """Run all layers on x [B, S, h] (positions pos [B, S]).
 
-        cache: per layer (k, v) each [B, kv_heads, Smax, d] on the layer's device; mask
-        [B, 1, S|1, start+S] bool, True = may attend. Returns final hidden states [B, S, h]
-        on self.device.
+        groups: (cache, start, mask) per group of consecutive rows (hidden_states_grouped); a group's tokens go to
+        its cache slots start..start+S-1. cache: per layer (k, v) each [rows, kv_heads, Smax, d] on the layer's
+        device; mask [rows, 1, S|1, start+S] bool, True = may attend. Returns final hidden states [B, S, h] on
+        self.device.
         """
-        device, rotary, full_mask, window_masks = None, None, None, {}
+        device, rotary, masks = None, None, None
         for i, lw in enumerate(self.layers):
             if lw["device"] != device:  # first layer of a pipeline stage on a new device
                 device = lw["device"]
                 x = x.to(device)
-                full_mask, window_masks = mask.to(device), {}
+                # per group: {window (0 = full causal): mask}, built once per call and device
+                masks = [{0: mask.to(device)} for _, _, mask in groups]
                 # cos, sin [B, 1, S, r/2] (fp32) for positions pos [B, S]
                 rotary = self.rotary_tables(pos, device) if self.rotary_dim else None
-            layer_mask = full_mask
-            if lw["window"]:  # built once per call and device
-                if lw["window"] not in window_masks:
-                    window_masks[lw["window"]] = self._window_mask(full_mask, start, lw["window"])
-                layer_mask = window_masks[lw["window"]]
+            window = lw["window"]
+            for (_, start, _), group_masks in zip(groups, masks):
+                if window not in group_masks:
+                    group_masks[window] = self._window_mask(group_masks[0], start, window)
+            parts = [(cache[i], start, group_masks[window]) for (cache, start, _), group_masks in zip(groups, masks)]
             if self.post_layernorm:  # OPT with do_layer_norm_before=False
-                x = self._norm(x + self._bias(self._attention(x, lw, cache[i], start, layer_mask, rotary),
-                                              lw["o_b"]), lw["ln1"])
+                x = self._norm(x + self._bias(self._attention(x, lw, parts, rotary), lw["o_b"]), lw["ln1"])
                 x = self._norm(x + self._bias(self._mlp(x, lw), lw["fc2_b"]), lw["ln2"])
             elif self.parallel_residual:  # GPT-J (one layernorm) / NeoX (two)
                 y = self._norm(x, lw["ln1"])
-                attn = self._attention(y, lw, cache[i], start, layer_mask, rotary)
+                attn = self._attention(y, lw, parts, rotary)
                 mlp = self._mlp(self._norm(x, lw["ln2"]) if lw["ln2"] is not None else y, lw)
                 x = self._bias(self._bias(x + attn + mlp, lw["o_b"]), lw["fc2_b"])
             else:
                 y = self._norm(x, lw["ln1"])
-                x = x + self._bias(self._attention(y, lw, cache[i], start, layer_mask, rotary), lw["o_b"])
+                x = x + self._bias(self._attention(y, lw, parts, rotary), lw["o_b"])
                 x = x + self._bias(self._mlp(self._norm(x, lw["ln2"]), lw), lw["fc2_b"])
         if self.final_ln is not None:
             x = self._norm(x, self.final_ln)
@@ -373,13 +384,33 @@ class FTGPT:
         """The cache with batch rows taken in the order of `rows` (a LongTensor), e.g. beams."""
         return [tuple(part.index_select(0, rows.to(part.device)) for part in layer) for layer in cache]
 
+    def grow_cache(self, cache, slots):
+        """The cache with room for `slots` positions (>= its own), the filled positions copied."""
+        grown = self.new_cache(cache[0][0].shape[0], slots)
+        for old, new in zip(cache, grown):
+            for old_part, new_part in zip(old, new):
+                new_part[:, :, :old_part.shape[2]] = old_part
+        return grown
+
+    @staticmethod
+    def cache_bytes(cache):
+        """Bytes held by a cache: 2 x layers x rows x kv_heads x slots x head_dim x element size."""
+        return sum(part.numel() * part.element_size() for layer in cache for part in layer)
+
     def hidden_states(self, ids, pos, cache, start, mask, prompt_tasks=None):
         """Final hidden states [B, S, h] for ids/pos [B, S] written to cache slots start..
 
         mask [B, 1, S|1, start+S] bool, True = may attend. prompt_tasks [B]: each row's p/prompt-tuning task
         (-1: none); its ids >= prompt_start_id are that task's virtual tokens.
         """
-        return self._blocks(self._embed(ids, pos, prompt_tasks), pos, cache, start, mask)
+        return self._blocks(self._embed(ids, pos, prompt_tasks), pos, [(cache, start, mask)])
+
+    def hidden_states_grouped(self, ids, pos, groups, prompt_tasks=None):
+        """hidden_states for groups of rows that each have their own cache: ids/pos [B, S] stacked group after
+        group, groups = [(cache, start, mask), ...] as hidden_states takes them (a group's rows = its cache's
+        batch size). Every projection runs once over all B rows (the weights are read once), attention per group.
+        """
+        return self._blocks(self._embed(ids, pos, prompt_tasks), pos, groups)
 
     @torch.inference_mode()
     def forward_logits(self, input_ids):

@@ -9,8 +9,8 @@ sequence of a request's batch (a request with input_ids [B, L] is B rows).
   ft_python_prompt_tokens_total         counter   prompt tokens of the generated rows (sum of input_lengths)
   ft_python_generated_tokens_total      counter   tokens generated, every returned beam counted (sum over rows and
                                                   beams of sequence_length - input_length)
-  ft_python_requests_in_flight          gauge     requests inside execute() right now
-  ft_python_batch_occupancy             gauge     rows of the latest generation batch / max_batch_size (0..1)
+  ft_python_requests_in_flight          gauge     requests the model is serving right now (queued or decoding)
+  ft_python_batch_occupancy             gauge     rows decoding when a request is admitted / max_batch_size (0..1)
   ft_python_time_to_first_token_seconds histogram from the start of a request's execute() to its first response: the
                                                   first streamed token (decoupled) or the complete result (plain);
                                                   the time queued before execute() is Triton's

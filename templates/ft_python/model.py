@@ -15,16 +15,21 @@ beam = the request's largest beam_width. Decoding semantics: ft_generate.generat
 The model's generation_config.json beside the shards (ft_generate.GenerationDefaults): its eos ids end every row
 that sends no end_id, and its sampling defaults apply to the options a request leaves unset.
 
-Dynamic batching: the valid requests of one execute() form one generation batch (each keeps its own
-options per row; ft_generate guarantees rows never influence each other). Requests arrive with their own
-shapes (ragged), so nothing needs BATCH_ITEM_SHAPE. A bad request gets its own error response.
+In-flight batching: execute() answers a bad request with its error at once and queues the others for the
+model's scheduler thread, which admits them between decoding steps (ft_generate.Engine: each request is prefilled
+alone, then decodes together with every running request, one joint forward per step) while the running rows stay
+within max_batch_size. A request that finishes is answered and leaves at once, freeing its KV cache; one its client
+cancelled stops before the next step. Every request keeps its own options and gets exactly the output it would
+get alone. Responses go through each request's response sender, plain models too (exactly one response, flagged
+TRITONSERVER_RESPONSE_COMPLETE_FINAL). Requests arrive with their own shapes (ragged), so nothing needs
+BATCH_ITEM_SHAPE.
 
 Decoupled (model_transaction_policy { decoupled: true }): every request gets one response after each
 decoding step that grew one of its sequences (the sequences so far, T = its longest prompt + steps so far),
 then a final response with the complete result (the same tensors as without streaming) flagged
 TRITONSERVER_RESPONSE_COMPLETE_FINAL. Every response also carries prompt_lengths [B, 1] and is_final [B, 1]
 for the streaming ensemble's postprocessing (ft_interface.STREAMING_OUTPUTS). A request its client cancelled gets no
-more responses, and its stream is closed with a flags-only final.
+more responses, and its stream is closed with a flags-only final (a plain request: an error response).
 
 Parameters (config.pbtxt, string_value): model_checkpoint_path (relative paths are resolved
 against this file's directory, e.g. "1-gpu"), tensor_para_size (must match config.ini),
@@ -35,7 +40,9 @@ a request may ask for).
 
 import json
 import os
+import queue
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -79,7 +86,7 @@ def _rows(array, batch, name, take_first=False):
 
 
 def _send(sender, response, flags=0):
-    """Send on a decoupled request's stream (response None: flags only); False (logged) when that fails."""
+    """Send through a request's response sender (response None: flags only); False (logged) when that fails."""
     try:
         if response is None:
             sender.send(flags=flags)
@@ -99,6 +106,26 @@ def _cancelled(request):
 
 def _error(message):
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+
+
+class _Work:
+    """One request inside the model: its parsed batch, its decoding (cohort) once admitted, its stream's state."""
+
+    def __init__(self, request, sender, batch, started):
+        self.request, self.sender, self.batch, self.started = request, sender, batch, started
+        self.cohort = None
+        self.answered = False  # got its first response (time to first token)
+        self.last = None       # sequence lengths of its latest streamed response
+        self.gone = False      # its stream failed or its client cancelled: stop at the next step
+
+
+def _generated(results, batch):
+    """Tokens generated for a request: each row's own beams (sequence_length - input_length)."""
+    generated = 0
+    for row in range(batch.input_ids.shape[0]):
+        lengths = results.sequence_length[row, :int(batch.beam_width[row])] - int(batch.input_lengths[row])
+        generated += int(lengths.clamp(min=0).sum())
+    return generated
 
 
 class TritonPythonModel:
@@ -155,6 +182,13 @@ class TritonPythonModel:
         self.defaults = ft_generate.GenerationDefaults.read(checkpoint)
         self.metrics = ft_metrics.Metrics(pb_utils, args.get("model_name", ""), args.get("model_version", ""),
                                           self.model_config.get("max_batch_size", 0))
+        # In-flight batching: execute() queues requests; this thread admits them between decoding steps.
+        self.max_rows = int(self.model_config.get("max_batch_size", 0))
+        self._engine = ft_generate.Engine(self.model)
+        self._incoming, self._running, self._stopping = queue.Queue(), {}, False
+        self._lock = threading.Lock()  # the metrics, updated by execute() and the scheduler
+        self._scheduler = threading.Thread(target=self._serve, name="ft_python scheduler", daemon=True)
+        self._scheduler.start()
         _log(f"ft_python: loaded {checkpoint} (tp={config.tensor_para_size}, "
              f"weights {config.weight_data_type}) on {device} computing in {dtype}; {self.defaults}")
 
@@ -193,92 +227,127 @@ class TritonPythonModel:
             params, max_beam_width=self.max_beam_width, defaults=self.defaults)
 
     def execute(self, requests):
-        """All valid requests form one generation batch; each gets its own response(s), in order."""
+        """Hand each valid request to the scheduler (it answers through the request's response sender) and
+        answer each bad one with an error at once; returns None (every response goes through the senders)."""
         started = time.monotonic()
-        self.metrics.started(len(requests))
-        self._answered = set()  # ids of the requests that got their first response (time to first token)
-        parsed = []
+        with self._lock:
+            self.metrics.started(len(requests))
         for request in requests:
+            sender = request.get_response_sender()
             try:
-                parsed.append(self._parse(request))
+                batch = self._parse(request)
             except Exception as exc:  # noqa: BLE001 - a bad request fails alone
-                parsed.append(exc)
-        good = [(request, item) for request, item in zip(requests, parsed) if isinstance(item, ft_generate.Batch)]
-        senders = [request.get_response_sender() for request in requests] if self.decoupled else None
-        results, failure = None, None
-        if good:
-            self.metrics.batch(sum(item.input_ids.shape[0] for _, item in good),
-                               sum(int(item.input_lengths.sum()) for _, item in good))
-            try:
-                stream = self._streamer(good, senders, requests, started) if self.decoupled else None
-                merged = ft_generate.Batch.concatenate([item for _, item in good])
-                results = ft_generate.generate(self.model, merged, stream=stream)
-            except Exception as exc:  # noqa: BLE001 - report to every client instead of dying
-                failure = f"generation failed: {type(exc).__name__}: {exc}"
-        responses, row = [], 0
-        for item in parsed:
-            if not isinstance(item, ft_generate.Batch):
-                responses.append(_error(f"bad request: {item}"))
-            elif failure is not None:
-                responses.append(_error(failure))
-            else:
-                batch = item.input_ids.shape[0]
-                responses.append(self._response(results, slice(row, row + batch), item))
-                row += batch
-        self._count(requests, parsed, results if failure is None else None, started)
-        if not self.decoupled:
-            return responses
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        for request, sender, response in zip(requests, senders, responses):
-            if _cancelled(request):  # its client went away: close the stream without a result
-                _log("ft_python: a request was cancelled by its client; its stream is closed")
-                _send(sender, None, flags=final)
-            else:
-                _send(sender, response, flags=final)
+                self._close(_Work(request, sender, None, started), _error(f"bad request: {exc}"), failed=True)
+                continue
+            self._incoming.put(_Work(request, sender, batch, started))
         return None
 
-    def _count(self, requests, parsed, results, started):
-        """Metrics of one execute(): failures, generated tokens (each row's own beams), first responses."""
-        failures = sum(1 for item in parsed if not isinstance(item, ft_generate.Batch)) if results is not None \
-            else len(parsed)
-        generated, row = 0, 0
-        for item in parsed:
-            if results is None or not isinstance(item, ft_generate.Batch):
-                continue
-            for offset in range(item.input_ids.shape[0]):
-                beams = int(item.beam_width[offset])
-                lengths = results.sequence_length[row + offset, :beams] - int(item.input_lengths[offset])
-                generated += int(lengths.clamp(min=0).sum())
-            row += item.input_ids.shape[0]
-        elapsed = time.monotonic() - started
-        for request in requests:  # plain responses, and streams whose first response is the final one
-            if id(request) not in self._answered:
-                self.metrics.first_response(elapsed)
-        self.metrics.finished(len(requests), failures, generated)
+    # ---------------------------------------------------------------- the scheduler thread
+    def _serve(self):
+        """Admit waiting requests between steps, step every running one, answer those that leave, until finalize()."""
+        waiting = []
+        while True:
+            waiting += self._take(block=not waiting and not self._running)
+            if self._stopping:
+                break
+            try:
+                waiting = self._admit(waiting)
+                self._drop_cancelled()
+                for cohort in self._engine.step():
+                    work = self._running.pop(id(cohort))
+                    if cohort.error is not None:
+                        self._close(work, _error(f"generation failed: {type(cohort.error).__name__}: "
+                                                 f"{cohort.error}"), failed=True)
+                    else:
+                        self._close(work, self._response(cohort.output, slice(None), work.batch),
+                                    generated=_generated(cohort.output, work.batch))
+            except Exception as exc:  # noqa: BLE001 - a scheduler bug answers every running request, never hangs it
+                _log(f"ft_python: the scheduler failed: {type(exc).__name__}: {exc}")
+                for cohort in list(self._engine.cohorts):
+                    self._engine.cancel(cohort)
+                for work in self._running.values():
+                    self._close(work, _error(f"generation failed: {type(exc).__name__}: {exc}"), failed=True)
+                self._running.clear()
+        for work in waiting + list(self._running.values()) + self._take(block=False):
+            self._close(work, _error("the model is being unloaded"), failed=True)
+        self._running.clear()
 
-    def _streamer(self, good, senders, requests, started):
-        """The stream callback: after each step, a response to every request whose sequences grew."""
-        sender_of = {id(request): sender for request, sender in zip(requests, senders)}
-        targets, row = [], 0
-        for request, item in good:
-            batch = item.input_ids.shape[0]
-            targets.append([sender_of[id(request)], slice(row, row + batch), item, None, request])
-            row += batch
-        batch_prompt = max(int(item.input_lengths.max()) for _, item in good)
+    def _take(self, block):
+        """The requests queued by execute() (waiting for one when `block`); finalize() wakes a blocked call."""
+        taken = []
+        try:
+            item = self._incoming.get(block=block)
+            while True:
+                if item is not None:
+                    taken.append(item)
+                item = self._incoming.get_nowait()
+        except queue.Empty:
+            pass
+        return taken
+
+    def _admit(self, waiting):
+        """Prefill the waiting requests in arrival order while the running rows stay within max_batch_size
+        (one request alone may be larger); returns those still waiting."""
+        while waiting:
+            work = waiting[0]
+            rows = work.batch.input_ids.shape[0]
+            running = sum(item.batch.input_ids.shape[0] for item in self._running.values())
+            if running and self.max_rows and running + rows > self.max_rows:
+                break
+            waiting.pop(0)
+            if _cancelled(work.request):
+                self._close(work, None, cancelled=True)
+                continue
+            stream = self._streamer(work) if self.decoupled else None
+            try:
+                cohort = self._engine.admit(work.batch, stream=stream)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory: this request fails alone
+                self._close(work, _error(f"generation failed: {type(exc).__name__}: {exc}"), failed=True)
+                continue
+            self._running[id(cohort)] = work
+            work.cohort = cohort
+            with self._lock:
+                self.metrics.batch(running + rows, int(work.batch.input_lengths.sum()))
+        return waiting
+
+    def _drop_cancelled(self):
+        """Stop the requests whose client cancelled them; their caches are freed now."""
+        for key, work in list(self._running.items()):
+            if work.gone or _cancelled(work.request):
+                self._engine.cancel(work.cohort)
+                del self._running[key]
+                self._close(work, None, cancelled=True)
+
+    def _close(self, work, response, failed=False, cancelled=False, generated=0):
+        """Send a request's final response and count it (ft_metrics). A cancelled request: a flags-only final on a
+        stream, an error response on a plain model (which must send exactly one response)."""
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if cancelled or (not failed and _cancelled(work.request)):
+            _log("ft_python: a request was cancelled by its client; it is stopped and closed")
+            response = None if self.decoupled else _error("the request was cancelled by its client")
+        _send(work.sender, response, flags=final)
+        with self._lock:
+            if not work.answered:
+                self.metrics.first_response(time.monotonic() - work.started)
+            self.metrics.finished(1, int(failed), generated)
+
+    def _streamer(self, work):
+        """The stream callback of a decoupled request: a response after each step that grew its sequences."""
+        prompt = int(work.batch.input_lengths.max())
 
         def send(partial):
-            steps = partial.output_ids.shape[-1] - batch_prompt
-            for target in targets:
-                sender, rows, item, last, request = target
-                lengths = partial.sequence_length[rows]
-                if sender is None or (last is not None and torch.equal(lengths, last)):
-                    continue  # gone, or finished: nothing new to say until the final response
-                target[3] = lengths.clone()
-                if _cancelled(request) or not _send(sender, self._response(partial, rows, item, steps=steps)):
-                    target[0] = None  # its client went away; the other requests go on
-                elif id(request) not in self._answered:
-                    self._answered.add(id(request))
-                    self.metrics.first_response(time.monotonic() - started)
+            lengths = partial.sequence_length
+            if work.gone or (work.last is not None and torch.equal(lengths, work.last)):
+                return  # gone, or finished: nothing new to say until the final response
+            work.last = lengths.clone()
+            steps = partial.output_ids.shape[-1] - prompt
+            if _cancelled(work.request) or not _send(work.sender, self._response(partial, slice(None), work.batch,
+                                                                               steps=steps)):
+                work.gone = True  # its client went away: stopped before the next step
+            elif not work.answered:
+                work.answered = True
+                with self._lock:
+                    self.metrics.first_response(time.monotonic() - work.started)
 
         return send
 
@@ -311,6 +380,11 @@ class TritonPythonModel:
             for name, tensor in cut.items()])
 
     def finalize(self):
+        """Stop the scheduler (requests still running or waiting get an error), then free the model."""
+        if getattr(self, "_scheduler", None) is not None:
+            self._stopping = True
+            self._incoming.put(None)  # wakes a scheduler waiting for work
+            self._scheduler.join()
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
         device = getattr(getattr(self, "model", None), "device", None)
