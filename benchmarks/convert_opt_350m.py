@@ -92,7 +92,7 @@ def main() -> None:
         folds.append(float(done.stdout.strip().splitlines()[-1]))
         if args.command:
             subprocess.run(["sync"], check=True)
-            commands.append(time_command(checkpoint, args.work_dir / "results-opt", args.processes, fork=True))
+            commands.append(time_command(checkpoint, args.work_dir / "results-opt", args.processes, fork=True)[0])
 
     mb = 1e6
     cp_s = statistics.median(cp_times)
