@@ -81,8 +81,8 @@ def run_child(source: Path, out: Path, processes: int, convert: bool) -> dict:
 
 
 def time_command(checkpoint: Path, results: Path, processes: int, fork: bool) -> tuple[float, float]:
-    """(wall, CPU) seconds of the whole command a user runs (`python main.py stages=[export]`, accuracy disabled): Hydra,
-    planning, the convert sub-stage (forked from main.py's process, or with EXPORTER_FORK=0 a fresh interpreter
+    """(wall, CPU) seconds of the whole command a user runs (`python main.py stages=[export]`, accuracy disabled):
+    Hydra, planning, the convert sub-stage (forked from main.py's process, or with EXPORTER_FORK=0 a fresh interpreter
     as before), the repository around the shards."""
     shutil.rmtree(results, ignore_errors=True)
     argv = [sys.executable, "main.py", "stages=[export]", "export.accuracy.enabled=False",

@@ -28,7 +28,8 @@ import sys, time
 from safetensors.torch import load_file
 state = load_file({source!r})
 embed = state["model.decoder.embed_tokens.weight"].float()
-project_in, project_out = state["model.decoder.project_in.weight"].float(), state["model.decoder.project_out.weight"].float()
+project_in = state["model.decoder.project_in.weight"].float()
+project_out = state["model.decoder.project_out.weight"].float()
 started = time.monotonic()
 wte = embed @ project_in.t()
 lm_head = embed @ project_out

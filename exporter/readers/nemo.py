@@ -6,8 +6,8 @@ Input: a directory staged by `nemo_archive.stage` (from a `.nemo` file or an ext
 - `mp_rank_XX/model_weights.ckpt` (tensor parallel) and `tp_rank_XX_pp_rank_XXX/model_weights.ckpt` (tensor and
   pipeline parallel): one state dict per rank. Each file's pickle is read once with `torch.load(map_location="meta",
   weights_only=True)`; a tensor is read rank by rank with positioned reads straight into its place in the merged
-  tensor, from the file or in place inside the .nemo (see `_RankFile`), by Megatron's split rule for its name; layers of pipeline stage p are renumbered by the
-  layers of stages < p;
+  tensor, from the file or in place inside the .nemo (see `_RankFile`), by Megatron's split rule for its name;
+  layers of pipeline stage p are renumbered by the layers of stages < p;
 - `model_weights/`: a distributed checkpoint (see nemo_dist.py), global shapes, layers stacked on a leading dimension;
   each layer is read as its own region.
 
