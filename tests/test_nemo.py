@@ -318,19 +318,42 @@ def test_main_exports_and_serves_a_nemo_file(tmp_path):
     assert "NeMo checkpoint" in results["parity_note"] and "reference" not in results["metrics"]["last_word"]
 
 
-def test_rank_files_read_by_offset_and_through_the_map_agree(tmp_path, exported, monkeypatch):
-    """Rank-sharded tensors are located in the file and read with positioned reads; reading through the memory map
-    (the fallback when the data cannot be located) gives the same shards."""
+def test_nemo_weights_are_read_in_place_and_views_are_read_whole(tmp_path, exported):
+    """Staging a .nemo copies no weights (it used to copy every rank file out of the tar, a second full write of the
+    checkpoint): each rank's torch.save member is read in place inside the archive; and a rank file whose tensors
+    are views into one larger storage (read whole, then viewed) gives the same shards as the extracted .nemo."""
     from exporter.readers import nemo_archive
-    from exporter.readers.nemo import NemoCheckpoint, _RankFile
+    from exporter.readers.nemo import NemoCheckpoint
 
+    archive = FIXTURES / "gpt_tp2_legacy.nemo"
     (tmp_path / "staged").mkdir()
-    staged = nemo_archive.stage(FIXTURES / "gpt_tp2_legacy.nemo", tmp_path / "staged")
+    staged = nemo_archive.stage(archive, tmp_path / "staged")
+    assert not list(staged.rglob(nemo_archive.LEGACY_WEIGHTS))
+    assert len(list(staged.rglob("*" + nemo_archive.IN_ARCHIVE_SUFFIX))) == 2
     checkpoint = NemoCheckpoint(staged)
-    assert checkpoint._files and all(rank_file.base is not None for rank_file in checkpoint._files.values())
-    monkeypatch.setattr(_RankFile, "_mapping_base", lambda self: None)
-    shard_dir = convert_checkpoint(FIXTURES / "gpt_tp2_legacy.nemo", tmp_path / "out", ParallelLayout(2))
-    assert _bytes(shard_dir) == _bytes(exported("gpt_tp2_legacy", 2))
+    assert {rank_file.file for rank_file in checkpoint._files.values()} == {archive.resolve()}
+    assert all(rank_file.base > 0 for rank_file in checkpoint._files.values())
+
+    directory = tmp_path / "views"
+    directory.mkdir()
+    with tarfile.open(archive) as tar:
+        tar.extractall(directory, filter="data")
+    for file in directory.glob("**/model_weights.ckpt"):
+        state = torch.load(file, weights_only=True)
+        tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
+        # One storage holding them all: vectors as contiguous views at an offset, matrices stored transposed and
+        # saved as non-contiguous transposed views (the same values).
+        flat = torch.cat([(value.t() if value.dim() == 2 else value).reshape(-1) for value in tensors.values()])
+        offset = 0
+        for key, value in tensors.items():
+            piece = flat[offset:offset + value.numel()]
+            state[key] = piece.view(value.shape[::-1]).t() if value.dim() == 2 else piece.view(value.shape)
+            assert torch.equal(state[key], value)
+            offset += value.numel()
+        assert not all(value.is_contiguous() for value in state.values() if isinstance(value, torch.Tensor))
+        torch.save(state, file)
+    assert _bytes(convert_checkpoint(directory, tmp_path / "out", ParallelLayout(2))) == _bytes(
+        exported("gpt_tp2_legacy", 2))
 
 
 def test_damaged_sentencepiece_tokenizer_is_refused_before_writing(tmp_path):

@@ -143,7 +143,11 @@ def convert_checkpoint(
             save_served_tokenizer(served_tokenizer, checkpoint_path, partial_dir / "tokenizer.json")
         config = ft_config(plan, layout, weight_data_type)
         # A vocab_size above what the served tokenizer decodes is padding: config.ini says where the real ids end.
-        tokenizer_vocab = min(decodable_vocab_size(partial_dir / "tokenizer.json"), config.vocab_size)
+        # The served tokenizer in memory has the saved one's vocabulary (only its post-processor may differ from
+        # the checkpoint's file): no second parse of tokenizer.json. A GGUF's was built on disk: read it there.
+        vocab = {} if served_tokenizer is None else served_tokenizer.get_vocab(with_added_tokens=True)
+        decodable = max(vocab.values()) + 1 if vocab else decodable_vocab_size(partial_dir / "tokenizer.json")
+        tokenizer_vocab = min(decodable, config.vocab_size)
         if tokenizer_vocab < config.vocab_size:
             log.info("padded vocabulary: %d rows, the tokenizer decodes %d ids; the others are padding",
                      config.vocab_size, tokenizer_vocab)

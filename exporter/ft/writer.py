@@ -90,26 +90,51 @@ class _ChunkWriter:
             self.pool.shutdown()
 
 
-def write_specs(
-    arch: Architecture, specs: Sequence[TensorSpec], out_dir: Path, layout: ParallelLayout, weight_data_type: str
-) -> int:
-    """Load, split, convert and write each spec in turn; returns bytes written.
+def _source_bytes(spec: TensorSpec) -> int:
+    """Bytes of the full FT tensor of `spec` in fp32 (what a load holds, about)."""
+    numel = 1
+    for dim in spec.shape:
+        numel *= dim
+    return numel * 4
 
-    Memory: one source tensor (read into a reused buffer) plus two output chunks. The scratch buffer may be
-    reused as soon as `writer.write` returns: the writer thread only reads its own output buffers.
+
+def write_specs(
+    arch: Architecture, specs: Sequence[TensorSpec], out_dir: Path, layout: ParallelLayout, weight_data_type: str,
+    on_written: Callable[[TensorSpec, int], None] | None = None,
+) -> int:
+    """Load, split, convert and write each spec in turn; returns bytes written (`on_written(spec, bytes)` after
+    each one).
+
+    Three stages overlap: a reader thread loads (reads, fuses, folds) the next spec while this thread casts the
+    current one into output chunks and the writer thread writes the previous chunk. Memory: the current source
+    tensor; the next one, loaded ahead only when it is at most a quarter of the largest (two such buffers
+    alternate); two output chunks: below 1.5x the largest tensor plus the chunks. A scratch buffer is reused as
+    soon as `writer.write` returns: the writer thread only reads its own output buffers.
     """
     writer = _ChunkWriter(TORCH_DTYPES[weight_data_type])
-    scratch = Scratch()
+    scratch, ahead = Scratch(), (Scratch(), Scratch())
+    limit = max((_source_bytes(spec) for spec in specs), default=0) // 4
+    reader = ThreadPoolExecutor(max_workers=1)
     written = 0
     try:
-        for spec in specs:
-            tensor = arch.load(spec, scratch)
+        loaded: Future | None = None
+        for index, spec in enumerate(specs):
+            tensor = loaded.result() if loaded is not None else arch.load(spec, scratch)
+            following = index + 1
+            # Loaded ahead into the buffer the current tensor is not in (ahead[index % 2] may hold it).
+            loaded = (reader.submit(arch.load, specs[following], ahead[following % 2])
+                      if following < len(specs) and _source_bytes(specs[following]) <= limit else None)
+            nbytes = 0
             for piece, name in zip(
                 split_tensor(tensor, spec.split, layout.tensor_parallel, spec.sections),
                 file_names(spec.ft_name, spec.split, layout.tensor_parallel),
             ):
-                written += writer.write(piece, out_dir / name)
+                nbytes += writer.write(piece, out_dir / name)
+            written += nbytes
+            if on_written is not None:
+                on_written(spec, nbytes)
     finally:
+        reader.shutdown(wait=True)
         writer.close()
     return written
 
@@ -159,11 +184,23 @@ def write_plan(
 
     with progress:
         if processes <= 1:
-            for layer, specs in units.items():
-                written = write_specs(arch, specs, out_dir, layout, weight_data_type)
-                total += written
-                report(layer, written)
-            return total
+            # One pass over every spec, unit after unit, so loading ahead crosses layer boundaries.
+            ordered = [spec for specs in units.values() for spec in specs]
+            last = {id(specs[-1]): layer for layer, specs in units.items()}
+            unit_bytes = 0
+
+            def written_one(spec: TensorSpec, nbytes: int) -> None:
+                nonlocal unit_bytes
+                unit_bytes += nbytes
+                if total_bytes:
+                    progress.update(nbytes)
+                if id(spec) in last:
+                    log.debug("wrote %s (%.1f MB)", _unit_name(last[id(spec)], num_layers), unit_bytes / 1e6)
+                    if not total_bytes:
+                        progress.update(1)
+                    unit_bytes = 0
+
+            return write_specs(arch, ordered, out_dir, layout, weight_data_type, written_one)
 
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(processes, mp_context=context, initializer=_worker_init,

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..atomic import write_text_atomic
 from ..jobs import Step, SubStage
+from .forked import can_fork, run_forked
 from .refusals import explain
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # holds the `exporter` package: put on PYTHONPATH in jobs
@@ -114,9 +115,13 @@ def _binary(stream) -> IO[bytes]:
 def run_teeing(argv: Sequence[str], out_path: Path, err_path: Path, *, cwd: Path, env: dict[str, str]) -> int:
     """Run `argv` here; its stdout/stderr go both to this process's and to the two log files (appended).
 
-    Returns the exit code.
+    Returns the exit code. This interpreter's own `python -m exporter.run_substage` runs as a fork of this process,
+    its imports already done (launch/forked.py).
     """
     with open(out_path, "ab") as out_log, open(err_path, "ab") as err_log:
+        if can_fork(argv):
+            return run_forked(argv, _copy, _binary(sys.stdout), _binary(sys.stderr), out_log, err_log, cwd=cwd,
+                              env=env)
         process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         copiers = [
             threading.Thread(target=_copy, args=(process.stdout, _binary(sys.stdout), out_log), daemon=True),

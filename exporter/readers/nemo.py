@@ -4,10 +4,10 @@ Input: a directory staged by `nemo_archive.stage` (from a `.nemo` file or an ext
 
 - legacy `model_weights.ckpt`: one torch.save'd state dict;
 - `mp_rank_XX/model_weights.ckpt` (tensor parallel) and `tp_rank_XX_pp_rank_XXX/model_weights.ckpt` (tensor and
-  pipeline parallel): one state dict per rank. Each file is opened once with `torch.load(mmap=True,
+  pipeline parallel): one state dict per rank. Each file's pickle is read once with `torch.load(map_location="meta",
   weights_only=True)`; a tensor is read rank by rank with positioned reads straight into its place in the merged
-  tensor (see `_RankFile`), by Megatron's split rule for its name; layers of pipeline stage p are renumbered by the
-  layers of stages < p;
+  tensor, from the file or in place inside the .nemo (see `_RankFile`), by Megatron's split rule for its name;
+  layers of pipeline stage p are renumbered by the layers of stages < p;
 - `model_weights/`: a distributed checkpoint (see nemo_dist.py), global shapes, layers stacked on a leading dimension;
   each layer is read as its own region.
 
@@ -18,13 +18,13 @@ tensors split into per-layer names. Non-tensor entries (`_extra_state`) are left
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import re
-import struct
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterator
 
 import torch
 
@@ -80,52 +80,70 @@ class _Region:
     layer: int | None  # index into a stacked [layers, ...] tensor
 
 
+class _Window(io.RawIOBase):
+    """A read-only file object over bytes [offset, offset + size) of a file (a member inside a .nemo tar)."""
+
+    def __init__(self, handle: BinaryIO, offset: int, size: int):
+        self.handle, self.offset, self.size, self.position = handle, offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = base + position
+        return self.position
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        count = max(0, min(len(buffer), self.size - self.position))
+        got = os.preadv(self.handle.fileno(), [memoryview(buffer)[:count]], self.offset + self.position) if count else 0
+        self.position += got
+        return got
+
+
 class _RankFile:
-    """One rank's torch.save file, opened once with `torch.load(mmap=True, weights_only=True)` for names, shapes and
-    where each tensor's bytes lie; the bytes are then read with positioned reads. No page of the mapping is ever
-    touched, so nothing stays resident (pages read through a map count towards RSS until it is unmapped, and
-    faulting them in one by one is slower than a read)."""
+    """One rank's torch.save file: its pickle read once with `torch.load(map_location="meta", weights_only=True)`
+    for names, shapes, dtypes and where each storage's bytes lie (torch records the offset of every storage's zip
+    entry, stored uncompressed); the bytes are then read with positioned reads straight into their place. The file
+    may be a member inside a .nemo (nemo_archive.weights_location): read in place, never copied out. Nothing is
+    mapped, so nothing stays resident."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.state = NemoCheckpoint._open(path)
-        self.base = self._mapping_base()
-        if self.base is None:
-            log.warning("%s: cannot locate tensor data in the file; reading through the memory map", path)
-
-    def _mapping_base(self) -> int | None:
-        """Address of file offset 0 in the mapping: each storage is one `data/<key>` zip record, both in file order."""
-        storages = sorted({tensor.untyped_storage().data_ptr() for tensor in self.state.values()
-                           if isinstance(tensor, torch.Tensor) and tensor.numel()})
-        records = []
-        try:
-            with zipfile.ZipFile(self.path) as archive, open(self.path, "rb") as handle:
-                for info in archive.infolist():
-                    if info.filename.split("/")[-2:-1] == ["data"] and info.file_size:
-                        handle.seek(info.header_offset)
-                        header = handle.read(30)  # zip local file header; data follows its name and extra field
-                        name_length, extra_length = struct.unpack("<HH", header[26:30])
-                        records.append(info.header_offset + 30 + name_length + extra_length)
-        except (zipfile.BadZipFile, OSError, struct.error):
-            return None
-        bases = {pointer - offset for pointer, offset in zip(storages, sorted(records))}
-        return bases.pop() if len(storages) == len(records) and len(bases) == 1 else None
+        self.file, self.base, size = nemo_archive.weights_location(path)
+        with open(self.file, "rb", buffering=0) as handle:
+            self.state = NemoCheckpoint._open(io.BufferedReader(_Window(handle, self.base, size), 1 << 20),
+                                              str(path))
+        unplaced = [name for name, tensor in self.state.items()
+                    if isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._checkpoint_offset is None]
+        if unplaced:
+            raise CheckpointError(f"{path}: torch did not locate the data of {unplaced[:3]} in the file (torch "
+                                  f"{torch.__version__}); use torch >= 2.5")
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
         """Copy tensor `name` into `out` (same shape and dtype; any strides)."""
         tensor = self.state[name]
-        if self.base is None or not tensor.is_contiguous():
-            out.copy_(tensor)
-            return
-        offset = tensor.untyped_storage().data_ptr() - self.base + tensor.storage_offset() * tensor.element_size()
-        target = out if out.is_contiguous() else torch.empty(tensor.shape, dtype=tensor.dtype)
+        storage = tensor.untyped_storage()
+        offset = self.base + storage._checkpoint_offset
+        if tensor.is_contiguous() and out.is_contiguous():
+            offset += tensor.storage_offset() * tensor.element_size()
+            target, whole = out, None
+        else:  # a view of a larger storage: read the storage, then take the view
+            whole = torch.empty(storage.nbytes(), dtype=torch.uint8)
+            target = whole
         buffer = memoryview(target.reshape(-1).view(torch.uint8).numpy())
-        with open(self.path, "rb", buffering=0) as handle:
-            handle.seek(offset)
-            if handle.readinto(buffer) != len(buffer):
-                raise CheckpointError(f"{self.path} is truncated: cannot read {name}")
-        if target is not out:
-            out.copy_(target)
+        if len(buffer):
+            with open(self.file, "rb", buffering=0) as handle:
+                if os.preadv(handle.fileno(), [buffer], offset) != len(buffer):
+                    raise CheckpointError(f"{self.path} is truncated: cannot read {name}")
+        if whole is not None:
+            out.copy_(whole.view(tensor.dtype).as_strided(tensor.shape, tensor.stride(), tensor.storage_offset()))
 
 
 class NemoCheckpoint:
@@ -155,7 +173,7 @@ class NemoCheckpoint:
     def _rank_files(self) -> dict[tuple[int, int], Path]:
         """{(tp_rank, pp_rank): file}, checked to be a complete grid."""
         single = self.path / nemo_archive.LEGACY_WEIGHTS
-        if single.is_file():
+        if nemo_archive.weights_exist(single):
             self.layout = "legacy"
             return {(0, 0): single}
         files: dict[tuple[int, int], Path] = {}
@@ -165,7 +183,7 @@ class NemoCheckpoint:
                 continue
             tp, pp = (int(match.group(1)), 0) if match.group(1) is not None else (int(match.group(2)), int(match.group(3)))
             file = entry / nemo_archive.LEGACY_WEIGHTS
-            if not file.is_file():
+            if not nemo_archive.weights_exist(file):
                 raise CheckpointError(f"{self.origin}: {entry.name}/ has no {nemo_archive.LEGACY_WEIGHTS}")
             files[(tp, pp)] = file
         if not files:
@@ -266,16 +284,16 @@ class NemoCheckpoint:
                 self._sources[fqn] = _Region(fqn, None)
 
     @staticmethod
-    def _open(file: Path) -> dict:
-        # mmap=True: nothing is read until touched; weights_only=True: no code from the pickle.
+    def _open(file: BinaryIO, name: str) -> dict:
+        # map_location="meta": no tensor data is read; weights_only=True: no code from the pickle.
         try:
-            state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            state = torch.load(file, map_location="meta", weights_only=True)
         except Exception as error:  # torch raises RuntimeError/UnpicklingError/...; name the file either way
-            raise CheckpointError(f"cannot load {file} with torch.load(weights_only=True, mmap=True): {error}") from None
+            raise CheckpointError(f"cannot load {name} with torch.load(weights_only=True): {error}") from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if not isinstance(state, dict):
-            raise CheckpointError(f"{file} does not hold a state dict")
+            raise CheckpointError(f"{name} does not hold a state dict")
         return state
 
     # -- access ----------------------------------------------------------------------------------------------

@@ -8,9 +8,11 @@ The staged directory holds what the reader needs under fixed names:
     model_weights.ckpt | mp_rank_XX/ | tp_rank_XX_pp_rank_XXX/ | model_weights/   (whichever the source has)
     .source                  the path the user gave, for error messages
 
-From an archive, small members (config, tokenizer) are read straight out of the tar and the weight files are copied
-out byte for byte (torch needs a real file to memory-map); from a directory, the weights are symbolic links to the
-user's files, so nothing large is copied.
+From an archive, small members (config, tokenizer) are read straight out of the tar; a torch.save weights file
+stored uncompressed (NeMo's own format) is read in place, inside the .nemo (a `<name>.in-archive` note gives its
+byte range; readers/nemo.py), and other weight files (a gzip'ed archive, a distributed checkpoint) are copied out
+byte for byte. From a directory, the weights are symbolic links to the user's files. Either way nothing large is
+copied from an uncompressed .nemo.
 
 Safety: every member of an archive is checked before any byte is written. Absolute names, `..` components, links
 (symbolic or hard) whose target leaves the archive, device files and fifos are refused with an ArchiveError naming the
@@ -20,6 +22,7 @@ paths built from checked names inside the staging directory.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import shutil
@@ -39,6 +42,7 @@ DIST_WEIGHTS = "model_weights"
 TOKENIZER_KEYS = {"vocab_file": "vocab.json", "merge_file": "merges.txt", "model": "tokenizer.model"}
 NEMO_PREFIX = "nemo:"
 COPY_BUFFER = 16 << 20
+IN_ARCHIVE_SUFFIX = ".in-archive"  # staged note: a weights file read in place inside the .nemo
 
 
 class ArchiveError(CheckpointError):
@@ -133,6 +137,20 @@ class NemoArchive:
             raise ArchiveError(f"{self.path}: member {name!r} cannot be read")
         return handle
 
+    def reference(self, name: str, destination: Path) -> bool:
+        """Stage a torch.save weights member without copying it: a regular member of an uncompressed archive is one
+        contiguous byte range of the .nemo, which the reader reads in place (readers/nemo.py `_RankFile`); a note
+        `destination` + IN_ARCHIVE_SUFFIX says where. False (nothing written) when the member is not such a range."""
+        member = self.members.get(name)
+        if not (self.plain and member is not None and member.isreg() and not member.issparse()
+                and posixpath.basename(name) == LEGACY_WEIGHTS):
+            return False
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        note = {"archive": str(self.path.resolve()), "member": name, "offset": member.offset_data,
+                "size": member.size}
+        referenced(destination).write_text(json.dumps(note))
+        return True
+
     def copy_out(self, name: str, destination: Path) -> None:
         """Copy one member's bytes to `destination`. A regular member of an uncompressed archive is one contiguous
         byte range of the .nemo file: copied by the kernel (copy_file_range), as fast as `cp`."""
@@ -149,6 +167,29 @@ class NemoArchive:
             return
         with self.open(name) as source, open(destination, "wb") as target:
             shutil.copyfileobj(source, target, COPY_BUFFER)
+
+
+def referenced(path: Path) -> Path:
+    """The note `NemoArchive.reference` leaves in place of the staged file `path`."""
+    return path.with_name(path.name + IN_ARCHIVE_SUFFIX)
+
+
+def weights_exist(path: Path) -> bool:
+    """A staged weights file: copied out, linked, or referenced in its archive."""
+    return path.is_file() or referenced(path).is_file()
+
+
+def weights_location(path: Path) -> tuple[Path, int, int]:
+    """(file, offset, size) of the bytes of the staged weights file `path`: the file itself, or the byte range of
+    its member inside the .nemo archive."""
+    note = referenced(path)
+    if not path.exists() and note.is_file():
+        where = json.loads(note.read_text())
+        archive = Path(where["archive"])
+        if archive.stat().st_size < where["offset"] + where["size"]:
+            raise ArchiveError(f"{archive} is truncated: member {where['member']!r}")
+        return archive, where["offset"], where["size"]
+    return path, 0, path.stat().st_size
 
 
 def _copy_range(source: IO[bytes], target: IO[bytes], offset: int, count: int) -> int:
@@ -237,6 +278,8 @@ def _stage_archive(source: Path, staging: Path) -> None:
             raise ArchiveError(f"{source} holds no weights ({LEGACY_WEIGHTS}, mp_rank_XX/, tp_rank_XX_pp_rank_XXX/ "
                                f"or {DIST_WEIGHTS}/)")
         for name in weights:
+            if archive.reference(name, staging / name):
+                continue
             archive.copy_out(name, staging / name)
     finally:
         archive.close()

@@ -1,0 +1,112 @@
+"""Run `python -m exporter.run_substage ...` here as a fork of this process instead of a fresh interpreter.
+
+The launcher's process has already imported everything a sub-stage needs (torch, omegaconf, tritonclient: 2-3 s
+of imports on a quiet machine, several times that on a busy one); a fork starts with them loaded. The child is
+still its own process, as the command it stands for: it runs `exporter.run_substage.main` with the same arguments,
+in the same directory and environment, its stdout/stderr teed into the same logs, and its exit status is the
+command's (a signal kills the child, never the launcher; Ctrl-C stops it). The launcher script and
+launcher_cmd.log still show the command, which reruns the sub-stage exactly.
+
+Not forked (a fresh interpreter runs the command instead): where there is no fork, when the command names another
+interpreter (a container's), when this process has initialised CUDA (a forked child cannot use it), and when
+EXPORTER_FORK=0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Callable, IO, Sequence
+
+ENTRY = ("-m", "exporter.run_substage")
+ENV = "EXPORTER_FORK"
+
+
+def can_fork(argv: Sequence[str]) -> bool:
+    """`argv` is this interpreter running a sub-stage, and a fork of this process can run it."""
+    if list(argv[1:3]) != list(ENTRY) or argv[0] != sys.executable:
+        return False
+    if not hasattr(os, "fork") or os.environ.get(ENV, "1") == "0":
+        return False
+    torch = sys.modules.get("torch")
+    return not (torch is not None and torch.cuda.is_initialized())
+
+
+def _child(argv: Sequence[str], out: int, err: int, cwd: Path, env: dict[str, str]) -> None:
+    """In the fork: become the command and never return (os._exit)."""
+    code = 1
+    try:
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        os.close(out)
+        os.close(err)
+        # Fresh line-buffered streams on fds 1/2 (the parent's may be a test harness's capture objects).
+        sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+        sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv = [argv[2], *argv[3:]]
+        # The launcher's log handlers (Hydra's console and main.log) are not the sub-stage's: it sets up its own.
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for logger in logging.Logger.manager.loggerDict.values():
+            if isinstance(logger, logging.Logger):
+                logger.handlers.clear()
+                logger.propagate = True
+                logger.disabled = False
+        from exporter.run_substage import main
+
+        code = main(list(argv[3:]))
+    except SystemExit as error:
+        code = error.code if isinstance(error.code, int) else (0 if error.code is None else 1)
+    except BaseException:  # noqa: BLE001 - the child must exit with a status, whatever happened
+        traceback.print_exc()
+        code = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - exiting anyway
+                pass
+        os._exit(code)
+
+
+def run_forked(argv: Sequence[str], copy: Callable[..., None], stdout: IO[bytes], stderr: IO[bytes],
+               out_log: IO[bytes], err_log: IO[bytes], *, cwd: Path, env: dict[str, str]) -> int:
+    """Run the sub-stage command `argv` in a fork; its output goes to `stdout`/`stderr` and the logs through `copy`
+    (launch/common.py's tee). Returns its exit code (negative: the signal that killed it), as Popen would."""
+    out_read, out_write = os.pipe()
+    err_read, err_write = os.pipe()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()  # nothing buffered here is written twice
+    pid = os.fork()
+    if pid == 0:
+        os.close(out_read)
+        os.close(err_read)
+        _child(argv, out_write, err_write, cwd, env)
+    os.close(out_write)
+    os.close(err_write)
+    readers = [open(out_read, "rb"), open(err_read, "rb")]
+    copiers = [threading.Thread(target=copy, args=(readers[0], stdout, out_log), daemon=True),
+               threading.Thread(target=copy, args=(readers[1], stderr, err_log), daemon=True)]
+    for copier in copiers:
+        copier.start()
+    try:
+        _, status = os.waitpid(pid, 0)
+    except BaseException:  # Ctrl-C: do not leave the sub-stage running
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        raise
+    for copier in copiers:
+        copier.join()
+    for reader in readers:
+        reader.close()
+    return os.waitstatus_to_exitcode(status)

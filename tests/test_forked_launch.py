@@ -1,0 +1,62 @@
+"""The interactive launcher runs this interpreter's own sub-stage command as a fork of the launcher (launch/forked.py):
+the same exit status and logs as the command run by a fresh interpreter (EXPORTER_FORK=0)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from exporter.launch import forked
+from exporter.launch.common import run_teeing
+
+
+def _run(tmp_path, argv, fork: bool, name: str) -> tuple[int, str, str]:
+    out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+    env = {**os.environ, forked.ENV: "1" if fork else "0", "MARKER": name}
+    code = run_teeing(argv, out, err, cwd=tmp_path, env=env)
+    return code, out.read_text(), err.read_text()
+
+
+def test_only_this_interpreters_sub_stage_command_is_forked(monkeypatch):
+    command = [sys.executable, "-m", "exporter.run_substage", "config.yaml", "export", "convert"]
+    monkeypatch.delenv(forked.ENV, raising=False)
+    assert forked.can_fork(command)
+    assert not forked.can_fork(["python3", *command[1:]])  # a container's interpreter
+    assert not forked.can_fork([sys.executable, "-m", "other.module"])
+    monkeypatch.setenv(forked.ENV, "0")
+    assert not forked.can_fork(command)
+
+
+@pytest.mark.parametrize("fork", [True, False])
+def test_forked_and_fresh_sub_stage_fail_alike(tmp_path, monkeypatch, fork):
+    """A sub-stage that fails (its config is missing: exit 2, one logged line) reports the same status and log
+    line, in the same working directory, whether it ran forked or as a fresh interpreter."""
+    monkeypatch.setenv(forked.ENV, "1" if fork else "0")
+    argv = [sys.executable, "-m", "exporter.run_substage", "missing.yaml", "export", "convert"]
+    assert forked.can_fork(argv) is fork
+    code, out, err = _run(tmp_path, argv, fork, "forked" if fork else "fresh")
+    assert code == 2
+    assert "configuration error: missing.yaml: no such config file" in out
+    assert "Traceback" not in out + err
+
+
+def test_forked_sub_stage_sees_its_environment_and_directory(tmp_path, monkeypatch):
+    """The fork runs with the environment and working directory given to the command, not the launcher's, and a
+    sub-stage that dies on a signal reports it as Popen does (negative status)."""
+    monkeypatch.setattr(forked, "can_fork", lambda argv: True)
+
+    def probe(argv):
+        print(f"cwd={os.getcwd()} marker={os.environ.get('MARKER')}", flush=True)
+        if argv[-1] == "die":
+            os.kill(os.getpid(), 9)
+        return 0
+
+    monkeypatch.setattr("exporter.run_substage.main", probe)
+    code, out, _ = _run(tmp_path, [sys.executable, "-m", "exporter.run_substage", "x.yaml", "export", "ok"], True,
+                        "probe")
+    assert code == 0 and out.strip() == f"cwd={tmp_path} marker=probe"
+    code, _, _ = _run(tmp_path, [sys.executable, "-m", "exporter.run_substage", "x.yaml", "export", "die"], True,
+                      "die")
+    assert code == -9
