@@ -202,13 +202,15 @@ def measure_rate(generate, rows, new_tokens: int, repeat: int) -> dict:
             "decode_tok_s": decode}
 
 
-def run_server(repo: Path, work: Path, end_id: int, prompt_rows, examples, args, results: dict) -> None:
+def run_server(repo: Path, work: Path, end_id: int, never_end: int, prompt_rows, examples, args,
+               results: dict) -> None:
+    """Ours through tritonserver; `never_end`: the end_id of the throughput requests, `end_id`: LAMBADA's."""
     from exporter.evaluate import lambada
     from exporter.serve.tritonserver import TritonServer
 
     log("starting tritonserver ...")
     with TritonServer(repo, work / "tritonserver.log") as server:
-        served = Served(server.http_url, end_id)
+        served = Served(server.http_url, never_end)
         log("ours: batch 1 ...")
         results["ours_b1"] = measure_rate(served.generate, prompt_rows[:1], args.new_tokens, args.repeat)
         log("ours: batch 8 ...")
@@ -368,7 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a short run: 16 new tokens, one repeat, 2 requests per client, 32 LAMBADA examples")
     parser.add_argument("--skip-ctranslate2", action="store_true")
+    parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE"),
+                        help="OMP_WAIT_POLICY for every engine (this process and the server; unset: the OpenMP "
+                        "runtime's default, threads spin while they wait). PASSIVE helps a lot on shared cores")
     args = parser.parse_args(argv)
+    if args.omp_wait_policy:  # before anything loads torch's OpenMP runtime, which reads it once
+        if "torch" in sys.modules:
+            sys.exit("--omp-wait-policy must be set before torch is imported")
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
     args.new_tokens = 16 if args.quick else NEW_TOKENS
     args.repeat = 1 if args.quick else 2
     args.client_requests = 2 if args.quick else 3
@@ -387,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = Tokenizer.from_file(str(shard_dir / "tokenizer.json"))
     prompt_rows = prompts(tokenizer, CLIENTS)
     # An end id the prompts' greedy continuations never reach: every engine generates all the new tokens.
-    end_id = tokenizer.token_to_id("<|im_start|>")
+    never_end = tokenizer.token_to_id("<|im_start|>")
     encoder = lambada.Encoder(lambda text, special: tokenizer.encode(text, add_special_tokens=special).ids)
     texts = lambada.read_texts(ROOT / "exporter" / "data" / "lambada_test.jsonl", limit=args.lambada)
     examples = lambada.build_examples(texts, encoder, "last_token", min(512, config.max_pos_seq_len))
@@ -398,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     log("measuring memory bandwidth ...")
     results["bandwidth"] = bandwidth_gbs(args.threads)
-    run_server(repo, args.work_dir, config.end_id, prompt_rows, examples, args, results)
+    run_server(repo, args.work_dir, config.end_id, never_end, prompt_rows, examples, args, results)
     run_transformers(gguf, config.end_id, prompt_rows, examples, args, results)
     if not args.skip_ctranslate2:
         run_ctranslate2(hf, args.work_dir, tokenizer, prompt_rows, args, results)
@@ -408,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nSmolLM2-135M-Instruct fp32, prompt {PROMPT_TOKENS} tokens, {args.new_tokens} new, greedy; "
           f"in-process engines on {args.threads} threads; python backend's torch threads: "
-          f"{results['server_threads']}; {os.cpu_count()} CPUs, load average {load[0]:.1f} before, "
+          f"{results['server_threads']}; OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}; {os.cpu_count()} CPUs, load average {load[0]:.1f} before, "
           f"{load_after[0]:.1f} after{'; --quick' if args.quick else ''}\n")
     print(table(results, weight_bytes, args))
     print(f"\nLAMBADA last_token accuracy: served {results['lambada_ours']['accuracy']:.4f}, transformers "
