@@ -370,9 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a short run: 16 new tokens, one repeat, 2 requests per client, 32 LAMBADA examples")
     parser.add_argument("--skip-ctranslate2", action="store_true")
-    parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE"),
-                        help="OMP_WAIT_POLICY for every engine (this process and the server; unset: the OpenMP "
-                        "runtime's default, threads spin while they wait). PASSIVE helps a lot on shared cores")
+    parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE"), default="PASSIVE",
+                        help="OMP_WAIT_POLICY for every engine, this process and the server alike (default PASSIVE, "
+                        "what the served model.py sets unless the server's environment says otherwise; ACTIVE: "
+                        "threads spin while they wait, faster only on cores nothing else uses)")
     args = parser.parse_args(argv)
     if args.omp_wait_policy:  # before anything loads torch's OpenMP runtime, which reads it once
         if "torch" in sys.modules:

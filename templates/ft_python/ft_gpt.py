@@ -26,6 +26,9 @@ except ImportError:  # imported as a top-level module inside a Triton model dire
     import ft_checkpoint
     import ft_rotary
 
+# torch >= 2.5: SDPA reads grouped-query kv heads in place (enable_gqa) instead of a repeated copy per step.
+_SDPA_GQA = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -301,10 +304,14 @@ class FTGPT:
             k_cache[:, :, start:end] = k[rows]
             v_cache[:, :, start:end] = v[rows]
             keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
+            grouped = {}
             if nkv != nq:  # grouped-query attention: q head j reads kv head j // (nq / nkv)
-                keys = keys.repeat_interleave(nq // nkv, dim=1)
-                values = values.repeat_interleave(nq // nkv, dim=1)
-            outputs.append(F.scaled_dot_product_attention(q[rows], keys, values, attn_mask=mask))
+                if _SDPA_GQA:
+                    grouped = {"enable_gqa": True}
+                else:
+                    keys = keys.repeat_interleave(nq // nkv, dim=1)
+                    values = values.repeat_interleave(nq // nkv, dim=1)
+            outputs.append(F.scaled_dot_product_attention(q[rows], keys, values, attn_mask=mask, **grouped))
         if row != bsz:
             raise ValueError(f"the caches hold {row} rows for {bsz} rows of hidden states")
         attn = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
