@@ -48,11 +48,26 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return train_spiece(tmp_path_factory.mktemp("t5-tokenizer"))
 
 
+def input_sensitive(directory: Path) -> Path:
+    """A random tiny T5 answers one token whatever its input (the decoder start token's embedding dominates the
+    decoder output): the start / pad row shrunk and the encoder's output projections scaled up make its first
+    answers differ between LAMBADA contexts, so equal served and reference predictions mean something."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(directory / "model.safetensors")
+    weights["shared.weight"][0] *= 0.05
+    for name in weights:
+        if name.startswith("encoder.") and name.endswith("o.weight"):  # attention `o` and feed-forward `wo`
+            weights[name] = weights[name] * 3
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
     found = {}
     for name, (gated, _, _) in VARIANTS.items():
-        directory = build_t5(tmp_path_factory.mktemp(name), gated=gated)
+        directory = input_sensitive(build_t5(tmp_path_factory.mktemp(name), gated=gated))
         for file in tokenizer_dir.iterdir():
             shutil.copy2(file, directory / file.name)
         found[name] = directory
@@ -141,3 +156,49 @@ def test_ensemble_text_equals_hf_generate(served, checkpoints, variant, beams):
     expected = hf_texts(checkpoints[variant], PROMPTS, NEW_TOKENS, beams)
     assert [result["OUTPUT_0"][row, 0].decode() for row in range(len(PROMPTS))] == expected
     assert any(expected), "every reference text is empty: the comparison would prove nothing"
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("variant, mode_token", [("t5_relu", None), ("t5_gated", "[NLG]")])
+def test_lambada_seq2seq_served_equals_hf(served, checkpoints, variant, mode_token, tmp_path):
+    """The accuracy sub-stage on an encoder-decoder: LAMBADA as seq2seq (context + </s> into the encoder, the last
+    word answered by the decoder; UL2's mode token before the context when set), served through tritonserver vs HF
+    transformers' T5 in process on its own tokenizer's ids: same ids, same predictions, parity passed, results JSON."""
+    from test_config import composed
+
+    from exporter.config import validate
+    from exporter.stages.export import accuracy
+
+    repo, server = served
+    overrides = [f"base_results_dir={tmp_path}", f"export.model.checkpoint_path={checkpoints[variant]}",
+                 f"export.triton_deployment.triton_model_dir={repo / variant}",
+                 f"export.model.tensor_model_parallel_size={VARIANTS[variant][1]}",
+                 "export.triton_deployment.max_batch_size=4", "export.accuracy.limit=8",
+                 "export.accuracy.batch_size=4", f"export.accuracy.output_path={tmp_path}/eval.json"]
+    if mode_token:
+        overrides.append(f"export.accuracy.mode_token='{mode_token}'")
+    results = accuracy(validate(composed(*overrides)), server_url=f"http://{server.http_url}",
+                       server_grpc_url=server.grpc_url)
+    assert json.loads((tmp_path / "eval.json").read_text()) == results
+    assert results["task"] == {"kind": "seq2seq", "mode_token": mode_token or ""}
+    assert (results["parity"], results["passed"], results["reference_ids"]) == ("passed", True, "its own tokenizer's")
+    for metric, entry in results["metrics"].items():
+        assert entry["same_ids_as_reference"] == 1.0, metric
+        assert entry["served_predictions"] == entry["reference_predictions"], metric
+        assert len({tuple(row) for row in entry["served_predictions"]}) > 1, f"{metric}: one answer for every example"
+
+
+def test_seq2seq_examples_put_the_context_in_the_encoder(checkpoints):
+    """LAMBADA's seq2seq rule with T5's own tokenizer: encoder ids = tok(mode token + context) (</s> last), label =
+    tok(last word) without special tokens; truncation drops the context's oldest tokens, never the </s>."""
+    from exporter.evaluate import lambada
+
+    tokenizer = reference_tokenizer(checkpoints["t5_relu"])
+    encoder = lambada.Encoder(lambda text, special: tokenizer(text, add_special_tokens=special).input_ids)
+    text = "she opened the door and saw her old friend john"
+    [example] = lambada.build_examples([text], encoder, "last_word", 512, lambada.Seq2Seq("[NLG]"))
+    assert example.context == tokenizer("[NLG] she opened the door and saw her old friend").input_ids
+    assert example.label == tokenizer("john", add_special_tokens=False).input_ids
+    [short] = lambada.build_examples([text], encoder, "last_word", 4, lambada.Seq2Seq())
+    assert short.context == tokenizer("she opened the door and saw her old friend").input_ids[-4:]
+    assert short.context[-1] == tokenizer.eos_token_id

@@ -203,10 +203,15 @@ def accuracy(cfg: DictConfig, server_url: str | None = None, server_grpc_url: st
     shard_dir = paths.model_dir / "1" / layout_of(cfg).shard_dir_name
     if not (shard_dir / "config.ini").is_file():
         raise FileNotFoundError(f"no exported model at {shard_dir}: run the convert sub-stage first")
-    ft_config = read_config(shard_dir)
-    end_id = ft_config.end_id
-    # Context + label must fit both the requested length and the model's position table.
-    max_seq_len = min(acc.runtime.max_seq_len, ft_config.max_pos_seq_len)
+    seq2seq = None
+    if is_encoder_decoder(shard_dir):  # LAMBADA as a seq2seq task (lambada.Seq2Seq); relative positions: no table
+        end_id, max_seq_len = read_t5_config(shard_dir).eos_token_id, acc.runtime.max_seq_len
+        seq2seq = lambada.Seq2Seq(acc.mode_token or "")
+    else:
+        ft_config = read_config(shard_dir)
+        end_id = ft_config.end_id
+        # Context + label must fit both the requested length and the model's position table.
+        max_seq_len = min(acc.runtime.max_seq_len, ft_config.max_pos_seq_len)
     batch_size = min(acc.batch_size, cfg.export.triton_deployment.max_batch_size)
     if batch_size < acc.batch_size:
         log.warning("accuracy.batch_size %d exceeds the model's max_batch_size; using %d", acc.batch_size, batch_size)
@@ -217,7 +222,7 @@ def accuracy(cfg: DictConfig, server_url: str | None = None, server_grpc_url: st
     encoder = lambada.Encoder(lambda text, special: tokenizer.encode(text, add_special_tokens=special).ids)
     texts = lambada.read_texts(Path(acc.test_data), acc.limit, acc.stride)
 
-    reference, reference_encoder, no_reference_reason = _reference(cfg, paths, end_id)
+    reference, reference_encoder, no_reference_reason = _reference(cfg, paths, end_id, seq2seq is not None)
     bounds = f"export.accuracy.limit={acc.limit} and export.accuracy.stride={acc.stride}"
     info = {"model": paths.model_name, "repository": str(paths.repository), "test_data": acc.test_data}
     tolerance = acc.tolerance
@@ -237,7 +242,7 @@ def accuracy(cfg: DictConfig, server_url: str | None = None, server_grpc_url: st
         results = lambada.evaluate(
             texts=texts,
             encoder=encoder,
-            served=lambada.TritonGenerator(url, paths.model_name, end_id),
+            served=lambada.TritonGenerator(url, paths.model_name, end_id, seq2seq=seq2seq is not None),
             reference=reference,
             no_reference_reason=no_reference_reason,
             reference_encoder=reference_encoder,
@@ -248,12 +253,22 @@ def accuracy(cfg: DictConfig, server_url: str | None = None, server_grpc_url: st
             output_path=Path(acc.output_path),
             info=info,
             bounds=bounds,
+            seq2seq=seq2seq,
         )
     print(summary(results, Path(acc.output_path)))
     return results
 
 
-def _reference(cfg: DictConfig, paths: ExportPaths, end_id: int):
+def is_encoder_decoder(shard_dir: Path) -> bool:
+    """Whether the shards are an encoder-decoder's (config.ini [encoder] / [decoder], ft_t5_checkpoint.py)."""
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read(shard_dir / "config.ini")
+    return parser.has_section("encoder")
+
+
+def _reference(cfg: DictConfig, paths: ExportPaths, end_id: int, seq2seq: bool = False):
     """(greedy generator, encoder, '') for the source checkpoint with HF transformers: its model and its own
     tokenizer loaded as `tok = AutoTokenizer.from_pretrained(checkpoint)` (with export.tokenizer's overrides), encoding
     with `tok(text)`; or (None, None, why there is no reference)."""
@@ -284,9 +299,9 @@ def _reference(cfg: DictConfig, paths: ExportPaths, end_id: int):
     except (OSError, ValueError) as error:  # the model loads, its tokenizer not: the reference scores the served ids
         log.warning("HF transformers cannot load %s's tokenizer (%s): the reference scores the served tokenizer's "
                     "ids", checkpoint, str(error).splitlines()[0] if str(error) else type(error).__name__)
-        return lambada.HFGenerator(checkpoint, end_id, placement), None, ""
+        return lambada.HFGenerator(checkpoint, end_id, placement, seq2seq), None, ""
     encoder = lambada.Encoder(lambda text, special: tokenizer(text, add_special_tokens=special).input_ids)
-    return lambada.HFGenerator(checkpoint, end_id, placement), encoder, ""
+    return lambada.HFGenerator(checkpoint, end_id, placement, seq2seq), encoder, ""
 
 
 @contextlib.contextmanager
