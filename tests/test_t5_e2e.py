@@ -202,3 +202,29 @@ def test_seq2seq_examples_put_the_context_in_the_encoder(checkpoints):
     [short] = lambada.build_examples([text], encoder, "last_word", 4, lambada.Seq2Seq())
     assert short.context == tokenizer("she opened the door and saw her old friend").input_ids[-4:]
     assert short.context[-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_main_exports_and_scores_a_t5_checkpoint(checkpoints, tmp_path):
+    """`python main.py export.model.checkpoint_path=<t5 dir>`: convert (shards, the T5 model, the text ensemble),
+    then the accuracy sub-stage's own tritonserver, LAMBADA as seq2seq with parity against HF (before, the run
+    stopped after the shards)."""
+    import subprocess
+    import sys
+
+    from serving_fixtures import tritonserver_or_skip
+
+    tritonserver_or_skip()
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "main.py", f"base_results_dir={tmp_path}",
+         f"export.model.checkpoint_path={checkpoints['t5_relu']}", "export.run.model_train_name=t5tiny",
+         "export.triton_deployment.device=cpu", "export.accuracy.limit=4", "export.accuracy.batch_size=4"],
+        cwd=root, capture_output=True, text=True, timeout=900,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    [results_file] = tmp_path.glob("t5tiny/*/eval_output.json")
+    results = json.loads(results_file.read_text())
+    assert (results["task"]["kind"], results["parity"], results["examples"]) == ("seq2seq", "passed", 4)
