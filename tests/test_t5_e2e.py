@@ -228,3 +228,30 @@ def test_main_exports_and_scores_a_t5_checkpoint(checkpoints, tmp_path):
     [results_file] = tmp_path.glob("t5tiny/*/eval_output.json")
     results = json.loads(results_file.read_text())
     assert (results["task"]["kind"], results["parity"], results["examples"]) == ("seq2seq", "passed", 4)
+
+
+def test_plan_refuses_what_an_encoder_decoder_repository_cannot_do(checkpoints, tmp_path):
+    """Refused when planning, before any job or file exists: a streaming (decoupled) T5 ensemble, the OpenAI front end
+    (decoder models only), a T5 checkpoint without a tokenizer."""
+    from test_config import composed
+
+    from exporter.config import ConfigError, validate
+    from exporter.stages.export import plan
+    from exporter.tokenizer import TokenizerError
+    from templates.ft_python.ft_checkpoint import CheckpointError
+
+    def planned(checkpoint, *overrides):
+        return plan(validate(composed(f"base_results_dir={tmp_path}", f"export.model.checkpoint_path={checkpoint}",
+                                      *overrides)))
+
+    assert [stage.name for stage in planned(checkpoints["t5_relu"])] == ["convert", "accuracy"]
+    with pytest.raises(CheckpointError, match="decoupled"):
+        planned(checkpoints["t5_relu"], "export.triton_deployment.decoupled=true", "export.accuracy.enabled=false")
+    with pytest.raises(ConfigError, match="export.openai.enabled"):
+        planned(checkpoints["t5_relu"], "export.openai.enabled=true")
+    bare = shutil.copytree(checkpoints["t5_relu"], tmp_path / "bare")
+    for name in ("spiece.model", "tokenizer_config.json"):
+        (bare / name).unlink()
+    with pytest.raises(TokenizerError, match="spiece.model"):
+        planned(bare)
+    assert not list(tmp_path.glob("*/*/model_repo"))

@@ -421,7 +421,13 @@ def plan(cfg: DictConfig) -> list[SubStage]:
         # package too; the built-in GPT-2, built by the convert job, is served by every runtime).
         checkpoint = resolve_checkpoint(cfg.export.model.checkpoint_path, paths.checkpoint_cache)
         if checkpoint.exists():  # else it may exist only where the convert job runs (a cluster's file system)
-            describe_source(checkpoint)  # damaged files, unknown architecture: one CheckpointError, nothing written
+            # damaged files, unknown architecture: one CheckpointError, nothing written
+            if ModelKind(describe_source(checkpoint).model_kind) is ModelKind.ENCODER_DECODER:
+                runtime.check_kind(ModelKind.ENCODER_DECODER)
+                _check_encoder_decoder(checkpoint, model_settings(cfg))
+                if cfg.export.openai.enabled:
+                    raise ConfigError("export.openai.enabled: the OpenAI front end serves decoder models only; "
+                                      "set it false for an encoder-decoder (T5) checkpoint")
         runtime.check_source(checkpoint, model_settings(cfg))
     prompt = cfg.export.prompt_learning
     if all(Path(path).exists() for path in [task.path for task in prompt.tasks] + ([prompt.nemo] if prompt.nemo
