@@ -224,21 +224,19 @@ class HFGenerator:
         import torch
         from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-        if seq2seq:  # an encoder-decoder: the same loading, its generate() answers after the decoder start token
-            AutoModelForCausalLM = AutoModelForSeq2SeqLM  # noqa: N806
+        # An encoder-decoder loads the same way; its generate() answers after the decoder start token.
+        auto_model = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
         self.seq2seq = seq2seq
-
         self.torch = torch
         self.placement = placement
         dtype = getattr(torch, placement.dtype)
         checkpoint = Path(checkpoint)
         if checkpoint.is_file():  # a GGUF file: transformers reads it from its directory, de-quantised
-            self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint.parent), gguf_file=checkpoint.name,
-                                                              dtype=dtype)
+            self.model = auto_model.from_pretrained(str(checkpoint.parent), gguf_file=checkpoint.name, dtype=dtype)
         elif placement.device == "cpu":
-            self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).float()
+            self.model = auto_model.from_pretrained(str(checkpoint)).float()
         else:
-            self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
+            self.model = auto_model.from_pretrained(str(checkpoint), dtype=dtype)
         self.model = self.model.to(placement.device).eval()
         self.parameters = sum(parameter.numel() for parameter in self.model.parameters())
         log.info("HF reference: %.1fM parameters on %s", self.parameters / 1e6, placement.reason)

@@ -30,7 +30,7 @@ from ..ft.verify import read_config
 from ..jobs import SERVER_HOST, Resources, Service, Step, SubStage
 from ..parallel import ParallelLayout
 from ..readers.source import SourceKind, source_kind
-from ..runtimes import ModelKind, ModelSettings, runtime_for, runtime_names
+from ..runtimes import ModelKind, ModelSettings, runtime_for
 from ..serve import endpoints
 from ..tokenizer import SpecialTokens, find_tokenizer, has_tokenizer
 from ..triton import render
