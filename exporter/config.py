@@ -128,6 +128,9 @@ class AccuracyConfig:
     tolerance: float = 0.005  # largest allowed |served - reference| accuracy, as a fraction
     tritonserver: Optional[str] = None  # path to a tritonserver binary; None: PATH, then the embedded one
     server_timeout_s: float = 300.0
+    # Encoder-decoder models (LAMBADA as seq2seq): text put before every context, as UL2's mode tokens ("[NLG]",
+    # "[S2S]", "[NLU]") are; None: none (T5, Flan-T5). Ignored for decoder models.
+    mode_token: Optional[str] = None
 
 
 @dataclass

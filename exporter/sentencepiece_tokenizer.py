@@ -187,6 +187,46 @@ def _template(tokenizer: Tokenizer, bos: str | None, eos: str | None):
     return processors.TemplateProcessing(single=" ".join(single), pair=" ".join(pair), special_tokens=special)
 
 
+# -- as transformers' T5Tokenizer reads spiece.model ---------------------------------------------------------------
+T5_DEFAULT_EXTRA_IDS = 100  # transformers' T5Tokenizer default: <extra_id_0..99> after the pieces
+
+
+def for_t5(model_path: Path) -> Tokenizer:
+    """The tokenizer transformers (5.24) builds as `T5Tokenizer.from_pretrained(dir)` from spiece.model alone: the
+    Unigram pieces with their scores (unknown = piece unk_id), the model's precompiled charsmap as the only
+    normalizer, whitespace split + Metaspace (a U+2581 before every word) as pre-tokenizer, `$A </s>` (eos appended,
+    no bos) as post-processor, and the sentinels <extra_id_{n-1}> .. <extra_id_0> as special tokens after the pieces
+    (n = tokenizer_config.json `extra_ids`, default 100), so <extra_id_0> is the last id."""
+    model_path = Path(model_path)
+    model, model_type = _model(model_path)
+    if model_type != "unigram":
+        raise SentencePieceError(f"{model_path}: a SentencePiece {model_type} model under a T5 tokenizer; "
+                                 "supported: unigram (T5's spiece.model)")
+    config = _config(model_path.parent)
+    pieces = _pieces(model, model_path)
+    trainer = model.trainer_spec
+    tokenizer = Tokenizer(models.Unigram([(entry.piece, entry.score) for entry in model.pieces], trainer.unk_id,
+                                         False))
+    if model.normalizer_spec.precompiled_charsmap:
+        tokenizer.normalizer = normalizers.Precompiled(model.normalizer_spec.precompiled_charsmap)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="always", split=True)])
+    tokenizer.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="always", split=True)
+    extra_ids = int(config.get("extra_ids", T5_DEFAULT_EXTRA_IDS))
+    named = {key: _token_text(config.get(f"{key}_token")) or default
+             for key, default in (("pad", "<pad>"), ("eos", "</s>"), ("unk", "<unk>"))}
+    for key, token in named.items():
+        if token not in pieces:
+            raise SentencePieceError(f"{model_path}: {key}_token {token!r} is not a piece of the model")
+    add_tokens_once(tokenizer, [AddedToken(named[key], special=True, normalized=False) for key in ("pad", "eos", "unk")]
+                    + [AddedToken(f"<extra_id_{index}>", special=True, normalized=False)
+                       for index in reversed(range(extra_ids))])
+    _check_added_ids(tokenizer, config, model_path)
+    tokenizer.post_processor = _template(tokenizer, None, named["eos"])
+    return tokenizer
+
+
 # -- as sentencepiece encodes it ---------------------------------------------------------------------------------
 def check_as_sentencepiece(model_path: Path) -> None:
     """Raise before any export work when `as_sentencepiece` cannot rebuild this tokenizer."""
@@ -255,4 +295,4 @@ def end_of_text_ids(model_path: Path) -> tuple[int | None, int | None]:
 
 
 __all__ = ["SentencePieceError", "add_tokens_once", "as_sentencepiece", "check_as_sentencepiece",
-           "check_for_transformers", "end_of_text_ids", "for_transformers", "llama_bpe", "split_merges"]
+           "check_for_transformers", "end_of_text_ids", "for_t5", "for_transformers", "llama_bpe", "split_merges"]

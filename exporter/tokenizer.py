@@ -27,6 +27,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 
 SENTENCEPIECE_MODEL = "tokenizer.model"
+T5_SENTENCEPIECE_MODEL = "spiece.model"  # T5's name for it: read as transformers' T5Tokenizer (eos appended)
 
 
 class TokenizerError(ValueError):
@@ -48,6 +49,8 @@ CLASS_DEFAULT_TOKENS = {
     "GPT2TokenizerFast": ("<|endoftext|>", "<|endoftext|>"),
     "LlamaTokenizer": ("<s>", "</s>"),
     "LlamaTokenizerFast": ("<s>", "</s>"),
+    "T5Tokenizer": (None, "</s>"),
+    "T5TokenizerFast": (None, "</s>"),
 }
 
 
@@ -61,10 +64,19 @@ def find_tokenizer(directory: Path) -> Path:
     if (directory / SENTENCEPIECE_MODEL).is_file():
         _sentencepiece(directory, check_only=True)
         return directory / SENTENCEPIECE_MODEL
+    if (directory / T5_SENTENCEPIECE_MODEL).is_file():
+        _t5_sentencepiece(directory / T5_SENTENCEPIECE_MODEL)
+        return directory / T5_SENTENCEPIECE_MODEL
     raise TokenizerError(
-        f"no tokenizer in {directory}: expected tokenizer.json, vocab.json + merges.txt (GPT-2 BPE), or "
-        f"{SENTENCEPIECE_MODEL} (SentencePiece)"
+        f"no tokenizer in {directory}: expected tokenizer.json, vocab.json + merges.txt (GPT-2 BPE), "
+        f"{SENTENCEPIECE_MODEL} (SentencePiece) or {T5_SENTENCEPIECE_MODEL} (T5's SentencePiece)"
     )
+
+
+def has_tokenizer(directory: Path) -> bool:
+    """Whether `directory` holds any file a tokenizer is built from (find_tokenizer checks that it is usable)."""
+    return any((Path(directory) / name).is_file()
+               for name in ("tokenizer.json", "vocab.json", SENTENCEPIECE_MODEL, T5_SENTENCEPIECE_MODEL))
 
 
 def load_tokenizer(directory: Path, special_tokens: SpecialTokens = SpecialTokens()) -> Tokenizer:
@@ -74,6 +86,8 @@ def load_tokenizer(directory: Path, special_tokens: SpecialTokens = SpecialToken
         tokenizer = Tokenizer.from_file(str(source))
     elif source.name == SENTENCEPIECE_MODEL:
         tokenizer = _sentencepiece(Path(directory))
+    elif source.name == T5_SENTENCEPIECE_MODEL:
+        tokenizer = _t5_sentencepiece(source)
     else:
         tokenizer = _byte_level_bpe(directory)
     return with_default_special_tokens(tokenizer, directory, special_tokens)
@@ -95,6 +109,16 @@ def _sentencepiece(directory: Path, check_only: bool = False) -> Tokenizer | Non
     except sentencepiece.SentencePieceError as error:
         # a staged NeMo checkpoint is a temporary directory: name the user's .nemo instead
         raise TokenizerError(str(error).replace(str(directory), origin_of(directory)) if nemo else str(error)) from None
+
+
+def _t5_sentencepiece(model: Path) -> Tokenizer:
+    """spiece.model as transformers' T5Tokenizer reads it (sentencepiece_tokenizer.for_t5)."""
+    from . import sentencepiece_tokenizer as sentencepiece
+
+    try:
+        return sentencepiece.for_t5(model)
+    except sentencepiece.SentencePieceError as error:
+        raise TokenizerError(str(error)) from None
 
 
 def _byte_level_bpe(directory: Path) -> Tokenizer:

@@ -194,34 +194,38 @@ def test_unknown_tensor_refused(checkpoints, tmp_path):
 
 # -- the export stage: as far as the pipeline goes for encoder-decoder models -----------------------------------
 
-def test_export_writes_shards_then_stops_for_python_runtime(checkpoints, tmp_path):
-    """The python runtime does not serve encoder-decoder models on this branch: the repository gets the verified
-    shards, then one error names the runtime and where the shards are (no half-built serving repository)."""
+def test_export_without_tokenizer_is_refused_before_writing(checkpoints, tmp_path):
+    """An encoder-decoder repository needs the checkpoint's tokenizer for pre/postprocessing: a checkpoint without
+    one is refused before anything is written (before, the shards were written and the export stopped after)."""
     from exporter.runtimes import ModelSettings
     from exporter.stages.export import build_repository
+    from exporter.tokenizer import TokenizerError
 
     settings = ModelSettings(name="t5", runtime="python", max_batch_size=4, layout=ParallelLayout(2),
                              data_type="fp32")
-    with pytest.raises(CheckpointError, match="python runtime does not serve encoder-decoder models"):
+    with pytest.raises(TokenizerError, match="spiece.model"):
         build_repository(tmp_path / "repo", checkpoints["gated-untied"], settings, "fp32")
-    verify(tmp_path / "repo" / "t5" / "1" / "2-gpu")
-    assert sorted(path.name for path in (tmp_path / "repo").iterdir()) == ["t5"]
-    assert not (tmp_path / "repo" / "t5" / "config.pbtxt").exists()
+    assert not (tmp_path / "repo").exists()
 
 
-def test_export_with_ft_runtime_renders_t5_model_then_stops(checkpoints, tmp_path):
-    """FT's backend serves the shards (model_type "T5"): shards + its config.pbtxt, then the export stops because
-    the text ensemble for encoder-decoder models is not built yet."""
+def test_export_with_ft_runtime_builds_the_t5_repository(checkpoints, tmp_path):
+    """FT's backend serves the shards (model_type "T5") behind the same text ensemble as the python runtime (FT's
+    T5 tensors): shards, its config.pbtxt, preprocessing, postprocessing and the ensemble."""
+    from test_t5_e2e import train_spiece
+
     from exporter.runtimes import ModelSettings
     from exporter.stages.export import build_repository
 
     source = _copy(checkpoints["relu-tied"], tmp_path / "src", {"relative_attention_max_distance": 128})
+    for file in train_spiece(tmp_path / "tokenizer").iterdir():
+        (source / file.name).write_bytes(file.read_bytes())
     settings = ModelSettings(name="t5", runtime="fastertransformer", max_batch_size=4, layout=ParallelLayout(1),
                              data_type="fp16")
-    with pytest.raises(CheckpointError, match="text ensemble for encoder-decoder models are not built yet"):
-        build_repository(tmp_path / "repo", source, settings, "fp16")
-    assert 'string_value: "T5"' in (tmp_path / "repo" / "t5" / "config.pbtxt").read_text()
-    assert verify(tmp_path / "repo" / "t5" / "1" / "1-gpu").weight_data_type == "fp16"
+    repo = build_repository(tmp_path / "repo", source, settings, "fp16")
+    assert 'string_value: "T5"' in (repo / "t5" / "config.pbtxt").read_text()
+    assert verify(repo / "t5" / "1" / "1-gpu").weight_data_type == "fp16"
+    assert sorted(path.name for path in repo.iterdir()) == ["ensemble", "postprocessing", "preprocessing", "t5"]
+    assert 'model_name: "t5"' in (repo / "ensemble" / "config.pbtxt").read_text()
 
 
 def test_ft_runtime_refuses_t5_it_would_compute_differently(checkpoints):
@@ -230,26 +234,6 @@ def test_ft_runtime_refuses_t5_it_would_compute_differently(checkpoints):
 
     with pytest.raises(CheckpointError, match="relative_attention_max_distance 16"):
         runtime_for("fastertransformer").check_source(checkpoints["relu-tied"])
-
-
-def test_main_export_of_t5_writes_shards_and_says_what_is_missing(checkpoints, tmp_path):
-    """`python main.py export.model.checkpoint_path=<t5 dir>`: the convert job writes the shards and the run stops
-    with one line naming what is not built yet."""
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        [sys.executable, "main.py", f"base_results_dir={tmp_path}",
-         f"export.model.checkpoint_path={checkpoints['relu-tied']}", "export.run.model_train_name=t5tiny",
-         "export.triton_deployment.device=cpu"],
-        cwd=root, capture_output=True, text=True, timeout=600,
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode != 0, output[-3000:]
-    assert "runtime does not serve encoder-decoder models yet" in output, output[-3000:]
-    shard_dirs = list(tmp_path.glob("t5tiny/*/model_repo/t5tiny/1/1-gpu"))
-    assert len(shard_dirs) == 1 and verify(shard_dirs[0]).encoder_num_layers == 2
 
 
 def test_reads_config_ini_as_ft_converter_writes_it(checkpoints, tmp_path):

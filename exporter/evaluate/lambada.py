@@ -99,7 +99,10 @@ def read_texts(path: Path, limit: int | None = None, stride: int = 1) -> list[st
     return texts
 
 
-def build_examples(texts: Sequence[str], encoder: Encoder, metric: str, max_seq_len: int) -> list[Example]:
+def build_examples(texts: Sequence[str], encoder: Encoder, metric: str, max_seq_len: int,
+                   seq2seq: Seq2Seq | None = None) -> list[Example]:
+    if seq2seq is not None:
+        return build_seq2seq_examples(texts, encoder, metric, max_seq_len, seq2seq)
     examples = []
     for text in texts:
         if metric == "last_token":
@@ -112,6 +115,43 @@ def build_examples(texts: Sequence[str], encoder: Encoder, metric: str, max_seq_
             raise ValueError(f"unknown metric {metric!r}")
         keep = max(1, max_seq_len - len(label) - len(prefix))
         examples.append(Example(prefix + context[-keep:], label))
+    return examples
+
+
+@dataclass(frozen=True)
+class Seq2Seq:
+    """LAMBADA as a seq2seq task, for encoder-decoder models (T5, UL2): the encoder reads the context (with the
+    tokenizer's special tokens where it puts them: T5's </s> after it), the decoder must answer the missing end as
+    its first tokens. `mode_token`: text put before every context, as UL2's paradigm tokens ("[NLG]", "[S2S]",
+    "[NLU]") are prepended to its inputs; "" for T5 / Flan-T5."""
+
+    mode_token: str = ""
+
+
+def build_seq2seq_examples(texts: Sequence[str], encoder: Encoder, metric: str, max_seq_len: int,
+                           seq2seq: Seq2Seq) -> list[Example]:
+    """last_word: encoder input = mode token + the text without its last word, label = the word's ids (a word alone,
+    as a decoder answer starts); last_token: encoder input = the text's ids without the last one, label = that id.
+    The context is left-truncated so it and its special tokens fit max_seq_len encoder positions."""
+    examples = []
+    prefix_text = f"{seq2seq.mode_token} " if seq2seq.mode_token else ""
+    for text in texts:
+        head, word = text.rstrip().rsplit(" ", 1)
+        full = encoder.encode(prefix_text + (head if metric == "last_word" else text.rstrip()), True)
+        plain = encoder.encode(prefix_text + (head if metric == "last_word" else text.rstrip()), False)
+        start = next((index for index in range(len(full) - len(plain) + 1)
+                      if full[index : index + len(plain)] == plain), None)
+        if start is None:
+            raise ValueError(f"the tokenizer's special tokens change the text's own ids: {full} vs {plain}")
+        before, after = full[:start], full[start + len(plain):]
+        if metric == "last_word":
+            context, label = plain, encoder.encode(word, False)
+        elif metric == "last_token":
+            context, label = plain[:-1], plain[-1:]
+        else:
+            raise ValueError(f"unknown metric {metric!r}")
+        keep = max(1, max_seq_len - len(before) - len(after))
+        examples.append(Example(before + context[-keep:] + after, label))
     return examples
 
 
@@ -144,7 +184,7 @@ def _tally(result: Score, batch: list[Example], generated: list[list[int]]) -> N
 class TritonGenerator:
     """Greedy continuations from the served model over Triton's HTTP API (token ids in, token ids out)."""
 
-    def __init__(self, url: str, model_name: str, end_id: int):
+    def __init__(self, url: str, model_name: str, end_id: int, seq2seq: bool = False):
         import tritonclient.http as httpclient
 
         self.url = url
@@ -152,6 +192,10 @@ class TritonGenerator:
         self.client = httpclient.InferenceServerClient(url, network_timeout=600.0, connection_timeout=600.0)
         self.model_name = model_name
         self.end_id = end_id
+        # An encoder-decoder model takes FT's T5 tensors and answers the generated tokens only.
+        self.names = (("input_ids", "sequence_length", "max_output_len") if seq2seq
+                      else ("input_ids", "input_lengths", "request_output_len"))
+        self.seq2seq = seq2seq
 
     def __call__(self, batch: list[Example]) -> list[list[int]]:
         lengths = np.array([[len(example.context)] for example in batch], dtype=np.uint32)
@@ -160,9 +204,7 @@ class TritonGenerator:
             ids[row, : len(example.context)] = example.context
         output_len = np.array([[len(example.label)] for example in batch], dtype=np.uint32)
         arrays = {
-            "input_ids": ids,
-            "input_lengths": lengths,
-            "request_output_len": output_len,
+            **dict(zip(self.names, (ids, lengths, output_len))),
             **common.sampling_arrays({"top_k": 1, "top_p": 0.0}, len(batch)),  # greedy
         }
         response = common.infer(self.url, "http", self.model_name, arrays,
@@ -170,7 +212,7 @@ class TritonGenerator:
         output_ids = response["output_ids"]  # [batch, beam, T]
         sequence_length = response["sequence_length"]  # [batch, beam]
         return [
-            output_ids[row, 0, len(example.context) : int(sequence_length[row, 0])].tolist()
+            output_ids[row, 0, 0 if self.seq2seq else len(example.context) : int(sequence_length[row, 0])].tolist()
             for row, example in enumerate(batch)
         ]
 
@@ -178,21 +220,23 @@ class TritonGenerator:
 class HFGenerator:
     """Greedy continuations from the source checkpoint with HF transformers, in-process (the independent reference)."""
 
-    def __init__(self, checkpoint: Path, end_id: int, placement: Placement = Placement()):
+    def __init__(self, checkpoint: Path, end_id: int, placement: Placement = Placement(), seq2seq: bool = False):
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+        # An encoder-decoder loads the same way; its generate() answers after the decoder start token.
+        auto_model = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+        self.seq2seq = seq2seq
         self.torch = torch
         self.placement = placement
         dtype = getattr(torch, placement.dtype)
         checkpoint = Path(checkpoint)
         if checkpoint.is_file():  # a GGUF file: transformers reads it from its directory, de-quantised
-            self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint.parent), gguf_file=checkpoint.name,
-                                                              dtype=dtype)
+            self.model = auto_model.from_pretrained(str(checkpoint.parent), gguf_file=checkpoint.name, dtype=dtype)
         elif placement.device == "cpu":
-            self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint)).float()
+            self.model = auto_model.from_pretrained(str(checkpoint)).float()
         else:
-            self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
+            self.model = auto_model.from_pretrained(str(checkpoint), dtype=dtype)
         self.model = self.model.to(placement.device).eval()
         self.parameters = sum(parameter.numel() for parameter in self.model.parameters())
         log.info("HF reference: %.1fM parameters on %s", self.parameters / 1e6, placement.reason)
@@ -206,15 +250,19 @@ class HFGenerator:
         torch = self.torch
         length = min(length, getattr(self.model.config, "max_position_embeddings", length) or length)
         ids = torch.full((rows, length), self.end_id, dtype=torch.long, device=self.placement.device)
+        # An encoder-decoder's forward also takes decoder ids: one step each, the encoder reads the whole length.
+        step = (lambda rows_ids: {"decoder_input_ids": rows_ids[:, :1]}) if self.seq2seq else (lambda rows_ids: {})
         with torch.inference_mode():
-            self.model(ids[:1, :8])
+            self.model(ids[:1, :8], **step(ids[:1, :8]))
             started = time.monotonic()
-            self.model(ids)
+            self.model(ids, **step(ids))
             if self.placement.device != "cpu":
                 torch.cuda.synchronize()
         return rows * length / max(time.monotonic() - started, 1e-9)
 
     def __call__(self, batch: list[Example]) -> list[list[int]]:
+        if self.seq2seq:
+            return self._seq2seq(batch)
         torch = self.torch
         width = max(len(example.context) for example in batch)
         # Left padding so every row's next token follows its last context token.
@@ -238,6 +286,24 @@ class HFGenerator:
         # Rows that ended at an eos id are padded by generate; keep the end token, drop the padding.
         return [_cut_after_end(row, self.eos_ids) for row in generated]
 
+    def _seq2seq(self, batch: list[Example]) -> list[list[int]]:
+        """The encoder reads each right-padded context (masked); generate's rows start with the decoder start
+        token, which is no answer."""
+        torch = self.torch
+        width = max(len(example.context) for example in batch)
+        pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else self.end_id
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, example in enumerate(batch):
+            ids[row, : len(example.context)] = torch.tensor(example.context)
+            mask[row, : len(example.context)] = 1
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids.to(self.placement.device),
+                                      attention_mask=mask.to(self.placement.device),
+                                      max_new_tokens=max(len(example.label) for example in batch),
+                                      do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=self.eos_ids)
+        return [_cut_after_end(row, self.eos_ids) for row in out[:, 1:].tolist()]
+
 
 def _cut_after_end(tokens: list[int], eos_ids: list[int]) -> list[int]:
     ends = [step for step, token in enumerate(tokens) if token in eos_ids]
@@ -259,6 +325,7 @@ def evaluate(
     no_reference_reason: str = "no reference given",
     reference_encoder: Encoder | None = None,
     bounds: str = "",
+    seq2seq: Seq2Seq | None = None,
 ) -> dict:
     """Score every metric on the served model (and the reference when given); write and return the results.
 
@@ -266,16 +333,19 @@ def evaluate(
     both and the expected cost of the whole run is logged before the bulk of it (`bounds`: the keys that bound it).
     `reference_encoder`: the reference's own tokenizer; the reference then scores its own ids, and any example whose
     ids differ from the served tokenizer's fails parity. Without it the reference scores the served ids.
-    Without a reference, parity is recorded as not checked, with `no_reference_reason`."""
+    Without a reference, parity is recorded as not checked, with `no_reference_reason`. `seq2seq`: an
+    encoder-decoder model, scored as a seq2seq task (Seq2Seq, build_seq2seq_examples)."""
     results: dict = {"examples": len(texts), "batch_size": batch_size, "tolerance": tolerance, **(info or {})}
+    if seq2seq is not None:  # how the examples were posed to an encoder-decoder model
+        results["task"] = {"kind": "seq2seq", "mode_token": seq2seq.mode_token}
     results["metrics"] = {}
     failures = []
     for number, metric in enumerate(metrics):
-        examples = build_examples(texts, encoder, metric, max_seq_len)
+        examples = build_examples(texts, encoder, metric, max_seq_len, seq2seq)
         entry: dict = {}
         reference_examples = examples
         if reference is not None and reference_encoder is not None:
-            reference_examples = build_examples(texts, reference_encoder, metric, max_seq_len)
+            reference_examples = build_examples(texts, reference_encoder, metric, max_seq_len, seq2seq)
             differ = [index for index, (a, b) in enumerate(zip(examples, reference_examples)) if a != b]
             entry["same_ids_as_reference"] = 1 - len(differ) / len(examples)
             if differ:

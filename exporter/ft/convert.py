@@ -100,7 +100,7 @@ def convert_checkpoint(
         if prompt_tables is not None:
             raise CheckpointError("prompt tables are supported for decoder models only (export.prompt_learning)")
         return convert_encoder_decoder(arch, partial(open_architecture, checkpoint_path, layout), checkpoint_path,
-                                       out_dir, layout, weight_data_type, processes)
+                                       out_dir, layout, weight_data_type, processes, special_tokens)
     gguf = source_kind(checkpoint_path) is SourceKind.GGUF  # its reader rebuilt the tokenizer on opening
     # Pre/postprocessing need it: fail now, not after writing gigabytes.
     served_tokenizer = None if gguf else load_tokenizer(checkpoint_path, special_tokens)

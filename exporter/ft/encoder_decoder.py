@@ -20,14 +20,15 @@ from ..arch.base import Architecture, Plan
 from ..atomic import AtomicDirectory
 from ..generation import generation_settings, write_generation_settings
 from ..parallel import ParallelLayout, ShardingError
+from ..tokenizer import SpecialTokens, has_tokenizer, load_tokenizer, save_served_tokenizer
 from .sharding import file_names, rank_shape
 from .verify import DTYPE_BYTES
 from .writer import write_plan
 
 log = logging.getLogger(__name__)
 
-# Tokenizer files copied beside the shards as they are (T5's SentencePiece model among them); the served
-# tokenizer for pre/postprocessing is the encoder-decoder repository's work, not built yet.
+# Tokenizer files copied beside the shards as they are (T5's SentencePiece model among them); tokenizer.json is
+# then the served one (exporter/tokenizer.py: as transformers' T5Tokenizer reads the checkpoint).
 T5_TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -75,15 +76,21 @@ def check_plan(plan: Plan, layout: ParallelLayout, weight_data_type: str) -> int
 
 
 def convert_encoder_decoder(arch: Architecture, make_arch: Callable[[], Architecture], checkpoint_path: Path,
-                            out_dir: Path, layout: ParallelLayout, weight_data_type: str, processes: int = 1) -> Path:
-    """Convert; returns the finished `<out_dir>/<tp>-gpu`. Every check passes before anything is written."""
+                            out_dir: Path, layout: ParallelLayout, weight_data_type: str, processes: int = 1,
+                            special_tokens: SpecialTokens = SpecialTokens()) -> Path:
+    """Convert; returns the finished `<out_dir>/<tp>-gpu`. Every check passes before anything is written.
+    special_tokens: what the served tokenizer.json adds around a prompt (default: T5's </s> after it)."""
     plan = arch.plan()
+    # The shards alone need no tokenizer (the export stage refuses a tokenizer-less checkpoint before converting).
+    served_tokenizer = load_tokenizer(checkpoint_path, special_tokens) if has_tokenizer(checkpoint_path) else None
     generation = generation_settings(checkpoint_path, plan.params.eos_token_id, plan.params.vocab_size)
     plan.params = replace(plan.params, eos_token_id=generation["eos_token_id"][0])
     check_layout(plan.params, layout)
     shard_bytes = check_plan(plan, layout, weight_data_type)
     tokenizer_files = [checkpoint_path / name for name in T5_TOKENIZER_FILES if (checkpoint_path / name).is_file()]
-    needed = shard_bytes + sum(path.stat().st_size for path in tokenizer_files) + (1 << 20)
+    needed = (shard_bytes + sum(path.stat().st_size for path in tokenizer_files)
+              + len(served_tokenizer.to_str() if served_tokenizer else "")
+              + (1 << 20))
     final = Path(out_dir) / layout.shard_dir_name
     started = time.monotonic()
     log.info("converting %s (T5, %d encoder + %d decoder layers) to %s, tp=%d, pp=%d, %s", checkpoint_path,
@@ -94,6 +101,8 @@ def convert_encoder_decoder(arch: Architecture, make_arch: Callable[[], Architec
                             total_bytes=shard_bytes)
         for path in tokenizer_files:
             shutil.copy2(path, partial_dir / path.name)
+        if served_tokenizer is not None:
+            save_served_tokenizer(served_tokenizer, checkpoint_path, partial_dir / "tokenizer.json")
         write_generation_settings(generation, partial_dir)
         # config.ini last: a directory without it is never mistaken for a finished export.
         (partial_dir / "config.ini").write_text(t5_config(plan, layout, weight_data_type).to_ini())

@@ -4,6 +4,7 @@ proven right."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as pb
@@ -11,14 +12,19 @@ from tritonclient.grpc import model_config_pb2 as pb
 from ..jobs import JobShapeError, Resources, node_share
 from ..parallel import ParallelLayout
 from ..triton import render
-from ..triton.repo import copy_templates
-from .base import ModelSettings, Require, Runtime
+from ..triton.repo import TEMPLATES, copy_templates
+from .base import ModelKind, ModelSettings, Require, Runtime
 from .registry import register
 
 # Copied flat into the model's version directory, beside the shards: the python backend's model.py and the modules
 # it imports (stdlib + numpy + torch only), so a stock tritonserver serves the repository without this package.
 FILES = ("ft_python/model.py", "ft_python/ft_checkpoint.py", "ft_python/ft_gpt.py", "ft_python/ft_rotary.py",
          "ft_python/ft_generate.py", "ft_python/ft_interface.py", "ft_python/ft_metrics.py")
+# An encoder-decoder (T5 shards, config.ini section "t5"): model_t5.py is installed as the backend's model.py.
+T5_SECTION = "t5"
+T5_MODEL = "ft_python/model_t5.py"
+T5_FILES = ("ft_python/ft_checkpoint.py", "ft_python/ft_generate.py", "ft_python/ft_interface.py",
+            "ft_python/ft_t5.py", "ft_python/ft_t5_checkpoint.py", "ft_python/ft_t5_interface.py")
 
 
 @register
@@ -26,6 +32,7 @@ class PythonRuntime(Runtime):
     name = "python"
     backend = render.PYTHON_BACKEND
     streams = True
+    model_kinds = (ModelKind.DECODER, ModelKind.ENCODER_DECODER)
 
     def validate(self, cfg, require: Require) -> None:
         require(
@@ -44,6 +51,10 @@ class PythonRuntime(Runtime):
         return Resources(nodes=1, tasks_per_node=1, gpus_per_node=gpus, visible_devices=node_share(gpus, gpus_per_node))
 
     def install(self, version_dir: Path, settings: ModelSettings) -> None:
+        if settings.section == T5_SECTION:
+            copy_templates(T5_FILES, version_dir)
+            shutil.copy2(TEMPLATES / T5_MODEL, version_dir / "model.py")
+            return
         copy_templates(FILES, version_dir)
         render.write_warmup_files(version_dir.parent)  # the model_warmup request's inputs
 
@@ -55,6 +66,11 @@ class PythonRuntime(Runtime):
         parameters = self.common_parameters(settings, settings.layout.shard_dir_name)  # relative: movable repository
         parameters["device"] = settings.device
         parameters["max_beam_width"] = settings.max_beam_width
+        if settings.section == T5_SECTION:  # FT's T5 tensors (model_t5.py); no warm-up request: GPT's tensors
+            return render.encoder_decoder_model_config(
+                settings.name, self.backend, settings.max_batch_size, settings.instance_count, parameters,
+                ragged=True, decoupled=settings.decoupled,
+                max_queue_delay_microseconds=settings.max_queue_delay_microseconds)
         return render.decoder_model_config(
             settings.name, self.backend, settings.max_batch_size, settings.instance_count, parameters,
             ragged=True, decoupled=settings.decoupled,

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from templates.ft_python.ft_checkpoint import CheckpointError
 from templates.ft_python.ft_generate import GenerationDefaults
+from templates.ft_python.ft_t5_checkpoint import read_config as read_t5_config
 
 from ..arch import describe_source
 from ..atomic import AtomicDirectory
@@ -29,11 +30,11 @@ from ..ft.verify import read_config
 from ..jobs import SERVER_HOST, Resources, Service, Step, SubStage
 from ..parallel import ParallelLayout
 from ..readers.source import SourceKind, source_kind
-from ..runtimes import ModelKind, ModelSettings, runtime_for, runtime_names
+from ..runtimes import ModelKind, ModelSettings, runtime_for
 from ..serve import endpoints
-from ..tokenizer import SpecialTokens
+from ..tokenizer import SpecialTokens, find_tokenizer, has_tokenizer
 from ..triton import render
-from ..triton.repo import add_decoder_ensemble
+from ..triton.repo import add_decoder_ensemble, add_encoder_decoder_ensemble
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +105,16 @@ def build_repository(repo_root: Path, checkpoint_path: Path, settings: ModelSett
     source = describe_source(checkpoint_path)
     kind = ModelKind(source.model_kind)
     repo_root = Path(repo_root).resolve()
-    if kind not in TEXT_MODELS or kind not in runtime.model_kinds:
-        _convert_only(repo_root, checkpoint_path, settings, weight_data_type, processes, kind, source.section)
-    runtime.check_kind(kind)
+    runtime.check_kind(kind)  # before anything is written
+    if kind is ModelKind.ENCODER_DECODER:
+        _check_encoder_decoder(checkpoint_path, settings)
     with AtomicDirectory(repo_root) as partial:
         model_dir = partial / settings.name
         shard_dir = convert_checkpoint(checkpoint_path, model_dir / "1", settings.layout, weight_data_type,
                                        processes=processes, special_tokens=special_tokens, prompt_tables=prompt_tables)
-        settings = replace(settings, section=read_config(shard_dir).section)  # which of FT's models they are
+        # which of FT's models they are (an encoder-decoder's config.ini has no single section: its architecture's)
+        settings = replace(settings, section=source.section if kind is ModelKind.ENCODER_DECODER
+                           else read_config(shard_dir).section)
         runtime.install(model_dir / "1", settings)
         render.write_config(runtime.model_config(settings, repo_root), model_dir)
         TEXT_MODELS[kind](partial, settings, shard_dir, skip_special_tokens)
@@ -119,28 +122,14 @@ def build_repository(repo_root: Path, checkpoint_path: Path, settings: ModelSett
     return repo_root
 
 
-def _convert_only(repo_root: Path, checkpoint_path: Path, settings: ModelSettings, weight_data_type: str,
-                  processes: int, kind: ModelKind, section: str) -> None:
-    """A kind of model the pipeline cannot serve yet (encoder-decoder: no pre/postprocessing and ensemble; a runtime
-    without it in its model_kinds): the repository gets the FT shards (and the runtime's model where it serves the
-    kind), then the export stops with one error saying what is missing, so no half-built repository is served."""
-    runtime = runtime_for(settings.runtime)
-    serves = kind in runtime.model_kinds
-    with AtomicDirectory(repo_root) as partial:
-        model_dir = partial / settings.name
-        convert_checkpoint(checkpoint_path, model_dir / "1", settings.layout, weight_data_type, processes=processes)
-        if serves:
-            settings = replace(settings, section=section)
-            runtime.install(model_dir / "1", settings)
-            render.write_config(runtime.model_config(settings, repo_root), model_dir)
-    shard_dir = repo_root / settings.name / "1" / settings.layout.shard_dir_name
-    if serves:
-        missing = f"pre/postprocessing and the text ensemble for {kind.value} models are not built yet"
-    else:
-        serving = [name for name in runtime_names() if kind in runtime_for(name).model_kinds]
-        missing = (f"the {runtime.name} runtime does not serve {kind.value} models yet (runtimes that do: "
-                   f"{serving or 'none yet'}; export.triton_deployment.runtime)")
-    raise CheckpointError(f"{kind.value} model converted: FT shards in {shard_dir}; the export stops there: {missing}")
+def _check_encoder_decoder(checkpoint_path: Path, settings: ModelSettings) -> None:
+    """What an encoder-decoder repository needs beyond the shards, refused before anything is written: a tokenizer
+    for pre/postprocessing, and a non-streaming model (the T5 ensemble is not decoupled)."""
+    if settings.decoupled:
+        raise CheckpointError("export.triton_deployment.decoupled=true: the encoder-decoder (T5) ensemble does not "
+                              "stream; set decoupled=false")
+    if not has_tokenizer(checkpoint_path):
+        find_tokenizer(checkpoint_path)  # TokenizerError naming what was looked for
 
 
 def _decoder_text_models(repository: Path, settings: ModelSettings, shard_dir: Path,
@@ -157,8 +146,28 @@ def _decoder_text_models(repository: Path, settings: ModelSettings, shard_dir: P
                          trtllm_model_name=settings.trtllm_model_name)
 
 
+def _encoder_decoder_text_models(repository: Path, settings: ModelSettings, shard_dir: Path,
+                                 skip_special_tokens: bool) -> None:
+    ft_config, defaults = read_t5_config(shard_dir), GenerationDefaults.read(shard_dir)
+    end_id = ft_config.eos_token_id
+    eos_ids = defaults.eos_token_ids or (end_id,)
+    add_encoder_decoder_ensemble(repository, settings.name, settings.max_batch_size, end_id,
+                                 shard_dir / "tokenizer.json", encoder_decoder_new_tokens(defaults),
+                                 settings.max_queue_delay_microseconds, eos_ids=eos_ids,
+                                 skip_special_tokens=skip_special_tokens)
+
+
+def encoder_decoder_new_tokens(defaults: GenerationDefaults) -> int:
+    """The tokens HF's `generate` makes for an encoder-decoder model without a length (transformers 5.24's
+    _prepare_generated_length): generation_config's max_new_tokens, else its max_length less the decoder's start
+    token, else 20 new tokens."""
+    if defaults.max_new_tokens is not None:
+        return defaults.max_new_tokens
+    return max(1, defaults.max_length - 1) if defaults.max_length is not None else 20
+
+
 # The pre/postprocessing and ensemble that surround each kind of model.
-TEXT_MODELS = {ModelKind.DECODER: _decoder_text_models}
+TEXT_MODELS = {ModelKind.DECODER: _decoder_text_models, ModelKind.ENCODER_DECODER: _encoder_decoder_text_models}
 
 
 def convert(cfg: DictConfig) -> Path:
@@ -194,10 +203,15 @@ def accuracy(cfg: DictConfig, server_url: str | None = None, server_grpc_url: st
     shard_dir = paths.model_dir / "1" / layout_of(cfg).shard_dir_name
     if not (shard_dir / "config.ini").is_file():
         raise FileNotFoundError(f"no exported model at {shard_dir}: run the convert sub-stage first")
-    ft_config = read_config(shard_dir)
-    end_id = ft_config.end_id
-    # Context + label must fit both the requested length and the model's position table.
-    max_seq_len = min(acc.runtime.max_seq_len, ft_config.max_pos_seq_len)
+    seq2seq = None
+    if is_encoder_decoder(shard_dir):  # LAMBADA as a seq2seq task (lambada.Seq2Seq); relative positions: no table
+        end_id, max_seq_len = read_t5_config(shard_dir).eos_token_id, acc.runtime.max_seq_len
+        seq2seq = lambada.Seq2Seq(acc.mode_token or "")
+    else:
+        ft_config = read_config(shard_dir)
+        end_id = ft_config.end_id
+        # Context + label must fit both the requested length and the model's position table.
+        max_seq_len = min(acc.runtime.max_seq_len, ft_config.max_pos_seq_len)
     batch_size = min(acc.batch_size, cfg.export.triton_deployment.max_batch_size)
     if batch_size < acc.batch_size:
         log.warning("accuracy.batch_size %d exceeds the model's max_batch_size; using %d", acc.batch_size, batch_size)
@@ -208,7 +222,7 @@ def accuracy(cfg: DictConfig, server_url: str | None = None, server_grpc_url: st
     encoder = lambada.Encoder(lambda text, special: tokenizer.encode(text, add_special_tokens=special).ids)
     texts = lambada.read_texts(Path(acc.test_data), acc.limit, acc.stride)
 
-    reference, reference_encoder, no_reference_reason = _reference(cfg, paths, end_id)
+    reference, reference_encoder, no_reference_reason = _reference(cfg, paths, end_id, seq2seq is not None)
     bounds = f"export.accuracy.limit={acc.limit} and export.accuracy.stride={acc.stride}"
     info = {"model": paths.model_name, "repository": str(paths.repository), "test_data": acc.test_data}
     tolerance = acc.tolerance
@@ -228,7 +242,7 @@ def accuracy(cfg: DictConfig, server_url: str | None = None, server_grpc_url: st
         results = lambada.evaluate(
             texts=texts,
             encoder=encoder,
-            served=lambada.TritonGenerator(url, paths.model_name, end_id),
+            served=lambada.TritonGenerator(url, paths.model_name, end_id, seq2seq=seq2seq is not None),
             reference=reference,
             no_reference_reason=no_reference_reason,
             reference_encoder=reference_encoder,
@@ -239,12 +253,22 @@ def accuracy(cfg: DictConfig, server_url: str | None = None, server_grpc_url: st
             output_path=Path(acc.output_path),
             info=info,
             bounds=bounds,
+            seq2seq=seq2seq,
         )
     print(summary(results, Path(acc.output_path)))
     return results
 
 
-def _reference(cfg: DictConfig, paths: ExportPaths, end_id: int):
+def is_encoder_decoder(shard_dir: Path) -> bool:
+    """Whether the shards are an encoder-decoder's (config.ini [encoder] / [decoder], ft_t5_checkpoint.py)."""
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read(shard_dir / "config.ini")
+    return parser.has_section("encoder")
+
+
+def _reference(cfg: DictConfig, paths: ExportPaths, end_id: int, seq2seq: bool = False):
     """(greedy generator, encoder, '') for the source checkpoint with HF transformers: its model and its own
     tokenizer loaded as `tok = AutoTokenizer.from_pretrained(checkpoint)` (with export.tokenizer's overrides), encoding
     with `tok(text)`; or (None, None, why there is no reference)."""
@@ -275,9 +299,9 @@ def _reference(cfg: DictConfig, paths: ExportPaths, end_id: int):
     except (OSError, ValueError) as error:  # the model loads, its tokenizer not: the reference scores the served ids
         log.warning("HF transformers cannot load %s's tokenizer (%s): the reference scores the served tokenizer's "
                     "ids", checkpoint, str(error).splitlines()[0] if str(error) else type(error).__name__)
-        return lambada.HFGenerator(checkpoint, end_id, placement), None, ""
+        return lambada.HFGenerator(checkpoint, end_id, placement, seq2seq), None, ""
     encoder = lambada.Encoder(lambda text, special: tokenizer(text, add_special_tokens=special).input_ids)
-    return lambada.HFGenerator(checkpoint, end_id, placement), encoder, ""
+    return lambada.HFGenerator(checkpoint, end_id, placement, seq2seq), encoder, ""
 
 
 @contextlib.contextmanager
@@ -397,7 +421,13 @@ def plan(cfg: DictConfig) -> list[SubStage]:
         # package too; the built-in GPT-2, built by the convert job, is served by every runtime).
         checkpoint = resolve_checkpoint(cfg.export.model.checkpoint_path, paths.checkpoint_cache)
         if checkpoint.exists():  # else it may exist only where the convert job runs (a cluster's file system)
-            describe_source(checkpoint)  # damaged files, unknown architecture: one CheckpointError, nothing written
+            # damaged files, unknown architecture: one CheckpointError, nothing written
+            if ModelKind(describe_source(checkpoint).model_kind) is ModelKind.ENCODER_DECODER:
+                runtime.check_kind(ModelKind.ENCODER_DECODER)
+                _check_encoder_decoder(checkpoint, model_settings(cfg))
+                if cfg.export.openai.enabled:
+                    raise ConfigError("export.openai.enabled: the OpenAI front end serves decoder models only; "
+                                      "set it false for an encoder-decoder (T5) checkpoint")
         runtime.check_source(checkpoint, model_settings(cfg))
     prompt = cfg.export.prompt_learning
     if all(Path(path).exists() for path in [task.path for task in prompt.tasks] + ([prompt.nemo] if prompt.nemo

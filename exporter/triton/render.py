@@ -13,7 +13,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from templates.ft_python import ft_interface
+from templates.ft_python import ft_interface, ft_t5_interface
 
 from ..atomic import write_text_atomic
 
@@ -302,12 +302,78 @@ ENCODER_DECODER_OUTPUTS = (
 
 
 def encoder_decoder_model_config(name: str, backend: str, max_batch_size: int, instance_count: int,
-                                 parameters: dict[str, object]) -> pb.ModelConfig:
-    """The middle model of an encoder-decoder (T5) model with FT's T5 backend's tensors (all_models/t5)."""
+                                 parameters: dict[str, object], *, ragged: bool = False, decoupled: bool = False,
+                                 max_queue_delay_microseconds: int | None = None) -> pb.ModelConfig:
+    """The middle model of an encoder-decoder (T5) model with FT's T5 backend's tensors (all_models/t5).
+    ragged, decoupled, max_queue_delay_microseconds: as decoder_model_config's (the python runtime sets them)."""
     config = pb.ModelConfig(name=name, max_batch_size=max_batch_size)
     config.backend = backend
-    _add_inputs(config, ENCODER_DECODER_INPUTS)
+    config.model_transaction_policy.decoupled = decoupled
+    _add_inputs(config, ENCODER_DECODER_INPUTS, ragged=_ragged(ENCODER_DECODER_INPUTS) if ragged else ())
     _add_outputs(config, ENCODER_DECODER_OUTPUTS)
     config.instance_group.add(count=instance_count, kind=pb.ModelInstanceGroup.KIND_CPU)
+    if max_queue_delay_microseconds is not None:
+        config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_microseconds
     _parameters(config, parameters)
+    return config
+
+
+# The text ensemble around an encoder-decoder model: the same preprocessing (its ids are the encoder's input);
+# the model's FT T5 tensors; postprocessing reading INT32 generated tokens only (no prompt in output_ids, so no
+# INPUT_LENGTHS). Passed through: the T5 model's options other than the word lists, which preprocessing builds.
+ENCODER_DECODER_POSTPROCESSING_INPUTS = (
+    Tensor("TOKENS_BATCH", INT32, (-1, -1)),
+    Tensor("SEQUENCE_LENGTH", INT32, (-1,)),
+    *(tensor for tensor in POSTPROCESSING_INPUTS if tensor.name in ("END_ID",)),
+)
+_ENCODER_DECODER_PASSED = tuple(tensor for tensor in ENCODER_DECODER_INPUTS if tensor.optional and tensor.name in
+                                {entry.name for entry in ft_t5_interface.SAMPLING_INPUTS}
+                                and tensor.name not in WORD_LIST_INPUTS)
+ENCODER_DECODER_ENSEMBLE_INPUTS = ENSEMBLE_INPUTS[:4] + tuple(replace(tensor, scalar=False)
+                                                               for tensor in _ENCODER_DECODER_PASSED)
+ENCODER_DECODER_ENSEMBLE_OUTPUTS = (Tensor("OUTPUT_0", STRING, (-1,)),) + ENCODER_DECODER_OUTPUTS
+
+
+def encoder_decoder_postprocessing_config(max_batch_size: int, end_id: int,
+                                          max_queue_delay_microseconds: int | None = None,
+                                          eos_ids: tuple[int, ...] = (),
+                                          skip_special_tokens: bool = True) -> pb.ModelConfig:
+    """postprocessing_config for an encoder-decoder model's outputs (ENCODER_DECODER_POSTPROCESSING_INPUTS)."""
+    config = postprocessing_config(max_batch_size, end_id, max_queue_delay_microseconds, eos_ids, skip_special_tokens)
+    del config.input[:]
+    _add_inputs(config, ENCODER_DECODER_POSTPROCESSING_INPUTS, ragged=_ragged(ENCODER_DECODER_POSTPROCESSING_INPUTS))
+    return config
+
+
+def encoder_decoder_ensemble_config(model_name: str, max_batch_size: int) -> pb.ModelConfig:
+    """Text in (`INPUT_0`, optional output length `INPUT_1`, bad / stop words `INPUT_2` / `INPUT_3`) -> text out
+    (`OUTPUT_0`) and the model's outputs, around an encoder-decoder model with FT's T5 tensors."""
+    config = pb.ModelConfig(name="ensemble", platform="ensemble", max_batch_size=max_batch_size)
+    _add_inputs(config, ENCODER_DECODER_ENSEMBLE_INPUTS)
+    _add_outputs(config, ENCODER_DECODER_ENSEMBLE_OUTPUTS)
+    steps = config.ensemble_scheduling.step
+
+    preprocessing = steps.add(model_name="preprocessing", model_version=-1)
+    for name, source in (("QUERY", "INPUT_0"), ("REQUEST_OUTPUT_LEN", "INPUT_1"), ("BAD_WORDS_DICT", "INPUT_2"),
+                         ("STOP_WORDS_DICT", "INPUT_3")):
+        preprocessing.input_map[name] = source
+    for tensor in PREPROCESSING_OUTPUTS:
+        preprocessing.output_map[tensor.name] = f"_{tensor.name}"
+
+    model = steps.add(model_name=model_name, model_version=-1)
+    model.input_map["input_ids"] = "_INPUT_ID"  # the encoder's input
+    model.input_map["sequence_length"] = "_REQUEST_INPUT_LEN"
+    model.input_map["max_output_len"] = "_REQUEST_OUTPUT_LEN"
+    model.input_map["bad_words_list"] = "_BAD_WORDS_IDS"
+    model.input_map["stop_words_list"] = "_STOP_WORDS_IDS"
+    for tensor in _ENCODER_DECODER_PASSED:
+        model.input_map[tensor.name] = tensor.name
+    for tensor in ENCODER_DECODER_OUTPUTS:
+        model.output_map[tensor.name] = tensor.name
+
+    postprocessing = steps.add(model_name="postprocessing", model_version=-1)
+    postprocessing.input_map["TOKENS_BATCH"] = "output_ids"
+    postprocessing.input_map["SEQUENCE_LENGTH"] = "sequence_length"
+    postprocessing.input_map["END_ID"] = "end_id"
+    postprocessing.output_map["OUTPUT"] = "OUTPUT_0"
     return config

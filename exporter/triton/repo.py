@@ -68,3 +68,20 @@ def add_decoder_ensemble(repo: Path, model_name: str, max_batch_size: int, end_i
         trtllm.add_trtllm_model(repo, trtllm.trtllm_config(
             trtllm_model_name, model_name, max_batch_size, decoupled, end_id, eos_ids, skip_special_tokens,
             output_length), tokenizer_json, TEMPLATES)
+
+
+def add_encoder_decoder_ensemble(repo: Path, model_name: str, max_batch_size: int, end_id: int, tokenizer_json: Path,
+                                 max_new_tokens: int, max_queue_delay_microseconds: int = 0,
+                                 eos_ids: tuple[int, ...] = (), skip_special_tokens: bool = True) -> None:
+    """Text in, text out around an encoder-decoder model (FT's T5 tensors) already in `<repo>/<model_name>`: the
+    prompt, tokenized with its special tokens (T5: </s> appended), is the encoder's input; postprocessing decodes the
+    generated tokens. max_new_tokens: the output length of a request without one (HF's for the checkpoint)."""
+    for config in (
+        render.preprocessing_config(max_batch_size, end_id, max_queue_delay_microseconds,
+                                    {"max_new_tokens": max_new_tokens}),
+        render.encoder_decoder_postprocessing_config(max_batch_size, end_id, max_queue_delay_microseconds, eos_ids,
+                                                     skip_special_tokens),
+    ):
+        install_tokenizer_model(repo, config, tokenizer_json)
+    (repo / "ensemble" / "1").mkdir(parents=True)
+    render.write_config(render.encoder_decoder_ensemble_config(model_name, max_batch_size), repo / "ensemble")

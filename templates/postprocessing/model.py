@@ -5,7 +5,8 @@ triton_python_backend_utils available. Tokenizer: `tokenizer/tokenizer.json` nex
 
 inputs : TOKENS_BATCH    UINT32 [B, beam, T]  prompt + generated ids, end_id after sequence_length
          SEQUENCE_LENGTH UINT32 [B, beam]     prompt + generated length (an emitted end_id counts)
-         INPUT_LENGTHS   UINT32 [B, 1]        prompt length
+         INPUT_LENGTHS   UINT32 [B, 1]        prompt length (not declared for an encoder-decoder model, whose
+                                              INT32 TOKENS_BATCH holds the generated tokens only: 0)
          IS_FINAL        BOOL   [B, 1]        optional (streaming): false while the row is still generating
          END_ID          UINT32 [B, 1]        optional per-row end id (default: any id of the eos_ids parameter)
 output : OUTPUT          BYTES  [B, beam]     utf-8 text of tokens[input_length : sequence_length] only,
@@ -92,6 +93,7 @@ class TritonPythonModel:
         self.eos_ids = tuple(int(i) for i in eos.split(",")) if eos else (self.end_id,)
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.skip_special_tokens = config_parameter(config, "skip_special_tokens") != "0"
+        self.has_prompt = any(tensor["name"] == "INPUT_LENGTHS" for tensor in config.get("input", []))
 
     def _input(self, request, name):
         tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -103,13 +105,20 @@ class TritonPythonModel:
         tensor = pb_utils.get_input_tensor_by_name(request, name)
         return None if tensor is None else np.asarray(tensor.as_numpy())
 
+    def _prompt_lengths(self, request, batch):
+        """INPUT_LENGTHS; an encoder-decoder model's postprocessing has none (its outputs hold no prompt): 0."""
+        lengths = self._optional(request, "INPUT_LENGTHS")
+        if lengths is None and self.has_prompt:
+            raise RequestError("INPUT_LENGTHS is missing")
+        return np.zeros(batch, dtype=np.int64) if lengths is None else lengths
+
     def _one(self, request):
         tokens = np.asarray(self._input(request, "TOKENS_BATCH"))
         end_id = self._optional(request, "END_ID")
         slices, ended = generated_slices(
             tokens,
             self._input(request, "SEQUENCE_LENGTH"),
-            self._input(request, "INPUT_LENGTHS"),
+            self._prompt_lengths(request, tokens.shape[0]),
             self.eos_ids if end_id is None else end_id,
             self.vocab_size,
         )
