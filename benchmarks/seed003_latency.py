@@ -15,7 +15,8 @@ reused from the work dir when already there), start one tritonserver, then
    names, streamed: time to first token, request latency, throughput);
 
 and write `<out>/seed003_latency.md` (tables), `.json` (every figure) and `.png` (the sweep plotted). The load
-average is recorded before and after: the machine is shared, the timings are noisy. `--quick` sends fewer requests.
+average is recorded before and after: the machine is shared, the timings are noisy.
+`--quick` sends one request per use case and per client.
 Needs `scripts/install_perf_analyzer.sh` (perf_analyzer on PATH or in this interpreter's bin), `genai-perf` and
 matplotlib (`pip install -e ".[bench]"`).
 """
@@ -136,8 +137,8 @@ def perf_analyzer(binary: str, grpc_url: str, data: Path, concurrency: int, requ
             "average_ms": average_us / 1000, "p50_ms": us["p50 latency"] / 1000, "p99_ms": us["p99 latency"] / 1000}
 
 
-def genai_perf(binary: str, analyzer: str, grpc_url: str, tokenizer: Path, case: UseCase, concurrency: int, requests: int,
-               artifacts: Path) -> dict:
+def genai_perf(binary: str, analyzer: str, grpc_url: str, tokenizer: Path, case: UseCase, concurrency: int,
+               requests: int, artifacts: Path) -> dict:
     """GenAI-Perf, streaming, against the TensorRT-LLM-named decoupled model; its figures (ms, per second)."""
     argv = [binary, "profile", "-m", served.STREAM_TRTLLM, "--backend", "tensorrtllm", "--endpoint-type", "kserve",
             "--streaming", "-u", grpc_url, "--tokenizer", str(tokenizer),
@@ -169,7 +170,8 @@ def genai_perf(binary: str, analyzer: str, grpc_url: str, tokenizer: Path, case:
 
 
 def sweep_requests(concurrency: int, quick: bool) -> int:
-    return max(concurrency, 4) if quick else max(2 * concurrency, 8)
+    """Requests per concurrency level: each client sends at least one (--quick) or two, and at least 8 in all."""
+    return concurrency if quick else max(2 * concurrency, 8)
 
 
 def markdown(report: dict) -> str:
@@ -190,7 +192,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {plain['concurrency']} | {plain['requests_per_s']:.2f} "
                      f"| {plain['requests_per_s'] * case['output_tokens']:.1f} "
                      f"| {plain['p50_ms']:.0f} / {plain['p99_ms']:.0f} | {stream['requests_per_s']:.2f} "
-                     f"| {stream['tokens_per_s']:.1f} | {stream['latency_p50_ms']:.0f} / {stream['latency_p99_ms']:.0f} "
+                     f"| {stream['tokens_per_s']:.1f} "
+                     f"| {stream['latency_p50_ms']:.0f} / {stream['latency_p99_ms']:.0f} "
                      f"| {stream['ttft_p50_ms']:.0f} / {stream['ttft_p99_ms']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             ids = prompt_ids(repo, case.input_tokens, offset=1000 * index)
             first = check_exact(server.grpc_url, ids, case)  # also the warm-up of this shape
             data = write_input_data(scratch / f"use_case_{index}.json", ids, case.output_tokens)
-            requests = 2 if args.quick or case.output_tokens > 100 else 5
+            requests = 1 if args.quick else 2 if case.output_tokens > 100 else 5
             row = perf_analyzer(analyzer, server.grpc_url, data, 1, requests, scratch / f"use_case_{index}.csv")
             report["use_cases"].append({**vars(case), **row, "first_request_ms": 1000 * first})
             print(f"{case.name}: {row['average_ms']:.0f} ms average over {requests} requests "

@@ -1,6 +1,6 @@
 """Soak: the served SmolLM2 under the load client for minutes; zero errors and steady server memory, or exit 1.
 
-    python benchmarks/soak.py [--seconds 300] [--warmup 30] [--clients 8] [--work-dir /tmp/ft-seed003]
+    python benchmarks/soak.py [--seconds 300] [--warmup 30] [--clients 4] [--timeout 600] [--work-dir /tmp/ft-seed003]
 
 Serves the plain and the decoupled SmolLM2 in one tritonserver (benchmarks/served_smollm2.py: the default model,
 fp32, python runtime, CPU; the export is reused from the work dir), then runs `ft-exporter-load`
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-t", "--seconds", type=float, default=300.0, help="soak duration (after the warm-up)")
     p.add_argument("--warmup", type=float, default=30.0, help="warm-up load before the memory baseline (s)")
-    p.add_argument("-n", "--clients", type=int, default=8)
+    p.add_argument("-n", "--clients", type=int, default=4)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take before it fails")
     p.add_argument("--every", type=float, default=5.0, help="memory sampling period (s)")
     p.add_argument("--rss-limit-mib", type=float, default=64.0, help="allowed growth after the warm-up")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/ft-seed003"), help="export and server log (reused)")
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     with TritonServer(repo, args.work_dir / "tritonserver.soak.log", startup_timeout_s=600) as server:
         load_args = load.parser().parse_args(
             ["--http", server.http_url, "--grpc", server.grpc_url, "--ensemble", served.ENSEMBLE,
-             "--stream-ensemble", served.STREAM_ENSEMBLE, "-n", str(args.clients), "-t", str(args.warmup)])
+             "--stream-ensemble", served.STREAM_ENSEMBLE, "-n", str(args.clients), "-t", str(args.warmup),
+             "--timeout", str(args.timeout)])
         print(f"server ready: RSS {served.group_rss(server.process.pid) / MIB:.0f} MiB; warm-up {args.warmup:g} s, "
               f"{args.clients} clients", flush=True)
         warmup = load.run_load(load_args) if args.warmup > 0 else None

@@ -1,9 +1,10 @@
 """NVIDIA's perf_analyzer (scripts/install_perf_analyzer.sh) drives the served model as benchmarks/seed003_latency.py
 drives it: --input-data JSON of input_ids / input_lengths / request_output_len / end_id, a bounded request count.
 
-perf_analyzer checks every response against the `validation_data` of that file, here HF transformers' greedy
-`generate` of the same prompt (the independent reference), and the server's own statistics must count exactly the
-requests perf_analyzer reports. Without perf_analyzer the test skips, saying how to install it; with CI=true
+perf_analyzer must finish without error and the server's own statistics must count the requests it reports.
+Its `validation_data` cannot check this model's outputs: perf_analyzer 2.51 refuses validation data for outputs
+of variable shape ("needs to have its shape fully defined"; --shape sets inputs only); tests/test_interface.py
+compares them with transformers. Without perf_analyzer the test skips, saying how to install it; with CI=true
 (.ci/run installs it) it fails instead.
 """
 
@@ -18,7 +19,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from serving_fixtures import MODEL
 
@@ -38,18 +38,6 @@ def perf_analyzer_or_skip() -> str:
     return found
 
 
-def hf_greedy(model) -> tuple[list[int], int]:
-    """output_ids as the served model returns them (prompt, generated, end_id padding) and the sequence length."""
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([PROMPT]), max_new_tokens=OUTPUT_LEN, do_sample=False,
-                             eos_token_id=END_ID, pad_token_id=END_ID)[0].tolist()
-    generated = out[len(PROMPT):]
-    if END_ID in generated:
-        generated = generated[:generated.index(END_ID) + 1]
-    length = len(PROMPT) + len(generated)
-    return (PROMPT + generated + [END_ID] * OUTPUT_LEN)[:len(PROMPT) + OUTPUT_LEN], length
-
-
 def inference_count(url: str) -> int:
     import tritonclient.grpc as grpc
 
@@ -61,15 +49,12 @@ def inference_count(url: str) -> int:
         client.close()
 
 
-def test_perf_analyzer_requests_match_transformers(served, hf_model, tmp_path):
+def test_perf_analyzer_drives_the_served_model(served, tmp_path):
     binary = perf_analyzer_or_skip()
-    expected_ids, expected_length = hf_greedy(hf_model)
     row = {"input_ids": {"content": PROMPT, "shape": [len(PROMPT)]}, "input_lengths": [len(PROMPT)],
            "request_output_len": {"content": [OUTPUT_LEN], "shape": [1]}, "end_id": [END_ID]}
-    validation = {"output_ids": {"content": expected_ids, "shape": [1, len(expected_ids)]},
-                  "sequence_length": {"content": [expected_length], "shape": [1]}}
     data = tmp_path / "input.json"
-    data.write_text(json.dumps({"data": [row], "validation_data": [validation]}))
+    data.write_text(json.dumps({"data": [row]}))
     before = inference_count(served.grpc_url)
     run = subprocess.run([binary, "-m", MODEL, "-i", "grpc", "-u", served.grpc_url, "-b", "1", "--input-data",
                           str(data), "--concurrency-range", "2", "--request-count", str(REQUESTS),
