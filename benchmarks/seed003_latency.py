@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = served.genai_perf_tokenizer(repo, args.work_dir)
     print(f"repository {repo} ({time.monotonic() - started:.0f} s); load average {load_before}", flush=True)
     report = {"load_before": load_before, "sweep_case": vars(SWEEP_CASE), "use_cases": []}
+    partial = args.work_dir / "seed003_latency.partial.json"  # the figures so far, should the run be cut short
     with TritonServer(repo, args.work_dir / "tritonserver.log", startup_timeout_s=600) as server:
         print(f"server ready ({time.monotonic() - started:.0f} s)", flush=True)
         for index, case in enumerate(USE_CASES):
@@ -260,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             requests = 1 if args.quick else 2 if case.output_tokens > 100 else 5
             row = perf_analyzer(analyzer, server.grpc_url, data, 1, requests, scratch / f"use_case_{index}.csv")
             report["use_cases"].append({**vars(case), **row, "first_request_ms": 1000 * first})
+            partial.write_text(json.dumps(report, indent=1) + "\n")
             print(f"{case.name}: {row['average_ms']:.0f} ms average over {requests} requests "
                   f"(p50 {row['p50_ms']:.0f} ms) [{time.monotonic() - started:.0f} s]", flush=True)
         warm_stream(server.grpc_url)
@@ -274,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                                 scratch / f"genai_perf_{concurrency}")
             report["perf_analyzer_sweep"].append(plain)
             report["genai_perf_sweep"].append(stream)
+            partial.write_text(json.dumps(report, indent=1) + "\n")
             print(f"concurrency {concurrency}: plain {plain['requests_per_s']:.2f} req/s p50 {plain['p50_ms']:.0f} "
                   f"p99 {plain['p99_ms']:.0f} ms; streamed {stream['tokens_per_s']:.1f} tok/s, TTFT p50 "
                   f"{stream['ttft_p50_ms']:.0f} p99 {stream['ttft_p99_ms']:.0f} ms "
