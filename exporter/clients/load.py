@@ -4,7 +4,8 @@
         --stream-ensemble ensemble       # a decoupled export's ensemble; omit to send plain requests only
 
 Every response is checked for form (shapes, utf-8, lengths within bounds; streamed text only grows). Prints N, M,
-requests/s and p50/p99 latency; exit status 1 if any request failed or was malformed. Loopback use: it sends as
+requests/s and p50/p99 latency; exit status 1 if any request failed or was malformed (or took longer than
+--timeout, 120 s by default). Loopback use: it sends as
 fast as the server answers.
 """
 
