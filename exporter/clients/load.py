@@ -5,8 +5,7 @@
 
 Every response is checked for form (shapes, utf-8, lengths within bounds; streamed text only grows). Prints N, M,
 requests/s and p50/p99 latency; exit status 1 if any request failed or was malformed (or took longer than
---timeout, 120 s by default). Loopback use: it sends as
-fast as the server answers.
+--timeout, 120 s by default). Loopback use: it sends as fast as the server answers.
 """
 
 from __future__ import annotations
