@@ -4,8 +4,8 @@
         --stream-ensemble ensemble       # a decoupled export's ensemble; omit to send plain requests only
 
 Every response is checked for form (shapes, utf-8, lengths within bounds; streamed text only grows). Prints N, M,
-requests/s and p50/p99 latency; exit status 1 if any request failed or was malformed. Loopback use: it sends as
-fast as the server answers.
+requests/s and p50/p99 latency; exit status 1 if any request failed or was malformed (or took longer than
+--timeout, 120 s by default). Loopback use: it sends as fast as the server answers.
 """
 
 from __future__ import annotations
@@ -91,9 +91,14 @@ def _client(index: int, args, deadline: float, report: LoadReport, lock: threadi
         try:
             if streamed:
                 _check_stream(common.stream(args.grpc, args.stream_ensemble, arrays, output_names=["OUTPUT_0"],
-                                            timeout_s=120), len(prompts), spec)
+                                            timeout_s=args.timeout), len(prompts), spec)
             else:
-                _check_plain(common.infer(args.http, "http", args.ensemble, arrays), len(prompts), spec)
+                client = common.protocol_module("http").InferenceServerClient(args.http, network_timeout=args.timeout)
+                try:
+                    _check_plain(common.infer(args.http, "http", args.ensemble, arrays, client=client), len(prompts),
+                                 spec)
+                finally:
+                    client.close()
         except Exception as error:  # noqa: BLE001 - every failure is counted and reported
             with lock:
                 report.errors.append(f"client {index} ({'stream' if streamed else 'plain'} {spec}): {error}")
@@ -110,7 +115,7 @@ def run_load(args: argparse.Namespace) -> LoadReport:
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(args.seconds + 180)  # a request started just before the deadline may still finish
+        thread.join(args.seconds + args.timeout + 60)  # a request started just before the deadline may still finish
     return report
 
 
@@ -122,6 +127,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stream-ensemble", default=None, help="decoupled ensemble for the streamed half (gRPC)")
     p.add_argument("-n", "--clients", type=int, default=8)
     p.add_argument("-t", "--seconds", type=float, default=20.0)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take before it counts as failed")
     return p
 
 
