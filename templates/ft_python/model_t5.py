@@ -11,8 +11,10 @@ ft_generate.generate on ft_t5's bound decoder.
 
 The valid requests of one execute() form one batch (encoder inputs padded to the longest, one encoder pass);
 a bad request gets its own error response. Decoupled (model_transaction_policy { decoupled: true }): every request
-gets a response after each decoding step that grew one of its sequences, then the final one flagged
-TRITONSERVER_RESPONSE_COMPLETE_FINAL.
+gets a response after each decoding step that grew one of its sequences (T = steps so far), then the final one
+(the same tensors as without streaming) flagged TRITONSERVER_RESPONSE_COMPLETE_FINAL; every response also carries
+prompt_lengths [B, 1] (0: output_ids holds no prompt) and is_final [B, 1] for the streaming ensemble's
+postprocessing (ft_t5_interface.STREAMING_OUTPUTS).
 
 Parameters (config.pbtxt, string_value): model_checkpoint_path (relative to this file's directory, default
 "<tensor_para_size>-gpu"), tensor_para_size (must match config.ini), pipeline_para_size (layers run in sequence
@@ -214,12 +216,17 @@ class TritonPythonModel:
         """One request's rows and beams of the batch result: T = its max_output_len (steps so far when
         streaming)."""
         max_new = int(item.decoder.max_new_tokens.max())
-        steps = max_new if steps is None else min(steps, max_new)
+        final = steps is None
+        steps = max_new if final else min(steps, max_new)
         beams = int(item.decoder.beam_width.max())
         cut = {"output_ids": results.output_ids[rows, :beams, :steps],
                "sequence_length": results.sequence_length[rows, :beams],
                "cum_log_probs": results.cum_log_probs[rows, :beams],
                "output_log_probs": results.output_log_probs[rows, :beams, :steps]}
+        if self.decoupled:  # what the streaming ensemble's postprocessing reads (ft_t5_interface.STREAMING_OUTPUTS)
+            batch = item.encoder_ids.shape[0]
+            cut["prompt_lengths"] = torch.zeros((batch, 1), dtype=torch.int64)
+            cut["is_final"] = torch.full((batch, 1), final)
         # Owned copies, never views of torch memory (a decoupled response is serialised with the GIL released).
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(name, np.array(tensor.numpy(), copy=True, order="C",
