@@ -16,7 +16,6 @@ from typing import Callable, Iterator
 
 from omegaconf import DictConfig
 
-from templates.ft_python.ft_checkpoint import CheckpointError
 from templates.ft_python.ft_generate import GenerationDefaults
 from templates.ft_python.ft_t5_checkpoint import read_config as read_t5_config
 

@@ -321,7 +321,8 @@ def encoder_decoder_model_config(name: str, backend: str, max_batch_size: int, i
 
 # The text ensemble around an encoder-decoder model: the same preprocessing (its ids are the encoder's input);
 # the model's FT T5 tensors; postprocessing reading INT32 generated tokens only (no prompt in output_ids, so no
-# INPUT_LENGTHS; IS_FINAL when streaming). Passed through: the T5 model's options other than the word lists, which preprocessing builds.
+# INPUT_LENGTHS; IS_FINAL when streaming). Passed through: the T5 model's options other than the word lists, which
+# preprocessing builds.
 ENCODER_DECODER_POSTPROCESSING_INPUTS = (
     Tensor("TOKENS_BATCH", INT32, (-1, -1)),
     Tensor("SEQUENCE_LENGTH", INT32, (-1,)),

@@ -86,4 +86,5 @@ def add_encoder_decoder_ensemble(repo: Path, model_name: str, max_batch_size: in
     ):
         install_tokenizer_model(repo, config, tokenizer_json)
     (repo / "ensemble" / "1").mkdir(parents=True)
-    render.write_config(render.encoder_decoder_ensemble_config(model_name, max_batch_size, decoupled), repo / "ensemble")
+    render.write_config(render.encoder_decoder_ensemble_config(model_name, max_batch_size, decoupled),
+                        repo / "ensemble")
