@@ -4,7 +4,8 @@ runtime's T5 model, postprocessing, ensemble) -> a real tritonserver; text in, t
 transformers' T5Tokenizer (the independent reference), and the LAMBADA seq2seq scoring served vs HF in process.
 
 One tritonserver for the module: original T5 (relu, tied) at TP 1 behind `ensemble`, T5 v1.1-like (gated-gelu,
-untied lm_head) at TP 2 behind `ensemble_gated`; both share the tokenizer, so pre/postprocessing are shared.
+untied lm_head) at TP 2 behind `ensemble_gated`, and the original T5 exported decoupled (streaming) as `t5_stream`
+behind `ensemble_stream`; all share the tokenizer, so pre/postprocessing are shared.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ PIECES = T5_VOCAB - EXTRA_IDS  # the tokenizer's ids fill the model's vocabulary
 PROMPTS = ("The capital of France is", "she said, looking at the door", "He smiled")
 NEW_TOKENS = 6
 VARIANTS = {"t5_relu": (False, 1, "ensemble"), "t5_gated": (True, 2, "ensemble_gated")}  # gated, TP, ensemble
+STREAM_MODEL, STREAM_ENSEMBLE = "t5_stream", "ensemble_stream"  # t5_relu exported with decoupled=true
 
 
 def train_spiece(directory: Path) -> Path:
@@ -96,7 +98,8 @@ def test_served_tokenizer_encodes_and_decodes_as_t5_tokenizer(checkpoints, tmp_p
 
 @pytest.fixture(scope="module")
 def served(checkpoints, tmp_path_factory):
-    """(repository, TritonServer): both variants exported by the pipeline into one repository and served."""
+    """(repository, TritonServer): both variants, and t5_relu exported decoupled, by the pipeline into one
+    repository and served."""
     pytest.importorskip("tritonclient.http")
     from exporter.parallel import ParallelLayout
     from exporter.runtimes import ModelSettings
@@ -112,8 +115,19 @@ def served(checkpoints, tmp_path_factory):
         settings = ModelSettings(name=name, runtime="python", max_batch_size=4, layout=ParallelLayout(tp, 1),
                                  data_type="fp32", device="cpu", max_beam_width=4)
         repositories[name] = build_repository(root / f"repo_{name}", checkpoints[name], settings, "fp32")
+    settings = ModelSettings(name=STREAM_MODEL, runtime="python", max_batch_size=4, layout=ParallelLayout(1, 1),
+                             data_type="fp32", device="cpu", max_beam_width=4, decoupled=True)
+    streaming = build_repository(root / "repo_stream", checkpoints["t5_relu"], settings, "fp32")
     repo = repositories["t5_relu"]
     shutil.copytree(repositories["t5_gated"] / "t5_gated", repo / "t5_gated")
+    shutil.copytree(streaming / STREAM_MODEL, repo / STREAM_MODEL)
+    for text_model in ("preprocessing", "postprocessing"):  # one pair serves the plain and the streaming ensembles
+        assert ((streaming / text_model / "config.pbtxt").read_text()
+                == (repo / text_model / "config.pbtxt").read_text()), text_model
+    (repo / STREAM_ENSEMBLE / "1").mkdir(parents=True)
+    (repo / STREAM_ENSEMBLE / "config.pbtxt").write_text(
+        (streaming / "ensemble" / "config.pbtxt").read_text().replace('name: "ensemble"', f'name: "{STREAM_ENSEMBLE}"',
+                                                                      1))
     ensemble = render.encoder_decoder_ensemble_config("t5_gated", 4)
     ensemble.name = "ensemble_gated"
     (repo / "ensemble_gated" / "1").mkdir(parents=True)
@@ -156,6 +170,45 @@ def test_ensemble_text_equals_hf_generate(served, checkpoints, variant, beams):
     expected = hf_texts(checkpoints[variant], PROMPTS, NEW_TOKENS, beams)
     assert [result["OUTPUT_0"][row, 0].decode() for row in range(len(PROMPTS))] == expected
     assert any(expected), "every reference text is empty: the comparison would prove nothing"
+
+
+@pytest.mark.triton
+def test_streamed_text_grows_to_hf_generate_text_and_ends_as_the_plain_result(served, checkpoints):
+    """The decoupled T5 export streams: the model answers once per decoding step (is_final false, prompt_lengths 0,
+    its generated tokens so far) and its final response is the plain model's result; the streaming ensemble's
+    text only grows (each piece appended to the text so far) and ends with HF generate's greedy text."""
+    from exporter.clients import common
+
+    _, server = served
+    tokenizer = reference_tokenizer(checkpoints["t5_relu"])
+    expected = hf_texts(checkpoints["t5_relu"], PROMPTS, NEW_TOKENS)
+    assert any(expected), "every reference text is empty: the comparison would prove nothing"
+    for prompt, text in zip(PROMPTS, expected):
+        ids = tokenizer(prompt).input_ids
+        arrays = {"input_ids": np.array([ids], dtype=np.uint32),
+                  "sequence_length": np.array([[len(ids)]], dtype=np.uint32),
+                  "max_output_len": np.array([[NEW_TOKENS]], dtype=np.uint32)}
+        names = ["output_ids", "sequence_length", "cum_log_probs", "output_log_probs"]
+        plain = common.infer(server.http_url, "http", "t5_relu", arrays, output_names=names)
+        *partial, final = common.stream(server.grpc_url, STREAM_MODEL, arrays,
+                                        output_names=names + ["prompt_lengths", "is_final"])
+        for name in names:
+            np.testing.assert_array_equal(final[name], plain[name], err_msg=name)
+        assert final.final and final["is_final"].all() and not final["prompt_lengths"].any()
+        assert len(partial) == int(plain["sequence_length"][0, 0])  # one response per generated token
+        for step, response in enumerate(partial, start=1):
+            assert not response.final and not response["is_final"].any() and not response["prompt_lengths"].any()
+            assert response["output_ids"].shape == (1, 1, step)
+            np.testing.assert_array_equal(response["output_ids"][0, 0], plain["output_ids"][0, 0, :step])
+
+        texts = [response["OUTPUT_0"][0, 0].decode() for response in common.stream(
+            server.grpc_url, STREAM_ENSEMBLE, {"INPUT_0": np.array([[prompt.encode()]], dtype=object),
+                                               "INPUT_1": np.array([[NEW_TOKENS]], dtype=np.uint32)},
+            output_names=["OUTPUT_0"])]
+        assert len(texts) > 1, "the ensemble did not stream"
+        # each response's text is the previous one plus its new piece, and the pieces add up to HF's text
+        assert all(after.startswith(before) for before, after in zip(texts, texts[1:])), texts
+        assert texts[-1] == text, (texts, text)
 
 
 @pytest.mark.triton
@@ -231,22 +284,22 @@ def test_main_exports_and_scores_a_t5_checkpoint(checkpoints, tmp_path):
 
 
 def test_plan_refuses_what_an_encoder_decoder_repository_cannot_do(checkpoints, tmp_path):
-    """Refused when planning, before any job or file exists: a streaming (decoupled) T5 ensemble, the OpenAI front end
-    (decoder models only), a T5 checkpoint without a tokenizer."""
+    """Refused when planning, before any job or file exists: the OpenAI front end (decoder models only), a T5
+    checkpoint without a tokenizer. A streaming (decoupled) T5 export is planned (it was refused before streaming
+    for T5 existed)."""
     from test_config import composed
 
     from exporter.config import ConfigError, validate
     from exporter.stages.export import plan
     from exporter.tokenizer import TokenizerError
-    from templates.ft_python.ft_checkpoint import CheckpointError
 
     def planned(checkpoint, *overrides):
         return plan(validate(composed(f"base_results_dir={tmp_path}", f"export.model.checkpoint_path={checkpoint}",
                                       *overrides)))
 
     assert [stage.name for stage in planned(checkpoints["t5_relu"])] == ["convert", "accuracy"]
-    with pytest.raises(CheckpointError, match="decoupled"):
-        planned(checkpoints["t5_relu"], "export.triton_deployment.decoupled=true", "export.accuracy.enabled=false")
+    assert [stage.name for stage in planned(checkpoints["t5_relu"], "export.triton_deployment.decoupled=true",
+                                            "export.accuracy.enabled=false")] == ["convert"]
     with pytest.raises(ConfigError, match="export.openai.enabled"):
         planned(checkpoints["t5_relu"], "export.openai.enabled=true")
     bare = shutil.copytree(checkpoints["t5_relu"], tmp_path / "bare")

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import shutil
 import sys
+import threading
 import types
 
 import numpy as np
@@ -23,6 +24,7 @@ transformers = pytest.importorskip("transformers")
 
 from exporter.ft.convert import convert_checkpoint  # noqa: E402
 from exporter.parallel import ParallelLayout  # noqa: E402
+from exporter.runtimes import python as python_runtime  # noqa: E402
 from exporter.triton.repo import copy_templates  # noqa: E402
 from templates.ft_python import ft_generate, ft_t5  # noqa: E402
 
@@ -259,9 +261,8 @@ def test_bad_encoder_inputs_are_refused(runtimes):
 
 
 # ---------------------------------------------------------------- model_t5.py, the Triton python-backend model
-T5_MODEL_FILES = ("ft_python/model_t5.py", "ft_python/ft_t5.py", "ft_python/ft_t5_checkpoint.py",
-                  "ft_python/ft_t5_interface.py", "ft_python/ft_checkpoint.py", "ft_python/ft_generate.py",
-                  "ft_python/ft_interface.py")
+T5_MODEL_FILES = (python_runtime.T5_MODEL, *python_runtime.T5_FILES)  # as the python runtime installs them
+FINAL = 1  # TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class _Tensor:
@@ -293,7 +294,37 @@ def _stand_in_pb_utils():
     module = types.ModuleType("triton_python_backend_utils")
     module.Tensor, module.InferenceResponse, module.TritonError = _Tensor, _Response, _Error
     module.get_input_tensor_by_name = lambda request, name: request.get(name)
+    module.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL
     return module
+
+
+class _Sender:
+    def __init__(self):
+        self.sent, self.closed = [], threading.Event()
+
+    def send(self, response=None, flags=0):
+        self.sent.append((response, flags))
+        if flags & FINAL:
+            self.closed.set()
+
+
+class _Request(dict):
+    """A request: its input tensors by name, and its response sender."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sender = _Sender()
+
+    def get_response_sender(self):
+        return self.sender
+
+
+def _execute(served, requests, timeout=120):
+    """served.execute(requests) as Triton runs it: None returned, each request closed by its final response."""
+    assert served.execute(requests) is None
+    for request in requests:
+        assert request.sender.closed.wait(timeout), "no final response"
+    return [request.sender.sent[-1][0] for request in requests]
 
 
 def _t5_request(prompts, max_output_len, **optional):
@@ -303,7 +334,7 @@ def _t5_request(prompts, max_output_len, **optional):
                "max_output_len": _Tensor("max_output_len", np.asarray(max_output_len, np.uint32)[:, None])}
     for name, (value, dtype) in optional.items():
         request[name] = _Tensor(name, np.asarray(value, dtype).reshape(len(prompts), 1))
-    return request
+    return _Request(request)
 
 
 def _load_model_t5(shard_dir, tmp_path, monkeypatch, decoupled=False):
@@ -335,7 +366,8 @@ def test_model_t5_serves_batched_requests_in_ft_t5_layout(shard_dirs, hf_models,
                 _t5_request(PROMPTS[:1], [0]),                                        # no output: refused
                 _t5_request(PROMPTS[2:], [7, 7], beam_width=([2, 2], np.uint32)),
                 _t5_request(PROMPTS[:1], [3], ia3_tasks=([0], np.int32))]             # not served: refused
-    responses = served.execute(requests)
+    responses = _execute(served, requests)
+    served.finalize()
     assert responses[1].error is not None and "request_output_len" in responses[1].error.message()
     assert responses[3].error is not None and "ia3_tasks" in responses[3].error.message()
     hf = hf_models["gated-gelu"]
@@ -351,29 +383,43 @@ def test_model_t5_serves_batched_requests_in_ft_t5_layout(shard_dirs, hf_models,
         assert [output_ids[row, 0, :lengths[row, 0]].tolist() for row in range(2)] == expected
 
 
-class _Sender:
-    def __init__(self):
-        self.sent = []
-
-    def send(self, response=None, flags=0):
-        self.sent.append((response, flags))
-
-
 def test_model_t5_decoupled_streams_each_step_then_the_final_result(shard_dirs, tmp_path, monkeypatch):
     served = _load_model_t5(shard_dirs[("gated-gelu", 2)], tmp_path, monkeypatch, decoupled=True)
-    module = sys.modules["triton_python_backend_utils"]
-    module.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
     request = _t5_request(PROMPTS[:2], [4, 4])
-    sender = _Sender()
-    request["__sender"] = sender
-
-    class _Request(dict):
-        def get_response_sender(self):
-            return self["__sender"]
-
-    assert served.execute([_Request(request)]) is None
+    _execute(served, [request])
+    served.finalize()
+    sender = request.sender
     widths = [response.output("output_ids").shape[-1] for response, _ in sender.sent]
     assert widths == [1, 2, 3, 4, 4]  # one response per step, then the final one
     assert [flags for _, flags in sender.sent] == [0, 0, 0, 0, 1]
     final = sender.sent[-1][0]
     assert np.array_equal(final.output("output_ids")[:, :, :3], sender.sent[2][0].output("output_ids"))
+    assert [response.output("is_final").all() for response, _ in sender.sent] == [False] * 4 + [True]
+    assert not any(response.output("prompt_lengths").any() for response, _ in sender.sent)
+
+
+def test_model_t5_serves_requests_in_flight(shard_dirs, hf_models, tmp_path, monkeypatch):
+    """model_t5.py schedules through ft_scheduler as GPT's model.py does: a short request sent while a long one
+    decodes is admitted beside it and answered as soon as it finishes, before the long one; each equals HF generate
+    alone (each request's decoder is bound to its own encoder output)."""
+    served = _load_model_t5(shard_dirs[("gated-gelu", 2)], tmp_path, monkeypatch)
+    hf = hf_models["gated-gelu"]
+    long_expected, short_expected = _hf_rows(_hf_generate(hf, 12))[0], _hf_rows(_hf_generate(hf, 3))[2]
+    assert len(long_expected) > 3, "the long request must outlast the short one for the order to mean anything"
+    long, short = _t5_request(PROMPTS[:1], [12]), _t5_request(PROMPTS[2:3], [3])
+    closed = []
+    for request in (long, short):
+        send = request.sender.send
+        request.sender.send = lambda response=None, flags=0, send=send, request=request: (
+            closed.append(request) if flags & FINAL else None, send(response, flags))
+    assert served.execute([long]) is None
+    assert served.execute([short]) is None
+    for request in (long, short):
+        assert request.sender.closed.wait(120), "no final response"
+    served.finalize()
+    assert closed == [short, long]
+    for request, expected in ((long, long_expected), (short, short_expected)):
+        response = request.sender.sent[-1][0]
+        assert response.error is None
+        lengths = response.output("sequence_length")
+        assert response.output("output_ids")[0, 0, :lengths[0, 0]].tolist() == expected

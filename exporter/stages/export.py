@@ -16,7 +16,6 @@ from typing import Callable, Iterator
 
 from omegaconf import DictConfig
 
-from templates.ft_python.ft_checkpoint import CheckpointError
 from templates.ft_python.ft_generate import GenerationDefaults
 from templates.ft_python.ft_t5_checkpoint import read_config as read_t5_config
 
@@ -124,10 +123,7 @@ def build_repository(repo_root: Path, checkpoint_path: Path, settings: ModelSett
 
 def _check_encoder_decoder(checkpoint_path: Path, settings: ModelSettings) -> None:
     """What an encoder-decoder repository needs beyond the shards, refused before anything is written: a tokenizer
-    for pre/postprocessing, and a non-streaming model (the T5 ensemble is not decoupled)."""
-    if settings.decoupled:
-        raise CheckpointError("export.triton_deployment.decoupled=true: the encoder-decoder (T5) ensemble does not "
-                              "stream; set decoupled=false")
+    for pre/postprocessing."""
     if not has_tokenizer(checkpoint_path):
         find_tokenizer(checkpoint_path)  # TokenizerError naming what was looked for
 
@@ -154,7 +150,7 @@ def _encoder_decoder_text_models(repository: Path, settings: ModelSettings, shar
     add_encoder_decoder_ensemble(repository, settings.name, settings.max_batch_size, end_id,
                                  shard_dir / "tokenizer.json", encoder_decoder_new_tokens(defaults),
                                  settings.max_queue_delay_microseconds, eos_ids=eos_ids,
-                                 skip_special_tokens=skip_special_tokens)
+                                 skip_special_tokens=skip_special_tokens, decoupled=settings.decoupled)
 
 
 def encoder_decoder_new_tokens(defaults: GenerationDefaults) -> int:

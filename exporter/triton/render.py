@@ -305,12 +305,13 @@ def encoder_decoder_model_config(name: str, backend: str, max_batch_size: int, i
                                  parameters: dict[str, object], *, ragged: bool = False, decoupled: bool = False,
                                  max_queue_delay_microseconds: int | None = None) -> pb.ModelConfig:
     """The middle model of an encoder-decoder (T5) model with FT's T5 backend's tensors (all_models/t5).
-    ragged, decoupled, max_queue_delay_microseconds: as decoder_model_config's (the python runtime sets them)."""
+    ragged, decoupled, max_queue_delay_microseconds: as decoder_model_config's (the python runtime sets them; a
+    decoupled model adds STREAMING_OUTPUTS, as ft_t5_interface lists them)."""
     config = pb.ModelConfig(name=name, max_batch_size=max_batch_size)
     config.backend = backend
     config.model_transaction_policy.decoupled = decoupled
     _add_inputs(config, ENCODER_DECODER_INPUTS, ragged=_ragged(ENCODER_DECODER_INPUTS) if ragged else ())
-    _add_outputs(config, ENCODER_DECODER_OUTPUTS)
+    _add_outputs(config, ENCODER_DECODER_OUTPUTS + (STREAMING_OUTPUTS if decoupled else ()))
     config.instance_group.add(count=instance_count, kind=pb.ModelInstanceGroup.KIND_CPU)
     if max_queue_delay_microseconds is not None:
         config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_microseconds
@@ -320,11 +321,12 @@ def encoder_decoder_model_config(name: str, backend: str, max_batch_size: int, i
 
 # The text ensemble around an encoder-decoder model: the same preprocessing (its ids are the encoder's input);
 # the model's FT T5 tensors; postprocessing reading INT32 generated tokens only (no prompt in output_ids, so no
-# INPUT_LENGTHS). Passed through: the T5 model's options other than the word lists, which preprocessing builds.
+# INPUT_LENGTHS; IS_FINAL when streaming). Passed through: the T5 model's options other than the word lists, which
+# preprocessing builds.
 ENCODER_DECODER_POSTPROCESSING_INPUTS = (
     Tensor("TOKENS_BATCH", INT32, (-1, -1)),
     Tensor("SEQUENCE_LENGTH", INT32, (-1,)),
-    *(tensor for tensor in POSTPROCESSING_INPUTS if tensor.name in ("END_ID",)),
+    *(tensor for tensor in POSTPROCESSING_INPUTS if tensor.name in ("IS_FINAL", "END_ID")),
 )
 _ENCODER_DECODER_PASSED = tuple(tensor for tensor in ENCODER_DECODER_INPUTS if tensor.optional and tensor.name in
                                 {entry.name for entry in ft_t5_interface.SAMPLING_INPUTS}
@@ -345,12 +347,16 @@ def encoder_decoder_postprocessing_config(max_batch_size: int, end_id: int,
     return config
 
 
-def encoder_decoder_ensemble_config(model_name: str, max_batch_size: int) -> pb.ModelConfig:
+def encoder_decoder_ensemble_config(model_name: str, max_batch_size: int, decoupled: bool = False) -> pb.ModelConfig:
     """Text in (`INPUT_0`, optional output length `INPUT_1`, bad / stop words `INPUT_2` / `INPUT_3`) -> text out
-    (`OUTPUT_0`) and the model's outputs, around an encoder-decoder model with FT's T5 tensors."""
+    (`OUTPUT_0`) and the model's outputs, around an encoder-decoder model with FT's T5 tensors.
+
+    decoupled: the model streams; as ensemble_config's, postprocessing then reads the model's responses only (its
+    is_final; no END_ID: a step downstream of a decoupled model takes that model's tensors only) and the ensemble
+    returns `OUTPUT_0` alone, once per streamed response."""
     config = pb.ModelConfig(name="ensemble", platform="ensemble", max_batch_size=max_batch_size)
     _add_inputs(config, ENCODER_DECODER_ENSEMBLE_INPUTS)
-    _add_outputs(config, ENCODER_DECODER_ENSEMBLE_OUTPUTS)
+    _add_outputs(config, ENCODER_DECODER_ENSEMBLE_OUTPUTS[:1] if decoupled else ENCODER_DECODER_ENSEMBLE_OUTPUTS)
     steps = config.ensemble_scheduling.step
 
     preprocessing = steps.add(model_name="preprocessing", model_version=-1)
@@ -368,12 +374,17 @@ def encoder_decoder_ensemble_config(model_name: str, max_batch_size: int) -> pb.
     model.input_map["stop_words_list"] = "_STOP_WORDS_IDS"
     for tensor in _ENCODER_DECODER_PASSED:
         model.input_map[tensor.name] = tensor.name
-    for tensor in ENCODER_DECODER_OUTPUTS:
-        model.output_map[tensor.name] = tensor.name
-
     postprocessing = steps.add(model_name="postprocessing", model_version=-1)
-    postprocessing.input_map["TOKENS_BATCH"] = "output_ids"
-    postprocessing.input_map["SEQUENCE_LENGTH"] = "sequence_length"
-    postprocessing.input_map["END_ID"] = "end_id"
+    if decoupled:  # only what postprocessing reads (Triton refuses unused ensemble tensors)
+        for name, target in (("output_ids", "TOKENS_BATCH"), ("sequence_length", "SEQUENCE_LENGTH"),
+                             ("is_final", "IS_FINAL")):
+            model.output_map[name] = f"_{name}"
+            postprocessing.input_map[target] = f"_{name}"
+    else:
+        for tensor in ENCODER_DECODER_OUTPUTS:
+            model.output_map[tensor.name] = tensor.name
+        postprocessing.input_map["TOKENS_BATCH"] = "output_ids"
+        postprocessing.input_map["SEQUENCE_LENGTH"] = "sequence_length"
+        postprocessing.input_map["END_ID"] = "end_id"
     postprocessing.output_map["OUTPUT"] = "OUTPUT_0"
     return config

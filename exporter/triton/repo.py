@@ -72,10 +72,12 @@ def add_decoder_ensemble(repo: Path, model_name: str, max_batch_size: int, end_i
 
 def add_encoder_decoder_ensemble(repo: Path, model_name: str, max_batch_size: int, end_id: int, tokenizer_json: Path,
                                  max_new_tokens: int, max_queue_delay_microseconds: int = 0,
-                                 eos_ids: tuple[int, ...] = (), skip_special_tokens: bool = True) -> None:
+                                 eos_ids: tuple[int, ...] = (), skip_special_tokens: bool = True,
+                                 decoupled: bool = False) -> None:
     """Text in, text out around an encoder-decoder model (FT's T5 tensors) already in `<repo>/<model_name>`: the
     prompt, tokenized with its special tokens (T5: </s> appended), is the encoder's input; postprocessing decodes the
-    generated tokens. max_new_tokens: the output length of a request without one (HF's for the checkpoint)."""
+    generated tokens. max_new_tokens: the output length of a request without one (HF's for the checkpoint).
+    decoupled: the model streams, and so does the ensemble (text so far, once per streamed response)."""
     for config in (
         render.preprocessing_config(max_batch_size, end_id, max_queue_delay_microseconds,
                                     {"max_new_tokens": max_new_tokens}),
@@ -84,4 +86,5 @@ def add_encoder_decoder_ensemble(repo: Path, model_name: str, max_batch_size: in
     ):
         install_tokenizer_model(repo, config, tokenizer_json)
     (repo / "ensemble" / "1").mkdir(parents=True)
-    render.write_config(render.encoder_decoder_ensemble_config(model_name, max_batch_size), repo / "ensemble")
+    render.write_config(render.encoder_decoder_ensemble_config(model_name, max_batch_size, decoupled),
+                        repo / "ensemble")

@@ -310,9 +310,11 @@ class Engine:
         self.cohorts = []
 
     @torch.inference_mode()
-    def admit(self, batch, stream=None):
-        """Prefill `batch` (check_inputs' Batch) and add it; its first token is chosen at the next step()."""
-        cohort = _Decoding(self.model, batch, stream)
+    def admit(self, batch, stream=None, model=None):
+        """Prefill `batch` (check_inputs' Batch) and add it; its first token is chosen at the next step(). model: the
+        cohort's own decoder (an encoder-decoder's, bound to the cohort's encoder output; default the Engine's), which
+        has no grouped forward: the Engine then runs a forward per cohort."""
+        cohort = _Decoding(self.model if model is None else model, batch, stream)
         self.cohorts.append(cohort)
         return cohort
 
@@ -359,6 +361,10 @@ class Engine:
         """The next logits of every cohort from one forward over all their slots."""
         model = self.model
         inputs = [cohort.decode_inputs() for cohort in cohorts]
+        if any(cohort.model is not model for cohort in cohorts):  # cohorts with their own decoders (admit's model)
+            for cohort, (ids, pos, group) in zip(cohorts, inputs):
+                cohort.logits = cohort.model.logits(cohort.model.hidden_states(ids, pos, *group)[:, 0])
+            return
         if len(inputs) == 1 or not callable(getattr(model, "hidden_states_grouped", None)):
             # one cohort, or a decoder without the grouped forward: a forward per cohort
             hidden = torch.cat([model.hidden_states(ids, pos, *group) for ids, pos, group in inputs])

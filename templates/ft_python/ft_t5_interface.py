@@ -38,9 +38,14 @@ OUTPUTS = (
     Tensor("sequence_length", "INT32", (-1,)),  # [batch, beam]: generated tokens (a final end_id counts)
     Tensor("cum_log_probs", "FP32", (-1,)),  # [batch, beam]
     Tensor("output_log_probs", "FP32", (-1, -1)),  # [batch, beam, max_output_len]
+    # Added when decoupled, as GPT's (ft_interface.STREAMING_OUTPUTS): prompt_lengths [batch, 1] is 0 (output_ids
+    # holds no prompt), is_final [batch, 1] false for per-step responses, true for the final one.
+    *(_GPT[name] for name in ("prompt_lengths", "is_final")),
 )
 
 MODEL_INPUTS = tuple(tensor for tensor in INPUTS if not tensor.optional)
 SAMPLING_INPUTS = tuple(tensor for tensor in INPUTS if tensor.optional)  # ft_generate.SamplingParams fields
+MODEL_OUTPUTS = tuple(tensor for tensor in OUTPUTS if not tensor.streaming)
+STREAMING_OUTPUTS = tuple(tensor for tensor in OUTPUTS if tensor.streaming)
 INPUTS_BY_NAME = {tensor.name: tensor for tensor in INPUTS}
 OUTPUTS_BY_NAME = {tensor.name: tensor for tensor in OUTPUTS}  # sequence_length is both an input and an output

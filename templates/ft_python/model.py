@@ -1,7 +1,7 @@
 """Triton python-backend model that serves FasterTransformer GPT shards with PyTorch.
 
 Copied into `<model_name>/1/` of a generated model repository together with ft_checkpoint.py, ft_metrics.py (its
-Prometheus metrics),
+Prometheus metrics), ft_scheduler.py (in-flight batching, shared with model_t5.py),
 ft_gpt.py, ft_generate.py and ft_interface.py. Same tensors as the fastertransformer backend (FT's GPT
 config.pbtxt, listed in ft_interface's table):
 inputs input_ids [B, L] (right-padded), input_lengths [B], request_output_len [B, 1], optional per-row
@@ -15,9 +15,9 @@ beam = the request's largest beam_width. Decoding semantics: ft_generate.generat
 The model's generation_config.json beside the shards (ft_generate.GenerationDefaults): its eos ids end every row
 that sends no end_id, and its sampling defaults apply to the options a request leaves unset.
 
-In-flight batching: execute() answers a bad request with its error at once and queues the others for the
-model's scheduler thread, which admits them between decoding steps (ft_generate.Engine: each request is prefilled
-alone, then decodes together with every running request, one joint forward per step) while the running rows stay
+In-flight batching (ft_scheduler.Scheduler): execute() answers a bad request with its error at once and queues the
+others for the model's scheduler thread, which admits them between decoding steps (ft_generate.Engine: each
+request is prefilled alone, then decodes together with every running request, one joint forward per step) while the running rows stay
 within max_batch_size. A request that finishes is answered and leaves at once, freeing its KV cache; one its client
 cancelled stops before the next step. Every request keeps its own options and gets exactly the output it would
 get alone. Responses go through each request's response sender, plain models too (exactly one response, flagged
@@ -40,10 +40,7 @@ a request may ask for).
 
 import json
 import os
-import queue
 import sys
-import threading
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # OpenMP threads that sleep when idle instead of spinning (read once, when torch loads OpenMP): a served model
@@ -61,14 +58,7 @@ import ft_generate  # noqa: E402
 import ft_gpt  # noqa: E402
 import ft_interface  # noqa: E402
 import ft_metrics  # noqa: E402
-
-
-def _log(message):
-    logger = getattr(pb_utils, "Logger", None)
-    if logger is not None:
-        logger.log_info(message)
-    else:
-        print(message, flush=True)
+import ft_scheduler  # noqa: E402
 
 
 def _input(request, name):
@@ -88,40 +78,6 @@ def _rows(array, batch, name, take_first=False):
         raise ValueError(f"{name} has shape {list(np.shape(array))}, expected [{batch}] or "
                          f"[{batch}, 1] for a batch of {batch}")
     return flat
-
-
-def _send(sender, response, flags=0):
-    """Send through a request's response sender (response None: flags only); False (logged) when that fails."""
-    try:
-        if response is None:
-            sender.send(flags=flags)
-        else:
-            sender.send(response, flags=flags)
-    except Exception as exc:  # noqa: BLE001 - one lost stream must not fail the rest of the batch
-        _log(f"ft_python: could not send a response: {type(exc).__name__}: {exc}")
-        return False
-    return True
-
-
-def _cancelled(request):
-    """Whether the client cancelled the request (python backend >= 23.10; False where unknown)."""
-    is_cancelled = getattr(request, "is_cancelled", None)
-    return bool(is_cancelled()) if callable(is_cancelled) else False
-
-
-def _error(message):
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
-
-
-class _Work:
-    """One request inside the model: its parsed batch, its decoding (cohort) once admitted, its stream's state."""
-
-    def __init__(self, request, sender, batch, started):
-        self.request, self.sender, self.batch, self.started = request, sender, batch, started
-        self.cohort = None
-        self.answered = False  # got its first response (time to first token)
-        self.last = None       # sequence lengths of its latest streamed response
-        self.gone = False      # its stream failed or its client cancelled: stop at the next step
 
 
 def _generated(results, batch):
@@ -187,14 +143,11 @@ class TritonPythonModel:
         self.defaults = ft_generate.GenerationDefaults.read(checkpoint)
         self.metrics = ft_metrics.Metrics(pb_utils, args.get("model_name", ""), args.get("model_version", ""),
                                           self.model_config.get("max_batch_size", 0))
-        # In-flight batching: execute() queues requests; this thread admits them between decoding steps.
-        self.max_rows = int(self.model_config.get("max_batch_size", 0))
-        self._engine = ft_generate.Engine(self.model)
-        self._incoming, self._running, self._stopping = queue.Queue(), {}, False
-        self._lock = threading.Lock()  # the metrics, updated by execute() and the scheduler
-        self._scheduler = threading.Thread(target=self._serve, name="ft_python scheduler", daemon=True)
-        self._scheduler.start()
-        _log(f"ft_python: loaded {checkpoint} (tp={config.tensor_para_size}, "
+        # In-flight batching: execute() queues requests; the scheduler's thread admits them between decoding steps.
+        self._scheduler = ft_scheduler.Scheduler(
+            self, ft_generate.Engine(self.model), pb_utils, self.metrics,
+            int(self.model_config.get("max_batch_size", 0)), self.decoupled, "ft_python")
+        ft_scheduler.log(pb_utils, f"ft_python: loaded {checkpoint} (tp={config.tensor_para_size}, "
              f"weights {config.weight_data_type}) on {device} computing in {dtype}; {self.defaults}")
 
     def _parse(self, request):
@@ -234,127 +187,31 @@ class TritonPythonModel:
     def execute(self, requests):
         """Hand each valid request to the scheduler (it answers through the request's response sender) and
         answer each bad one with an error at once; returns None (every response goes through the senders)."""
-        started = time.monotonic()
-        with self._lock:
-            self.metrics.started(len(requests))
-        for request in requests:
-            sender = request.get_response_sender()
-            try:
-                batch = self._parse(request)
-            except Exception as exc:  # noqa: BLE001 - a bad request fails alone
-                self._close(_Work(request, sender, None, started), _error(f"bad request: {exc}"), failed=True)
-                continue
-            self._incoming.put(_Work(request, sender, batch, started))
+        self._scheduler.submit(requests)
         return None
 
-    # ---------------------------------------------------------------- the scheduler thread
-    def _serve(self):
-        """Admit waiting requests between steps, step every running one, answer those that leave, until finalize()."""
-        waiting = []
-        while True:
-            waiting += self._take(block=not waiting and not self._running)
-            if self._stopping:
-                break
-            try:
-                waiting = self._admit(waiting)
-                self._drop_cancelled()
-                for cohort in self._engine.step():
-                    work = self._running.pop(id(cohort))
-                    if cohort.error is not None:
-                        self._close(work, _error(f"generation failed: {type(cohort.error).__name__}: "
-                                                 f"{cohort.error}"), failed=True)
-                    else:
-                        self._close(work, self._response(cohort.output, slice(None), work.batch),
-                                    generated=_generated(cohort.output, work.batch))
-            except Exception as exc:  # noqa: BLE001 - a scheduler bug answers every running request, never hangs it
-                _log(f"ft_python: the scheduler failed: {type(exc).__name__}: {exc}")
-                for cohort in list(self._engine.cohorts):
-                    self._engine.cancel(cohort)
-                for work in self._running.values():
-                    self._close(work, _error(f"generation failed: {type(exc).__name__}: {exc}"), failed=True)
-                self._running.clear()
-        for work in waiting + list(self._running.values()) + self._take(block=False):
-            self._close(work, _error("the model is being unloaded"), failed=True)
-        self._running.clear()
+    # ---------------------------------------------------------------- ft_scheduler's hooks
+    def parse(self, request):
+        return self._parse(request)
 
-    def _take(self, block):
-        """The requests queued by execute() (waiting for one when `block`); finalize() wakes a blocked call."""
-        taken = []
-        try:
-            item = self._incoming.get(block=block)
-            while True:
-                if item is not None:
-                    taken.append(item)
-                item = self._incoming.get_nowait()
-        except queue.Empty:
-            pass
-        return taken
+    @staticmethod
+    def rows(batch):
+        return batch.input_ids.shape[0]
 
-    def _admit(self, waiting):
-        """Prefill the waiting requests in arrival order while the running rows stay within max_batch_size
-        (one request alone may be larger); returns those still waiting."""
-        while waiting:
-            work = waiting[0]
-            rows = work.batch.input_ids.shape[0]
-            running = sum(item.batch.input_ids.shape[0] for item in self._running.values())
-            if running and self.max_rows and running + rows > self.max_rows:
-                break
-            waiting.pop(0)
-            if _cancelled(work.request):
-                self._close(work, None, cancelled=True)
-                continue
-            stream = self._streamer(work) if self.decoupled else None
-            try:
-                cohort = self._engine.admit(work.batch, stream=stream)
-            except Exception as exc:  # noqa: BLE001 - e.g. out of memory: this request fails alone
-                self._close(work, _error(f"generation failed: {type(exc).__name__}: {exc}"), failed=True)
-                continue
-            self._running[id(cohort)] = work
-            work.cohort = cohort
-            with self._lock:
-                self.metrics.batch(running + rows, int(work.batch.input_lengths.sum()))
-        return waiting
+    @staticmethod
+    def prompt_tokens(batch):
+        return int(batch.input_lengths.sum())
 
-    def _drop_cancelled(self):
-        """Stop the requests whose client cancelled them; their caches are freed now."""
-        for key, work in list(self._running.items()):
-            if work.gone or _cancelled(work.request):
-                self._engine.cancel(work.cohort)
-                del self._running[key]
-                self._close(work, None, cancelled=True)
+    @staticmethod
+    def admit(engine, batch, stream):
+        return engine.admit(batch, stream=stream)
 
-    def _close(self, work, response, failed=False, cancelled=False, generated=0):
-        """Send a request's final response and count it (ft_metrics). A cancelled request: a flags-only final on a
-        stream, an error response on a plain model (which must send exactly one response)."""
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        if cancelled or (not failed and _cancelled(work.request)):
-            _log("ft_python: a request was cancelled by its client; it is stopped and closed")
-            response = None if self.decoupled else _error("the request was cancelled by its client")
-        _send(work.sender, response, flags=final)
-        with self._lock:
-            if not work.answered:
-                self.metrics.first_response(time.monotonic() - work.started)
-            self.metrics.finished(1, int(failed), generated)
+    def final(self, cohort, batch):
+        return self._response(cohort.output, slice(None), batch), _generated(cohort.output, batch)
 
-    def _streamer(self, work):
-        """The stream callback of a decoupled request: a response after each step that grew its sequences."""
-        prompt = int(work.batch.input_lengths.max())
-
-        def send(partial):
-            lengths = partial.sequence_length
-            if work.gone or (work.last is not None and torch.equal(lengths, work.last)):
-                return  # gone, or finished: nothing new to say until the final response
-            work.last = lengths.clone()
-            steps = partial.output_ids.shape[-1] - prompt
-            if _cancelled(work.request) or not _send(work.sender, self._response(partial, slice(None), work.batch,
-                                                                               steps=steps)):
-                work.gone = True  # its client went away: stopped before the next step
-            elif not work.answered:
-                work.answered = True
-                with self._lock:
-                    self.metrics.first_response(time.monotonic() - work.started)
-
-        return send
+    def partial(self, output, batch):
+        steps = output.output_ids.shape[-1] - int(batch.input_lengths.max())
+        return self._response(output, slice(None), batch, steps=steps)
 
     def _response(self, results, rows, item, steps=None):
         """Cut one request's rows and beams out of the batch result, sized for that request.
@@ -387,9 +244,7 @@ class TritonPythonModel:
     def finalize(self):
         """Stop the scheduler (requests still running or waiting get an error), then free the model."""
         if getattr(self, "_scheduler", None) is not None:
-            self._stopping = True
-            self._incoming.put(None)  # wakes a scheduler waiting for work
-            self._scheduler.join()
+            self._scheduler.stop()
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
         device = getattr(getattr(self, "model", None), "device", None)

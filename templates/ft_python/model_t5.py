@@ -1,7 +1,7 @@
 """Triton python-backend model that serves FasterTransformer T5 shards (encoder-decoder) with PyTorch.
 
 Copied into `<model_name>/1/` of a generated model repository together with ft_t5.py, ft_t5_checkpoint.py,
-ft_t5_interface.py, ft_checkpoint.py, ft_generate.py and ft_interface.py. Same tensors as FT's T5 backend
+ft_t5_interface.py, ft_checkpoint.py, ft_generate.py, ft_interface.py, ft_metrics.py and ft_scheduler.py. Same tensors as FT's T5 backend
 (all_models/t5/fastertransformer/config.pbtxt, listed in ft_t5_interface): inputs input_ids [B, L] (right-padded
 encoder inputs), sequence_length [B, 1] (their lengths), max_output_len [B, 1], the optional per-row sampling
 options and word lists of the GPT interface (start_id = the row's first decoder token); outputs output_ids
@@ -9,10 +9,15 @@ options and word lists of the GPT interface (start_id = the row's first decoder 
 output_log_probs [B, beam, max_output_len], beam = the request's largest beam_width. Decoding semantics:
 ft_generate.generate on ft_t5's bound decoder.
 
-The valid requests of one execute() form one batch (encoder inputs padded to the longest, one encoder pass);
-a bad request gets its own error response. Decoupled (model_transaction_policy { decoupled: true }): every request
-gets a response after each decoding step that grew one of its sequences, then the final one flagged
-TRITONSERVER_RESPONSE_COMPLETE_FINAL.
+In-flight batching, as GPT's model.py (the same ft_scheduler.Scheduler): execute() answers a bad request with its
+error at once and queues the others; the scheduler thread admits each between decoding steps (its encoder runs once,
+then its decoder, bound to that encoder output, joins the running requests; ft_generate.Engine runs a decoder
+forward per request), answers it when it finishes and stops one its client cancelled. Responses go through each
+request's response sender, plain models too (exactly one, flagged TRITONSERVER_RESPONSE_COMPLETE_FINAL). Decoupled (model_transaction_policy { decoupled: true }): every request
+gets a response after each decoding step that grew one of its sequences (T = steps so far), then the final one
+(the same tensors as without streaming) flagged TRITONSERVER_RESPONSE_COMPLETE_FINAL; every response also carries
+prompt_lengths [B, 1] (0: output_ids holds no prompt) and is_final [B, 1] for the streaming ensemble's
+postprocessing (ft_t5_interface.STREAMING_OUTPUTS).
 
 Parameters (config.pbtxt, string_value): model_checkpoint_path (relative to this file's directory, default
 "<tensor_para_size>-gpu"), tensor_para_size (must match config.ini), pipeline_para_size (layers run in sequence
@@ -37,17 +42,11 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 import ft_checkpoint  # noqa: E402
 import ft_generate  # noqa: E402
+import ft_metrics  # noqa: E402
+import ft_scheduler  # noqa: E402
 import ft_t5  # noqa: E402
 import ft_t5_checkpoint  # noqa: E402
 import ft_t5_interface  # noqa: E402
-
-
-def _log(message):
-    logger = getattr(pb_utils, "Logger", None)
-    if logger is not None:
-        logger.log_info(message)
-    else:
-        print(message, flush=True)
 
 
 def _input(request, name):
@@ -63,22 +62,6 @@ def _rows(array, batch, name):
     if flat.size != batch:
         raise ValueError(f"{name} has shape {list(np.shape(array))}, expected [{batch}] or [{batch}, 1]")
     return flat
-
-
-def _error(message):
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
-
-
-def _send(sender, response, flags=0):
-    try:
-        if response is None:
-            sender.send(flags=flags)
-        else:
-            sender.send(response, flags=flags)
-    except Exception as exc:  # noqa: BLE001 - one lost stream must not fail the rest of the batch
-        _log(f"ft_python t5: could not send a response: {type(exc).__name__}: {exc}")
-        return False
-    return True
 
 
 class TritonPythonModel:
@@ -119,7 +102,12 @@ class TritonPythonModel:
         self.decoupled = bool(self.model_config.get("model_transaction_policy", {}).get("decoupled", False))
         self.model = ft_t5.FTT5.from_shards(checkpoint, device=device, dtype=dtype)
         self.defaults = ft_generate.GenerationDefaults.read(checkpoint)
-        _log(f"ft_python t5: loaded {checkpoint} (tp={config.tensor_para_size}, weights {config.weight_data_type}) "
+        metrics = ft_metrics.Metrics(pb_utils, args.get("model_name", ""), args.get("model_version", ""),
+                                     self.model_config.get("max_batch_size", 0))
+        self._scheduler = ft_scheduler.Scheduler(
+            self, ft_generate.Engine(self.model), pb_utils, metrics,
+            int(self.model_config.get("max_batch_size", 0)), self.decoupled, "ft_python t5")
+        ft_scheduler.log(pb_utils, f"ft_python t5: loaded {checkpoint} (tp={config.tensor_para_size}, weights {config.weight_data_type}) "
              f"on {device} computing in {dtype}; {self.defaults}")
 
     def _parse(self, request):
@@ -157,69 +145,53 @@ class TritonPythonModel:
                                      max_beam_width=self.max_beam_width, defaults=self.defaults)
 
     def execute(self, requests):
-        parsed = []
-        for request in requests:
-            try:
-                parsed.append(self._parse(request))
-            except Exception as exc:  # noqa: BLE001 - a bad request fails alone
-                parsed.append(exc)
-        good = [(request, item) for request, item in zip(requests, parsed) if isinstance(item, ft_t5.T5Batch)]
-        senders = [request.get_response_sender() for request in requests] if self.decoupled else None
-        results, failure = None, None
-        if good:
-            try:
-                stream = self._streamer(good, requests, senders) if self.decoupled else None
-                results = ft_t5.generate_batch(self.model, ft_t5.T5Batch.concatenate([item for _, item in good]),
-                                               stream)
-            except Exception as exc:  # noqa: BLE001 - report to every client instead of dying
-                failure = f"generation failed: {type(exc).__name__}: {exc}"
-        responses, row = [], 0
-        for item in parsed:
-            if not isinstance(item, ft_t5.T5Batch):
-                responses.append(_error(f"bad request: {item}"))
-            elif failure is not None:
-                responses.append(_error(failure))
-            else:
-                rows = item.encoder_ids.shape[0]
-                responses.append(self._response(results, slice(row, row + rows), item))
-                row += rows
-        if not self.decoupled:
-            return responses
-        for sender, response in zip(senders, responses):
-            _send(sender, response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        """Hand each valid request to the scheduler (it answers through the request's response sender) and
+        answer each bad one with an error at once; returns None."""
+        self._scheduler.submit(requests)
         return None
 
-    def _streamer(self, good, requests, senders):
-        """After each step, a response to every request whose sequences grew."""
-        sender_of = {id(request): sender for request, sender in zip(requests, senders)}
-        targets, row = [], 0
-        for request, item in good:
-            rows = item.encoder_ids.shape[0]
-            targets.append([sender_of[id(request)], slice(row, row + rows), item, None])
-            row += rows
+    # ---------------------------------------------------------------- ft_scheduler's hooks
+    def parse(self, request):
+        return self._parse(request)
 
-        def send(partial):
-            for target in targets:
-                sender, rows, item, last = target
-                lengths = partial.sequence_length[rows]
-                if sender is None or (last is not None and torch.equal(lengths, last)):
-                    continue
-                target[3] = lengths.clone()
-                if not _send(sender, self._response(partial, rows, item, steps=partial.output_ids.shape[-1])):
-                    target[0] = None
+    @staticmethod
+    def rows(batch):
+        return batch.encoder_ids.shape[0]
 
-        return send
+    @staticmethod
+    def prompt_tokens(batch):
+        return int(batch.encoder_lengths.sum())
+
+    def admit(self, engine, batch, stream):
+        """Encode the request once; its decoder (bound to that output) joins the engine."""
+        decoder = self.model.bind(batch.encoder_ids, batch.encoder_lengths)
+        wrapped = None if stream is None else (lambda output: stream(ft_t5.t5_output(output)))
+        return engine.admit(batch.decoder, stream=wrapped, model=decoder)
+
+    def final(self, cohort, batch):
+        output = ft_t5.t5_output(cohort.output)
+        beams = batch.decoder.beam_width
+        generated = sum(int(output.sequence_length[row, :int(beams[row])].sum()) for row in range(beams.shape[0]))
+        return self._response(output, slice(None), batch), generated
+
+    def partial(self, output, batch):
+        return self._response(output, slice(None), batch, steps=output.output_ids.shape[-1])
 
     def _response(self, results, rows, item, steps=None):
         """One request's rows and beams of the batch result: T = its max_output_len (steps so far when
         streaming)."""
         max_new = int(item.decoder.max_new_tokens.max())
-        steps = max_new if steps is None else min(steps, max_new)
+        final = steps is None
+        steps = max_new if final else min(steps, max_new)
         beams = int(item.decoder.beam_width.max())
         cut = {"output_ids": results.output_ids[rows, :beams, :steps],
                "sequence_length": results.sequence_length[rows, :beams],
                "cum_log_probs": results.cum_log_probs[rows, :beams],
                "output_log_probs": results.output_log_probs[rows, :beams, :steps]}
+        if self.decoupled:  # what the streaming ensemble's postprocessing reads (ft_t5_interface.STREAMING_OUTPUTS)
+            batch = item.encoder_ids.shape[0]
+            cut["prompt_lengths"] = torch.zeros((batch, 1), dtype=torch.int64)
+            cut["is_final"] = torch.full((batch, 1), final)
         # Owned copies, never views of torch memory (a decoupled response is serialised with the GIL released).
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(name, np.array(tensor.numpy(), copy=True, order="C",
@@ -227,6 +199,10 @@ class TritonPythonModel:
             for name, tensor in cut.items()])
 
     def finalize(self):
+        """Stop the scheduler (requests still running or waiting get an error), then free the model."""
+        if getattr(self, "_scheduler", None) is not None:
+            self._scheduler.stop()
+            self._scheduler.metrics.close()
         device = getattr(getattr(self, "model", None), "device", None)
         self.model = None
         if device is not None and device.type == "cuda":
