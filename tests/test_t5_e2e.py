@@ -308,3 +308,33 @@ def test_plan_refuses_what_an_encoder_decoder_repository_cannot_do(checkpoints, 
     with pytest.raises(TokenizerError, match="spiece.model"):
         planned(bare)
     assert not list(tmp_path.glob("*/*/model_repo"))
+
+
+def test_slurm_dry_run_of_t5_follows_the_multi_node_rules(checkpoints, tmp_path, monkeypatch):
+    """Issue 13 item 6: the launchers plan an encoder-decoder as they plan a GPT. FT's backend at TP 4 x PP 2 on
+    4-GPU nodes: a one-task CPU convert job, a two-node accuracy job with one tritonserver per node in one MPI world
+    and the client on the first node, the world-size rule written out; nothing converted by a dry run."""
+    from test_launch import commands, directives, dry_run
+
+    # FT's backend computes relative attention with a max distance of 128 only (the fixtures use 16): a copy that
+    # says 128, which the FT runtime accepts.
+    checkpoint = tmp_path / "t5_relu_128"
+    shutil.copytree(checkpoints["t5_relu"], checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["relative_attention_max_distance"] = 128
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    results = dry_run(tmp_path, monkeypatch, "cluster_type=bcm", f"export.model.checkpoint_path={checkpoint}",
+                      "export.run.model_train_name=t5tiny", "export.model.tensor_model_parallel_size=4",
+                      "export.triton_deployment.pipeline_model_parallel_size=2",
+                      "export.triton_deployment.runtime=fastertransformer", "cluster.gpus_per_node=4")
+    convert = directives(results / "convert" / "launcher.sh")
+    assert convert["--nodes"] == "1" and "--gpus-per-node" not in convert
+    accuracy_script = results / "accuracy" / "launcher.sh"
+    accuracy = directives(accuracy_script)
+    assert (accuracy["--nodes"], accuracy["--ntasks-per-node"], accuracy["--gpus-per-node"]) == ("2", "1", "4")
+    server, client = commands(accuracy_script, "srun")
+    assert "--mpi=pmix" in server and server[-1] == "&" and "tritonserver" in server
+    entry = client.index("exporter.run_substage")
+    assert client[entry + 2:entry + 4] == ["export", "accuracy"] and client[-1] != "&"
+    assert "NCCL world size = TP*PP = 4*2 = 8 = 2 nodes x 4 GPUs" in accuracy_script.read_text()
+    assert not (results / "model_repo").exists()
