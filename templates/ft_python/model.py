@@ -38,7 +38,6 @@ int8_mode (0), device ("auto" | "cpu" | "cuda"; auto = cuda when available), max
 a request may ask for).
 """
 
-import json
 import os
 import sys
 
@@ -58,26 +57,15 @@ import ft_generate  # noqa: E402
 import ft_gpt  # noqa: E402
 import ft_interface  # noqa: E402
 import ft_metrics  # noqa: E402
+import ft_request  # noqa: E402
 import ft_scheduler  # noqa: E402
 
 
 def _input(request, name):
-    """The input as a numpy array, or None when the request does not carry it."""
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
+    return ft_request.input_array(pb_utils, request, name)
 
 
-def _rows(array, batch, name, take_first=False):
-    """A per-row value [B] from an input shaped [B], [B, 1] or broadcast from one value."""
-    if take_first and array.ndim == 2 and array.shape[0] == batch:
-        array = array[:, :1]  # e.g. request_output_len [B, n]: FT reads one value per row
-    flat = np.asarray(array).reshape(-1)
-    if flat.size == 1:
-        return np.repeat(flat, batch)
-    if flat.size != batch:
-        raise ValueError(f"{name} has shape {list(np.shape(array))}, expected [{batch}] or "
-                         f"[{batch}, 1] for a batch of {batch}")
-    return flat
+_rows = ft_request.per_row
 
 
 def _generated(results, batch):
@@ -93,60 +81,32 @@ class TritonPythonModel:
     """One model instance: a verified, loaded FTGPT on the chosen device."""
 
     def initialize(self, args):
-        self.model_config = json.loads(args["model_config"])
-        params = {key: value.get("string_value", "")
-                  for key, value in self.model_config.get("parameters", {}).items()}
-        here = os.path.dirname(os.path.abspath(__file__))
-
-        tp_param = params.get("tensor_para_size", "").strip()
-        checkpoint = params.get("model_checkpoint_path", "").strip() or ft_checkpoint.shard_dir_name(tp_param or 1)
-        if not os.path.isabs(checkpoint):
-            checkpoint = os.path.join(here, checkpoint)
+        arguments = ft_request.ModelArguments(args, os.path.dirname(os.path.abspath(__file__)))
+        self.model_config = arguments.config
+        checkpoint = arguments.shard_dir(ft_checkpoint.shard_dir_name)
         # Raises CheckpointError naming every missing / wrongly sized file: Triton then
         # refuses to load the model instead of serving garbage as FT would.
         config = ft_checkpoint.verify(checkpoint)
-        if tp_param and int(tp_param) != config.tensor_para_size:
-            raise ValueError(f"parameter tensor_para_size={tp_param} but {checkpoint}/config.ini "
-                             f"says tensor_para_size={config.tensor_para_size}")
+        arguments.check_tensor_para_size(checkpoint, config.tensor_para_size)
         # The shards of every pipeline stage live in the same directory (layers keep their global
         # indices), so on one device the stages simply run one after the other: all layers in order.
-        pp = params.get("pipeline_para_size", "").strip()
+        pp = arguments.param("pipeline_para_size")
         if pp and int(pp) < 1:
             raise ValueError(f"pipeline_para_size={pp}: must be >= 1")
-        int8 = params.get("int8_mode", "").strip()
-        if int8 and int(int8) != 0:
-            raise ValueError(f"int8_mode={int8}: the python runtime serves the shards unquantised (int8_mode 0); "
-                             "weight-only int8 (1) is FT's backend's")
-
-        device_param = (params.get("device", "").strip() or "auto").lower()
-        if device_param not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"parameter device={device_param!r}: expected auto, cpu or cuda")
-        device = ft_gpt.resolve_device(device_param)
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise RuntimeError("parameter device=cuda but torch sees no CUDA device")
-            index = 0
-            if args.get("model_instance_kind") == "GPU":
-                index = int(args.get("model_instance_device_id", 0))
-            device = torch.device("cuda", index)
-        data_type = params.get("data_type", "").strip() or None
-        dtype = ft_gpt.resolve_dtype(device, data_type, config.weight_data_type)
-
-        beam_param = params.get("max_beam_width", "").strip()
-        self.max_beam_width = int(beam_param) if beam_param else ft_generate.MAX_BEAM_WIDTH
-        if self.max_beam_width < 1:
-            raise ValueError(f"parameter max_beam_width={beam_param}: must be >= 1")
-        # Read from the config itself (same as pb_utils.using_decoupled_model_transaction_policy).
-        self.decoupled = bool(self.model_config.get("model_transaction_policy", {}).get("decoupled", False))
+        arguments.check_int8_mode("; weight-only int8 (1) is FT's backend's")
+        device = arguments.device()
+        dtype = ft_gpt.resolve_dtype(device, arguments.param("data_type") or None, config.weight_data_type)
+        self.max_beam_width = arguments.max_beam_width(ft_generate.MAX_BEAM_WIDTH)
+        self.decoupled = arguments.decoupled
 
         self.model = ft_gpt.FTGPT.from_shards(checkpoint, device=device, dtype=dtype)
         self.defaults = ft_generate.GenerationDefaults.read(checkpoint)
         self.metrics = ft_metrics.Metrics(pb_utils, args.get("model_name", ""), args.get("model_version", ""),
-                                          self.model_config.get("max_batch_size", 0))
+                                          arguments.max_batch_size)
         # In-flight batching: execute() queues requests; the scheduler's thread admits them between decoding steps.
         self._scheduler = ft_scheduler.Scheduler(
             self, ft_generate.Engine(self.model), pb_utils, self.metrics,
-            int(self.model_config.get("max_batch_size", 0)), self.decoupled, "ft_python")
+            arguments.max_batch_size, self.decoupled, "ft_python")
         ft_scheduler.log(pb_utils, f"ft_python: loaded {checkpoint} (tp={config.tensor_para_size}, "
              f"weights {config.weight_data_type}) on {device} computing in {dtype}; {self.defaults}")
 

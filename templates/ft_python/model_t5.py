@@ -25,7 +25,6 @@ on one device), data_type (compute type on CUDA; the CPU computes in fp32), int8
 "cuda"), max_beam_width.
 """
 
-import json
 import os
 import sys
 
@@ -43,6 +42,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 import ft_checkpoint  # noqa: E402
 import ft_generate  # noqa: E402
 import ft_metrics  # noqa: E402
+import ft_request  # noqa: E402
 import ft_scheduler  # noqa: E402
 import ft_t5  # noqa: E402
 import ft_t5_checkpoint  # noqa: E402
@@ -50,63 +50,36 @@ import ft_t5_interface  # noqa: E402
 
 
 def _input(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
+    return ft_request.input_array(pb_utils, request, name)
 
 
-def _rows(array, batch, name):
-    """A per-row value [B] from an input shaped [B], [B, 1] or one value for every row."""
-    flat = np.asarray(array).reshape(-1)
-    if flat.size == 1:
-        return np.repeat(flat, batch)
-    if flat.size != batch:
-        raise ValueError(f"{name} has shape {list(np.shape(array))}, expected [{batch}] or [{batch}, 1]")
-    return flat
+_rows = ft_request.per_row
 
 
 class TritonPythonModel:
     """One model instance: a verified, loaded FTT5 on the chosen device."""
 
     def initialize(self, args):
-        self.model_config = json.loads(args["model_config"])
-        params = {key: value.get("string_value", "")
-                  for key, value in self.model_config.get("parameters", {}).items()}
-        here = os.path.dirname(os.path.abspath(__file__))
-        tp_param = params.get("tensor_para_size", "").strip()
-        checkpoint = params.get("model_checkpoint_path", "").strip() or ft_checkpoint.shard_dir_name(tp_param or 1)
-        if not os.path.isabs(checkpoint):
-            checkpoint = os.path.join(here, checkpoint)
+        arguments = ft_request.ModelArguments(args, os.path.dirname(os.path.abspath(__file__)))
+        self.model_config = arguments.config
+        checkpoint = arguments.shard_dir(ft_checkpoint.shard_dir_name)
         config = ft_t5_checkpoint.verify(checkpoint)  # CheckpointError naming every bad file: Triton refuses
-        if tp_param and int(tp_param) != config.tensor_para_size:
-            raise ValueError(f"parameter tensor_para_size={tp_param} but {checkpoint}/config.ini says "
-                             f"tensor_para_size={config.tensor_para_size}")
-        int8 = params.get("int8_mode", "").strip()
-        if int8 and int(int8) != 0:
-            raise ValueError(f"int8_mode={int8}: the python runtime serves the shards unquantised (int8_mode 0)")
-        device_param = (params.get("device", "").strip() or "auto").lower()
-        if device_param not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"parameter device={device_param!r}: expected auto, cpu or cuda")
-        cuda = device_param == "cuda" or (device_param == "auto" and torch.cuda.is_available())
-        if cuda and not torch.cuda.is_available():
-            raise RuntimeError("parameter device=cuda but torch sees no CUDA device")
-        device = torch.device("cuda", int(args.get("model_instance_device_id", 0))
-                              if args.get("model_instance_kind") == "GPU" else 0) if cuda else torch.device("cpu")
-        data_type = params.get("data_type", "").strip() or config.weight_data_type
+        arguments.check_tensor_para_size(checkpoint, config.tensor_para_size)
+        arguments.check_int8_mode()
+        device = arguments.device()
+        data_type = arguments.param("data_type") or config.weight_data_type
         if data_type not in ft_checkpoint.TORCH_DTYPES:
             raise ValueError(f"parameter data_type={data_type!r}: expected one of {sorted(ft_checkpoint.TORCH_DTYPES)}")
         dtype = torch.float32 if device.type == "cpu" else ft_checkpoint.TORCH_DTYPES[data_type]
-        beam_param = params.get("max_beam_width", "").strip()
-        self.max_beam_width = int(beam_param) if beam_param else ft_generate.MAX_BEAM_WIDTH
-        if self.max_beam_width < 1:
-            raise ValueError(f"parameter max_beam_width={beam_param}: must be >= 1")
-        self.decoupled = bool(self.model_config.get("model_transaction_policy", {}).get("decoupled", False))
+        self.max_beam_width = arguments.max_beam_width(ft_generate.MAX_BEAM_WIDTH)
+        self.decoupled = arguments.decoupled
         self.model = ft_t5.FTT5.from_shards(checkpoint, device=device, dtype=dtype)
         self.defaults = ft_generate.GenerationDefaults.read(checkpoint)
         metrics = ft_metrics.Metrics(pb_utils, args.get("model_name", ""), args.get("model_version", ""),
-                                     self.model_config.get("max_batch_size", 0))
+                                     arguments.max_batch_size)
         self._scheduler = ft_scheduler.Scheduler(
             self, ft_generate.Engine(self.model), pb_utils, metrics,
-            int(self.model_config.get("max_batch_size", 0)), self.decoupled, "ft_python t5")
+            int(arguments.max_batch_size), self.decoupled, "ft_python t5")
         ft_scheduler.log(pb_utils, f"ft_python t5: loaded {checkpoint} (tp={config.tensor_para_size}, weights {config.weight_data_type}) "
              f"on {device} computing in {dtype}; {self.defaults}")
 
