@@ -19,9 +19,38 @@ def _run(tmp_path, argv, fork: bool, name: str) -> tuple[int, str, str]:
     return code, out.read_text(), err.read_text()
 
 
-def test_only_this_interpreters_sub_stage_command_is_forked(monkeypatch):
+@pytest.fixture
+def single_threaded(monkeypatch):
+    """This test process runs threads started after the launcher module was imported (torch's OpenMP pool, once
+    earlier tests ran torch ops), which rightly stops the launcher from forking: the tests of everything else
+    pretend it has none, as main.py has none."""
+    monkeypatch.setattr(forked, "_no_new_threads", lambda: True)
+
+
+def test_a_process_running_other_threads_is_not_forked(monkeypatch):
+    """Regression: a conversion forked from a pytest process that had run torch ops hung forever in its first
+    tensor copy (the OpenMP pool's locks, held by threads the fork does not copy). With another thread running,
+    the command runs in a fresh interpreter instead."""
+    import threading
+
+    command = [sys.executable, "-m", "exporter.run_substage", "config.yaml", "export", "convert"]
+    monkeypatch.setenv(forked.ENV, "1")
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert not forked._no_new_threads()
+        assert not forked.can_fork(command)
+    finally:
+        stop.set()
+        other.join()
+
+
+def test_only_this_interpreters_sub_stage_command_is_forked(monkeypatch, single_threaded):
     command = [sys.executable, "-m", "exporter.run_substage", "config.yaml", "export", "convert"]
     monkeypatch.delenv(forked.ENV, raising=False)
+    assert not forked.can_fork(command)  # opt-in
+    monkeypatch.setenv(forked.ENV, "1")
     assert forked.can_fork(command)
     assert not forked.can_fork(["python3", *command[1:]])  # a container's interpreter
     assert not forked.can_fork([sys.executable, "-m", "other.module"])
@@ -30,7 +59,7 @@ def test_only_this_interpreters_sub_stage_command_is_forked(monkeypatch):
 
 
 @pytest.mark.parametrize("fork", [True, False])
-def test_forked_and_fresh_sub_stage_fail_alike(tmp_path, monkeypatch, fork):
+def test_forked_and_fresh_sub_stage_fail_alike(tmp_path, monkeypatch, fork, single_threaded):
     """A sub-stage that fails (its config is missing: exit 2, one logged line) reports the same status and log
     line, in the same working directory, whether it ran forked or as a fresh interpreter."""
     monkeypatch.setenv(forked.ENV, "1" if fork else "0")
@@ -42,10 +71,10 @@ def test_forked_and_fresh_sub_stage_fail_alike(tmp_path, monkeypatch, fork):
     assert "Traceback" not in out + err
 
 
-def test_forked_sub_stage_sees_its_environment_and_directory(tmp_path, monkeypatch):
+def test_forked_sub_stage_sees_its_environment_and_directory(tmp_path, monkeypatch, single_threaded):
     """The fork runs with the environment and working directory given to the command, not the launcher's, and a
     sub-stage that dies on a signal reports it as Popen does (negative status)."""
-    monkeypatch.setattr(forked, "can_fork", lambda argv: True)
+    monkeypatch.setenv(forked.ENV, "1")
 
     def probe(argv):
         print(f"cwd={os.getcwd()} marker={os.environ.get('MARKER')}", flush=True)

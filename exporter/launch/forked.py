@@ -9,7 +9,10 @@ launcher_cmd.log still show the command, which reruns the sub-stage exactly.
 
 Not forked (a fresh interpreter runs the command instead): where there is no fork, when the command names another
 interpreter (a container's), when this process has initialised CUDA (a forked child cannot use it), and when
-EXPORTER_FORK=0.
+when this process has started threads since it imported torch (a fork copies only the calling thread, and the
+locks the others held stay held in the child: torch's OpenMP pool, once started, hangs the child). Opt-in:
+EXPORTER_FORK=1 (a process that ran torch work before launching could hang its child if the check above missed a
+thread, so the default stays the fresh interpreter).
 """
 
 from __future__ import annotations
@@ -31,10 +34,31 @@ def can_fork(argv: Sequence[str]) -> bool:
     """`argv` is this interpreter running a sub-stage, and a fork of this process can run it."""
     if list(argv[1:3]) != list(ENTRY) or argv[0] != sys.executable:
         return False
-    if not hasattr(os, "fork") or os.environ.get(ENV, "1") == "0":
+    if not hasattr(os, "fork") or os.environ.get(ENV, "0") != "1":
         return False
-    torch = sys.modules.get("torch")
-    return not (torch is not None and torch.cuda.is_initialized())
+    if torch.cuda.is_initialized():
+        return False
+    return _no_new_threads()
+
+
+def _threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:  # no /proc: the Python threads we know of
+        return threading.active_count()
+
+
+# The threads a launcher has once torch is imported (the BLAS pool numpy starts), before it runs anything.
+import torch  # noqa: E402  (imported by every sub-stage anyway)
+
+_THREADS_AT_IMPORT = _threads()
+
+
+def _no_new_threads() -> bool:
+    """No thread started since this module was imported. A fork copies one thread and every lock as it was:
+    torch's OpenMP pool, once a parallel op has started it, hangs the child's first parallel op (seen: a
+    conversion forked from a test process that had run torch before waited forever in a tensor copy)."""
+    return _threads() <= _THREADS_AT_IMPORT
 
 
 def _child(argv: Sequence[str], out: int, err: int, cwd: Path, env: dict[str, str]) -> None:
