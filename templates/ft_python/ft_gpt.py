@@ -78,8 +78,11 @@ class FTGPT:
     the first stage's device, which is also `self.device`.
     """
 
-    def __init__(self, weights, config, device="cpu", dtype=torch.float32, devices=None):
-        """config: an ft_checkpoint.FTConfig (a mapping of its keys is completed with its defaults)."""
+    def __init__(self, weights, config, device="cpu", dtype=torch.float32, devices=None, consume=False):
+        """config: an ft_checkpoint.FTConfig (a mapping of its keys is completed with its defaults).
+
+        consume: drop each tensor from `weights` once it is placed (from_shards: the load's peak memory stays the
+        weights', although the output projection is transposed and gated MLPs joined into new tensors)."""
         config = ft_checkpoint.as_config(config)
         if config.layernorm_type not in ("pre_layernorm", "post_layernorm"):
             raise ValueError(f"layernorm_type {config.layernorm_type!r} is not supported")
@@ -140,14 +143,24 @@ class FTGPT:
         def norm_weights(prefix, dev=None):
             return (w(prefix + ".weight", dev), optional(prefix + ".bias", dev))
 
-        self.wte = w("model.wte")                                     # [V, h]
+        wte = w("model.wte")                                          # [V, h]
         self.wpe = w("model.wpe") if config.has_positional_encoding else None
         self.learned_positions = self.wpe is not None  # bounds prompt + output length
         self.pre_ln = norm_weights("model.pre_decoder_layernorm") if config.has_pre_decoder_layernorm else None
         last = self.stage_devices[-1]
         self.final_ln = norm_weights("model.final_layernorm", last) if config.has_post_decoder_layernorm else None
-        # Output projection [V, h]: tied to wte unless FT would load a separate lm_head.
-        self.lm_head = w("model.lm_head.weight") if "model.lm_head.weight" in weights else self.wte
+        # Output projection, kept transposed and contiguous [h, V]: torch.mm(hidden, lm_head_t) reads it in order
+        # (hidden @ W.t() over [V, h] took 1.6x as long at batch 1 and 8 on this CPU). Tied to wte unless FT would
+        # load a separate lm_head; tied, the one [h, V] copy also serves the embedding lookup (columns), so the
+        # weights are held once, as before.
+        self.tied = "model.lm_head.weight" not in weights
+        head = wte if self.tied else w("model.lm_head.weight")
+        self.lm_head_t = head.t().contiguous()
+        del head
+        self.wte = None if self.tied else wte
+        del wte
+        if consume:
+            weights.pop("model.wte"), weights.pop("model.lm_head.weight", None)
         self.lm_head_bias = optional("model.lm_head.bias")            # [V] (GPT-J)
         # FT's p/prompt tuning (ft_checkpoint.PROMPT_LEARNING_TYPES): every task's table stacked [sum P_t, h];
         # task t's rows start at prompt_offsets[t]. Ids >= prompt_start_id are virtual tokens of the row's task.
@@ -193,16 +206,29 @@ class FTGPT:
                     "k_norm": optional(p + "attention.k_layernorm.weight", dev),
                     "o_w": w(p + "attention.dense.weight", dev),
                     "o_b": optional(p + "attention.dense.bias", dev),
-                    "fc1_w": w(p + "mlp.dense_h_to_4h.weight", dev),
-                    "fc1_b": optional(p + "mlp.dense_h_to_4h.bias", dev),
-                    "up_w": optional(p + "mlp.dense_h_to_4h_2.weight", dev) if self.gated else None,
-                    "up_b": optional(p + "mlp.dense_h_to_4h_2.bias", dev) if self.gated else None,
                     "fc2_w": w(p + "mlp.dense_4h_to_h.weight", dev),
                     "fc2_b": out_bias,
+                    **self._inner_projection(weights, p, w, optional, dev),
                 })
-        if self.gated and any(lw["up_w"] is None for lw in self.layers):
-            raise ValueError(f"activation_type {config.activation_type} needs "
+                if consume:
+                    for name in [name for name in weights if name.startswith(p)]:
+                        del weights[name]
+
+    def _inner_projection(self, weights, p, w, optional, dev):
+        """fc1_w [h, I] (+ fc1_b); gated: gate | up side by side in one [h, 2I] matrix (one product per token
+        instead of two; the activation takes the first half), the biases likewise when both exist."""
+        fc1_w, fc1_b = w(p + "mlp.dense_h_to_4h.weight", dev), optional(p + "mlp.dense_h_to_4h.bias", dev)
+        if not self.gated:
+            return {"fc1_w": fc1_w, "fc1_b": fc1_b}
+        if p + "mlp.dense_h_to_4h_2.weight" not in weights:
+            raise ValueError(f"activation_type {self.config.activation_type} needs "
                              "mlp.dense_h_to_4h_2.weight in every layer")
+        up_w, up_b = w(p + "mlp.dense_h_to_4h_2.weight", dev), optional(p + "mlp.dense_h_to_4h_2.bias", dev)
+        if (fc1_b is None) != (up_b is None):  # one bias only: the missing one is zero
+            fc1_b = torch.zeros_like(up_b) if fc1_b is None else fc1_b
+            up_b = torch.zeros_like(fc1_b) if up_b is None else up_b
+        return {"fc1_w": torch.cat([fc1_w, up_w], dim=1),
+                "fc1_b": None if fc1_b is None else torch.cat([fc1_b, up_b])}
 
     @classmethod
     def from_shards(cls, shard_dir, device="cpu", dtype=None, devices=None):
@@ -218,7 +244,7 @@ class FTGPT:
         if devices is not None:
             devices = [resolve_device(d) for d in devices]
             device = devices[0]
-        return cls(weights, config, device=device, dtype=compute, devices=devices)
+        return cls(weights, config, device=device, dtype=compute, devices=devices, consume=True)
 
     # ------------------------------------------------------------------ forward pieces
     def _rms(self, x, weight):
@@ -240,7 +266,10 @@ class FTGPT:
         if prompt_tasks is not None and self.prompt_rows is not None:
             virtual = (ids >= self.prompt_start_id) & (prompt_tasks[:, None] >= 0)   # [B, S]
             ids = torch.where(virtual, 0, ids)  # any real row: overwritten below
-        x = F.embedding(ids, self.wte)
+        if self.tied:  # columns of the one [h, V] copy
+            x = self.lm_head_t.index_select(1, ids.reshape(-1)).t().reshape(*ids.shape, self.hidden)
+        else:
+            x = F.embedding(ids, self.wte)
         if self.config.embedding_multiplier != 1.0:  # Gemma: sqrt(h), rounded to the compute dtype
             x = x * torch.tensor(self.config.embedding_multiplier, dtype=x.dtype)
         if virtual is not None and bool(virtual.any()):
@@ -266,36 +295,49 @@ class FTGPT:
         queries = keys[start:]                                                  # [S]
         return mask & (keys[None, :] > queries[:, None] - window)
 
+    def _rotary_heads(self, cos, sin):
+        """rotary_tables' cos, sin [B, 1, S, r/2] -> full-width [B, S, 1, r] tables for _rotate (once per forward):
+        halves (NeoX/Llama) repeat the table, pairs (GPT-J) repeat each entry."""
+        if self.rotary_style == "gptj":
+            cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
+        else:
+            cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+        return cos.transpose(1, 2), sin.transpose(1, 2)
+
     def _rotate(self, x, cos, sin):
-        # x [B, heads, S, d]: rotate the first rotary_dim dims of each head, in fp32.
+        """x [B, S, heads, d] (q and k heads together): the first rotary_dim dims of each head rotated, in fp32.
+
+        x * cos + partner(x) * sin with partner = (-second half, first half) (NeoX) or (-odd, even) per pair
+        (GPT-J): element for element the same products and sums as rotating the halves / pairs one by one
+        (a + (-b) is a - b exactly), in five ops for all heads."""
         r = self.rotary_dim
-        rot, rest = x[..., :r].float(), x[..., r:]
+        rot = x if r == x.shape[-1] else x[..., :r]
+        rot = rot.float()
         if self.rotary_style == "gptj":  # pairs (0, 1), (2, 3), ...
-            even, odd = rot[..., 0::2], rot[..., 1::2]
-            rot = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+            partner = torch.stack((-rot[..., 1::2], rot[..., 0::2]), dim=-1).flatten(-2)
         else:  # halves [0, r/2) and [r/2, r)
-            first, second = rot[..., :r // 2], rot[..., r // 2:]
-            rot = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
-        return torch.cat((rot.to(x.dtype), rest), dim=-1)
+            partner = torch.cat((-rot[..., r // 2:], rot[..., :r // 2]), dim=-1)
+        rot = (rot * cos + partner * sin).to(x.dtype)
+        return rot if r == x.shape[-1] else torch.cat((rot, x[..., r:]), dim=-1)
 
     def _attention(self, y, lw, parts, rotary):
         """Self-attention of y [B, S, h] -> [B, S, h] (without the output bias), filling the caches.
 
         parts: per group of consecutive rows, (layer_cache, start, mask): the group's rows are the first
         layer_cache[0].shape[0] rows not taken by the groups before it; the projections run once over all rows,
-        attention per group against its own cache.
+        attention per group against its own cache (mask None: every key). rotary: _rotary_heads' tables or None.
         """
         bsz, seq, h = y.shape
         d, nq, nkv = self.head_dim, self.num_heads, self.kv_heads
         qkv = _linear(y.reshape(-1, h), lw["qkv_w"], lw["qkv_b"])          # [B*S, (nq + 2 nkv) d]
-        q, k, v = torch.split(qkv, [nq * d, nkv * d, nkv * d], dim=-1)
-        q = q.view(bsz, seq, nq, d).transpose(1, 2)                         # [B, nq, S, d]
-        k = k.view(bsz, seq, nkv, d).transpose(1, 2)                        # [B, nkv, S, d]
-        v = v.view(bsz, seq, nkv, d).transpose(1, 2)
-        if lw["q_norm"] is not None:  # per-head RMSNorm over d, every head at once
-            q, k = self._rms(q, lw["q_norm"]), self._rms(k, lw["k_norm"])
+        qk = qkv[:, :(nq + nkv) * d].view(bsz, seq, nq + nkv, d)           # q and k heads, rotated together
+        if lw["q_norm"] is not None:  # per-head RMSNorm over d
+            qk = torch.cat((self._rms(qk[:, :, :nq], lw["q_norm"]), self._rms(qk[:, :, nq:], lw["k_norm"])), dim=2)
         if rotary is not None:
-            q, k = self._rotate(q, *rotary), self._rotate(k, *rotary)
+            qk = self._rotate(qk, *rotary)
+        q = qk[:, :, :nq].transpose(1, 2)                                   # [B, nq, S, d]
+        k = qk[:, :, nq:].transpose(1, 2)                                   # [B, nkv, S, d]
+        v = qkv[:, (nq + nkv) * d:].view(bsz, seq, nkv, d).transpose(1, 2)
         outputs, row = [], 0
         for (k_cache, v_cache), start, mask in parts:
             rows = slice(row, row + k_cache.shape[0])
@@ -320,10 +362,12 @@ class FTGPT:
 
     def _mlp(self, y, lw):
         bsz, seq, h = y.shape
-        flat = y.reshape(-1, h)
-        inner = _activation(self.act, _linear(flat, lw["fc1_w"], lw["fc1_b"]), self.gelu_approximation)
-        if self.gated:  # act(x W_gate) * (x W_up)
-            inner = inner * _linear(flat, lw["up_w"], lw["up_b"])
+        inner = _linear(y.reshape(-1, h), lw["fc1_w"], lw["fc1_b"])
+        if self.gated:  # act(x W_gate) * (x W_up), both from one product
+            gate, up = inner.chunk(2, dim=-1)
+            inner = _activation(self.act, gate, self.gelu_approximation) * up
+        else:
+            inner = _activation(self.act, inner, self.gelu_approximation)
         return torch.mm(inner, lw["fc2_w"]).view(bsz, seq, h)
 
     def _blocks(self, x, pos, groups):
@@ -335,19 +379,23 @@ class FTGPT:
         self.device.
         """
         device, rotary, masks = None, None, None
+        # A group whose mask lets every query see every key (a decoding step without padding) attends unmasked:
+        # the same result (the mask only adds 0 there), one pass less over the scores in each layer.
+        unmasked = [bool(mask.all()) for _, _, mask in groups]
         for i, lw in enumerate(self.layers):
             if lw["device"] != device:  # first layer of a pipeline stage on a new device
                 device = lw["device"]
                 x = x.to(device)
                 # per group: {window (0 = full causal): mask}, built once per call and device
                 masks = [{0: mask.to(device)} for _, _, mask in groups]
-                # cos, sin [B, 1, S, r/2] (fp32) for positions pos [B, S]
-                rotary = self.rotary_tables(pos, device) if self.rotary_dim else None
+                # cos, sin [B, S, 1, r] (fp32) for positions pos [B, S]
+                rotary = self._rotary_heads(*self.rotary_tables(pos, device)) if self.rotary_dim else None
             window = lw["window"]
             for (_, start, _), group_masks in zip(groups, masks):
                 if window not in group_masks:
                     group_masks[window] = self._window_mask(group_masks[0], start, window)
-            parts = [(cache[i], start, group_masks[window]) for (cache, start, _), group_masks in zip(groups, masks)]
+            parts = [(cache[i], start, None if window == 0 and every else group_masks[window])
+                     for (cache, start, _), group_masks, every in zip(groups, masks, unmasked)]
             if self.post_layernorm:  # OPT with do_layer_norm_before=False
                 x = self._norm(x + self._bias(self._attention(x, lw, parts, rotary), lw["o_b"]), lw["ln1"])
                 x = self._norm(x + self._bias(self._mlp(x, lw), lw["fc2_b"]), lw["ln2"])
@@ -370,7 +418,7 @@ class FTGPT:
 
     def logits(self, hidden):
         # [..., h] -> [..., V] in fp32 (sampling and log-probs are done in fp32)
-        logits = hidden @ self.lm_head.t()
+        logits = torch.mm(hidden.reshape(-1, self.hidden), self.lm_head_t).view(*hidden.shape[:-1], -1)
         if self.lm_head_bias is not None:
             logits = logits + self.lm_head_bias
         logits = logits.float()
