@@ -125,6 +125,76 @@ def test_staggered_cohorts_each_equal_to_alone_and_to_hf(model, hf_model):
                 assert _tokens(ours, row) == prompt + tokens, (index, row)
 
 
+JOINT = [  # (prompts, max_new_tokens, options): lengths 5, 1 + 7, 2 + 5, 7 + 2, greedy, sampling and beams
+    ([PROMPTS[0]], [9], {}),
+    ([PROMPTS[1], PROMPTS[2]], [6, 8], {"top_k": 20, "top_p": 0.9, "random_seed": 3}),
+    ([PROMPTS[3], PROMPTS[0]], [7, 5], {"beam_width": 2}),
+    ([PROMPTS[2], PROMPTS[3]], [4, 10], {}),
+]
+
+
+def _joint_batches(model):
+    batches = []
+    for prompts, new, options in JOINT:
+        ids, lengths = right_padded(prompts, END)
+        batches.append(check_inputs(model, ids, lengths, new, **options))
+    return batches
+
+
+def _run(engine, cohorts):
+    while engine.cohorts:
+        engine.step()
+    return [cohort.output for cohort in cohorts]
+
+
+@pytest.mark.parametrize("padding", [1.25, 100.0], ids=["similar-lengths", "every-length"])
+def test_requests_admitted_together_prefill_in_one_forward_and_each_equals_alone(model, monkeypatch, padding):
+    """Engine.joint_prefill: the cohorts admitted in the block share prefill forwards (prompts padded on the left to
+    the group's longest, their caches moved back after), and each decodes exactly as generate() alone."""
+    monkeypatch.setattr(ft_generate, "PREFILL_PADDING", padding)
+    groups = []
+    real = ft_generate.grouped_prefill
+    monkeypatch.setattr(ft_generate, "grouped_prefill",
+                        lambda m, cohorts: (groups.append([c.lmax for c in cohorts]), real(m, cohorts))[1])
+    batches = _joint_batches(model)
+    engine = ft_generate.Engine(model)
+    with engine.joint_prefill():
+        cohorts = [engine.admit(batch) for batch in batches]
+        assert all(cohort.cache is None for cohort in cohorts)  # prefilled when the block ends
+    assert all(cohort.cache is not None and cohort.error is None for cohort in cohorts)
+    # lmax 5, 7, 5, 7: similar lengths go together; at any padding, all four in one forward, two of them padded
+    assert groups == [[5, 7, 5, 7]]
+    for ours, batch in zip(_run(engine, cohorts), batches):
+        _assert_same(ours, ft_generate.generate(model, batch))
+
+
+def test_a_joint_prefill_that_fails_falls_back_to_one_forward_each(model, monkeypatch):
+    """The joint forward failing (e.g. out of memory together) prefills each cohort alone; a cohort whose own prefill
+    fails leaves at the next step with its error, the others decode as alone."""
+    batches = _joint_batches(model)
+    engine = ft_generate.Engine(model)
+    monkeypatch.setattr(model, "hidden_states_grouped", lambda *a, **k: (_ for _ in ()).throw(MemoryError("joint")))
+    real, calls = model.hidden_states, []
+
+    def alone(ids, *args, **kwargs):
+        calls.append(ids.shape[0])
+        if len(calls) == 2:
+            raise MemoryError("alone")
+        return real(ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", alone)
+    with engine.joint_prefill():
+        cohorts = [engine.admit(batch) for batch in batches]
+    monkeypatch.undo()  # the model's own forwards again
+    assert calls == [1, 2, 2, 2]  # one prefill each, in arrival order
+    failed = cohorts[1]
+    assert isinstance(failed.error, MemoryError) and failed.cache is None
+    assert engine.step() == [failed] and failed.output is None  # it leaves at the first step, with its error
+    outputs = _run(engine, cohorts)
+    for index in (0, 2, 3):
+        _assert_same(outputs[index], ft_generate.generate(model, batches[index]))
+
+
 def test_cancelled_cohort_stops_and_frees_its_cache(model):
     ids, lengths = right_padded([PROMPTS[0]], END)
     long = check_inputs(model, ids, lengths, [100])

@@ -23,12 +23,14 @@ Row b owns W_b consecutive decoder slots (1 for greedy / sampling, beam_width fo
 search); every per-row option is expanded to the row's slots, so rows never see each other.
 """
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 try:  # imported as templates.ft_python.ft_generate inside the project
     from . import ft_interface
@@ -295,7 +297,8 @@ CACHE_BLOCK = 64  # a decoding's KV cache grows by this many positions at a time
 class Engine:
     """In-flight batching: many decodings advanced together, one joint forward per step.
 
-    admit(batch) prefills a request's batch alone and returns its Cohort (the state generate() keeps for one call);
+    admit(batch) prefills a request's batch (alone, or inside joint_prefill() together with the others admitted there)
+    and returns its Cohort (the state generate() keeps for one call);
     step() chooses the next token of every cohort, then runs ONE forward for all cohorts still decoding: their rows
     go through every projection together (the weights are read once per step) and attend to their own caches. A
     cohort leaves as soon as it finishes (its result in cohort.output) or is cancelled, and its cache is freed at
@@ -308,15 +311,53 @@ class Engine:
     def __init__(self, model):
         self.model = model
         self.cohorts = []
+        self._pending = None  # cohorts admitted inside joint_prefill(), not prefilled yet
 
     @torch.inference_mode()
     def admit(self, batch, stream=None, model=None):
         """Prefill `batch` (check_inputs' Batch) and add it; its first token is chosen at the next step(). model: the
         cohort's own decoder (an encoder-decoder's, bound to the cohort's encoder output; default the Engine's), which
-        has no grouped forward: the Engine then runs a forward per cohort."""
-        cohort = _Decoding(self.model if model is None else model, batch, stream)
+        has no grouped forward: the Engine then runs a forward per cohort. Inside joint_prefill() the prefill of a
+        cohort of the Engine's model waits for the block's end."""
+        defer = self._pending is not None and model is None
+        cohort = _Decoding(self.model if model is None else model, batch, stream, prefill=not defer)
+        if defer:
+            self._pending.append(cohort)
         self.cohorts.append(cohort)
         return cohort
+
+    @contextlib.contextmanager
+    def joint_prefill(self):
+        """The cohorts admitted in this block are prefilled together when it ends: prompts of similar lengths in one
+        forward (grouped_prefill), every projection over all their rows at once, instead of one forward each. Each
+        cohort's output is still that of generate() on its batch alone. A cohort whose prefill fails gets `error`
+        and leaves at the next step(); the others are unaffected."""
+        self._pending = []
+        try:
+            yield self
+        finally:
+            pending, self._pending = self._pending, None
+            self._prefill(pending)
+
+    @torch.inference_mode()
+    def _prefill(self, cohorts):
+        done = set()
+        grouped = callable(getattr(self.model, "hidden_states_grouped", None))
+        for group in (_prefill_groups(cohorts) if grouped else []):
+            if len(group) > 1:
+                try:
+                    grouped_prefill(self.model, group)
+                    done.update(id(cohort) for cohort in group)
+                except Exception:  # noqa: BLE001 - e.g. out of memory together: each is tried alone below
+                    continue
+        for cohort in cohorts:
+            if id(cohort) not in done:
+                try:
+                    ids, pos, mask, prompt = cohort.prefill_inputs()
+                    cache = self.model.new_cache(cohort.bsz, cohort.capacity)
+                    cohort.finish_prefill(self.model.hidden_states(ids, pos, cache, 0, mask, **prompt)[:, -1], cache)
+                except Exception as exc:  # noqa: BLE001 - this request fails alone
+                    cohort.error = exc
 
     def cancel(self, cohort):
         """Drop a cohort now (its cache with it); it gets no output."""
@@ -336,6 +377,9 @@ class Engine:
         ends every cohort in it)."""
         going, left = [], []
         for cohort in self.cohorts:
+            if cohort.error is not None:  # its prefill failed (joint_prefill)
+                left.append(cohort)
+                continue
             try:
                 more = cohort.advance()
             except Exception as exc:  # noqa: BLE001 - one cohort's failure ends that cohort only
@@ -377,6 +421,54 @@ class Engine:
             cohort.logits = part
 
 
+# A joint prefill pads every prompt of its group to the longest on the left: a group takes cohorts while its padded
+# positions stay within PREFILL_PADDING x their own and its rows x columns within PREFILL_TOKENS (one request alone
+# may be larger).
+PREFILL_PADDING = 1.25
+PREFILL_TOKENS = 4096
+
+
+def _prefill_groups(cohorts):
+    """Consecutive runs of cohorts (arrival order) that grouped_prefill may run in one forward."""
+    groups, group = [], []
+    for cohort in cohorts:
+        trial = group + [cohort]
+        width = max(c.lmax for c in trial)
+        padded = sum(c.bsz for c in trial) * width
+        if group and (padded > PREFILL_PADDING * sum(c.bsz * c.lmax for c in trial) or padded > PREFILL_TOKENS):
+            groups.append(group)
+            trial = [cohort]
+        group = trial
+    return groups + ([group] if group else [])
+
+
+def grouped_prefill(model, cohorts):
+    """Prefill cohorts (made with prefill=False) in one forward of model.hidden_states_grouped: each cohort's prompts
+    are padded on the left to the group's longest L (pad columns: pad ids at position 0, attended by no real query)
+    and fill a cache of their own; a shorter cohort's cache is then moved back by its padding (model.move_cache),
+    so every cohort continues exactly as if prefilled alone."""
+    width = max(cohort.lmax for cohort in cohorts)
+    ids, pos, groups, tasks, caches = [], [], [], [], []
+    for cohort in cohorts:
+        c_ids, c_pos, c_mask, prompt = cohort.prefill_inputs()
+        pad, bsz, dev = width - cohort.lmax, cohort.bsz, c_ids.device
+        if pad:
+            c_ids, c_pos = F.pad(c_ids, (pad, 0)), F.pad(c_pos, (pad, 0))
+            mask = torch.eye(width, dtype=torch.bool, device=dev).expand(bsz, 1, width, width).clone()
+            mask[:, :, pad:, pad:] = c_mask
+            c_mask = mask
+        cache = model.new_cache(bsz, max(cohort.capacity, width))
+        ids.append(c_ids), pos.append(c_pos), caches.append(cache), groups.append((cache, 0, c_mask))
+        tasks.append(prompt.get("prompt_tasks", torch.full((bsz,), -1, dtype=torch.long, device=dev)))
+    prompt = {"prompt_tasks": torch.cat(tasks)} if any(bool((t >= 0).any()) for t in tasks) else {}
+    hidden = model.hidden_states_grouped(torch.cat(ids), torch.cat(pos), groups, **prompt)[:, -1]
+    for cohort, last, cache in zip(cohorts, torch.split(hidden, [c.bsz for c in cohorts]), caches):
+        pad = width - cohort.lmax
+        if pad:
+            cache = model.move_cache(cache, pad, cohort.lmax, cohort.capacity)
+        cohort.finish_prefill(last, cache)
+
+
 class _Decoding:
     """The state of one generate() call (an Engine's cohort): prefilled when made, then advance() chooses a step's
     tokens from `logits`, decode_inputs() gives the forward that makes the next `logits`, result() the output.
@@ -386,9 +478,12 @@ class _Decoding:
     inside a row (cache, history and penalties follow the permutation).
     """
 
-    def __init__(self, model, batch, stream):
+    def __init__(self, model, batch, stream, prefill=True):
+        """prefill=False: the prompts are not run yet; prefill_inputs() then finish_prefill() (Engine.prefill_together)
+        do it, possibly in one forward with other cohorts."""
         self.model, self.stream = model, stream
         self.step, self.output, self.error = 0, None, None
+        self.cache = self.logits = None  # the prefill's
         dev = self.dev = model.device
         ids, lengths, new = batch.input_ids, batch.input_lengths, batch.max_new_tokens
         self.lengths, self.end = lengths, batch.end_id
@@ -402,13 +497,33 @@ class _Decoding:
         base = torch.cumsum(width, 0) - width                             # first slot per row
         self.slot_row = torch.repeat_interleave(torch.arange(bsz), width)  # [N]
         self.slots = int(width.sum())
-        row_d = self.slot_row.to(dev)
-        self._prefill(batch, row_d)
+        self.row_d = row_d = self.slot_row.to(dev)
+        self._prefill_state(batch, row_d)
         self._init_single(batch, base)
         self._init_beams(batch, base)
+        if prefill:
+            ids, pos, mask, prompt = self.prefill_inputs()
+            cache = model.new_cache(bsz, self.capacity)
+            self.finish_prefill(model.hidden_states(ids, pos, cache, 0, mask, **prompt)[:, -1], cache)
 
-    def _prefill(self, batch, row_d):
-        """Run the prompts once; set the per-slot cache, history, masks and penalties."""
+    def prefill_inputs(self):
+        """(ids [B, Lmax], pos [B, Lmax], mask [B, 1, Lmax, Lmax], {"prompt_tasks": [B]} or {}) of the prefill forward,
+        which writes cache positions 0 .. Lmax-1."""
+        return self._prefill_ids, self._prefill_pos, self._prefill_mask, self._prefill_prompt
+
+    def finish_prefill(self, last_hidden, cache):
+        """Take the prefill's final hidden states at the last column [B, h] and its cache (positions 0 .. Lmax-1
+        filled, `capacity` positions): the first logits, every slot's cache."""
+        model, row_d = self.model, self.row_d
+        self.logits = model.logits(last_hidden)                           # [B, V]
+        if self.slots != self.bsz:
+            cache = model.reorder_cache(cache, row_d)
+            self.logits = self.logits[row_d]                              # [N, V]
+        self.cache = cache
+        self._prefill_ids = self._prefill_pos = self._prefill_mask = self._prefill_prompt = None
+
+    def _prefill_state(self, batch, row_d):
+        """The prefill's inputs (prefill_inputs); the per-slot history, masks and penalties."""
         model, dev, lmax, bsz, slots = self.model, self.dev, self.lmax, self.bsz, self.slots
         ids, lengths = self.ids, self.lengths
         total = lmax + self.steps
@@ -434,17 +549,11 @@ class _Decoding:
         mask = ((causal[None] & key_valid[:, None, :lmax]) | eye[None])[:, None]
         self.total = total
         self.capacity = self._capacity(lmax + 1)  # cache positions (the cache's layout is the model's)
-        cache = model.new_cache(bsz, self.capacity)
         # position id = index inside the real prompt (pads get 0, never attended); virtual prompt tokens are
         # ordinary positions, as in FT
         tasks = batch.prompt_task_id
-        prompt = {} if tasks is None or not bool((tasks >= 0).any()) else {"prompt_tasks": tasks.to(dev)}
-        hidden = model.hidden_states(left_ids.to(dev), src.to(dev), cache, 0, mask, **prompt)
-        self.logits = model.logits(hidden[:, -1])                         # [B, V]
-        if slots != bsz:
-            cache = model.reorder_cache(cache, row_d)
-            self.logits = self.logits[row_d]                              # [N, V]
-        self.cache = cache
+        self._prefill_prompt = {} if tasks is None or not bool((tasks >= 0).any()) else {"prompt_tasks": tasks.to(dev)}
+        self._prefill_ids, self._prefill_pos, self._prefill_mask = left_ids.to(dev), src.to(dev), mask
         self.key_valid = key_valid[row_d]                                 # [N, total]
         self.slot_lengths = lengths.to(dev)[row_d]
 

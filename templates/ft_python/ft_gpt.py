@@ -448,6 +448,15 @@ class FTGPT:
                 new_part[:, :, :old_part.shape[2]] = old_part
         return grown
 
+    def move_cache(self, cache, drop, length, slots):
+        """A cache of `slots` positions whose 0 .. length-1 are `cache`'s drop .. drop+length-1 (a joint prefill's
+        left padding removed)."""
+        moved = self.new_cache(cache[0][0].shape[0], slots)
+        for old, new in zip(cache, moved):
+            for old_part, new_part in zip(old, new):
+                new_part[:, :, :length] = old_part[:, :, drop:drop + length]
+        return moved
+
     @staticmethod
     def cache_bytes(cache):
         """Bytes held by a cache: 2 x layers x rows x kv_heads x slots x head_dim x element size."""

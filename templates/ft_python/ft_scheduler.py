@@ -1,18 +1,20 @@
 """In-flight batching for the python runtime's Triton models (model.py for GPT, model_t5.py for T5): one scheduler
 thread drives an ft_generate.Engine and answers every request through its response sender.
 
-submit() answers a bad request with its error at once and queues the others; the thread admits them between
-decoding steps while the running rows stay within max_batch_size (one request alone may be larger), steps every
-running request, answers each as it finishes (its cache freed at once) and stops one its client cancelled before the
-next step. Plain models get exactly one response per request, flagged TRITONSERVER_RESPONSE_COMPLETE_FINAL; decoupled
-ones a response after each step that grew one of the request's sequences, then the final one. A cancelled request's
-stream is closed with a flags-only final (a plain request: an error response).
+submit() answers a bad request with its error at once and queues the others; the thread admits them between decoding
+steps while the running rows stay within max_batch_size (one request alone may be larger), the prompts of those
+admitted together prefilled in joint forwards, steps every running request, answers each as it finishes (its cache
+freed at once) and stops one its client cancelled before the next step. Plain models get exactly one response per
+request, flagged TRITONSERVER_RESPONSE_COMPLETE_FINAL; decoupled ones a response after each step that grew one of
+the request's sequences, then the final one. A cancelled request's stream is closed with a flags-only final (a plain
+request: an error response).
 
 What differs between models is the host's (the TritonPythonModel):
   host.parse(request) -> batch            a checked batch (raises with the message of a bad request)
   host.rows(batch) -> int                 rows the batch decodes (for max_batch_size)
   host.prompt_tokens(batch) -> int        for the metrics
-  host.admit(engine, batch, stream) -> cohort   prefill; stream(partial) gets the host's layout after each step
+  host.admit(engine, batch, stream) -> cohort   engine.admit (prefilled with the requests admitted with it);
+                                          stream(partial) gets the host's layout after each step
   host.final(cohort, batch) -> (response, generated tokens)   a finished cohort's answer
   host.partial(output, batch) -> response              a streamed step's answer
 Self-contained (a template copied into the model directory): stdlib and torch; pb_utils and the metrics
@@ -129,7 +131,12 @@ class Scheduler:
 
     def _admit(self, waiting):
         """Prefill the waiting requests in arrival order while the running rows stay within max_batch_size
-        (one request alone may be larger); returns those still waiting."""
+        (one request alone may be larger), those admitted together in joint forwards (Engine.joint_prefill);
+        returns those still waiting."""
+        with self.engine.joint_prefill():
+            return self._admit_each(waiting)
+
+    def _admit_each(self, waiting):
         while waiting:
             work = waiting[0]
             rows = self.host.rows(work.batch)

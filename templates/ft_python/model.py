@@ -16,13 +16,13 @@ The model's generation_config.json beside the shards (ft_generate.GenerationDefa
 that sends no end_id, and its sampling defaults apply to the options a request leaves unset.
 
 In-flight batching (ft_scheduler.Scheduler): execute() answers a bad request with its error at once and queues the
-others for the model's scheduler thread, which admits them between decoding steps (ft_generate.Engine: each
-request is prefilled alone, then decodes together with every running request, one joint forward per step) while the running rows stay
-within max_batch_size. A request that finishes is answered and leaves at once, freeing its KV cache; one its client
-cancelled stops before the next step. Every request keeps its own options and gets exactly the output it would
-get alone. Responses go through each request's response sender, plain models too (exactly one response, flagged
-TRITONSERVER_RESPONSE_COMPLETE_FINAL). Requests arrive with their own shapes (ragged), so nothing needs
-BATCH_ITEM_SHAPE.
+others for the model's scheduler thread, which admits them between decoding steps (ft_generate.Engine: the requests
+admitted between two steps are prefilled together, prompts of similar lengths in one forward, then each decodes
+together with every running request, one joint forward per step) while the running rows stay within max_batch_size.
+A request that finishes is answered and leaves at once, freeing its KV cache; one its client cancelled stops before
+the next step. Every request keeps its own options and gets exactly the output it would get alone. Responses go
+through each request's response sender, plain models too (exactly one response, flagged
+TRITONSERVER_RESPONSE_COMPLETE_FINAL). Requests arrive with their own shapes (ragged), so nothing needs BATCH_ITEM_SHAPE.
 
 Decoupled (model_transaction_policy { decoupled: true }): every request gets one response after each
 decoding step that grew one of its sequences (the sequences so far, T = its longest prompt + steps so far),
