@@ -341,21 +341,17 @@ class Engine:
 
     @torch.inference_mode()
     def _prefill(self, cohorts):
-        done = set()
         grouped = callable(getattr(self.model, "hidden_states_grouped", None))
         for group in (_prefill_groups(cohorts) if grouped else []):
             if len(group) > 1:
                 try:
                     grouped_prefill(self.model, group)
-                    done.update(id(cohort) for cohort in group)
                 except Exception:  # noqa: BLE001 - e.g. out of memory together: each is tried alone below
                     continue
         for cohort in cohorts:
-            if id(cohort) not in done:
+            if cohort.cache is None:  # alone, or its group's forward failed
                 try:
-                    ids, pos, mask, prompt = cohort.prefill_inputs()
-                    cache = self.model.new_cache(cohort.bsz, cohort.capacity)
-                    cohort.finish_prefill(self.model.hidden_states(ids, pos, cache, 0, mask, **prompt)[:, -1], cache)
+                    cohort.prefill_alone()
                 except Exception as exc:  # noqa: BLE001 - this request fails alone
                     cohort.error = exc
 
@@ -479,7 +475,7 @@ class _Decoding:
     """
 
     def __init__(self, model, batch, stream, prefill=True):
-        """prefill=False: the prompts are not run yet; prefill_inputs() then finish_prefill() (Engine.prefill_together)
+        """prefill=False: the prompts are not run yet; prefill_inputs() then finish_prefill() (Engine.joint_prefill)
         do it, possibly in one forward with other cohorts."""
         self.model, self.stream = model, stream
         self.step, self.output, self.error = 0, None, None
@@ -502,9 +498,13 @@ class _Decoding:
         self._init_single(batch, base)
         self._init_beams(batch, base)
         if prefill:
-            ids, pos, mask, prompt = self.prefill_inputs()
-            cache = model.new_cache(bsz, self.capacity)
-            self.finish_prefill(model.hidden_states(ids, pos, cache, 0, mask, **prompt)[:, -1], cache)
+            self.prefill_alone()
+
+    def prefill_alone(self):
+        """Run the prompts in a forward of their own (the cohort's cache: `capacity` positions)."""
+        ids, pos, mask, prompt = self.prefill_inputs()
+        cache = self.model.new_cache(self.bsz, self.capacity)
+        self.finish_prefill(self.model.hidden_states(ids, pos, cache, 0, mask, **prompt)[:, -1], cache)
 
     def prefill_inputs(self):
         """(ids [B, Lmax], pos [B, Lmax], mask [B, 1, Lmax, Lmax], {"prompt_tasks": [B]} or {}) of the prefill forward,

@@ -153,11 +153,11 @@ class FTGPT:
         # (hidden @ W.t() over [V, h] took 1.6x as long at batch 1 and 8 on this CPU). Tied to wte unless FT would
         # load a separate lm_head; tied, the one [h, V] copy also serves the embedding lookup (columns), so the
         # weights are held once, as before.
-        self.tied = "model.lm_head.weight" not in weights
-        head = wte if self.tied else w("model.lm_head.weight")
+        tied = "model.lm_head.weight" not in weights
+        head = wte if tied else w("model.lm_head.weight")
         self.lm_head_t = head.t().contiguous()
         del head
-        self.wte = None if self.tied else wte
+        self.wte = None if tied else wte  # None: tied, the embedding reads lm_head_t's columns
         del wte
         if consume:
             weights.pop("model.wte"), weights.pop("model.lm_head.weight", None)
@@ -266,7 +266,7 @@ class FTGPT:
         if prompt_tasks is not None and self.prompt_rows is not None:
             virtual = (ids >= self.prompt_start_id) & (prompt_tasks[:, None] >= 0)   # [B, S]
             ids = torch.where(virtual, 0, ids)  # any real row: overwritten below
-        if self.tied:  # columns of the one [h, V] copy
+        if self.wte is None:  # tied: columns of the one [h, V] copy
             x = self.lm_head_t.index_select(1, ids.reshape(-1)).t().reshape(*ids.shape, self.hidden)
         else:
             x = F.embedding(ids, self.wte)
