@@ -286,12 +286,15 @@ class FTGPT:
 
     @staticmethod
     def _window_mask(mask, start, window):
-        """mask [B, 1, S|1, start+S] restricted to keys less than `window` slots behind each query.
+        """mask [B, 1, S|1, K] restricted to keys less than `window` slots behind each query.
 
-        Query q sits in cache slot start+q; a row's slots hold consecutive positions (left-aligned
-        padding), so slot distance = position distance: transformers' `kv_idx > q_idx - window`.
+        Query q sits in cache slot start+q (start: an int, or a LongTensor [B] of each row's slot when S = 1); a
+        row's slots hold consecutive positions (left-aligned padding), so slot distance = position distance:
+        transformers' `kv_idx > q_idx - window`.
         """
-        keys = torch.arange(mask.shape[-1], device=mask.device)                  # [start+S]
+        keys = torch.arange(mask.shape[-1], device=mask.device)                  # [K]
+        if torch.is_tensor(start):  # one query per row, in its own slot
+            return mask & (keys[None, :] > start.to(mask.device)[:, None] - window)[:, None, None, :]
         queries = keys[start:]                                                  # [S]
         return mask & (keys[None, :] > queries[:, None] - window)
 
@@ -325,7 +328,10 @@ class FTGPT:
 
         parts: per group of consecutive rows, (layer_cache, start, mask): the group's rows are the first
         layer_cache[0].shape[0] rows not taken by the groups before it; the projections run once over all rows,
-        attention per group against its own cache (mask None: every key). rotary: _rotary_heads' tables or None.
+        attention per group against its own cache (mask None: every key up to start + S). start: the cache slot of
+        the group's first column, an int, or a LongTensor [rows] with each row's own slot when S = 1 (a pool of
+        rows at different lengths, FTGPT.hidden_states): the keys are then the mask's K first slots.
+        rotary: _rotary_heads' tables or None.
         """
         bsz, seq, h = y.shape
         d, nq, nkv = self.head_dim, self.num_heads, self.kv_heads
@@ -342,9 +348,16 @@ class FTGPT:
         for (k_cache, v_cache), start, mask in parts:
             rows = slice(row, row + k_cache.shape[0])
             row = rows.stop
-            end = start + seq
-            k_cache[:, :, start:end] = k[rows]
-            v_cache[:, :, start:end] = v[rows]
+            if torch.is_tensor(start):  # row r's one token goes to its own slot start[r]
+                end = mask.shape[-1]
+                index = (torch.arange(k_cache.shape[0], device=k_cache.device), slice(None),
+                         start.to(k_cache.device))
+                k_cache[index] = k[rows, :, 0]
+                v_cache[index] = v[rows, :, 0]
+            else:
+                end = start + seq
+                k_cache[:, :, start:end] = k[rows]
+                v_cache[:, :, start:end] = v[rows]
             keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
             grouped = {}
             if nkv != nq:  # grouped-query attention: q head j reads kv head j // (nq / nkv)
@@ -381,7 +394,8 @@ class FTGPT:
         device, rotary, masks = None, None, None
         # A group whose mask lets every query see every key (a decoding step without padding) attends unmasked:
         # the same result (the mask only adds 0 there), one pass less over the scores in each layer.
-        unmasked = [bool(mask.all()) for _, _, mask in groups]
+        # (Rows at their own slots, a tensor start, keep the mask: its width is where their keys end.)
+        unmasked = [not torch.is_tensor(start) and bool(mask.all()) for _, start, mask in groups]
         for i, lw in enumerate(self.layers):
             if lw["device"] != device:  # first layer of a pipeline stage on a new device
                 device = lw["device"]
@@ -462,11 +476,17 @@ class FTGPT:
         """Bytes held by a cache: 2 x layers x rows x kv_heads x slots x head_dim x element size."""
         return sum(part.numel() * part.element_size() for layer in cache for part in layer)
 
+    # hidden_states takes a LongTensor start (each row's own cache slot): ft_generate.Engine keeps every running
+    # request's cache in one pool of rows and attends for all of them in one call per layer.
+    ROW_SLOTS = True
+
     def hidden_states(self, ids, pos, cache, start, mask, prompt_tasks=None):
         """Final hidden states [B, S, h] for ids/pos [B, S] written to cache slots start..
 
         mask [B, 1, S|1, start+S] bool, True = may attend. prompt_tasks [B]: each row's p/prompt-tuning task
         (-1: none); its ids >= prompt_start_id are that task's virtual tokens.
+        start may also be a LongTensor [B] when S = 1: row r's token goes to its slot start[r] and attends to the
+        slots the mask [B, 1, 1, K] allows among the first K (rows of a pool at different lengths).
         """
         return self._blocks(self._embed(ids, pos, prompt_tasks), pos, [(cache, start, mask)])
 
