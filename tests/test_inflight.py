@@ -203,12 +203,16 @@ def test_cancelled_cohort_stops_and_frees_its_cache(model):
     engine = ft_generate.Engine(model)
     cancelled = engine.admit(long, stream=lambda partial: streamed.append(partial.output_ids.shape[-1]))
     kept = engine.admit(other)
-    cache = weakref.ref(cancelled.cache[0][0])
     for _ in range(3):
         assert engine.step() == []
+    pool = weakref.ref(engine.pool[0][0])
+    per_position = 2 * model.num_layers * model.kv_heads * model.head_dim * 4
+    assert engine.cache_bytes() == per_position * 2 * cancelled.capacity  # one row each, the longer's capacity
     engine.cancel(cancelled)
     gc.collect()
-    assert cache() is None and engine.cohorts == [kept]  # the cache is gone at once, the other goes on
+    # its row is gone at once (the pool re-laid out without it, to the kept one's capacity), the other goes on
+    assert pool() is None and engine.cohorts == [kept] and engine.cache_bytes() == per_position * kept.capacity
+    assert kept.capacity < cancelled.capacity
     while engine.cohorts:
         engine.step()
     assert streamed == [len(PROMPTS[0]) + step for step in (1, 2, 3)]  # no step after the cancel
@@ -225,13 +229,64 @@ def test_cache_grows_in_blocks_with_the_work(model):
     per_position = 2 * model.num_layers * model.kv_heads * model.head_dim * 4 * 2  # k and v, fp32, 2 beams
     capacities = []
     while engine.cohorts:
-        capacities.append(model.cache_bytes(cohort.cache) // per_position)
+        capacities.append(engine.cache_bytes() // per_position)
         decoded = len(prompt) + cohort.step  # positions in the cache before this step's forward
         assert capacities[-1] >= decoded
         engine.step()
     assert capacities[0] == ft_generate.CACHE_BLOCK  # not 125: the prompt and the first steps only
     assert sorted(set(capacities)) == [ft_generate.CACHE_BLOCK, len(prompt) + new]  # grown once, to the cap
-    assert cohort.output is not None and cohort.cache is None
+    assert cohort.output is not None and cohort.cache is None and engine.pool is None and engine.cache_bytes() == 0
+
+
+def test_one_attention_call_per_layer_for_every_cohort_each_equal_to_alone(model, monkeypatch):
+    """Cohorts at different lengths (and beams, reordered every step) share one KV pool: a step attends for all
+    of them in one call per layer, and each still gives what it gives alone. The pool holds their rows x the
+    longest capacity and shrinks as they leave."""
+    plan = [([PROMPTS[0]], [12], {}), ([PROMPTS[1], PROMPTS[3]], [6, 9], {"top_k": 8, "random_seed": 5}),
+            ([PROMPTS[2]], [7], {"beam_width": 3}), ([PROMPTS[3]], [10], {"repetition_penalty": 1.3})]
+    batches = [check_inputs(model, *right_padded(prompts, END), new, **options) for prompts, new, options in plan]
+    calls = []
+    attend = ft_gpt.F.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])  # the rows of the call
+        return attend(*args, **kwargs)
+
+    monkeypatch.setattr(ft_gpt.F, "scaled_dot_product_attention", counted)
+    engine = ft_generate.Engine(model)
+    cohorts = [engine.admit(batch) for batch in batches]
+    per_slot = 2 * model.num_layers * model.kv_heads * model.head_dim * 4
+    rows_seen = []
+    while engine.cohorts:
+        del calls[:]
+        engine.step()
+        if engine.cohorts:  # a step with a forward: one call per layer over every running slot
+            rows = sum(cohort.slots for cohort in engine.cohorts)
+            assert calls == [rows] * model.num_layers
+            assert engine.cache_bytes() == per_slot * rows * max(cohort.capacity for cohort in engine.cohorts)
+            rows_seen.append(rows)
+    assert rows_seen[0] == 7 and rows_seen[-1] < rows_seen[0] and engine.pool is None
+    monkeypatch.undo()
+    for cohort, batch in zip(cohorts, batches):
+        _assert_same(cohort.output, ft_generate.generate(model, batch))
+
+
+def test_pooled_cohorts_at_different_lengths_keep_their_sliding_windows(tmp_path):
+    """Mistral's window (5) per row of the pool: rows at other lengths mask their own window's keys."""
+    from family_fixtures import build_mistral
+
+    shard = convert_checkpoint(build_mistral(tmp_path / "hf"), tmp_path / "ft", ParallelLayout(1), "fp32")
+    mistral = ft_gpt.FTGPT.from_shards(shard, device="cpu")
+    prompts = [[5, 9, 3], [7, 2, 8, 1, 4, 6, 3, 2], [11, 4]]
+    batches = [check_inputs(mistral, *right_padded([prompt], 0), [9]) for prompt in prompts]
+    engine = ft_generate.Engine(mistral)
+    cohorts = [engine.admit(batches[0])]
+    engine.step()
+    cohorts += [engine.admit(batch) for batch in batches[1:]]  # joins at other lengths
+    while engine.cohorts:
+        engine.step()
+    for cohort, batch in zip(cohorts, batches):
+        _assert_same(cohort.output, ft_generate.generate(mistral, batch))
 
 
 # ------------------------------------------------------------------------------------ through tritonserver

@@ -11,6 +11,8 @@ It drives a decoder through this interface only (see ft_gpt.FTGPT):
   (optional) model.grow_cache(cache, slots) -> cache: caches grow as decoding goes (else allocated whole);
     model.hidden_states_grouped(ids, pos, [(cache, start, mask), ...]) -> [B, S, h]: Engine's joint forward
     (else a forward per cohort); model.cache_bytes(cache) -> int
+  (optional) model.ROW_SLOTS: hidden_states takes a LongTensor start [B] (each row's own slot, S = 1): Engine keeps
+    every cohort's cache in one pool (rows x slots, cache layout) and attends for all cohorts in one call
   model.logits(hidden [..., h]) -> [..., V] fp32
   model.device, model.vocab_size, model.end_id, model.max_positions, model.learned_positions
   (p/prompt tuning, optional) model.prompt_lengths, model.prompt_task_names, model.prompt_start_id
@@ -303,8 +305,16 @@ class Engine:
     go through every projection together (the weights are read once per step) and attend to their own caches. A
     cohort leaves as soon as it finishes (its result in cohort.output) or is cancelled, and its cache is freed at
     once; a cohort admitted between two steps joins at the next. Each cohort's output is that of generate() on its
-    batch alone. Caches grow by CACHE_BLOCK positions as the cohort decodes, never to max_new_tokens up front:
-    model.cache_bytes(cohort.cache) = 2 x layers x slots x kv_heads x head_dim x element size x capacity.
+    batch alone. Caches grow by CACHE_BLOCK positions as the cohort decodes, never to max_new_tokens up front.
+
+    With a decoder that takes each row's own cache slot (model.ROW_SLOTS, FTGPT), the decoding cohorts' caches
+    live in one pool, a cache of (their slots) rows x (the largest cohort capacity) positions, cohort after cohort
+    in self.cohorts' order: a step's forward then attends for every row in one call per layer (a key mask per row
+    for the rows at other lengths) instead of one call per cohort. A cohort's own prefill cache moves into the pool
+    at its first step; a cohort that leaves or is cancelled gives its rows back at once (the pool is re-laid out
+    without them, and dropped with the last one); beam reorders are applied to the cohort's rows in place.
+    cache_bytes() = 2 x layers x kv_heads x head_dim x element size x rows x positions, the positions rounded up
+    to CACHE_BLOCK and, in the pool, to the longest running cohort's.
     Not thread-safe: one thread drives an Engine.
     """
 
@@ -312,6 +322,9 @@ class Engine:
         self.model = model
         self.cohorts = []
         self._pending = None  # cohorts admitted inside joint_prefill(), not prefilled yet
+        self.pool = None      # the pooled cohorts' cache (model.ROW_SLOTS): rows of self._pooled, in its order
+        self._pooled = []
+        self._pooling = bool(getattr(model, "ROW_SLOTS", False))
 
     @torch.inference_mode()
     def admit(self, batch, stream=None, model=None):
@@ -319,6 +332,8 @@ class Engine:
         cohort's own decoder (an encoder-decoder's, bound to the cohort's encoder output; default the Engine's), which
         has no grouped forward: the Engine then runs a forward per cohort. Inside joint_prefill() the prefill of a
         cohort of the Engine's model waits for the block's end."""
+        if model is not None and self._pooling:
+            raise ValueError("a cohort with its own decoder cannot join an engine that pools its model's caches")
         defer = self._pending is not None and model is None
         cohort = _Decoding(self.model if model is None else model, batch, stream, prefill=not defer)
         if defer:
@@ -356,10 +371,17 @@ class Engine:
                     cohort.error = exc
 
     def cancel(self, cohort):
-        """Drop a cohort now (its cache with it); it gets no output."""
+        """Drop a cohort now (its cache with it: pooled, its rows leave the pool now); it gets no output."""
         if cohort in self.cohorts:
             self.cohorts.remove(cohort)
         cohort.release()
+        if any(pooled is cohort for pooled in self._pooled):
+            self._arrange([pooled for pooled in self._pooled if pooled is not cohort])
+
+    def cache_bytes(self):
+        """Bytes of KV cache held now: the pool and the caches of cohorts not in it yet (model.cache_bytes)."""
+        caches = [self.pool] + [cohort.cache for cohort in self.cohorts]
+        return sum(self.model.cache_bytes(cache) for cache in caches if cache is not None)
 
     @property
     def rows(self):
@@ -395,12 +417,83 @@ class Engine:
             if cohort.error is None:
                 cohort.output = cohort.result()
             cohort.release()
+        if self._pooled and not going:  # the last cohorts left (a forward re-lays the pool out otherwise)
+            self._arrange([])
         return left
+
+    def _arrange(self, cohorts):
+        """Lay the pool out for `cohorts` (each pooled already or holding its own prefill cache), in this order:
+        beam reorders (cohort.cache_order) applied in place, then, when the cohorts or the longest capacity
+        changed, a new pool of exactly their rows x that capacity with every cohort's filled positions copied in
+        (its own cache then freed)."""
+        model = self.model
+        rows = {}  # id(cohort) -> its first row in the current pool
+        first = 0
+        for cohort in self._pooled:
+            rows[id(cohort)] = first
+            first += cohort.slots
+        for cohort in self._pooled:
+            if cohort.cache_order is not None:  # beams follow their parents (advance())
+                take = slice(rows[id(cohort)], rows[id(cohort)] + cohort.slots)
+                for layer in self.pool:
+                    for part in layer:
+                        part[take] = part[take].index_select(0, cohort.cache_order.to(part.device))
+                cohort.cache_order = None
+        positions = max((cohort.capacity for cohort in cohorts), default=0)
+        if (self.pool is not None and positions == self.pool[0][0].shape[2]
+                and [id(c) for c in cohorts] == [id(c) for c in self._pooled]):
+            return
+        pool = model.new_cache(sum(cohort.slots for cohort in cohorts), positions) if cohorts else None
+        for layer in pool or ():
+            # A row's slots past its own length are masked, but still read: zeros, never new_cache's garbage (an inf
+            # key plus the mask's -inf is NaN, and a NaN value times its zero weight is NaN).
+            for part in layer:
+                part.zero_()
+        first = 0
+        for cohort in cohorts:
+            take = slice(first, first + cohort.slots)
+            if cohort.pooled:
+                source = [tuple(part[rows[id(cohort)]:rows[id(cohort)] + cohort.slots] for part in layer)
+                          for layer in self.pool]
+            else:
+                source, cohort.cache, cohort.pooled = cohort.cache, None, True
+            # positions written so far (at most one more, not written yet: harmless), within both caches
+            filled = min(cohort.lmax + cohort.step, positions, source[0][0].shape[2])
+            for old, new in zip(source, pool):
+                for old_part, new_part in zip(old, new):
+                    new_part[take, :, :filled] = old_part[:, :, :filled]
+            first = take.stop
+        self.pool, self._pooled = pool, list(cohorts)
+
+    def _pooled_forward(self, cohorts, inputs):
+        """hidden states [N, 1, h] of every cohort's rows from one forward over the pool (self.cohorts' order)."""
+        self._arrange(cohorts)
+        starts = [start for _, _, (_, start, _) in inputs]
+        width = max(starts) + 1
+        dev = self.model.device
+        mask = torch.zeros(sum(cohort.slots for cohort in cohorts), 1, 1, width, dtype=torch.bool, device=dev)
+        first = 0
+        for cohort, (_, _, (_, start, row_mask)) in zip(cohorts, inputs):
+            mask[first:first + cohort.slots, :, :, :start + 1] = row_mask
+            first += cohort.slots
+        if len(set(starts)) == 1:  # every row writes the same slot: an int start (an unmasked step when no padding)
+            start = starts[0]
+        else:
+            start = torch.cat([torch.full((cohort.slots,), s, dtype=torch.long, device=dev)
+                               for cohort, s in zip(cohorts, starts)])
+        ids = torch.cat([ids for ids, _, _ in inputs])
+        pos = torch.cat([pos for _, pos, _ in inputs])
+        return self.model.hidden_states(ids, pos, self.pool, start, mask)
 
     def _forward(self, cohorts):
         """The next logits of every cohort from one forward over all their slots."""
         model = self.model
         inputs = [cohort.decode_inputs() for cohort in cohorts]
+        if self._pooling:
+            logits = model.logits(self._pooled_forward(cohorts, inputs)[:, 0])
+            for cohort, part in zip(cohorts, torch.split(logits, [cohort.slots for cohort in cohorts])):
+                cohort.logits = part
+            return
         if any(cohort.model is not model for cohort in cohorts):  # cohorts with their own decoders (admit's model)
             for cohort, (ids, pos, group) in zip(cohorts, inputs):
                 cohort.logits = cohort.model.logits(cohort.model.hidden_states(ids, pos, *group)[:, 0])
@@ -480,6 +573,8 @@ class _Decoding:
         self.model, self.stream = model, stream
         self.step, self.output, self.error = 0, None, None
         self.cache = self.logits = None  # the prefill's
+        # pooled: the cache lives in an Engine's pool (self.cache None), which applies beam reorders (cache_order)
+        self.pooled, self.cache_order = False, None
         dev = self.dev = model.device
         ids, lengths, new = batch.input_ids, batch.input_lengths, batch.max_new_tokens
         self.lengths, self.end = lengths, batch.end_id
@@ -777,7 +872,8 @@ class _Decoding:
         start = self.lmax + step
         if self.capacity <= start:
             self.capacity = self._capacity(start + 1)
-            self.cache = self.model.grow_cache(self.cache, self.capacity)
+            if not self.pooled:  # (a pool grows to its longest cohort's capacity: Engine._arrange)
+                self.cache = self.model.grow_cache(self.cache, self.capacity)
         pos = (self.slot_lengths + step)[:, None]
         mask = self.key_valid[:, None, None, :start + 1]
         return self.token[:, None], pos, (self.cache, start, mask)
@@ -804,7 +900,10 @@ class _Decoding:
                 self.hist, self.gen_lp = self.hist[order], self.gen_lp[order]
                 if self.seen is not None:
                     self.seen = self.seen[order]
-                self.cache = model.reorder_cache(self.cache, order)
+                if self.pooled:
+                    self.cache_order = order
+                else:
+                    self.cache = model.reorder_cache(self.cache, order)
         self.hist[:, self.lmax + step] = token
         self.gen_lp[:, step] = logprob
         self.step = step + 1
