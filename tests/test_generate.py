@@ -331,6 +331,28 @@ def test_mixed_batch_rows_equal_each_row_alone(model):
     assert torch.any(batch.output_log_probs[1] != 0)
 
 
+def test_ragged_prefill_computes_the_real_tokens_only_and_matches_hf(model, hf_model, monkeypatch):
+    """A right-padded batch's prefill runs every projection over its real tokens only (FT's remove-padding), and each
+    row still generates what HF gives for its prompt alone."""
+    rows_seen = []
+    linear = ft_gpt._linear
+
+    def counting(x, weight, bias=None):
+        rows_seen.append(x.shape[0])
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(ft_gpt, "_linear", counting)
+    ids, lengths = _padded(PROMPTS)
+    out = generate(model, ids, lengths, [6] * len(PROMPTS), top_k=1)
+    real, padded = sum(len(p) for p in PROMPTS), len(PROMPTS) * max(len(p) for p in PROMPTS)
+    layers = len(model.layers)
+    # The prefill: a qkv and a fc1 product per layer over the real tokens; then each decoding step's over the rows.
+    assert rows_seen[: 2 * layers] == [real] * (2 * layers) and real < padded
+    assert set(rows_seen[2 * layers:]) == {len(PROMPTS)}
+    for row, prompt in enumerate(PROMPTS):
+        assert _row(out, row) == prompt + _until(_hf_greedy_tokens(hf_model, prompt, 6), END)
+
+
 def test_seed_gives_the_same_sample_twice_whatever_the_other_rows(model):
     prompt = PROMPTS[0]
     options = {"top_k": 50, "temperature": 1.2}

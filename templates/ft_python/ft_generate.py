@@ -7,12 +7,14 @@ generate(model, batch), or Engine(model) to decode requests that come and go (in
 It drives a decoder through this interface only (see ft_gpt.FTGPT):
 
   model.new_cache(batch, slots) -> cache         model.reorder_cache(cache, rows) -> cache
-  model.hidden_states(ids, pos, cache, start, mask[, prompt_tasks]) -> [B, S, h]
+  model.hidden_states(ids, pos, cache, start, mask[, prompt_tasks][, valid]) -> [B, S, h]
   (optional) model.grow_cache(cache, slots) -> cache: caches grow as decoding goes (else allocated whole);
     model.hidden_states_grouped(ids, pos, [(cache, start, mask), ...]) -> [B, S, h]: Engine's joint forward
     (else a forward per cohort); model.cache_bytes(cache) -> int
   (optional) model.ROW_SLOTS: hidden_states takes a LongTensor start [B] (each row's own slot, S = 1): Engine keeps
     every cohort's cache in one pool (rows x slots, cache layout) and attends for all cohorts in one call
+  (optional) model.SKIPS_PADDING: hidden_states(_grouped) take valid [B, S] bool, a padded prefill's real tokens,
+    and compute the pads as nothing
   model.logits(hidden [..., h]) -> [..., V] fp32
   model.device, model.vocab_size, model.end_id, model.max_positions, model.learned_positions
   (p/prompt tuning, optional) model.prompt_lengths, model.prompt_task_names, model.prompt_start_id
@@ -537,7 +539,7 @@ def grouped_prefill(model, cohorts):
     and fill a cache of their own; a shorter cohort's cache is then moved back by its padding (model.move_cache),
     so every cohort continues exactly as if prefilled alone."""
     width = max(cohort.lmax for cohort in cohorts)
-    ids, pos, groups, tasks, caches = [], [], [], [], []
+    ids, pos, groups, tasks, caches, valid = [], [], [], [], [], []
     for cohort in cohorts:
         c_ids, c_pos, c_mask, prompt = cohort.prefill_inputs()
         pad, bsz, dev = width - cohort.lmax, cohort.bsz, c_ids.device
@@ -549,7 +551,11 @@ def grouped_prefill(model, cohorts):
         cache = model.new_cache(bsz, max(cohort.capacity, width))
         ids.append(c_ids), pos.append(c_pos), caches.append(cache), groups.append((cache, 0, c_mask))
         tasks.append(prompt.get("prompt_tasks", torch.full((bsz,), -1, dtype=torch.long, device=dev)))
+        c_valid = prompt.get("valid", torch.ones(bsz, cohort.lmax, dtype=torch.bool, device=dev))
+        valid.append(F.pad(c_valid, (pad, 0), value=False))
     prompt = {"prompt_tasks": torch.cat(tasks)} if any(bool((t >= 0).any()) for t in tasks) else {}
+    if getattr(model, "SKIPS_PADDING", False):  # the group's pads (its own and the cohorts') computed as nothing
+        prompt["valid"] = torch.cat(valid)
     hidden = model.hidden_states_grouped(torch.cat(ids), torch.cat(pos), groups, **prompt)[:, -1]
     for cohort, last, cache in zip(cohorts, torch.split(hidden, [c.bsz for c in cohorts]), caches):
         pad = width - cohort.lmax
@@ -602,8 +608,9 @@ class _Decoding:
         self.finish_prefill(self.model.hidden_states(ids, pos, cache, 0, mask, **prompt)[:, -1], cache)
 
     def prefill_inputs(self):
-        """(ids [B, Lmax], pos [B, Lmax], mask [B, 1, Lmax, Lmax], {"prompt_tasks": [B]} or {}) of the prefill forward,
-        which writes cache positions 0 .. Lmax-1."""
+        """(ids [B, Lmax], pos [B, Lmax], mask [B, 1, Lmax, Lmax], keywords) of the prefill forward, which writes
+        cache positions 0 .. Lmax-1; keywords: "prompt_tasks" [B] (rows with a prompt-learning task) and, for a
+        model.SKIPS_PADDING model and padded rows, "valid" [B, Lmax] (the real tokens)."""
         return self._prefill_ids, self._prefill_pos, self._prefill_mask, self._prefill_prompt
 
     def finish_prefill(self, last_hidden, cache):
@@ -648,6 +655,8 @@ class _Decoding:
         # ordinary positions, as in FT
         tasks = batch.prompt_task_id
         self._prefill_prompt = {} if tasks is None or not bool((tasks >= 0).any()) else {"prompt_tasks": tasks.to(dev)}
+        if getattr(model, "SKIPS_PADDING", False) and not bool(valid.all()):  # the pads are computed as nothing
+            self._prefill_prompt["valid"] = valid.to(dev)
         self._prefill_ids, self._prefill_pos, self._prefill_mask = left_ids.to(dev), src.to(dev), mask
         self.key_valid = key_valid[row_d]                                 # [N, total]
         self.slot_lengths = lengths.to(dev)[row_d]

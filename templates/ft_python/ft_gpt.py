@@ -323,8 +323,12 @@ class FTGPT:
         rot = (rot * cos + partner * sin).to(x.dtype)
         return rot if r == x.shape[-1] else torch.cat((rot, x[..., r:]), dim=-1)
 
-    def _attention(self, y, lw, parts, rotary):
+    def _attention(self, y, lw, parts, rotary, valid=None):
         """Self-attention of y [B, S, h] -> [B, S, h] (without the output bias), filling the caches.
+
+        valid [B, S] bool (a prefill without its padding, _blocks): y is then [1, T, h], the T real tokens only, and
+        so is the result; the projections run over those T tokens, which are laid out [B, S] (pads zero) for the
+        attention only.
 
         parts: per group of consecutive rows, (layer_cache, start, mask): the group's rows are the first
         layer_cache[0].shape[0] rows not taken by the groups before it; the projections run once over all rows,
@@ -341,9 +345,15 @@ class FTGPT:
             qk = torch.cat((self._rms(qk[:, :, :nq], lw["q_norm"]), self._rms(qk[:, :, nq:], lw["k_norm"])), dim=2)
         if rotary is not None:
             qk = self._rotate(qk, *rotary)
+        v = qkv[:, (nq + nkv) * d:].view(bsz, seq, nkv, d)
+        if valid is not None:  # [1, T] real tokens -> [B, S] with zeros at the pads (queries and keys nobody uses)
+            heads = torch.cat((qk, v), dim=2)[0]                            # [T, nq + 2 nkv, d]
+            laid = heads.new_zeros(*valid.shape, *heads.shape[1:])
+            laid[valid] = heads
+            (bsz, seq), qk, v = valid.shape, laid[:, :, :nq + nkv], laid[:, :, nq + nkv:]
         q = qk[:, :, :nq].transpose(1, 2)                                   # [B, nq, S, d]
         k = qk[:, :, nq:].transpose(1, 2)                                   # [B, nkv, S, d]
-        v = qkv[:, (nq + nkv) * d:].view(bsz, seq, nkv, d).transpose(1, 2)
+        v = v.transpose(1, 2)                                               # [B, nkv, S, d]
         outputs, row = [], 0
         for (k_cache, v_cache), start, mask in parts:
             rows = slice(row, row + k_cache.shape[0])
@@ -370,8 +380,11 @@ class FTGPT:
         if row != bsz:
             raise ValueError(f"the caches hold {row} rows for {bsz} rows of hidden states")
         attn = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        attn = attn.transpose(1, 2).reshape(-1, nq * d)                    # [B*S, h]
-        return torch.mm(attn, lw["o_w"]).view(bsz, seq, h)
+        attn = attn.transpose(1, 2)                                         # [B, S, nq, d]
+        if valid is not None:
+            attn = attn[valid]                                              # [T, nq, d]
+        attn = attn.reshape(-1, nq * d)                                     # [B*S | T, h]
+        return torch.mm(attn, lw["o_w"]).view(*y.shape)
 
     def _mlp(self, y, lw):
         bsz, seq, h = y.shape
@@ -383,8 +396,12 @@ class FTGPT:
             inner = _activation(self.act, inner, self.gelu_approximation)
         return torch.mm(inner, lw["fc2_w"]).view(bsz, seq, h)
 
-    def _blocks(self, x, pos, groups):
+    def _blocks(self, x, pos, groups, valid=None):
         """Run all layers on x [B, S, h] (positions pos [B, S]).
+
+        valid [B, S] bool or None: the real tokens of a prefill whose rows are padded; every projection, norm and
+        residual then runs over those tokens only (FT's "remove padding"), attention over the [B, S] layout. The
+        pads' hidden states come back as zeros and their cache slots hold zeros (keys no mask lets anyone read).
 
         groups: (cache, start, mask) per group of consecutive rows (hidden_states_grouped); a group's tokens go to
         its cache slots start..start+S-1. cache: per layer (k, v) each [rows, kv_heads, Smax, d] on the layer's
@@ -396,6 +413,10 @@ class FTGPT:
         # the same result (the mask only adds 0 there), one pass less over the scores in each layer.
         # (Rows at their own slots, a tensor start, keep the mask: its width is where their keys end.)
         unmasked = [not torch.is_tensor(start) and bool(mask.all()) for _, start, mask in groups]
+        shape = x.shape
+        if valid is not None and bool(valid.all()):
+            valid = None  # nothing to remove
+        index = None
         for i, lw in enumerate(self.layers):
             if lw["device"] != device:  # first layer of a pipeline stage on a new device
                 device = lw["device"]
@@ -404,6 +425,12 @@ class FTGPT:
                 masks = [{0: mask.to(device)} for _, _, mask in groups]
                 # cos, sin [B, S, 1, r] (fp32) for positions pos [B, S]
                 rotary = self._rotary_heads(*self.rotary_tables(pos, device)) if self.rotary_dim else None
+                if valid is not None:  # the real tokens only: x [1, T, h], tables [1, T, 1, r]
+                    first, index = index is None, valid.to(device)
+                    if first:
+                        x = x[index][None]
+                    if rotary is not None:
+                        rotary = tuple(table[index][None] for table in rotary)
             window = lw["window"]
             for (_, start, _), group_masks in zip(groups, masks):
                 if window not in group_masks:
@@ -411,19 +438,23 @@ class FTGPT:
             parts = [(cache[i], start, None if window == 0 and every else group_masks[window])
                      for (cache, start, _), group_masks, every in zip(groups, masks, unmasked)]
             if self.post_layernorm:  # OPT with do_layer_norm_before=False
-                x = self._norm(x + self._bias(self._attention(x, lw, parts, rotary), lw["o_b"]), lw["ln1"])
+                x = self._norm(x + self._bias(self._attention(x, lw, parts, rotary, index), lw["o_b"]), lw["ln1"])
                 x = self._norm(x + self._bias(self._mlp(x, lw), lw["fc2_b"]), lw["ln2"])
             elif self.parallel_residual:  # GPT-J (one layernorm) / NeoX (two)
                 y = self._norm(x, lw["ln1"])
-                attn = self._attention(y, lw, parts, rotary)
+                attn = self._attention(y, lw, parts, rotary, index)
                 mlp = self._mlp(self._norm(x, lw["ln2"]) if lw["ln2"] is not None else y, lw)
                 x = self._bias(self._bias(x + attn + mlp, lw["o_b"]), lw["fc2_b"])
             else:
                 y = self._norm(x, lw["ln1"])
-                x = x + self._bias(self._attention(y, lw, parts, rotary), lw["o_b"])
+                x = x + self._bias(self._attention(y, lw, parts, rotary, index), lw["o_b"])
                 x = x + self._bias(self._mlp(self._norm(x, lw["ln2"]), lw), lw["fc2_b"])
         if self.final_ln is not None:
             x = self._norm(x, self.final_ln)
+        if index is not None:  # back to [B, S, h], zeros at the pads
+            laid = x.new_zeros(shape)
+            laid[index] = x[0]
+            x = laid
         return x.to(self.device)
 
     @staticmethod
@@ -480,22 +511,27 @@ class FTGPT:
     # request's cache in one pool of rows and attends for all of them in one call per layer.
     ROW_SLOTS = True
 
-    def hidden_states(self, ids, pos, cache, start, mask, prompt_tasks=None):
+    # hidden_states and hidden_states_grouped take valid [B, S]: a padded prefill's real tokens (_blocks).
+    SKIPS_PADDING = True
+
+    def hidden_states(self, ids, pos, cache, start, mask, prompt_tasks=None, valid=None):
         """Final hidden states [B, S, h] for ids/pos [B, S] written to cache slots start..
 
         mask [B, 1, S|1, start+S] bool, True = may attend. prompt_tasks [B]: each row's p/prompt-tuning task
         (-1: none); its ids >= prompt_start_id are that task's virtual tokens.
         start may also be a LongTensor [B] when S = 1: row r's token goes to its slot start[r] and attends to the
         slots the mask [B, 1, 1, K] allows among the first K (rows of a pool at different lengths).
+        valid [B, S] bool: the real tokens (the others are padding: computed as nothing, zeros in the result and
+        the cache; no real query may attend to them).
         """
-        return self._blocks(self._embed(ids, pos, prompt_tasks), pos, [(cache, start, mask)])
+        return self._blocks(self._embed(ids, pos, prompt_tasks), pos, [(cache, start, mask)], valid)
 
-    def hidden_states_grouped(self, ids, pos, groups, prompt_tasks=None):
+    def hidden_states_grouped(self, ids, pos, groups, prompt_tasks=None, valid=None):
         """hidden_states for groups of rows that each have their own cache: ids/pos [B, S] stacked group after
         group, groups = [(cache, start, mask), ...] as hidden_states takes them (a group's rows = its cache's
         batch size). Every projection runs once over all B rows (the weights are read once), attention per group.
         """
-        return self._blocks(self._embed(ids, pos, prompt_tasks), pos, groups)
+        return self._blocks(self._embed(ids, pos, prompt_tasks), pos, groups, valid)
 
     @torch.inference_mode()
     def forward_logits(self, input_ids):
