@@ -346,11 +346,29 @@ def test_ragged_prefill_computes_the_real_tokens_only_and_matches_hf(model, hf_m
     out = generate(model, ids, lengths, [6] * len(PROMPTS), top_k=1)
     real, padded = sum(len(p) for p in PROMPTS), len(PROMPTS) * max(len(p) for p in PROMPTS)
     layers = len(model.layers)
-    # The prefill: a qkv and a fc1 product per layer over the real tokens; then each decoding step's over the rows.
-    assert rows_seen[: 2 * layers] == [real] * (2 * layers) and real < padded
-    assert set(rows_seen[2 * layers:]) == {len(PROMPTS)}
+    # The prefill: the qkv, output, fc1 and fc2 products of every layer over the real tokens; then the logits of
+    # each row's last token and each decoding step's products over the rows.
+    assert rows_seen[: 4 * layers] == [real] * (4 * layers) and real < padded
+    assert set(rows_seen[4 * layers:]) == {len(PROMPTS)}
     for row, prompt in enumerate(PROMPTS):
         assert _row(out, row) == prompt + _until(_hf_greedy_tokens(hf_model, prompt, 6), END)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+def test_cpu_fp32_products_go_through_onednn_unless_switched_off(tiny_gpt2, tmp_path, hf_model, monkeypatch):
+    """On the CPU in fp32 every weight matrix is packed once for oneDNN's inner product (what makes batches of a few
+    rows fast where MKL's sgemm is slow); FT_PYTHON_ONEDNN=0 keeps them dense. Both give HF's greedy tokens."""
+    shard_dir = convert_checkpoint(tiny_gpt2, tmp_path, ParallelLayout(1), "fp32")
+    ids, lengths = _padded(PROMPTS)
+    expected = [prompt + _until(_hf_greedy_tokens(hf_model, prompt, 8), END) for prompt in PROMPTS]
+    for switch, kind in (("1", ft_gpt._Packed), ("0", torch.Tensor)):
+        monkeypatch.setenv("FT_PYTHON_ONEDNN", switch)
+        monkeypatch.setattr(ft_gpt, "_PACKING", None)  # decided again at the next load
+        loaded = ft_gpt.FTGPT.from_shards(shard_dir, device="cpu")
+        matrices = [layer[name] for layer in loaded.layers for name in ("qkv_w", "o_w", "fc1_w", "fc2_w")]
+        assert all(isinstance(matrix, kind) for matrix in matrices + [loaded.lm_head]), switch
+        out = generate(loaded, ids, lengths, [8] * len(PROMPTS), top_k=1)
+        assert [_row(out, row) for row in range(len(PROMPTS))] == expected, switch
 
 
 def test_seed_gives_the_same_sample_twice_whatever_the_other_rows(model):

@@ -64,8 +64,51 @@ def _activation(name, x, gelu_approximation="tanh"):
     return F.relu(x)
 
 
+class _Packed:
+    """A [in, out] weight matrix held in oneDNN's blocked layout for its CPU inner product (_linear).
+
+    On CPUs where MKL's sgemm is slow for a few rows (seen on AMD EPYC: [8, 576] x [576, 3072] in 460 us, against
+    133 us through oneDNN with the weights packed once), this is what batches of 2 to a few hundred rows go through;
+    one row runs at least as fast as before. FT_PYTHON_ONEDNN=0 in the environment keeps every matrix dense.
+    """
+
+    __slots__ = ("packed", "shape")
+
+    def __init__(self, weight):
+        self.shape = tuple(weight.shape)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous())
+
+
+def _can_pack():
+    import os
+
+    if os.environ.get("FT_PYTHON_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
+        return False
+    try:  # the ops exist and agree with torch.mm on a small case (else: dense matrices, torch.mm)
+        weight, x = torch.randn(8, 4), torch.randn(3, 8)
+        out = torch.ops.mkldnn._linear_pointwise(x, _Packed(weight).packed, None, "none", [], "")
+        return bool(torch.allclose(out, x @ weight, atol=1e-5))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_PACKING = None  # decided at the first FTGPT on the CPU in fp32 (_pack)
+
+
+def _pack(weight):
+    """weight [in, out] as _linear takes it: packed for oneDNN (fp32 on the CPU, where available), else as it is."""
+    global _PACKING
+    if weight is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return weight
+    if _PACKING is None:
+        _PACKING = _can_pack()
+    return _Packed(weight) if _PACKING else weight
+
+
 def _linear(x, weight, bias=None):
-    # x [N, in] @ weight [in, out] (+ bias [out])
+    # x [N, in] @ weight [in, out] (+ bias [out]); weight dense or _Packed
+    if isinstance(weight, _Packed):
+        return torch.ops.mkldnn._linear_pointwise(x, weight.packed, bias, "none", [], "")
     return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
 
 
@@ -149,15 +192,19 @@ class FTGPT:
         self.pre_ln = norm_weights("model.pre_decoder_layernorm") if config.has_pre_decoder_layernorm else None
         last = self.stage_devices[-1]
         self.final_ln = norm_weights("model.final_layernorm", last) if config.has_post_decoder_layernorm else None
-        # Output projection, kept transposed and contiguous [h, V]: torch.mm(hidden, lm_head_t) reads it in order
-        # (hidden @ W.t() over [V, h] took 1.6x as long at batch 1 and 8 on this CPU). Tied to wte unless FT would
-        # load a separate lm_head; tied, the one [h, V] copy also serves the embedding lookup (columns), so the
-        # weights are held once, as before.
+        # Output projection, transposed and contiguous [h, V] (lm_head_t): torch.mm(hidden, lm_head_t) reads it in
+        # order (hidden @ W.t() over [V, h] took 1.6x as long at batch 1 and 8 on a CPU). Tied to wte unless FT
+        # would load a separate lm_head; tied, the [h, V] copy also serves the embedding lookup (columns).
         tied = "model.lm_head.weight" not in weights
         head = wte if tied else w("model.lm_head.weight")
         self.lm_head_t = head.t().contiguous()
         del head
         self.wte = None if tied else wte  # None: tied, the embedding reads lm_head_t's columns
+        # The logits' matrix (_linear): packed for oneDNN on the CPU — a second copy when tied (the lookup reads the
+        # dense one), else the only one.
+        self.lm_head = _pack(self.lm_head_t)
+        if not tied:
+            self.lm_head_t = None
         del wte
         if consume:
             weights.pop("model.wte"), weights.pop("model.lm_head.weight", None)
@@ -200,13 +247,13 @@ class FTGPT:
                     "window": config.sliding_window if i in window_layers else 0,
                     "ln1": norm_weights(p + "input_layernorm", dev), "ln2": ln2,
                     # [h, 3, h] or [h, q + 2kv] -> [h, q + 2kv]: columns are q | k | v, heads in order.
-                    "qkv_w": qkv_w.reshape(h, -1),
+                    "qkv_w": _pack(qkv_w.reshape(h, -1)),
                     "qkv_b": None if qkv_b is None else qkv_b.reshape(-1),
                     "q_norm": optional(p + "attention.q_layernorm.weight", dev),  # [d] (Qwen3)
                     "k_norm": optional(p + "attention.k_layernorm.weight", dev),
-                    "o_w": w(p + "attention.dense.weight", dev),
+                    "o_w": _pack(w(p + "attention.dense.weight", dev)),
                     "o_b": optional(p + "attention.dense.bias", dev),
-                    "fc2_w": w(p + "mlp.dense_4h_to_h.weight", dev),
+                    "fc2_w": _pack(w(p + "mlp.dense_4h_to_h.weight", dev)),
                     "fc2_b": out_bias,
                     **self._inner_projection(weights, p, w, optional, dev),
                 })
@@ -219,7 +266,7 @@ class FTGPT:
         instead of two; the activation takes the first half), the biases likewise when both exist."""
         fc1_w, fc1_b = w(p + "mlp.dense_h_to_4h.weight", dev), optional(p + "mlp.dense_h_to_4h.bias", dev)
         if not self.gated:
-            return {"fc1_w": fc1_w, "fc1_b": fc1_b}
+            return {"fc1_w": _pack(fc1_w), "fc1_b": fc1_b}
         if p + "mlp.dense_h_to_4h_2.weight" not in weights:
             raise ValueError(f"activation_type {self.config.activation_type} needs "
                              "mlp.dense_h_to_4h_2.weight in every layer")
@@ -227,7 +274,7 @@ class FTGPT:
         if (fc1_b is None) != (up_b is None):  # one bias only: the missing one is zero
             fc1_b = torch.zeros_like(up_b) if fc1_b is None else fc1_b
             up_b = torch.zeros_like(fc1_b) if up_b is None else up_b
-        return {"fc1_w": torch.cat([fc1_w, up_w], dim=1),
+        return {"fc1_w": _pack(torch.cat([fc1_w, up_w], dim=1)),
                 "fc1_b": None if fc1_b is None else torch.cat([fc1_b, up_b])}
 
     @classmethod
@@ -384,7 +431,7 @@ class FTGPT:
         if valid is not None:
             attn = attn[valid]                                              # [T, nq, d]
         attn = attn.reshape(-1, nq * d)                                     # [B*S | T, h]
-        return torch.mm(attn, lw["o_w"]).view(*y.shape)
+        return _linear(attn, lw["o_w"]).view(*y.shape)
 
     def _mlp(self, y, lw):
         bsz, seq, h = y.shape
@@ -394,7 +441,7 @@ class FTGPT:
             inner = _activation(self.act, gate, self.gelu_approximation) * up
         else:
             inner = _activation(self.act, inner, self.gelu_approximation)
-        return torch.mm(inner, lw["fc2_w"]).view(bsz, seq, h)
+        return _linear(inner, lw["fc2_w"]).view(bsz, seq, h)
 
     def _blocks(self, x, pos, groups, valid=None):
         """Run all layers on x [B, S, h] (positions pos [B, S]).
@@ -463,7 +510,7 @@ class FTGPT:
 
     def logits(self, hidden):
         # [..., h] -> [..., V] in fp32 (sampling and log-probs are done in fp32)
-        logits = torch.mm(hidden.reshape(-1, self.hidden), self.lm_head_t).view(*hidden.shape[:-1], -1)
+        logits = _linear(hidden.reshape(-1, self.hidden), self.lm_head).view(*hidden.shape[:-1], -1)
         if self.lm_head_bias is not None:
             logits = logits + self.lm_head_bias
         logits = logits.float()
