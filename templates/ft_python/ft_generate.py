@@ -664,6 +664,7 @@ class _Decoding:
         # Per-slot logit processing.
         self.rep = batch.repetition_penalty.to(dev)[row_d]
         self.temp = batch.temperature.to(dev)[row_d]
+        self.scaled = bool((batch.temperature != 1.0).any())  # (dividing by 1 is a pass over [N, V] for nothing)
         self.seen = None
         if bool((batch.repetition_penalty != 1.0).any()):  # [N, V] tokens in the sequence
             seen = torch.zeros(bsz, model.vocab_size, dtype=torch.bool, device=dev)
@@ -679,6 +680,8 @@ class _Decoding:
         single = (width == 1).nonzero().reshape(-1)
         self.single_rows = single
         self.single_slots = base[single].to(dev)
+        # every slot a single row, in order (no beams): the step reads the logits as they are, no gathered copy
+        self.all_single = single.numel() == self.slots
         self.single_end = self.end[single].to(dev)
         self.single_ends = batch.end_ids[single].to(dev)                  # [S, E], -1 = none
         self.single_new = new[single].to(dev)
@@ -747,7 +750,8 @@ class _Decoding:
             rep = self.rep[:, None]
             logits = torch.where(self.seen, torch.where(logits > 0, logits / rep, logits * rep),
                                  logits)
-        logits = logits / self.temp[:, None]
+        if self.scaled:
+            logits = logits / self.temp[:, None]
         if self.bad is not None:
             tokens, valid = self.bad                                          # [N, n, K]
             prefix = self._tail(self.lmax + step, tokens.shape[-1] - 1)       # [N, K-1]
@@ -768,7 +772,7 @@ class _Decoding:
     def _choose_single(self, logits, logprobs, step):
         """Greedy / sampled token and its log-prob for each single row."""
         slots = self.single_slots
-        rows_logits = logits[slots]
+        rows_logits = logits if self.all_single else logits[slots]
         token = rows_logits.argmax(dim=-1)
         if self.sample.numel():
             token[self.sample] = _sample(rows_logits[self.sample], self.sample_top_k,
@@ -779,7 +783,7 @@ class _Decoding:
                                       torch.maximum(self.top_p * self.top_p_decay, self.top_p_min))
                 # Rows without a nucleus (top_p 0: top-k only) keep it off.
                 self.top_p = torch.where(self.top_p_initial > 0, decayed, self.top_p)
-        logprob = logprobs[slots].gather(1, token[:, None])[:, 0]
+        logprob = logprobs[slots, token]
         stop = (token[:, None] == self.single_ends).any(-1)
         if self.stop is not None:
             stop |= self._stops(slots, token, step)
