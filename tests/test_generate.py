@@ -355,20 +355,23 @@ def test_ragged_prefill_computes_the_real_tokens_only_and_matches_hf(model, hf_m
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
-def test_cpu_fp32_products_go_through_onednn_unless_switched_off(tiny_gpt2, tmp_path, hf_model, monkeypatch):
-    """On the CPU in fp32 every weight matrix is packed once for oneDNN's inner product (what makes batches of a few
-    rows fast where MKL's sgemm is slow); FT_PYTHON_ONEDNN=0 keeps them dense. Both give HF's greedy tokens."""
+def test_cpu_fp32_products_use_blas_and_onednn_unless_switched_off(tiny_gpt2, tmp_path, hf_model, monkeypatch):
+    """On the CPU in fp32 every weight matrix is held once as [out, in] for numpy's BLAS (one row) and oneDNN (more
+    rows); FT_PYTHON_ONEDNN=0 keeps torch.mm. Each way, one row alone and a ragged batch give HF's greedy tokens."""
     shard_dir = convert_checkpoint(tiny_gpt2, tmp_path, ParallelLayout(1), "fp32")
     ids, lengths = _padded(PROMPTS)
     expected = [prompt + _until(_hf_greedy_tokens(hf_model, prompt, 8), END) for prompt in PROMPTS]
-    for switch, kind in (("1", ft_gpt._Packed), ("0", torch.Tensor)):
+    for switch, kind in (("1", ft_gpt._CpuMatrix), ("0", torch.Tensor)):
         monkeypatch.setenv("FT_PYTHON_ONEDNN", switch)
-        monkeypatch.setattr(ft_gpt, "_PACKING", None)  # decided again at the next load
+        monkeypatch.setattr(ft_gpt, "_CPU_KERNELS", None)  # decided again at the next load
         loaded = ft_gpt.FTGPT.from_shards(shard_dir, device="cpu")
         matrices = [layer[name] for layer in loaded.layers for name in ("qkv_w", "o_w", "fc1_w", "fc2_w")]
         assert all(isinstance(matrix, kind) for matrix in matrices + [loaded.lm_head]), switch
         out = generate(loaded, ids, lengths, [8] * len(PROMPTS), top_k=1)
         assert [_row(out, row) for row in range(len(PROMPTS))] == expected, switch
+        for prompt, tokens in zip(PROMPTS, expected):  # one row: the matrix-vector path
+            alone = generate(loaded, [prompt], [len(prompt)], [8], top_k=1)
+            assert _row(alone, 0) == tokens, switch
 
 
 def test_seed_gives_the_same_sample_twice_whatever_the_other_rows(model):

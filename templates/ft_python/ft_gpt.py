@@ -64,51 +64,58 @@ def _activation(name, x, gelu_approximation="tanh"):
     return F.relu(x)
 
 
-class _Packed:
-    """A [in, out] weight matrix held in oneDNN's blocked layout for its CPU inner product (_linear).
+class _CpuMatrix:
+    """A weight matrix for the CPU's fp32 products (_linear): held once, dense, as [out, in] (`weight`, and `array`,
+    the same memory seen by numpy).
 
-    On CPUs where MKL's sgemm is slow for a few rows (seen on AMD EPYC: [8, 576] x [576, 3072] in 460 us, against
-    133 us through oneDNN with the weights packed once), this is what batches of 2 to a few hundred rows go through;
-    one row runs at least as fast as before. FT_PYTHON_ONEDNN=0 in the environment keeps every matrix dense.
+    One row (a batch-1 decoding step) goes through numpy's BLAS matrix-vector product, more rows through oneDNN's inner
+    product, instead of torch.mm (MKL's sgemm). Measured on the benchmarks' AMD EPYC, 2 threads, the 120 matrices of
+    SmolLM2's layers (425 MB, out of cache) per step: one row 23.7 ms by torch.mm, 18.3 ms by oneDNN, 9.6 ms by
+    OpenBLAS's sgemv; 8 rows 47.0 ms by torch.mm, 21.8 ms by oneDNN (OpenBLAS 28.5 ms). FT_PYTHON_ONEDNN=0 in the
+    environment keeps torch.mm.
     """
 
-    __slots__ = ("packed", "shape")
+    __slots__ = ("weight", "array")
 
-    def __init__(self, weight):
-        self.shape = tuple(weight.shape)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous())
+    def __init__(self, weight):  # weight [in, out]
+        self.weight = weight.t().contiguous()
+        self.array = self.weight.numpy()
 
 
-def _can_pack():
+def _cpu_kernels_work():
     import os
 
     if os.environ.get("FT_PYTHON_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
         return False
-    try:  # the ops exist and agree with torch.mm on a small case (else: dense matrices, torch.mm)
+    try:  # the ops exist and agree with torch.mm on a small case (else: torch.mm)
         weight, x = torch.randn(8, 4), torch.randn(3, 8)
-        out = torch.ops.mkldnn._linear_pointwise(x, _Packed(weight).packed, None, "none", [], "")
-        return bool(torch.allclose(out, x @ weight, atol=1e-5))
+        matrix = _CpuMatrix(weight)
+        return bool(torch.allclose(_linear(x, matrix), x @ weight, atol=1e-5)
+                    and torch.allclose(_linear(x[:1], matrix), x[:1] @ weight, atol=1e-5))
     except (AttributeError, RuntimeError):
         return False
 
 
-_PACKING = None  # decided at the first FTGPT on the CPU in fp32 (_pack)
+_CPU_KERNELS = None  # decided at the first FTGPT on the CPU in fp32 (_pack)
 
 
 def _pack(weight):
-    """weight [in, out] as _linear takes it: packed for oneDNN (fp32 on the CPU, where available), else as it is."""
-    global _PACKING
+    """weight [in, out] as _linear takes it: a _CpuMatrix (fp32 on the CPU, where the kernels work), else as it is."""
+    global _CPU_KERNELS
     if weight is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
         return weight
-    if _PACKING is None:
-        _PACKING = _can_pack()
-    return _Packed(weight) if _PACKING else weight
+    if _CPU_KERNELS is None:
+        _CPU_KERNELS = _cpu_kernels_work()
+    return _CpuMatrix(weight) if _CPU_KERNELS else weight
 
 
 def _linear(x, weight, bias=None):
-    # x [N, in] @ weight [in, out] (+ bias [out]); weight dense or _Packed
-    if isinstance(weight, _Packed):
-        return torch.ops.mkldnn._linear_pointwise(x, weight.packed, bias, "none", [], "")
+    # x [N, in] @ weight [in, out] (+ bias [out]); weight a dense [in, out] tensor or a _CpuMatrix
+    if isinstance(weight, _CpuMatrix):
+        if x.shape[0] == 1:  # matrix-vector: numpy's BLAS
+            out = torch.from_numpy(weight.array @ x.contiguous().numpy()[0])[None]
+            return out if bias is None else out.add_(bias)
+        return torch.ops.mkldnn._linear_pointwise(x, weight.weight, bias, "none", [], "")
     return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
 
 
@@ -200,11 +207,12 @@ class FTGPT:
         self.lm_head_t = head.t().contiguous()
         del head
         self.wte = None if tied else wte  # None: tied, the embedding reads lm_head_t's columns
-        # The logits' matrix (_linear): packed for oneDNN on the CPU — a second copy when tied (the lookup reads the
-        # dense one), else the only one.
+        # The logits' matrix (_linear); a _CpuMatrix holds the [V, h] rows, which a tied lookup then reads instead.
         self.lm_head = _pack(self.lm_head_t)
-        if not tied:
+        if isinstance(self.lm_head, _CpuMatrix):
             self.lm_head_t = None
+            if tied:
+                self.wte = self.lm_head.weight
         del wte
         if consume:
             weights.pop("model.wte"), weights.pop("model.lm_head.weight", None)
