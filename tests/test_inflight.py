@@ -220,6 +220,21 @@ def test_cancelled_cohort_stops_and_frees_its_cache(model):
     _assert_same(kept.output, ft_generate.generate(model, other))
 
 
+def test_an_idle_engine_gives_freed_memory_back_once_its_last_request_leaves(model, monkeypatch):
+    """FTGPT.trim_heap (glibc's malloc_trim) runs when the engine's last request has left, not while any decodes."""
+    trims = []
+    monkeypatch.setattr(model, "trim_heap", lambda: trims.append(len(engine.cohorts)), raising=False)
+    engine = ft_generate.Engine(model)
+    short = engine.admit(check_inputs(model, *right_padded([PROMPTS[1]], END), [2]))
+    engine.admit(check_inputs(model, *right_padded([PROMPTS[0]], END), [6]))
+    while short in engine.cohorts:
+        engine.step()
+    assert trims == [] and engine.cohorts  # the short one left, the long one still decodes
+    while engine.cohorts:
+        engine.step()
+    assert trims == [0] and engine.pool is None
+
+
 def test_cache_grows_in_blocks_with_the_work(model):
     """The KV cache follows the positions decoded so far (whole blocks), not prompt + max_new_tokens."""
     prompt, new = PROMPTS[0], 120  # 125 positions in all (the tiny model has 128)

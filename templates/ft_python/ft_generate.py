@@ -14,7 +14,7 @@ It drives a decoder through this interface only (see ft_gpt.FTGPT):
   (optional) model.ROW_SLOTS: hidden_states takes a LongTensor start [B] (each row's own slot, S = 1): Engine keeps
     every cohort's cache in one pool (rows x slots, cache layout) and attends for all cohorts in one call
   (optional) model.SKIPS_PADDING: hidden_states(_grouped) take valid [B, S] bool, a padded prefill's real tokens,
-    and compute the pads as nothing
+    and compute the pads as nothing; model.trim_heap(): called when the Engine's last request has left
   model.logits(hidden [..., h]) -> [..., V] fp32
   model.device, model.vocab_size, model.end_id, model.max_positions, model.learned_positions
   (p/prompt tuning, optional) model.prompt_lengths, model.prompt_task_names, model.prompt_start_id
@@ -421,6 +421,8 @@ class Engine:
             cohort.release()
         if self._pooled and not going:  # the last cohorts left (a forward re-lays the pool out otherwise)
             self._arrange([])
+        if left and not going and callable(getattr(self.model, "trim_heap", None)):
+            self.model.trim_heap()  # idle: the freed caches' memory back to the system
         return left
 
     def _arrange(self, cohorts):
