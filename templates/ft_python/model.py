@@ -47,6 +47,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # 5-10x slower on a busy 2-core machine (benchmarks/serving.py --omp-wait-policy). Set the variable to
 # ACTIVE in the server's environment to spin on dedicated cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# oneDNN (the CPU products, ft_gpt._linear) keeps a primitive per product shape it has seen, 1024 by default: every
+# new prompt length adds some, and the stub's memory grew ~210 MB before it levelled off under mixed requests;
+# with 64 it levelled off ~110 MB lower, decoding as fast (benchmarks/inflight_step.py).
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
