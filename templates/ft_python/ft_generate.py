@@ -542,6 +542,7 @@ def grouped_prefill(model, cohorts):
     so every cohort continues exactly as if prefilled alone."""
     width = max(cohort.lmax for cohort in cohorts)
     ids, pos, groups, tasks, caches, valid = [], [], [], [], [], []
+    skips = getattr(model, "SKIPS_PADDING", False)
     for cohort in cohorts:
         c_ids, c_pos, c_mask, prompt = cohort.prefill_inputs()
         pad, bsz, dev = width - cohort.lmax, cohort.bsz, c_ids.device
@@ -553,10 +554,11 @@ def grouped_prefill(model, cohorts):
         cache = model.new_cache(bsz, max(cohort.capacity, width))
         ids.append(c_ids), pos.append(c_pos), caches.append(cache), groups.append((cache, 0, c_mask))
         tasks.append(prompt.get("prompt_tasks", torch.full((bsz,), -1, dtype=torch.long, device=dev)))
-        c_valid = prompt.get("valid", torch.ones(bsz, cohort.lmax, dtype=torch.bool, device=dev))
-        valid.append(F.pad(c_valid, (pad, 0), value=False))
+        if skips:  # the group's pads (the cohort's own and the group's left padding) computed as nothing
+            c_valid = prompt.get("valid", torch.ones(bsz, cohort.lmax, dtype=torch.bool, device=dev))
+            valid.append(F.pad(c_valid, (pad, 0), value=False))
     prompt = {"prompt_tasks": torch.cat(tasks)} if any(bool((t >= 0).any()) for t in tasks) else {}
-    if getattr(model, "SKIPS_PADDING", False):  # the group's pads (its own and the cohorts') computed as nothing
+    if skips:
         prompt["valid"] = torch.cat(valid)
     hidden = model.hidden_states_grouped(torch.cat(ids), torch.cat(pos), groups, **prompt)[:, -1]
     for cohort, last, cache in zip(cohorts, torch.split(hidden, [c.bsz for c in cohorts]), caches):

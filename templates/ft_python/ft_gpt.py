@@ -69,15 +69,14 @@ class _CpuMatrix:
     the same memory seen by numpy).
 
     One row (a batch-1 decoding step) goes through numpy's BLAS matrix-vector product, more rows through oneDNN's inner
-    product, instead of torch.mm (MKL's sgemm). Measured on the benchmarks' AMD EPYC, 2 threads, the 120 matrices of
-    SmolLM2's layers (425 MB, out of cache) per step: one row 23.7 ms by torch.mm, 18.3 ms by oneDNN, 9.6 ms by
-    OpenBLAS's sgemv; 8 rows 47.0 ms by torch.mm, 21.8 ms by oneDNN (OpenBLAS 28.5 ms). FT_PYTHON_ONEDNN=0 in the
+    product, instead of torch.mm (MKL's sgemm, slow for a few rows on the benchmarks' AMD EPYC; each kernel side by
+    side: benchmarks/cpu_matmul.py, figures in the README's "CPU matrix products"). FT_PYTHON_ONEDNN=0 in the
     environment keeps torch.mm.
     """
 
     __slots__ = ("weight", "array")
 
-    def __init__(self, weight):  # weight [in, out]
+    def __init__(self, weight):  # weight [in, out] (the transposed view of an [out, in] matrix is not copied)
         self.weight = weight.t().contiguous()
         self.array = self.weight.numpy()
 
@@ -222,21 +221,21 @@ class FTGPT:
         self.pre_ln = norm_weights("model.pre_decoder_layernorm") if config.has_pre_decoder_layernorm else None
         last = self.stage_devices[-1]
         self.final_ln = norm_weights("model.final_layernorm", last) if config.has_post_decoder_layernorm else None
-        # Output projection, transposed and contiguous [h, V] (lm_head_t): torch.mm(hidden, lm_head_t) reads it in
-        # order (hidden @ W.t() over [V, h] took 1.6x as long at batch 1 and 8 on a CPU). Tied to wte unless FT
-        # would load a separate lm_head; tied, the [h, V] copy also serves the embedding lookup (columns).
+        # Output projection, the logits' matrix (_linear). Tied to wte unless FT would load a separate lm_head. A
+        # _CpuMatrix holds head's [V, h] rows as they are (a tied lookup reads them as wte). Otherwise it is kept
+        # transposed and contiguous [h, V] (lm_head_t): torch.mm(hidden, lm_head_t) reads it in order (hidden @
+        # W.t() over [V, h] took 1.6x as long at batch 1 and 8 on a CPU); tied, that copy also serves the embedding
+        # lookup (columns) and wte is None.
         tied = "model.lm_head.weight" not in weights
         head = wte if tied else w("model.lm_head.weight")
-        self.lm_head_t = head.t().contiguous()
-        del head
-        self.wte = None if tied else wte  # None: tied, the embedding reads lm_head_t's columns
-        # The logits' matrix (_linear); a _CpuMatrix holds the [V, h] rows, which a tied lookup then reads instead.
-        self.lm_head = _pack(self.lm_head_t)
+        self.lm_head = _pack(head.t())
         if isinstance(self.lm_head, _CpuMatrix):
             self.lm_head_t = None
-            if tied:
-                self.wte = self.lm_head.weight
-        del wte
+            self.wte = self.lm_head.weight if tied else wte
+        else:
+            self.lm_head = self.lm_head_t = head.t().contiguous()
+            self.wte = None if tied else wte
+        del head, wte
         if consume:
             weights.pop("model.wte"), weights.pop("model.lm_head.weight", None)
         self.lm_head_bias = optional("model.lm_head.bias")            # [V] (GPT-J)
