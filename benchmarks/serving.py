@@ -8,8 +8,9 @@ generate all of them (ours: an end_id the prompts never lead to, checked from th
 min_new_tokens; CTranslate2: min_length); tok/s counts the tokens each engine actually returned. Measured:
 
 - ours through the server: one request of batch 1, one of batch 8, 8 concurrent clients each sending 3 single-row
-  requests one after another (aggregate tok/s); the time to first token (a 1-token request) and the decode rate
-  without it; every rate is the best of 2 runs (1 with --quick);
+  requests one after another (aggregate tok/s; its runs alternate with the batch-8 runs it is compared with); the
+  time to first token (a 1-token request) and the decode rate without it; every rate is the best of 3 runs (1
+  with --quick);
 - transformers `generate` (the same fp32 weights, de-quantised from the GGUF) and CTranslate2 (its converter from the
   HF copy, float32, intra_threads = --threads), batch 1 and 8, in this process after the server has stopped;
 - the bandwidth bound: a timed sum over a large tensor (GB/s) / the bytes of weights one batch-1 token reads;
@@ -187,9 +188,11 @@ class Served:
         return sum(counts), seconds
 
 
-def measure_rate(generate, rows, new_tokens: int, repeat: int) -> dict:
+def measure_rate(generate, rows, new_tokens: int, repeat: int, between=None) -> dict:
     """Best-of-`repeat` tok/s of `generate(rows, n) -> tokens`, plus the time to first token (a 1-token run) and the
-    decode rate without it: (tokens - rows) / (t_full - t_first)."""
+    decode rate without it: (tokens - rows) / (t_full - t_first). `between()` runs after each timed run: a
+    measurement to be compared with this one, taken alternately with it so that both see the same drift of a shared
+    machine."""
     generate(rows, 2)  # warm-up
     first = min(_timed(lambda: generate(rows, 1)) for _ in range(repeat))
     runs = []
@@ -197,6 +200,8 @@ def measure_rate(generate, rows, new_tokens: int, repeat: int) -> dict:
         started = time.perf_counter()
         tokens = generate(rows, new_tokens)
         runs.append((time.perf_counter() - started, tokens))
+        if between is not None:
+            between()
     seconds, tokens = min(runs)
     decode = (tokens - len(rows)) / max(seconds - first, 1e-9)
     return {"tok_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "ttft_ms": 1000 * first,
@@ -215,11 +220,14 @@ def run_server(repo: Path, work: Path, end_id: int, never_end: int, prompt_rows,
         log("ours: batch 1 ...")
         results["ours_b1"] = measure_rate(served.generate, prompt_rows[:1], args.new_tokens, args.repeat)
         log("ours: batch 8 ...")
-        results["ours_b8"] = measure_rate(served.generate, prompt_rows, args.new_tokens, args.repeat)
-        log(f"ours: {CLIENTS} concurrent single-row clients ...")
-        # Best of `repeat` runs, as every rate beside it.
-        tokens, seconds = min((served.clients(prompt_rows, args.new_tokens, args.client_requests)
-                               for _ in range(args.repeat)), key=lambda run: run[1] / run[0])
+        log(f"ours: batch 8, alternating with {CLIENTS} concurrent single-row clients ...")
+        # The two compared (clients / batch 8) alternate, each best of `repeat` as every rate beside them: on this
+        # shared machine the same step's time drifts by 10-25 % between phases a few seconds apart.
+        client_runs = []
+        results["ours_b8"] = measure_rate(
+            served.generate, prompt_rows, args.new_tokens, args.repeat,
+            between=lambda: client_runs.append(served.clients(prompt_rows, args.new_tokens, args.client_requests)))
+        tokens, seconds = min(client_runs, key=lambda run: run[1] / run[0])
         results["ours_clients"] = {"tok_s": tokens / seconds, "tokens": tokens, "seconds": seconds}
         log(f"ours: LAMBADA last_token, {len(examples)} examples ...")
         generator = lambada.TritonGenerator(server.http_url, MODEL, end_id)
@@ -383,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit("--omp-wait-policy must be set before torch is imported")
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
     args.new_tokens = 16 if args.quick else NEW_TOKENS
-    args.repeat = 1 if args.quick else 2
+    args.repeat = 1 if args.quick else 3
     args.client_requests = 2 if args.quick else 3
     args.lambada = 32 if args.quick else LAMBADA_EXAMPLES
     args.work_dir.mkdir(parents=True, exist_ok=True)

@@ -100,6 +100,9 @@ class TritonDeploymentConfig:
     decoupled: bool = False  # streaming: one response per generated token (model_transaction_policy.decoupled)
     max_queue_delay_microseconds: int = 0  # dynamic batching: how long a request may wait for others
     max_beam_width: int = 4  # python runtime: requests with a larger beam_width are refused
+    # python runtime: how long an idle model waits for the next request before prefilling (requests sent together
+    # then share one prefill); 0: prefill at once
+    admission_window_microseconds: int = 5000
     # The TensorRT-LLM-compatible model (text_input, max_tokens, ... -> text_output): its name; null: none.
     trtllm_model_name: Optional[str] = "trtllm"
 
@@ -300,6 +303,8 @@ def _check_values(cfg: DictConfig) -> None:
         deploy.max_queue_delay_microseconds >= 0, "export.triton_deployment.max_queue_delay_microseconds", "must be >= 0"
     )
     _require(deploy.max_beam_width >= 1, "export.triton_deployment.max_beam_width", "must be >= 1")
+    _require(deploy.admission_window_microseconds >= 0, "export.triton_deployment.admission_window_microseconds",
+             "must be >= 0")
     taken = (Path(str(deploy.triton_model_dir)).name, "preprocessing", "postprocessing", "ensemble")
     _require(deploy.trtllm_model_name not in taken, "export.triton_deployment.trtllm_model_name",
              f"{deploy.trtllm_model_name!r} clashes with a model of the repository ({', '.join(taken)})")

@@ -436,3 +436,39 @@ def test_engine_failure_answers_its_requests_with_an_error_and_serving_goes_on(s
     assert again.error is None
     assert again.output("output_ids")[0, 0, : int(again.output("sequence_length")[0, 0])].tolist() == \
         PROMPTS[1] + _hf_greedy(hf_model, PROMPTS[1], 5)
+
+
+@pytest.mark.parametrize("window_us, prefills", [(1_000_000, [2]), (0, [1, 1])], ids=["window", "no-window"])
+def test_an_idle_model_waits_its_admission_window_so_requests_sent_together_share_a_prefill(
+        tiny_gpt2, tmp_path, monkeypatch, hf_model, window_us, prefills):
+    """Two requests sent 300 ms apart to an idle model: within its admission window they are prefilled in one joint
+    forward and decode in step; with the window off the first is prefilled alone at once. Either way each gets HF's
+    greedy tokens."""
+    from exporter.runtimes import python as python_runtime
+    from exporter.triton.repo import copy_templates
+    from test_runtime_inprocess import _load_model_py, _request
+
+    root = tmp_path / "gpt" / "1"
+    root.mkdir(parents=True)
+    copy_templates(python_runtime.FILES, root)
+    convert_checkpoint(tiny_gpt2, root, ParallelLayout(1), "fp32")
+    instance = _load_model_py(root, monkeypatch, {"model_checkpoint_path": "1-gpu", "device": "cpu",
+                                                  "admission_window_microseconds": str(window_us)})
+    try:
+        engine = instance._scheduler.engine
+        seen, prefill = [], engine._prefill
+        engine._prefill = lambda cohorts: (cohorts and seen.append(len(cohorts)), prefill(cohorts))[1]
+        first, second = _request([PROMPTS[0]], [6]), _request([PROMPTS[2]], [5])
+        instance.execute([first])
+        time.sleep(0.3)
+        instance.execute([second])
+        for request in (first, second):
+            assert request.sender.closed.wait(120), "no final response"
+    finally:
+        instance.finalize()
+    assert seen == prefills
+    for request, prompt, new in ((first, PROMPTS[0], 6), (second, PROMPTS[2], 5)):
+        response = request.sender.sent[-1]
+        assert response.error is None
+        length = int(response.output("sequence_length")[0, 0])
+        assert response.output("output_ids")[0, 0, :length].tolist() == prompt + _hf_greedy(hf_model, prompt, new)

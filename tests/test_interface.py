@@ -35,7 +35,7 @@ OUTPUT_LEN = 8
 def _settings(runtime: str, decoupled: bool = False) -> ModelSettings:
     return ModelSettings(
         name="gpt", runtime=runtime, max_batch_size=8, layout=ParallelLayout(1, 1), data_type="fp32",
-        max_queue_delay_microseconds=1234, decoupled=decoupled, max_beam_width=3,
+        max_queue_delay_microseconds=1234, decoupled=decoupled, max_beam_width=3, admission_window_microseconds=2500,
     )
 
 
@@ -56,6 +56,7 @@ def test_python_runtime_batches_ragged_requests_with_queue_delay():
     assert config.dynamic_batching.max_queue_delay_microseconds == 1234
     assert not config.model_transaction_policy.decoupled
     assert config.parameters["max_beam_width"].string_value == "3"
+    assert config.parameters["admission_window_microseconds"].string_value == "2500"
     assert {o.name for o in config.output} == {"output_ids", "sequence_length", "cum_log_probs", "output_log_probs"}
     for make in (render.preprocessing_config, render.postprocessing_config):
         helper = _parsed(make(8, END_ID, 1234))
@@ -99,6 +100,7 @@ def test_ft_backend_config_renders_word_lists_and_no_python_extras():
       "export.triton_deployment.runtime=fastertransformer"], "export.triton_deployment.decoupled"),
     (["export.triton_deployment.max_queue_delay_microseconds=-1"], "max_queue_delay_microseconds"),
     (["export.triton_deployment.max_beam_width=0"], "max_beam_width"),
+    (["export.triton_deployment.admission_window_microseconds=-1"], "admission_window_microseconds"),
 ])
 def test_serving_keys_are_validated(overrides, key):
     from hydra import compose, initialize_config_dir

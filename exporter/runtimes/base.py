@@ -51,6 +51,8 @@ class ModelSettings:
     # Streaming: the model answers each request with one response per generated token, then a final one.
     decoupled: bool = False
     max_beam_width: int = 4  # largest beam_width a request may ask for, where the runtime enforces one
+    # How long an idle model waits for the next request before prefilling, where the runtime schedules (python).
+    admission_window_microseconds: int = 5000
     # The TensorRT-LLM-compatible model beside the ensemble (exporter/triton/trtllm.py); None: none.
     trtllm_model_name: str | None = "trtllm"
     # The config.ini section of the shards (which of FT's models they are: FT_MODEL_TYPES), known once converted.

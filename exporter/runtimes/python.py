@@ -68,6 +68,7 @@ class PythonRuntime(Runtime):
         parameters = self.common_parameters(settings, settings.layout.shard_dir_name)  # relative: movable repository
         parameters["device"] = settings.device
         parameters["max_beam_width"] = settings.max_beam_width
+        parameters["admission_window_microseconds"] = settings.admission_window_microseconds
         if settings.section == T5_SECTION:  # FT's T5 tensors (model_t5.py); no warm-up request: GPT's tensors
             return render.encoder_decoder_model_config(
                 settings.name, self.backend, settings.max_batch_size, settings.instance_count, parameters,

@@ -83,6 +83,7 @@ def model_settings(cfg: DictConfig) -> ModelSettings:
         decoupled=deploy.decoupled,
         max_queue_delay_microseconds=deploy.max_queue_delay_microseconds,
         max_beam_width=deploy.max_beam_width,
+        admission_window_microseconds=deploy.admission_window_microseconds,
         trtllm_model_name=deploy.trtllm_model_name or None,
     )
 

@@ -83,6 +83,15 @@ class ModelArguments:
             raise ValueError(f"parameter max_beam_width={value}: must be >= 1")
         return width
 
+    def admission_window(self, default_us):
+        """Parameter admission_window_microseconds: how long an idle model waits for the next arrival before
+        prefilling (ft_scheduler.Scheduler._gather); seconds."""
+        value = self.param("admission_window_microseconds")
+        micros = int(value) if value not in (None, "") else default_us
+        if micros < 0:
+            raise ValueError(f"parameter admission_window_microseconds={value}: must be >= 0")
+        return micros / 1e6
+
     @property
     def decoupled(self):
         """Read from the config itself (as pb_utils.using_decoupled_model_transaction_policy does)."""

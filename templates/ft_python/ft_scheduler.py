@@ -1,7 +1,8 @@
 """In-flight batching for the python runtime's Triton models (model.py for GPT, model_t5.py for T5): one scheduler
 thread drives an ft_generate.Engine and answers every request through its response sender.
 
-submit() answers a bad request with its error at once and queues the others; the thread admits them between decoding
+submit() answers a bad request with its error at once and queues the others; an idle thread first waits a short
+admission window for more (_gather: requests sent together share one prefill); the thread admits them between decoding
 steps while the running rows stay within max_batch_size (one request alone may be larger), the prompts of those
 admitted together prefilled in joint forwards, steps every running request, answers each as it finishes (its cache
 freed at once) and stops one its client cancelled before the next step. Plain models get exactly one response per
@@ -42,6 +43,13 @@ def client_cancelled(request):
     return bool(is_cancelled()) if callable(is_cancelled) else False
 
 
+# An idle engine waits this long for the next arrival before prefilling, unless the model's config.pbtxt says otherwise
+# (parameter admission_window_microseconds; benchmarks/serving.py).
+ADMISSION_WINDOW_US = 5000
+# An idle engine's admission window lasts at most this many times the configured gap between arrivals (_gather).
+WINDOWS = 4
+
+
 class _Work:
     """One request inside the model: its parsed batch, its decoding (cohort) once admitted, its stream's state."""
 
@@ -56,9 +64,10 @@ class _Work:
 class Scheduler:
     """The scheduler thread of one model instance over `engine` (an ft_generate.Engine)."""
 
-    def __init__(self, host, engine, pb_utils, metrics, max_rows, decoupled, name):
+    def __init__(self, host, engine, pb_utils, metrics, max_rows, decoupled, name, window=0.0):
         self.host, self.engine, self.pb_utils, self.metrics = host, engine, pb_utils, metrics
         self.max_rows, self.decoupled, self.name = max_rows, decoupled, name
+        self.window = max(0.0, float(window))  # seconds an idle engine waits for the next arrival (_gather)
         self._incoming, self._running, self._stopping = queue.Queue(), {}, False
         self._lock = threading.Lock()  # the metrics, updated by submit() and the scheduler
         self._thread = threading.Thread(target=self._serve, name=f"{name} scheduler", daemon=True)
@@ -92,6 +101,8 @@ class Scheduler:
         waiting = []
         while True:
             waiting += self._take(block=not waiting and not self._running)
+            if waiting and not self._running:
+                waiting = self._gather(waiting)
             if self._stopping:
                 break
             try:
@@ -128,6 +139,28 @@ class Scheduler:
         except queue.Empty:
             pass
         return taken
+
+    def _gather(self, waiting):
+        """An idle engine's admission window: before prefilling, keep taking requests while each arrives within
+        `window` of the one before (at most WINDOWS x window in all, or until max_batch_size rows wait), so that
+        requests sent together (clients answered in the same step, a burst) share one prefill and decode in step
+        from the first token, instead of the first one's prefill and steps delaying the others'. A request that
+        comes alone waits `window` once; a busy engine never waits (its arrivals join at the next step)."""
+        if not self.window:
+            return waiting
+        deadline = time.monotonic() + WINDOWS * self.window
+        while not self._stopping:
+            rows = sum(self.host.rows(work.batch) for work in waiting)
+            timeout = min(self.window, deadline - time.monotonic())
+            if (self.max_rows and rows >= self.max_rows) or timeout <= 0:
+                break
+            try:
+                item = self._incoming.get(timeout=timeout)
+            except queue.Empty:
+                break
+            if item is not None:  # None: stop() woke us
+                waiting.append(item)
+        return waiting
 
     def _admit(self, waiting):
         """Prefill the waiting requests in arrival order while the running rows stay within max_batch_size

@@ -35,7 +35,8 @@ Parameters (config.pbtxt, string_value): model_checkpoint_path (relative paths a
 against this file's directory, e.g. "1-gpu"), tensor_para_size (must match config.ini),
 pipeline_para_size (stages run in sequence on one device), data_type (compute type on CUDA; CPU always computes in fp32),
 int8_mode (0), device ("auto" | "cpu" | "cuda"; auto = cuda when available), max_beam_width (largest beam_width
-a request may ask for).
+a request may ask for), admission_window_microseconds (how long an idle model waits for the next request before
+prefilling: ft_scheduler.Scheduler._gather; default ft_scheduler.ADMISSION_WINDOW_US, 0 = at once).
 """
 
 import os
@@ -110,7 +111,8 @@ class TritonPythonModel:
         # In-flight batching: execute() queues requests; the scheduler's thread admits them between decoding steps.
         self._scheduler = ft_scheduler.Scheduler(
             self, ft_generate.Engine(self.model), pb_utils, self.metrics,
-            arguments.max_batch_size, self.decoupled, "ft_python")
+            arguments.max_batch_size, self.decoupled, "ft_python",
+            window=arguments.admission_window(ft_scheduler.ADMISSION_WINDOW_US))
         ft_scheduler.log(pb_utils, f"ft_python: loaded {checkpoint} (tp={config.tensor_para_size}, "
              f"weights {config.weight_data_type}) on {device} computing in {dtype}; {self.defaults}")
 

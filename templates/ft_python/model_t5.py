@@ -22,7 +22,7 @@ postprocessing (ft_t5_interface.STREAMING_OUTPUTS).
 Parameters (config.pbtxt, string_value): model_checkpoint_path (relative to this file's directory, default
 "<tensor_para_size>-gpu"), tensor_para_size (must match config.ini), pipeline_para_size (layers run in sequence
 on one device), data_type (compute type on CUDA; the CPU computes in fp32), int8_mode (0), device ("auto" | "cpu" |
-"cuda"), max_beam_width.
+"cuda"), max_beam_width, admission_window_microseconds (model.py says what it does).
 """
 
 import os
@@ -79,7 +79,8 @@ class TritonPythonModel:
                                      arguments.max_batch_size)
         self._scheduler = ft_scheduler.Scheduler(
             self, ft_generate.Engine(self.model), pb_utils, metrics,
-            int(arguments.max_batch_size), self.decoupled, "ft_python t5")
+            int(arguments.max_batch_size), self.decoupled, "ft_python t5",
+            window=arguments.admission_window(ft_scheduler.ADMISSION_WINDOW_US))
         ft_scheduler.log(pb_utils, f"ft_python t5: loaded {checkpoint} (tp={config.tensor_para_size}, weights {config.weight_data_type}) "
              f"on {device} computing in {dtype}; {self.defaults}")
 
