@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -81,10 +82,12 @@ def run_child(source: Path, out: Path, processes: int, convert: bool) -> dict:
     return result
 
 
-def time_command(checkpoint: Path, results: Path, processes: int, fork: bool) -> tuple[float, float]:
-    """(wall, CPU) seconds of the whole command a user runs (`python main.py stages=[export]`, accuracy disabled):
-    Hydra, planning, the convert sub-stage (forked from main.py's process, or with EXPORTER_FORK=0 a fresh interpreter
-    as before), the repository around the shards."""
+def time_command(checkpoint: Path, results: Path, processes: int, fork: bool) -> tuple[float, float, float | None]:
+    """(wall, CPU, conversion) seconds of the whole command a user runs (`python main.py stages=[export]`, accuracy
+    disabled): Hydra, planning, the convert sub-stage (forked from main.py's process, or with EXPORTER_FORK=0 a fresh
+    interpreter as before), the repository around the shards. conversion: the command's own convert_checkpoint call,
+    from its log line (None when the line is not found), so that its overhead is measured against the conversion it
+    ran itself: this VM writes new files at 0.3-3 GB/s from one minute to the next."""
     shutil.rmtree(results, ignore_errors=True)
     argv = [sys.executable, "main.py", "stages=[export]", "export.accuracy.enabled=False",
             f"export.model.checkpoint_path={checkpoint}", "export.model.tensor_model_parallel_size=2",
@@ -93,10 +96,12 @@ def time_command(checkpoint: Path, results: Path, processes: int, fork: bool) ->
     env = {**os.environ, "EXPORTER_FORK": "1" if fork else "0", "EXPORTER_PROGRESS": "off"}
     before = _children_cpu()
     started = time.monotonic()
-    subprocess.run(argv, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(argv, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
     seconds = time.monotonic() - started
+    logs = done.stdout + done.stderr + "".join(path.read_text(errors="replace") for path in sorted(results.rglob("log-*")))
+    found = re.search(r"conversion ([0-9.]+)s in all", logs)
     shutil.rmtree(results)
-    return seconds, _children_cpu() - before
+    return seconds, _children_cpu() - before, float(found.group(1)) if found else None
 
 
 def _children_cpu() -> float:
@@ -200,13 +205,22 @@ def main() -> None:
         for label, runs in (("bare interpreter start", bare), ("interpreter + import torch", torch_only)):
             print(f"{'  ' + label:44}{statistics.median(w for w, _ in runs):>8.2f}{'':>10}"
                   f"{statistics.median(c for _, c in runs):>8.2f}")
+        own = {}
         for label, runs in (("command, sub-stage forked (EXPORTER_FORK=1)", commands),
                             ("command, two interpreters (default)", unforked)):
-            wall, cpu = statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs)
+            wall, cpu = statistics.median(w for w, _, _ in runs), statistics.median(c for _, c, _ in runs)
             print(f"{'  ' + label:44}{wall:>8.2f}{wall - convert_s:>10.2f}{cpu:>8.2f}{cpu - convert_cpu:>10.2f}")
-        overhead = statistics.median(w for w, _ in commands) - convert_s
-        print(f"  overhead goal <= 3 s (wall): {'met' if overhead <= 3 else 'NOT met'}; spread of the command: forked "
-              f"{spread([w for w, _ in commands])} s, EXPORTER_FORK=0 {spread([w for w, _ in unforked])} s")
+            if all(conversion is not None for _, _, conversion in runs):
+                own[label] = [w - conversion for w, _, conversion in runs]
+        print("  the same overheads against each command's own conversion (its log line), median (spread):")
+        for label, overheads in own.items():
+            print(f"{'    ' + label:46}{statistics.median(overheads):>6.2f} s ({spread(overheads)})")
+        forked = "command, sub-stage forked (EXPORTER_FORK=1)"
+        overhead = (statistics.median(own[forked]) if forked in own
+                    else statistics.median(w for w, _, _ in commands) - convert_s)
+        print(f"  overhead goal <= 3 s (wall, forked, against its own conversion): "
+              f"{'met' if overhead <= 3 else 'NOT met'} ({overhead:.2f} s); spread of the command: forked "
+              f"{spread([w for w, _, _ in commands])} s, EXPORTER_FORK=0 {spread([w for w, _, _ in unforked])} s")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ def convert_checkpoint(
     """Convert; returns the finished `<out_dir>/<layout.shard_dir_name>` directory. Nothing is written before every
     check passes. The directory's tokenizer.json is the served one: `special_tokens` decided (exporter/tokenizer.py).
     prompt_tables: FT's p/prompt-tuning tables and keys written beside the shards (ft/prompt_tables.py)."""
+    began = time.monotonic()
     if weight_data_type not in DTYPE_BYTES:
         raise ValueError(f"weight_data_type {weight_data_type!r} is not one of {sorted(DTYPE_BYTES)}")
     checkpoint_path = Path(checkpoint_path)
@@ -158,5 +159,7 @@ def convert_checkpoint(
         # config.ini last: a directory without it is never mistaken for a finished export.
         write_config(replace(config, tokenizer_vocab_size=tokenizer_vocab), partial_dir)
         verify_shards(partial_dir)
-    log.info("wrote %.1f MB of FT shards in %.1fs", nbytes / 1e6, time.monotonic() - started)
+    now = time.monotonic()
+    log.info("wrote %.1f MB of FT shards in %.2fs (conversion %.2fs in all, with its checks)", nbytes / 1e6,
+             now - started, now - began)
     return final
