@@ -98,7 +98,8 @@ def time_command(checkpoint: Path, results: Path, processes: int, fork: bool) ->
     started = time.monotonic()
     done = subprocess.run(argv, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
     seconds = time.monotonic() - started
-    logs = done.stdout + done.stderr + "".join(path.read_text(errors="replace") for path in sorted(results.rglob("log-*")))
+    logs = done.stdout + done.stderr + "".join(path.read_text(errors="replace")
+                                               for path in sorted(results.rglob("log-*")))
     found = re.search(r"conversion ([0-9.]+)s in all", logs)
     shutil.rmtree(results)
     return seconds, _children_cpu() - before, float(found.group(1)) if found else None

@@ -398,9 +398,9 @@ def test_cancelled_stream_stops_early_and_the_server_goes_on(served, hf_model):
 # ------------------------------------------------------------------------------------ model.py's scheduler
 
 
-@pytest.fixture
-def served_in_process(tiny_gpt2, tmp_path, monkeypatch):
-    """model.py laid out as the exporter lays it out (1-gpu shards), initialised with the stand-in pb_utils."""
+def _model_py(tiny_gpt2, tmp_path, monkeypatch, **parameters):
+    """model.py laid out as the exporter lays it out (1-gpu shards), initialised with the stand-in pb_utils and
+    these config.pbtxt parameters besides the shards' path and the CPU."""
     from exporter.runtimes import python as python_runtime
     from exporter.triton.repo import copy_templates
     from test_runtime_inprocess import _load_model_py
@@ -409,7 +409,12 @@ def served_in_process(tiny_gpt2, tmp_path, monkeypatch):
     root.mkdir(parents=True)
     copy_templates(python_runtime.FILES, root)
     convert_checkpoint(tiny_gpt2, root, ParallelLayout(1), "fp32")
-    instance = _load_model_py(root, monkeypatch, {"model_checkpoint_path": "1-gpu", "device": "cpu"})
+    return _load_model_py(root, monkeypatch, {"model_checkpoint_path": "1-gpu", "device": "cpu", **parameters})
+
+
+@pytest.fixture
+def served_in_process(tiny_gpt2, tmp_path, monkeypatch):
+    instance = _model_py(tiny_gpt2, tmp_path, monkeypatch)
     yield instance
     instance.finalize()
 
@@ -444,16 +449,9 @@ def test_an_idle_model_waits_its_admission_window_so_requests_sent_together_shar
     """Two requests sent 300 ms apart to an idle model: within its admission window they are prefilled in one joint
     forward and decode in step; with the window off the first is prefilled alone at once. Either way each gets HF's
     greedy tokens."""
-    from exporter.runtimes import python as python_runtime
-    from exporter.triton.repo import copy_templates
-    from test_runtime_inprocess import _load_model_py, _request
+    from test_runtime_inprocess import _request
 
-    root = tmp_path / "gpt" / "1"
-    root.mkdir(parents=True)
-    copy_templates(python_runtime.FILES, root)
-    convert_checkpoint(tiny_gpt2, root, ParallelLayout(1), "fp32")
-    instance = _load_model_py(root, monkeypatch, {"model_checkpoint_path": "1-gpu", "device": "cpu",
-                                                  "admission_window_microseconds": str(window_us)})
+    instance = _model_py(tiny_gpt2, tmp_path, monkeypatch, admission_window_microseconds=str(window_us))
     try:
         engine = instance._scheduler.engine
         seen, prefill = [], engine._prefill

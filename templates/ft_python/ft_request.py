@@ -87,7 +87,7 @@ class ModelArguments:
         """Parameter admission_window_microseconds: how long an idle model waits for the next arrival before
         prefilling (ft_scheduler.Scheduler._gather); seconds."""
         value = self.param("admission_window_microseconds")
-        micros = int(value) if value not in (None, "") else default_us
+        micros = int(value) if value else default_us
         if micros < 0:
             raise ValueError(f"parameter admission_window_microseconds={value}: must be >= 0")
         return micros / 1e6
