@@ -207,11 +207,11 @@ class Scheduler:
         if cancelled or (not failed and client_cancelled(work.request)):
             log(self.pb_utils, f"{self.name}: a request was cancelled by its client; it is stopped and closed")
             response = None if self.decoupled else self.error("the request was cancelled by its client")
-        self._send(work.sender, response, flags=final)
-        with self._lock:
+        with self._lock:  # counted before the final goes out: a client that scrapes on receiving it sees its request
             if not work.answered:
                 self.metrics.first_response(time.monotonic() - work.started)
             self.metrics.finished(1, int(failed), generated)
+        self._send(work.sender, response, flags=final)
 
     def _send(self, sender, response, flags=0):
         """Send through a request's response sender (response None: flags only); False (logged) when that fails."""
