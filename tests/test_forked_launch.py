@@ -1,10 +1,13 @@
 """The interactive launcher runs this interpreter's own sub-stage command as a fork of the launcher (launch/forked.py):
-the same exit status and logs as the command run by a fresh interpreter (EXPORTER_FORK=0)."""
+the same exit status and logs as the command run by a fresh interpreter (EXPORTER_FORK=0). Without the fork, the
+launcher never imports torch: the sub-stage that converts imports it, once per command."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +38,8 @@ def test_a_process_running_other_threads_is_not_forked(monkeypatch):
 
     command = [sys.executable, "-m", "exporter.run_substage", "config.yaml", "export", "convert"]
     monkeypatch.setenv(forked.ENV, "1")
+    monkeypatch.setattr(forked, "_THREADS_AT_IMPORT", forked._threads())  # as counted by a launcher with the fork on
+    assert forked._no_new_threads()
     stop = threading.Event()
     other = threading.Thread(target=stop.wait)
     other.start()
@@ -89,3 +94,38 @@ def test_forked_sub_stage_sees_its_environment_and_directory(tmp_path, monkeypat
     code, _, _ = _run(tmp_path, [sys.executable, "-m", "exporter.run_substage", "x.yaml", "export", "die"], True,
                       "die")
     assert code == -9
+
+
+# main.py in a process where importing torch fails: an import anywhere in the launcher (Hydra, config validation,
+# planning, which opens the checkpoint's config and safetensors headers, launching) fails the command.
+WITHOUT_TORCH = """
+import runpy, sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"the launcher imported {name}")
+sys.meta_path.insert(0, NoTorch())
+root = sys.argv.pop(1)
+sys.path.insert(0, root)
+sys.argv[0] = root + "/main.py"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_the_launcher_runs_an_export_without_importing_torch(tiny_gpt2, tmp_path, monkeypatch):
+    """torch takes 2-3 s to import here; a command importing it in the launcher and again in the sub-stage paid that
+    twice. The whole export of an HF checkpoint runs with torch refused in the launcher's process (the sub-stage, a
+    fresh interpreter, converts with it), and the guard itself bites: the same run with the fork asked for, whose
+    launcher imports torch for its children, fails."""
+    root = Path(__file__).resolve().parents[1]
+    argv = [sys.executable, "-c", WITHOUT_TORCH, str(root), f"export.model.checkpoint_path={tiny_gpt2}",
+            "export.accuracy.enabled=false", f"base_results_dir={tmp_path / 'results'}",
+            f"hydra.run.dir={tmp_path / 'hydra'}"]
+    env = {**os.environ, forked.ENV: "0", "EXPORTER_PROGRESS": "off"}
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(list((tmp_path / "results").rglob("model_repo/*/1/1-gpu/config.ini"))) == 1
+
+    env[forked.ENV] = "1"
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "the launcher imported torch" in done.stdout + done.stderr

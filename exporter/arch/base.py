@@ -19,10 +19,9 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Union
 
-import torch
-
 from templates.ft_python.ft_checkpoint import CheckpointError, FTConfig
 
+from ..lazy import torch
 from ..parallel import ParallelLayout, Split
 from ..readers.hf import HFCheckpoint, Scratch
 

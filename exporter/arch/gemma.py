@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
-
 from templates.ft_python.ft_checkpoint import CheckpointError, FTConfig
 
+from ..lazy import torch
 from .llama import Llama
 from .registry import register
 

@@ -6,10 +6,9 @@ blocks, which FT needs as [h, 3, h] so a tensor-parallel split keeps whole heads
 
 from __future__ import annotations
 
-import torch
-
 from templates.ft_python.ft_checkpoint import CheckpointError, FTConfig
 
+from ..lazy import torch
 from ..parallel import Split
 from .base import Architecture
 from .registry import register

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from templates.ft_python.ft_checkpoint import CheckpointError, FTConfig
 
+from ..lazy import torch
 from ..parallel import Split
 from .base import LinearArchitecture, Table, rope_theta
 from .gpt2 import gelu_approximation

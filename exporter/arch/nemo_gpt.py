@@ -17,10 +17,9 @@ Quirks (layout.md has the FT side):
 
 from __future__ import annotations
 
-import torch
-
 from templates.ft_python.ft_checkpoint import CheckpointError, FTConfig
 
+from ..lazy import torch
 from ..parallel import ParallelLayout, Split
 from ..readers.nemo import NemoCheckpoint, gated_fc1
 from ..sentencepiece_tokenizer import end_of_text_ids

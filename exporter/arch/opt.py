@@ -8,10 +8,9 @@ OPT converter does; `model.lm_head.weight.bin` is always written; ReLU.
 
 from __future__ import annotations
 
-import torch
-
 from templates.ft_python.ft_checkpoint import CheckpointError, FTConfig
 
+from ..lazy import torch
 from ..parallel import Split
 from .base import LinearArchitecture, Table
 from .registry import register

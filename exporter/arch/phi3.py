@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
-
 from templates.ft_python.ft_checkpoint import FTConfig
 
+from ..lazy import torch
 from ..parallel import Split
 from .llama import Llama
 from .mistral import window_keys

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from templates.ft_python.ft_checkpoint import CheckpointError
 from templates.ft_python.ft_t5_checkpoint import FEED_FORWARD_PROJ, FT_MAX_DISTANCE, T5Config
 
+from ..lazy import torch
 from ..parallel import Split
 from .base import ENCODER_DECODER, Architecture, Plan, TensorSpec
 from .registry import register

@@ -39,10 +39,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from templates.ft_python.ft_checkpoint import P_PROMPT_TUNING, CheckpointError, FTConfig
 
+from ..lazy import torch
 from ..readers import nemo_archive
 from ..readers.pickles import load_state_dict
 

@@ -10,14 +10,13 @@ from pathlib import Path
 
 from templates.ft_python.ft_checkpoint import (
     DTYPE_BYTES,
-    TORCH_DTYPES,
     CheckpointError,
     expected_files,
     read_config,
     verify,
 )
 
-__all__ = ["DTYPE_BYTES", "TORCH_DTYPES", "CheckpointError", "expected_files", "read_config", "verify_shards"]
+__all__ = ["DTYPE_BYTES", "CheckpointError", "expected_files", "read_config", "verify_shards"]
 
 
 def verify_shards(shard_dir: Path) -> None:

@@ -15,14 +15,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from templates.ft_python.ft_checkpoint import FTConfig
+from templates.ft_python.ft_checkpoint import TORCH_DTYPES, FTConfig
 
 from ..arch.base import Architecture, Plan, TensorSpec
 from ..parallel import ParallelLayout
 from ..progress import Progress
 from ..readers.hf import Scratch
 from .sharding import file_names, split_tensor
-from .verify import TORCH_DTYPES
 
 log = logging.getLogger(__name__)
 

@@ -1,16 +1,18 @@
 """Run `python -m exporter.run_substage ...` here as a fork of this process instead of a fresh interpreter.
 
-The launcher's process has already imported everything a sub-stage needs (torch, omegaconf, tritonclient: 2-3 s
-of imports on a quiet machine, several times that on a busy one); a fork starts with them loaded. The child is
-still its own process, as the command it stands for: it runs `exporter.run_substage.main` with the same arguments,
-in the same directory and environment, its stdout/stderr teed into the same logs, and its exit status is the
-command's (a signal kills the child, never the launcher; Ctrl-C stops it). The launcher script and
+With the fork asked for, the launcher's process imports what a sub-stage needs (torch, omegaconf, tritonclient:
+2-3 s of imports on a quiet machine, several times that on a busy one) before it plans; a fork starts with them
+loaded. Without it the launcher never imports torch (exporter/lazy.py), and the sub-stage imports it once.
+The child is still its own process, as the command it stands for: it runs `exporter.run_substage.main` with the
+same arguments, in the same directory and environment, its stdout/stderr teed into the same logs, and its exit
+status is the command's (a signal kills the child, never the launcher; Ctrl-C stops it). The launcher script and
 launcher_cmd.log still show the command, which reruns the sub-stage exactly.
 
 Not forked (a fresh interpreter runs the command instead): where there is no fork, when the command names another
-interpreter (a container's), when this process has initialised CUDA (a forked child cannot use it), and when
-when this process has started threads since it imported torch (a fork copies only the calling thread, and the
-locks the others held stay held in the child: torch's OpenMP pool, once started, hangs the child). Opt-in:
+interpreter (a container's), when this process has initialised CUDA (a forked child cannot use it), when this
+process has started threads since it imported torch (a fork copies only the calling thread, and the
+locks the others held stay held in the child: torch's OpenMP pool, once started, hangs the child), and when
+EXPORTER_FORK was not 1 as this module was imported (nothing was imported for the children). Opt-in:
 EXPORTER_FORK=1 (a process that ran torch work before launching could hang its child if the check above missed a
 thread, so the default stays the fresh interpreter).
 """
@@ -36,7 +38,8 @@ def can_fork(argv: Sequence[str]) -> bool:
         return False
     if not hasattr(os, "fork") or os.environ.get(ENV, "0") != "1":
         return False
-    if torch.cuda.is_initialized():
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
         return False
     return _no_new_threads()
 
@@ -48,17 +51,22 @@ def _threads() -> int:
         return threading.active_count()
 
 
-# The threads a launcher has once torch is imported (the BLAS pool numpy starts), before it runs anything.
-import torch  # noqa: E402  (imported by every sub-stage anyway)
+# With the fork asked for, the launcher imports torch here, once, for its children (the fork's whole point), and
+# counts the threads it then has (the BLAS pool numpy starts) before it runs anything. Without it the launcher never
+# imports torch: the fresh interpreter that runs the sub-stage does, once.
+_THREADS_AT_IMPORT = None
+if os.environ.get(ENV, "0") == "1":
+    import torch  # noqa: E402, F401  (imported by every sub-stage anyway)
 
-_THREADS_AT_IMPORT = _threads()
+    _THREADS_AT_IMPORT = _threads()
 
 
 def _no_new_threads() -> bool:
     """No thread started since this module was imported. A fork copies one thread and every lock as it was:
     torch's OpenMP pool, once a parallel op has started it, hangs the child's first parallel op (seen: a
-    conversion forked from a test process that had run torch before waited forever in a tensor copy)."""
-    return _threads() <= _THREADS_AT_IMPORT
+    conversion forked from a test process that had run torch before waited forever in a tensor copy). False when
+    the count was not taken (EXPORTER_FORK was not 1 when this module was imported)."""
+    return _THREADS_AT_IMPORT is not None and _threads() <= _THREADS_AT_IMPORT
 
 
 def _child(argv: Sequence[str], out: int, err: int, cwd: Path, env: dict[str, str]) -> None:

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import torch
 
 from templates.ft_python.ft_checkpoint import CheckpointError
 
+from ..lazy import torch
 from . import gguf_tokenizer
 
 GGUF_MAGIC = b"GGUF"
@@ -36,7 +36,7 @@ GGUF_MAGIC = b"GGUF"
 # against transformers reading the same bytes (Q5_0 / Q5_1 are left out: transformers, the reference, cannot).
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # Types kept in their own precision; every quantised type becomes float32, as transformers de-quantises.
-_FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # torch dtype names
 
 # llama.cpp tensor name -> HF name (`{i}`: the block index). Llama's names, which Qwen2 shares (with q/k/v biases).
 TENSOR_NAMES = {
@@ -193,7 +193,7 @@ class GGUFCheckpoint:
         return tuple(int(dim) for dim in reversed(self._tensor(name).shape))  # GGUF: innermost dimension first
 
     def dtype(self, name: str) -> torch.dtype:
-        return _FLOAT_TYPES.get(self._tensor(name).tensor_type.name, torch.float32)
+        return getattr(torch, _FLOAT_TYPES.get(self._tensor(name).tensor_type.name, "float32"))
 
     def load(self, name: str, scratch=None) -> torch.Tensor:
         """One tensor, de-quantised, in HF's layout (`scratch` is accepted for HFCheckpoint's interface)."""
@@ -208,7 +208,7 @@ class GGUFCheckpoint:
         shape = self.shape(name)
         kind = tensor.tensor_type.name
         if kind in _FLOAT_TYPES:
-            values = torch.from_numpy(raw).view(_FLOAT_TYPES[kind]).reshape(shape)
+            values = torch.from_numpy(raw).view(getattr(torch, _FLOAT_TYPES[kind])).reshape(shape)
         else:
             # [rows, bytes per row] -> [rows, elements per row] float32
             values = torch.from_numpy(quants.dequantize(raw.reshape(shape[0] if len(shape) > 1 else 1, -1),

@@ -14,11 +14,11 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from templates.ft_python.ft_checkpoint import CheckpointError
 
+from ..lazy import torch
 from .pickles import is_mappable, load_state_dict
 
 CONFIG_NAME = "config.json"
@@ -127,8 +127,10 @@ class HFCheckpoint:
         header = self._handles.get(file)
         if header is None:
             # Let the safetensors library validate the file once (header, offsets, size); then keep only its header.
+            # framework="numpy": opening only validates (no tensor is read), and "pt" would import torch in the
+            # launcher, which reads headers to plan.
             try:
-                with safe_open(file, framework="pt"):
+                with safe_open(file, framework="numpy"):
                     pass
             except SafetensorError as error:
                 raise CheckpointError(f"{file} is not a readable safetensors file ({error}): it is probably "
@@ -163,7 +165,7 @@ class HFCheckpoint:
             dtype = self._header(file)[1][name]["dtype"]
             if dtype not in _SAFETENSORS_DTYPES:
                 raise CheckpointError(f"{name}: unsupported safetensors dtype {dtype}")
-            return _SAFETENSORS_DTYPES[dtype]
+            return getattr(torch, _SAFETENSORS_DTYPES[dtype])
         return self._pickle(file)[name].dtype
 
     def load(self, name: str, scratch: "Scratch | None" = None) -> torch.Tensor:
@@ -219,13 +221,14 @@ class Scratch:
         return self._buffer[:nbytes]
 
 
+# safetensors dtype -> torch dtype name (looked up on torch when read: torch is imported on first use, exporter/lazy.py)
 _SAFETENSORS_DTYPES = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F64": "float64",
+    "I64": "int64",
+    "I32": "int32",
+    "U8": "uint8",
+    "BOOL": "bool",
 }

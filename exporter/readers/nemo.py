@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Iterator
 
-import torch
-
 from templates.ft_python.ft_checkpoint import CheckpointError
 
+from ..lazy import torch
 from . import nemo_archive
 from .hf import Scratch
 

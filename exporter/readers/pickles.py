@@ -14,9 +14,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from templates.ft_python.ft_checkpoint import CheckpointError
+
+from ..lazy import torch
 
 # torch names the global it refused: "... GLOBAL posix.system whose module posix is blocked" (torch >= 2.6),
 # "Unsupported global: GLOBAL argparse.Namespace was not an allowed global ..." (earlier).

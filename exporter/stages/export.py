@@ -12,18 +12,16 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from omegaconf import DictConfig
 
-from templates.ft_python.ft_generate import GenerationDefaults
 from templates.ft_python.ft_t5_checkpoint import read_config as read_t5_config
 
 from ..arch import describe_source
 from ..atomic import AtomicDirectory
 from ..builtin import resolve_checkpoint
 from ..config import BUILTIN_TINY_GPT2, ConfigError, Reference
-from ..ft.convert import convert_checkpoint
 from ..ft.prompt_tables import PromptTables, load_prompt_tables
 from ..ft.verify import read_config
 from ..jobs import SERVER_HOST, Resources, Service, Step, SubStage
@@ -34,6 +32,9 @@ from ..serve import endpoints
 from ..tokenizer import SpecialTokens, find_tokenizer, has_tokenizer
 from ..triton import render
 from ..triton.repo import add_decoder_ensemble, add_encoder_decoder_ensemble
+
+if TYPE_CHECKING:
+    from templates.ft_python.ft_generate import GenerationDefaults
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,8 @@ def build_repository(repo_root: Path, checkpoint_path: Path, settings: ModelSett
     runtime.check_kind(kind)  # before anything is written
     if kind is ModelKind.ENCODER_DECODER:
         _check_encoder_decoder(checkpoint_path, settings)
+    from ..ft.convert import convert_checkpoint  # torch: here, in the sub-stage, not in the launcher that plans
+
     with AtomicDirectory(repo_root) as partial:
         model_dir = partial / settings.name
         shard_dir = convert_checkpoint(checkpoint_path, model_dir / "1", settings.layout, weight_data_type,
@@ -131,6 +134,8 @@ def _check_encoder_decoder(checkpoint_path: Path, settings: ModelSettings) -> No
 
 def _decoder_text_models(repository: Path, settings: ModelSettings, shard_dir: Path,
                          skip_special_tokens: bool) -> None:
+    from templates.ft_python.ft_generate import GenerationDefaults  # the runtime's (torch): not in the launcher
+
     ft_config, defaults = read_config(shard_dir), GenerationDefaults.read(shard_dir)
     eos_ids = defaults.eos_token_ids or (ft_config.end_id,)  # postprocessing cuts at any of them
     # A request without an output length gets HF's: generation_config.json's, else 20 new tokens in the context.
@@ -145,6 +150,8 @@ def _decoder_text_models(repository: Path, settings: ModelSettings, shard_dir: P
 
 def _encoder_decoder_text_models(repository: Path, settings: ModelSettings, shard_dir: Path,
                                  skip_special_tokens: bool) -> None:
+    from templates.ft_python.ft_generate import GenerationDefaults
+
     ft_config, defaults = read_t5_config(shard_dir), GenerationDefaults.read(shard_dir)
     end_id = ft_config.eos_token_id
     eos_ids = defaults.eos_token_ids or (end_id,)

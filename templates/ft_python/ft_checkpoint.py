@@ -1,6 +1,6 @@
 """Read and check FasterTransformer GPT weight shards (`<tp>-gpu/` directories).
 
-Self-contained (stdlib + numpy + torch): this file is copied into generated Triton model
+Self-contained (stdlib + numpy; torch where tensors are loaded): this file is copied into generated Triton model
 repositories and must work without the exporter project installed. The exporter imports
 `FTConfig` (the one config.ini schema), `CheckpointError` and `expected_files` from here, so
 the schema and the file list live in one place.
@@ -20,12 +20,24 @@ import typing
 from collections.abc import Mapping
 
 import numpy as np
-import torch
 
 # Bytes per element of each weight_data_type FT understands.
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LM_HEAD_FILE = "model.lm_head.weight.bin"
+
+
+
+def __getattr__(name):
+    """TORCH_DTYPES (weight_data_type -> torch dtype), built on first use: torch is imported by the functions that
+    load tensors, not with this module, so that the exporter's launcher reads config.ini and the shard table (the
+    schema kept here) without paying for torch's import; its sub-stage imports torch once."""
+    if name == "TORCH_DTYPES":
+        import torch
+
+        globals()[name] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # config.ini sections: FT's GPT (also OPT), GPT-J, GPT-NeoX, and Llama (no FT backend; python runtime only).
 SECTIONS = ("gpt", "gptj", "gptneox", "llama")
@@ -538,6 +550,8 @@ def verify(shard_dir):
 
 def _read_raw(path, shape, weight_dtype):
     """One raw file -> CPU torch tensor of `shape` in the stored dtype."""
+    import torch  # here, not with the module: the exporter's launcher reads config.ini without torch
+
     if weight_dtype == "bf16":
         # numpy has no bfloat16: read the 16-bit patterns and reinterpret them in torch.
         arr = np.fromfile(path, dtype="<i2")
@@ -551,6 +565,8 @@ def _read_raw(path, shape, weight_dtype):
 def _merge_qkv(pieces, config):
     """Per-rank [.., q_r | k_r | v_r] pieces -> full [.., q | k | v] (GQA layout, see tensor_table);
     kv heads replicated over ranks are taken once."""
+    import torch
+
     tp, d, kv_heads = config.tensor_para_size, config.size_per_head, config.kv_head_num
     q_rank, kv_rank = qkv_rank_heads(config.head_num, kv_heads, tp)
     blocks = [torch.split(piece, [q_rank * d, kv_rank * d, kv_rank * d], dim=-1) for piece in pieces]
@@ -561,8 +577,8 @@ def _merge_qkv(pieces, config):
     return torch.cat([q, k, v], dim=-1)
 
 
-def load_weights(shard_dir, device="cpu", dtype=torch.float32, layers=None):
-    """Load a verified shard directory into full (TP-merged) tensors on `device` in `dtype`.
+def load_weights(shard_dir, device="cpu", dtype=None, layers=None):
+    """Load a verified shard directory into full (TP-merged) tensors on `device` in `dtype` (default float32).
 
     Keys are the file names without the `.bin` / `.<rank>.bin` suffix, e.g.
     "model.layers.0.attention.query_key_value.weight". Merged shapes: qkv weight [h, 3, h]
@@ -572,6 +588,9 @@ def load_weights(shard_dir, device="cpu", dtype=torch.float32, layers=None):
     rank-scaled biases multiplied back by tensor_para_size. `layers` (an iterable of layer
     indices) loads only those layers' tensors plus the global ones.
     """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     shard_dir = os.fspath(shard_dir)
     config = verify(shard_dir)
     wdt = config.weight_data_type

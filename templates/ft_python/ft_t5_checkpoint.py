@@ -1,8 +1,8 @@
 """Read and check FasterTransformer T5 weight shards (`<tp>-gpu/` directories of an encoder-decoder model).
 
-Self-contained (stdlib + numpy + torch): copied into generated Triton model repositories beside ft_checkpoint.py,
-whose `CheckpointError` and dtype tables it shares. The exporter imports `T5Config` (the T5 config.ini schema),
-`tensor_table` and `expected_files` from here, so the schema and the file list live in one place.
+Self-contained (stdlib + numpy; torch where tensors are loaded): copied into generated Triton model repositories
+beside ft_checkpoint.py, whose `CheckpointError` and dtype tables it shares. The exporter imports `T5Config` (the T5
+config.ini schema), `tensor_table` and `expected_files` from here, so the schema and the file list live in one place.
 
 The layout is the one FasterTransformer's own converter writes (examples/pytorch/t5/utils/
 huggingface_t5_ckpt_convert.py) and its T5 loaders open (src/fastertransformer/models/t5/T5EncoderWeight.cc,
@@ -17,7 +17,6 @@ import dataclasses
 import os
 
 import numpy as np
-import torch
 
 try:  # imported as templates.ft_python.ft_t5_checkpoint inside the project
     from .ft_checkpoint import DTYPE_BYTES, CheckpointError
@@ -307,16 +306,21 @@ def verify(shard_dir):
 
 
 def _read_raw(path, shape, weight_data_type):
+    import torch  # here, not with the module: the exporter's launcher reads config.ini without torch
+
     if weight_data_type == "bf16":  # numpy has no bfloat16: read the bit patterns, reinterpret in torch
         return torch.from_numpy(np.fromfile(path, dtype="<i2")).view(torch.bfloat16).reshape(shape)
     return torch.from_numpy(np.fromfile(path, dtype="<f4" if weight_data_type == "fp32" else "<f2")).reshape(shape)
 
 
-def load_weights(shard_dir, device="cpu", dtype=torch.float32):
+def load_weights(shard_dir, device="cpu", dtype=None):
     """A verified T5 shard directory as full (TP-merged) tensors keyed by file stem, in FT's layouts:
     linear weights [in, out]; decoder self-attention qkv [d_model, 3, heads * d_kv] (q | k | v); relative attention
     biases [heads, buckets]; shared.weight_T and lm_head.weight [vocab, d_model]. shared.weight (the transposed
-    copy no FT loader reads) is left out."""
+    copy no FT loader reads) is left out. `dtype` defaults to float32."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     shard_dir = os.fspath(shard_dir)
     config = verify(shard_dir)
     tp, wdt = config.tensor_para_size, config.weight_data_type
