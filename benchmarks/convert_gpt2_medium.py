@@ -5,7 +5,8 @@ of an interpreter that only imports the converter (the baseline), and the larges
 the goals hold: wall time within 1.5x of `cp`, peak RSS within 2x the largest tensor plus the interpreter.
 Then the whole command a user runs (`python main.py stages=[export]`, accuracy disabled) beside a bare
 interpreter start and `import torch`: its overhead beyond the conversion (goal: at most 3 s), with the sub-stage
-forked from main.py's process (EXPORTER_FORK=1, opt-in) and run as a second interpreter (EXPORTER_FORK=0, the default).
+forked from main.py's process (EXPORTER_FORK=1, opt-in) and run as a second interpreter (EXPORTER_FORK=0, the default,
+whose launcher never imports torch: one import of it is the floor of both), each beside the time of that one import.
 
     python benchmarks/convert_gpt2_medium.py [--work-dir /tmp/ft-bench] [--processes 1] [--repeat 3]
 
@@ -216,13 +217,15 @@ def main() -> None:
         print("  the same overheads against each command's own conversion (its log line), median (spread):")
         for label, overheads in own.items():
             print(f"{'    ' + label:46}{statistics.median(overheads):>6.2f} s ({spread(overheads)})")
-        forked = "command, sub-stage forked (EXPORTER_FORK=1)"
-        overhead = (statistics.median(own[forked]) if forked in own
-                    else statistics.median(w for w, _, _ in commands) - convert_s)
-        print(f"  overhead goal <= 3 s (wall, forked, against its own conversion): "
-              f"{'met' if overhead <= 3 else 'NOT met'} ({overhead:.2f} s); spread of the command: forked "
-              f"{spread([w for w, _, _ in commands])} s, EXPORTER_FORK=0 {spread([w for w, _, _ in unforked])} s")
-
+        default, forked = "command, two interpreters (default)", "command, sub-stage forked (EXPORTER_FORK=1)"
+        torch_s = statistics.median(w for w, _ in torch_only)
+        for label, runs in ((default, unforked), (forked, commands)):
+            overhead = (statistics.median(own[label]) if label in own
+                        else statistics.median(w for w, _, _ in runs) - convert_s)
+            print(f"  overhead goal <= 3 s, {label.removeprefix('command, ')}: "
+                  f"{'met' if overhead <= 3 else 'NOT met'} ({overhead:.2f} s, of which one torch import "
+                  f"{torch_s:.2f} s, the rest {overhead - torch_s:.2f} s); the command's spread "
+                  f"{spread([w for w, _, _ in runs])} s")
 
 if __name__ == "__main__":
     main()
