@@ -153,7 +153,7 @@ def main() -> None:
     name, largest = largest_tensor(source)
     subprocess.run(["cat", str(source)], stdout=subprocess.DEVNULL, check=True)  # same warm page cache for all
 
-    cp_times, ours, baseline, commands, unforked, bare, torch_only = [], [], [], [], [], [], []
+    cp_times, ours, baseline, commands, unforked, bare, torch_only, torch_exit = [], [], [], [], [], [], [], []
     for _ in range(args.repeat):
         # Untimed `sync` before each timed run: neither pays for flushing the other's writes.
         subprocess.run(["sync"], check=True)
@@ -165,7 +165,8 @@ def main() -> None:
         baseline.append(run_child(checkpoint, out, args.processes, convert=False))
         if args.command:
             bare.append(time_python("pass"))
-            torch_only.append(time_python("import torch"))
+            torch_only.append(time_python("import os, torch; os._exit(0)"))  # what a command pays for torch
+            torch_exit.append(time_python("import torch"))  # and the interpreter's teardown, which commands skip
             subprocess.run(["sync"], check=True)
             commands.append(time_command(checkpoint, args.work_dir / "results", args.processes, fork=True))
             subprocess.run(["sync"], check=True)
@@ -204,7 +205,8 @@ def main() -> None:
         print(f"whole command `python main.py stages=[export]` (accuracy disabled), median of {args.repeat}; "
               f"overhead = the command minus the conversion (wall {convert_s:.2f} s, CPU {convert_cpu:.2f} s):")
         print(f"{'':44}{'wall s':>8}{'overhead':>10}{'CPU s':>8}{'overhead':>10}")
-        for label, runs in (("bare interpreter start", bare), ("interpreter + import torch", torch_only)):
+        for label, runs in (("bare interpreter start", bare), ("interpreter + import torch", torch_only),
+                            ("the same + the interpreter's teardown", torch_exit)):
             print(f"{'  ' + label:44}{statistics.median(w for w, _ in runs):>8.2f}{'':>10}"
                   f"{statistics.median(c for _, c in runs):>8.2f}")
         own = {}
