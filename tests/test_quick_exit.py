@@ -50,3 +50,17 @@ def test_quick_exit_waits_for_running_threads(tmp_path):
     assert done.returncode == 3, done.stderr
     assert paths["thread_marker"].read_text() == "thread finished"
     assert paths["marker"].read_text() == "atexit ran"
+
+
+def test_quick_exit_lets_a_profiler_write_its_output(tmp_path):
+    """`python -m cProfile -o FILE script` writes FILE after the script returns; os._exit would skip that."""
+    script = tmp_path / "script.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom exporter.quick_exit import quick_exit\n"
+                      "quick_exit(0)\n")
+    profile = tmp_path / "out.prof"
+    done = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(profile), str(script)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert profile.is_file() and profile.stat().st_size > 0
+    import pstats
+    assert pstats.Stats(str(profile)).total_calls > 0
