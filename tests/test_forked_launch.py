@@ -102,7 +102,7 @@ WITHOUT_TORCH = """
 import runpy, sys
 class NoTorch:
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
+        if name.split(".")[0] in ("torch", "grpc") or name.startswith("tritonclient.grpc"):
             raise ImportError(f"the launcher imported {name}")
 sys.meta_path.insert(0, NoTorch())
 root = sys.argv.pop(1)
@@ -115,7 +115,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def test_the_launcher_runs_an_export_without_importing_torch(tiny_gpt2, tmp_path, monkeypatch):
     """torch takes 2-3 s to import here; a command importing it in the launcher and again in the sub-stage paid that
     twice. The whole export of an HF checkpoint runs with torch refused in the launcher's process (the sub-stage, a
-    fresh interpreter, converts with it), and the guard itself bites: the same run with the fork asked for, whose
+    fresh interpreter, converts with it), and tritonclient's protobuf classes too, which bring grpc (0.15 s; the
+    sub-stage renders the configs), and the guard itself bites: the same run with the fork asked for, whose
     launcher imports torch for its children, fails."""
     root = Path(__file__).resolve().parents[1]
     argv = [sys.executable, "-c", WITHOUT_TORCH, str(root), f"export.model.checkpoint_path={tiny_gpt2}",

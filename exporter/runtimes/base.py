@@ -12,14 +12,15 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
-
-from tritonclient.grpc import model_config_pb2 as pb
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 from templates.ft_python.ft_checkpoint import CheckpointError
 
 from ..parallel import ParallelLayout
 from ..jobs import Resources, Step
+
+if TYPE_CHECKING:  # tritonclient's protobuf is loaded by exporter/triton/render.py, where configs are built
+    from tritonclient.grpc import model_config_pb2 as pb
 
 # require(condition, dotted config key, message): raises the configuration error naming the key when false.
 Require = Callable[[bool, str, str], None]

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-
-from tritonclient.grpc import model_config_pb2 as pb
+from typing import TYPE_CHECKING
 
 from templates.ft_python.ft_checkpoint import CheckpointError
 
 from ..jobs import JobShapeError, Resources, Step, node_share
 from ..parallel import ParallelLayout
-from ..triton import render
 from .base import FT_MODEL_TYPES, ModelKind, ModelSettings, Require, Runtime
 from .registry import register
+
+if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2 as pb
 
 # Ports of the multi-node server on each node (whole nodes are allocated, so the defaults are free).
 SERVER_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
@@ -142,6 +143,8 @@ class FasterTransformerRuntime(Runtime):
                                   "serve it with export.triton_deployment.runtime=python")
         check_model_type(model_type, settings)
         parameters = self.common_parameters(settings, str(self.shard_path(settings, repository)))
+        from ..triton import render  # the sub-stage that writes the repository loads tritonclient's protobuf
+
         if model_type == "T5":
             return render.encoder_decoder_model_config(settings.name, self.backend, settings.max_batch_size,
                                                        settings.instance_count, parameters)

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-
-from tritonclient.grpc import model_config_pb2 as pb
+from typing import TYPE_CHECKING
 
 from ..jobs import JobShapeError, Resources, node_share
 from ..parallel import ParallelLayout
-from ..triton import render
-from ..triton.repo import TEMPLATES, copy_templates
+from ..triton import PYTHON_BACKEND
 from .base import ModelKind, ModelSettings, Require, Runtime
 from .registry import register
+
+if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2 as pb
 
 # Copied flat into the model's version directory, beside the shards: the python backend's model.py and the modules
 # it imports (stdlib + numpy + torch only), so a stock tritonserver serves the repository without this package.
@@ -32,7 +33,7 @@ T5_FILES = ("ft_python/ft_checkpoint.py", "ft_python/ft_generate.py", "ft_python
 @register
 class PythonRuntime(Runtime):
     name = "python"
-    backend = render.PYTHON_BACKEND
+    backend = PYTHON_BACKEND
     streams = True
     model_kinds = (ModelKind.DECODER, ModelKind.ENCODER_DECODER)
 
@@ -53,6 +54,9 @@ class PythonRuntime(Runtime):
         return Resources(nodes=1, tasks_per_node=1, gpus_per_node=gpus, visible_devices=node_share(gpus, gpus_per_node))
 
     def install(self, version_dir: Path, settings: ModelSettings) -> None:
+        from ..triton import render  # here, not at the top: the launcher imports this module, the sub-stage installs
+        from ..triton.repo import TEMPLATES, copy_templates
+
         if settings.section == T5_SECTION:
             copy_templates(T5_FILES, version_dir)
             shutil.copy2(TEMPLATES / T5_MODEL, version_dir / "model.py")
@@ -65,6 +69,8 @@ class PythonRuntime(Runtime):
         # prompt (and word-list) lengths share a dynamic batch without padding: every -1 input is ragged. No
         # BATCH_ITEM_SHAPE batch input is needed (tritonserver 2.51's python backend accepts one in the config but
         # never provides the tensor).
+        from ..triton import render
+
         parameters = self.common_parameters(settings, settings.layout.shard_dir_name)  # relative: movable repository
         parameters["device"] = settings.device
         parameters["max_beam_width"] = settings.max_beam_width

@@ -30,8 +30,6 @@ from ..readers.source import SourceKind, source_kind
 from ..runtimes import ModelKind, ModelSettings, runtime_for
 from ..serve import endpoints
 from ..tokenizer import SpecialTokens, find_tokenizer, has_tokenizer
-from ..triton import render
-from ..triton.repo import add_decoder_ensemble, add_encoder_decoder_ensemble
 
 if TYPE_CHECKING:
     from templates.ft_python.ft_generate import GenerationDefaults
@@ -110,6 +108,7 @@ def build_repository(repo_root: Path, checkpoint_path: Path, settings: ModelSett
     if kind is ModelKind.ENCODER_DECODER:
         _check_encoder_decoder(checkpoint_path, settings)
     from ..ft.convert import convert_checkpoint  # torch: here, in the sub-stage, not in the launcher that plans
+    from ..triton import render  # tritonclient's protobuf and grpc: likewise
 
     with AtomicDirectory(repo_root) as partial:
         model_dir = partial / settings.name
@@ -135,6 +134,7 @@ def _check_encoder_decoder(checkpoint_path: Path, settings: ModelSettings) -> No
 def _decoder_text_models(repository: Path, settings: ModelSettings, shard_dir: Path,
                          skip_special_tokens: bool) -> None:
     from templates.ft_python.ft_generate import GenerationDefaults  # the runtime's (torch): not in the launcher
+    from ..triton.repo import add_decoder_ensemble
 
     ft_config, defaults = read_config(shard_dir), GenerationDefaults.read(shard_dir)
     eos_ids = defaults.eos_token_ids or (ft_config.end_id,)  # postprocessing cuts at any of them
@@ -151,6 +151,7 @@ def _decoder_text_models(repository: Path, settings: ModelSettings, shard_dir: P
 def _encoder_decoder_text_models(repository: Path, settings: ModelSettings, shard_dir: Path,
                                  skip_special_tokens: bool) -> None:
     from templates.ft_python.ft_generate import GenerationDefaults
+    from ..triton.repo import add_encoder_decoder_ensemble
 
     ft_config, defaults = read_t5_config(shard_dir), GenerationDefaults.read(shard_dir)
     end_id = ft_config.eos_token_id

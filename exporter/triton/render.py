@@ -16,9 +16,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 from templates.ft_python import ft_interface, ft_t5_interface
 
 from ..atomic import write_text_atomic
-
-# Triton's python backend: it runs the text models (and the python runtime's model).
-PYTHON_BACKEND = "python"
+from . import PYTHON_BACKEND
 
 # Types of the text models' tensors (the middle model's come from ft_interface's table).
 UINT32, INT32, BOOL, STRING = pb.TYPE_UINT32, pb.TYPE_INT32, pb.TYPE_BOOL, pb.TYPE_STRING
