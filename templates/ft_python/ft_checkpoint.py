@@ -26,7 +26,6 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 LM_HEAD_FILE = "model.lm_head.weight.bin"
 
 
-
 def __getattr__(name):
     """TORCH_DTYPES (weight_data_type -> torch dtype), built on first use: torch is imported by the functions that
     load tensors, not with this module, so that the exporter's launcher reads config.ini and the shard table (the
