@@ -65,12 +65,12 @@ class PythonRuntime(Runtime):
         render.write_warmup_files(version_dir.parent)  # the model_warmup request's inputs
 
     def model_config(self, settings: ModelSettings, repository: Path) -> pb.ModelConfig:
+        from ..triton import render
+
         # The python backend hands every request's tensors to execute() separately, so requests with different
         # prompt (and word-list) lengths share a dynamic batch without padding: every -1 input is ragged. No
         # BATCH_ITEM_SHAPE batch input is needed (tritonserver 2.51's python backend accepts one in the config but
         # never provides the tensor).
-        from ..triton import render
-
         parameters = self.common_parameters(settings, settings.layout.shard_dir_name)  # relative: movable repository
         parameters["device"] = settings.device
         parameters["max_beam_width"] = settings.max_beam_width
