@@ -32,6 +32,7 @@ import numpy as np
 
 from ..atomic import write_text_atomic
 from ..clients import common
+from ..lazy import imports_without_gc
 from ..progress import Progress, duration
 from .placement import Placement
 
@@ -221,8 +222,9 @@ class HFGenerator:
     """Greedy continuations from the source checkpoint with HF transformers, in-process (the independent reference)."""
 
     def __init__(self, checkpoint: Path, end_id: int, placement: Placement = Placement(), seq2seq: bool = False):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+        with imports_without_gc("transformers"):
+            import torch
+            from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
         # An encoder-decoder loads the same way; its generate() answers after the decoder start token.
         auto_model = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM

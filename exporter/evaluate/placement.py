@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConfigError
+from ..lazy import imports_without_gc
 
 # The reference in half precision: near-tie greedy choices may flip against a float32 served model, so parity
 # allows at least this difference in accuracy (and at least one example's flip on small subsets).
@@ -62,7 +63,8 @@ def _weight_bytes(checkpoint: Path, dtype: str) -> int:
 def reference_placement(checkpoint: Path, requested: str = "auto") -> Placement:
     """The GPU, in the checkpoint's dtype, when there is one and the weights fit in its free memory with room for
     activations (`requested` "auto" or "cuda"); else the CPU in float32, as before."""
-    import torch
+    with imports_without_gc():
+        import torch
 
     checkpoint = Path(checkpoint)
     if requested == "cpu":

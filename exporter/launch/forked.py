@@ -28,6 +28,8 @@ import traceback
 from pathlib import Path
 from typing import Callable, IO, Sequence
 
+from ..lazy import imports_without_gc
+
 ENTRY = ("-m", "exporter.run_substage")
 ENV = "EXPORTER_FORK"
 
@@ -56,7 +58,8 @@ def _threads() -> int:
 # imports torch: the fresh interpreter that runs the sub-stage does, once.
 _THREADS_AT_IMPORT = None
 if os.environ.get(ENV, "0") == "1":
-    import torch  # noqa: E402, F401  (imported by every sub-stage anyway)
+    with imports_without_gc():
+        import torch  # noqa: E402, F401  (imported by every sub-stage anyway)
 
     _THREADS_AT_IMPORT = _threads()
 

@@ -25,6 +25,7 @@ from ..config import BUILTIN_TINY_GPT2, ConfigError, Reference
 from ..ft.prompt_tables import PromptTables, load_prompt_tables
 from ..ft.verify import read_config
 from ..jobs import SERVER_HOST, Resources, Service, Step, SubStage
+from ..lazy import imports_without_gc
 from ..parallel import ParallelLayout
 from ..readers.source import SourceKind, source_kind
 from ..runtimes import ModelKind, ModelSettings, runtime_for
@@ -107,8 +108,9 @@ def build_repository(repo_root: Path, checkpoint_path: Path, settings: ModelSett
     runtime.check_kind(kind)  # before anything is written
     if kind is ModelKind.ENCODER_DECODER:
         _check_encoder_decoder(checkpoint_path, settings)
-    from ..ft.convert import convert_checkpoint  # torch: here, in the sub-stage, not in the launcher that plans
-    from ..triton import render  # tritonclient's protobuf and grpc: likewise
+    with imports_without_gc():  # torch, tritonclient's protobuf and grpc: here, in the sub-stage, not the launcher
+        from ..ft.convert import convert_checkpoint
+        from ..triton import render
 
     with AtomicDirectory(repo_root) as partial:
         model_dir = partial / settings.name
