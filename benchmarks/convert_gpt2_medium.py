@@ -4,9 +4,10 @@ Prints, from one run: our wall time and peak RSS, a plain `cp` of the checkpoint
 of an interpreter that only imports the converter (the baseline), and the largest tensor's size; then whether
 the goals hold: wall time within 1.5x of `cp`, peak RSS within 2x the largest tensor plus the interpreter.
 Then the whole command a user runs (`python main.py stages=[export]`, accuracy disabled) beside a bare
-interpreter start and `import torch`: its overhead beyond the conversion (goal: at most 3 s), with the sub-stage
-forked from main.py's process (EXPORTER_FORK=1, opt-in) and run as a second interpreter (EXPORTER_FORK=0, the default,
-whose launcher never imports torch: one import of it is the floor of both), each beside the time of that one import.
+interpreter start and `import torch` (plain, and with the garbage collector paused as the sub-stage imports it):
+its overhead beyond the conversion (goal: at most 3 s), with the sub-stage forked from main.py's process
+(EXPORTER_FORK=1, opt-in) and run as a second interpreter (EXPORTER_FORK=0, the default, whose launcher never
+imports torch: one import of it is the floor of both), each beside the time of that one import.
 
     python benchmarks/convert_gpt2_medium.py [--work-dir /tmp/ft-bench] [--processes 1] [--repeat 3]
 
@@ -50,8 +51,10 @@ CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
 started = time.monotonic()
-from exporter.ft.convert import convert_checkpoint
-from exporter.parallel import ParallelLayout
+from exporter.lazy import imports_without_gc
+with imports_without_gc():  # as the sub-stage imports them
+    from exporter.ft.convert import convert_checkpoint
+    from exporter.parallel import ParallelLayout
 imported, cpu = time.monotonic(), time.process_time()
 if {convert}:
     convert_checkpoint({source!r}, {out!r}, ParallelLayout(2), weight_data_type="fp16", processes={processes})
@@ -153,7 +156,8 @@ def main() -> None:
     name, largest = largest_tensor(source)
     subprocess.run(["cat", str(source)], stdout=subprocess.DEVNULL, check=True)  # same warm page cache for all
 
-    cp_times, ours, baseline, commands, unforked, bare, torch_only, torch_exit = [], [], [], [], [], [], [], []
+    cp_times, ours, baseline, commands, unforked = [], [], [], [], []
+    bare, torch_only, torch_paused, torch_exit = [], [], [], []
     for _ in range(args.repeat):
         # Untimed `sync` before each timed run: neither pays for flushing the other's writes.
         subprocess.run(["sync"], check=True)
@@ -165,7 +169,9 @@ def main() -> None:
         baseline.append(run_child(checkpoint, out, args.processes, convert=False))
         if args.command:
             bare.append(time_python("pass"))
-            torch_only.append(time_python("import os, torch; os._exit(0)"))  # what a command pays for torch
+            torch_only.append(time_python("import os, torch; os._exit(0)"))
+            # what a command pays for torch: the sub-stage imports it with the collector paused (exporter/lazy.py)
+            torch_paused.append(time_python("import gc, os; gc.disable(); import torch; os._exit(0)"))
             torch_exit.append(time_python("import torch"))  # and the interpreter's teardown, which commands skip
             subprocess.run(["sync"], check=True)
             commands.append(time_command(checkpoint, args.work_dir / "results", args.processes, fork=True))
@@ -206,7 +212,8 @@ def main() -> None:
               f"overhead = the command minus the conversion (wall {convert_s:.2f} s, CPU {convert_cpu:.2f} s):")
         print(f"{'':44}{'wall s':>8}{'overhead':>10}{'CPU s':>8}{'overhead':>10}")
         for label, runs in (("bare interpreter start", bare), ("interpreter + import torch", torch_only),
-                            ("the same + the interpreter's teardown", torch_exit)):
+                            ("the same, garbage collector paused", torch_paused),
+                            ("import torch + the interpreter's teardown", torch_exit)):
             print(f"{'  ' + label:44}{statistics.median(w for w, _ in runs):>8.2f}{'':>10}"
                   f"{statistics.median(c for _, c in runs):>8.2f}")
         own = {}
@@ -220,7 +227,7 @@ def main() -> None:
         for label, overheads in own.items():
             print(f"{'    ' + label:46}{statistics.median(overheads):>6.2f} s ({spread(overheads)})")
         default, forked = "command, two interpreters (default)", "command, sub-stage forked (EXPORTER_FORK=1)"
-        torch_s = statistics.median(w for w, _ in torch_only)
+        torch_s = statistics.median(w for w, _ in torch_paused)  # the import as the sub-stage makes it
         for label, runs in ((default, unforked), (forked, commands)):
             overhead = (statistics.median(own[label]) if label in own
                         else statistics.median(w for w, _, _ in runs) - convert_s)
