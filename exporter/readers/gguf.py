@@ -1,9 +1,9 @@
 """A llama.cpp GGUF file read as if it were an HF checkpoint: HF tensor names and shapes, a config.json dict built
 from the metadata, one de-quantised tensor at a time.
 
-`gguf.GGUFReader` parses the header (metadata and the tensor table) and memory-maps the file; the tensor bytes are
-not read through that map but with one positioned read each (as hf.py reads safetensors: pages touched through a
-map stay resident until it is unmapped), then de-quantised with `gguf.quants.dequantize`. Peak memory follows the
+gguf_header.py parses the header (metadata and the tensor table; gguf's own GGUFReader takes seconds over a large
+vocabulary); each tensor's bytes are read with one positioned read (as hf.py reads safetensors: pages touched through
+a map stay resident until it is unmapped), then de-quantised with `gguf.quants.dequantize`. Peak memory follows the
 largest tensor (its quantised bytes plus its float32 values), not the model.
 
 What llama.cpp's converter changed, undone here:
@@ -29,6 +29,7 @@ from templates.ft_python.ft_checkpoint import CheckpointError
 
 from ..lazy import torch
 from . import gguf_tokenizer
+from .gguf_header import GGUFHeader
 
 GGUF_MAGIC = b"GGUF"
 
@@ -125,11 +126,9 @@ PERMUTED_ARCHITECTURES = ("llama",)
 
 
 @functools.lru_cache(maxsize=4)
-def _reader(path: Path, size: int, mtime: float):
-    """One parsed header per file version (parsing a 49k-token vocabulary takes seconds)."""
-    from gguf import GGUFReader
-
-    return GGUFReader(path)
+def _reader(path: Path, size: int, mtime: float) -> GGUFHeader:
+    """One parsed header per file version (the launcher and the architecture both open the file)."""
+    return GGUFHeader(path)
 
 
 class GGUFCheckpoint:
@@ -142,10 +141,8 @@ class GGUFCheckpoint:
         stat = self.path.stat()
         try:
             self.reader = _reader(self.path.resolve(), stat.st_size, stat.st_mtime)
-        except (ValueError, IndexError) as error:  # gguf-py's words for a damaged or truncated header
+        except (ValueError, UnicodeDecodeError) as error:  # a damaged, truncated or big-endian header
             raise CheckpointError(f"{self.path}: unreadable GGUF header ({error})") from None
-        if self.reader.byte_order != "I":
-            raise CheckpointError(f"{self.path} is a big-endian GGUF file; only little-endian files are supported")
         self.metadata = _Metadata(self.reader)
         architecture = self.metadata.get("general.architecture")
         if architecture not in ARCHITECTURES:
@@ -234,14 +231,13 @@ def _unpermute(values: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class _Metadata:
-    """The GGUF key-value metadata, read on demand (`contents()` of one field at a time)."""
+    """The GGUF key-value metadata."""
 
-    def __init__(self, reader):
+    def __init__(self, reader: GGUFHeader):
         self._fields = reader.fields
 
     def get(self, key: str, default: Any = None) -> Any:
-        field = self._fields.get(key)
-        return default if field is None else field.contents()
+        return self._fields.get(key, default)
 
     def prefixed(self, prefix: str) -> Callable[..., Any]:
         """`key(name[, default])` reading `<prefix>.<name>`; a key without a default must be there."""
