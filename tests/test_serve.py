@@ -353,6 +353,45 @@ def test_port_taken_meanwhile_is_retried(prepost_repo, install, tmp_path, monkey
     assert "already in use" in (tmp_path / "tritonserver.log").read_text()
 
 
+
+@pytest.mark.triton
+def test_spawn_returns_at_once_and_wait_ready_waits(prepost_repo, install, tmp_path):
+    """What the accuracy sub-stage relies on to load its reference while the server starts."""
+    import tritonclient.http as httpclient
+
+    server = TritonServer(prepost_repo, tmp_path / "tritonserver.log", install=install)
+    try:
+        assert server.spawn() is server
+        assert server.process is not None and server.process.poll() is None  # running, not waited for
+        client = httpclient.InferenceServerClient(server.http_url)
+        try:
+            ready_at_once = client.is_server_ready()
+        except Exception:  # not listening yet
+            ready_at_once = False
+        assert not ready_at_once  # models take seconds to load: spawn() did not wait for them
+        assert server.wait_ready() is server and server.running
+        assert client.is_model_ready("preprocessing") and client.is_model_ready("postprocessing")
+        client.close()
+    finally:
+        server.stop()
+    _assert_stopped(server.last_pid, [server.http_port, server.grpc_port, server.metrics_port])
+
+
+@pytest.mark.triton
+def test_interrupted_wait_ready_stops_the_spawned_server(prepost_repo, install, tmp_path, monkeypatch):
+    server = TritonServer(prepost_repo, tmp_path / "tritonserver.log", install=install)
+    server.spawn()
+    pid = server.process.pid
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(server, "_wait_ready", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        server.wait_ready()
+    assert server.process is None
+    _assert_stopped(pid, [server.http_port, server.grpc_port, server.metrics_port])
+
 BROKEN_MODEL = textwrap.dedent(
     """
     class TritonPythonModel:

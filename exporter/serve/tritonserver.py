@@ -338,21 +338,40 @@ class TritonServer:
 
     def start(self) -> "TritonServer":
         """Start and wait until ready; on any failure (or Ctrl-C) the server is stopped before raising."""
+        return self.spawn().wait_ready()
+
+    def spawn(self) -> "TritonServer":
+        """Start the server's process and return at once; `wait_ready()` waits for it, so that what the caller does
+        in between overlaps the start. The process is spawned from the calling thread, which must outlive it
+        (PR_SET_PDEATHSIG: the server is sent SIGTERM when that thread ends). On failure the server is stopped
+        before raising."""
         if not self.model_repository.is_dir():
             raise TritonServerError(f"model repository {self.model_repository} is not a directory")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        for attempt in range(self.port_retries):
-            try:
-                self._spawn()
-                self._wait_ready()
-                return self
-            except _PortConflict:
-                self.stop()
-                if attempt == self.port_retries - 1:
-                    raise self._error(f"could not bind free ports in {self.port_retries} attempts") from None
-            except BaseException:
-                self.stop()
-                raise
+        try:
+            self._spawn()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self) -> "TritonServer":
+        """Wait until the spawned server and every model are ready, spawning it again on other ports when another
+        process took one meanwhile (`port_retries` starts in all); on any failure (or Ctrl-C) the server is stopped
+        before raising."""
+        try:
+            for attempt in range(1, self.port_retries + 1):
+                try:
+                    self._wait_ready()
+                    return self
+                except _PortConflict:
+                    self.stop()
+                    if attempt == self.port_retries:
+                        raise self._error(f"could not bind free ports in {self.port_retries} attempts") from None
+                    self._spawn()
+        except BaseException:
+            self.stop()
+            raise
         return self  # pragma: no cover
 
     def _spawn(self) -> None:

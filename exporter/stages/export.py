@@ -8,6 +8,7 @@ Stages only plan (`plan` returns SubStage jobs); a launcher (exporter/launch/) e
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -223,33 +224,35 @@ def accuracy(cfg: DictConfig, server_url: str | None = None, server_grpc_url: st
     if batch_size < acc.batch_size:
         log.warning("accuracy.batch_size %d exceeds the model's max_batch_size; using %d", acc.batch_size, batch_size)
 
-    # The served tokenizer.json as it is (its special tokens decided at export): the ids preprocessing would send,
-    # given to the served model and to the reference alike.
-    tokenizer = Tokenizer.from_file(str(shard_dir / "tokenizer.json"))
-    encoder = lambada.Encoder(lambda text, special: tokenizer.encode(text, add_special_tokens=special).ids)
-    texts = lambada.read_texts(Path(acc.test_data), acc.limit, acc.stride)
+    # The server starts now, while the reference loads (transformers reading the source: ~30 s for the default
+    # SmolLM2 on 2 cores, against ~9 s for the server's start); the scoring waits for it (ready()).
+    with _serving(cfg, paths, server_url, server_grpc_url) as ready:
+        # The served tokenizer.json as it is (its special tokens decided at export): the ids preprocessing would send,
+        # given to the served model and to the reference alike.
+        tokenizer = Tokenizer.from_file(str(shard_dir / "tokenizer.json"))
+        encoder = lambada.Encoder(lambda text, special: tokenizer.encode(text, add_special_tokens=special).ids)
+        texts = lambada.read_texts(Path(acc.test_data), acc.limit, acc.stride)
 
-    reference, reference_encoder, no_reference_reason = _reference(cfg, paths, end_id, seq2seq is not None)
-    bounds = f"export.accuracy.limit={acc.limit} and export.accuracy.stride={acc.stride}"
-    info = {"model": paths.model_name, "repository": str(paths.repository), "test_data": acc.test_data}
-    tolerance = acc.tolerance
-    if reference is None:
-        log.warning("parity will not be checked: %s", no_reference_reason)
-    else:  # a half-precision reference (on the GPU) widens the tolerance, and says so in the results
-        tolerance, note = reference.placement.tolerance(acc.tolerance, len(texts))
-        info.update(reference_device=reference.placement.device, reference_dtype=reference.placement.dtype)
-        if note:
-            info.update(tolerance_configured=acc.tolerance, tolerance_note=note)
-            log.warning("%s", note)
-        seconds, line = lambada.reference_cost(texts, reference_encoder or encoder, len(acc.metrics), reference,
-                                               batch_size, bounds)
-        log.log(logging.WARNING if seconds > LONG_S else logging.INFO, "%s", line)
+        reference, reference_encoder, no_reference_reason = _reference(cfg, paths, end_id, seq2seq is not None)
+        bounds = f"export.accuracy.limit={acc.limit} and export.accuracy.stride={acc.stride}"
+        info = {"model": paths.model_name, "repository": str(paths.repository), "test_data": acc.test_data}
+        tolerance = acc.tolerance
+        if reference is None:
+            log.warning("parity will not be checked: %s", no_reference_reason)
+        else:  # a half-precision reference (on the GPU) widens the tolerance, and says so in the results
+            tolerance, note = reference.placement.tolerance(acc.tolerance, len(texts))
+            info.update(reference_device=reference.placement.device, reference_dtype=reference.placement.dtype)
+            if note:
+                info.update(tolerance_configured=acc.tolerance, tolerance_note=note)
+                log.warning("%s", note)
+            seconds, line = lambada.reference_cost(texts, reference_encoder or encoder, len(acc.metrics), reference,
+                                                   batch_size, bounds)
+            log.log(logging.WARNING if seconds > LONG_S else logging.INFO, "%s", line)
 
-    with _serving(cfg, paths, server_url, server_grpc_url) as url:
         results = lambada.evaluate(
             texts=texts,
             encoder=encoder,
-            served=lambada.TritonGenerator(url, paths.model_name, end_id, seq2seq=seq2seq is not None),
+            served=lambada.TritonGenerator(ready(), paths.model_name, end_id, seq2seq=seq2seq is not None),
             reference=reference,
             no_reference_reason=no_reference_reason,
             reference_encoder=reference_encoder,
@@ -313,29 +316,44 @@ def _reference(cfg: DictConfig, paths: ExportPaths, end_id: int, seq2seq: bool =
 
 @contextlib.contextmanager
 def _serving(cfg: DictConfig, paths: ExportPaths, server_url: str | None,
-             server_grpc_url: str | None) -> Iterator[str]:
-    """Yield the URL of a ready tritonserver on the repository: `server_url`'s, or one started (and stopped) here."""
+             server_grpc_url: str | None) -> Iterator[Callable[[], str]]:
+    """Yield `ready()`, which returns the URL of a ready tritonserver on the repository: `server_url`'s, or one
+    started (and stopped) here. The one started here is spawned on entry and waited for at the first `ready()`, so
+    that the caller's work in between (the reference loading) overlaps its start."""
     from ..serve import health
     from ..serve.tritonserver import TritonServer, find_tritonserver
 
     acc = cfg.export.accuracy
     if server_url is not None:
         address = server_url.split("://", 1)[-1]  # host:port, as tritonclient takes it
-        log.info("using the tritonserver at %s (started by the job, not by this step)", address)
-        _wait_until_ready(address, paths.repository, acc.server_timeout_s)
-        _refuse_unhealthy(server_grpc_url.split("://", 1)[-1], address)
-        yield address
+
+        def ready_external() -> str:
+            log.info("using the tritonserver at %s (started by the job, not by this step)", address)
+            _wait_until_ready(address, paths.repository, acc.server_timeout_s)
+            _refuse_unhealthy(server_grpc_url.split("://", 1)[-1], address)
+            return address
+
+        yield functools.cache(ready_external)
         return
     install = find_tritonserver(acc.tritonserver)
     runtime_for(cfg.export.triton_deployment.runtime).check_server(install.backend_dir, install.binary)
     log_path = paths.results_dir / "accuracy" / "tritonserver.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with TritonServer(paths.repository, log_path, install=install, startup_timeout_s=acc.server_timeout_s) as server:
+    server = TritonServer(paths.repository, log_path, install=install, startup_timeout_s=acc.server_timeout_s)
+    server.spawn()
+
+    def ready() -> str:
+        server.wait_ready()
         # Ready is not proof of a live stub (exporter/serve/health.py): every model answers one tiny request first.
         for problem in health.ensure_healthy(server):
             log.warning("restarted tritonserver: %s", problem)
         log.info("tritonserver ready at http://%s (log: %s)", server.http_url, log_path)
-        yield server.http_url
+        return server.http_url
+
+    try:
+        yield functools.cache(ready)
+    finally:
+        server.stop()
 
 
 def _refuse_unhealthy(grpc_address: str, address: str) -> None:
