@@ -7,40 +7,16 @@ sub-stage's own. Those modules take `torch` from here instead: the name works as
 `torch.Tensor`, `isinstance(x, torch.Tensor)`), and the real import happens at the first attribute read, in the
 sub-stage that converts.
 
-`imports_without_gc()` is for the imports that bring torch in: Python's cyclic garbage collector runs ~400 times
-(three of them full collections) while torch builds its ~180 000 objects, nearly none of them garbage: 0.2-0.3 s of
-an import of 1.8-2.5 s on this project's 2-core machine. Afterwards those objects are frozen out of the collector's
-reach, so that the collections to come do not walk them (~120 ms for each full one in a process that holds torch
-and the runtime). The price: the few cycles that became garbage during the import are frozen with the rest and
-never freed (7 000 objects, 0.65 MB, for torch and the runtime).
+`imports_without_gc()` (templates/ft_python/ft_imports.py, shared with the served model) is for the imports that
+bring torch in: the garbage collector paused meanwhile, and what they built frozen out of its later walks.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import importlib
-import sys
 from types import ModuleType
 
-
-@contextlib.contextmanager
-def imports_without_gc(heavy: str = "torch"):
-    """Pause the cyclic garbage collector for the imports inside, then freeze every object there is (gc.freeze)
-    and resume the collector as it was; all this only if the module `heavy` they bring in is not imported yet (a
-    process that has it, e.g. a test session, keeps its collector as it is: what a freeze would pin there is not
-    only the import's)."""
-    if heavy in sys.modules:
-        yield
-        return
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()
-        if enabled:
-            gc.enable()
+from templates.ft_python.ft_imports import imports_without_gc
 
 
 class LazyModule:

@@ -21,13 +21,14 @@ if TYPE_CHECKING:
 # it imports (stdlib + numpy + torch only), so a stock tritonserver serves the repository without this package.
 FILES = ("ft_python/model.py", "ft_python/ft_checkpoint.py", "ft_python/ft_gpt.py", "ft_python/ft_rotary.py",
          "ft_python/ft_generate.py", "ft_python/ft_interface.py", "ft_python/ft_metrics.py",
-         "ft_python/ft_scheduler.py", "ft_python/ft_request.py")
+         "ft_python/ft_scheduler.py", "ft_python/ft_request.py", "ft_python/ft_imports.py")
 # An encoder-decoder (T5 shards, config.ini section "t5"): model_t5.py is installed as the backend's model.py.
 T5_SECTION = "t5"
 T5_MODEL = "ft_python/model_t5.py"
 T5_FILES = ("ft_python/ft_checkpoint.py", "ft_python/ft_generate.py", "ft_python/ft_interface.py",
             "ft_python/ft_t5.py", "ft_python/ft_t5_checkpoint.py", "ft_python/ft_t5_interface.py",
-            "ft_python/ft_metrics.py", "ft_python/ft_scheduler.py", "ft_python/ft_request.py")
+            "ft_python/ft_metrics.py", "ft_python/ft_scheduler.py", "ft_python/ft_request.py",
+            "ft_python/ft_imports.py")
 
 
 @register

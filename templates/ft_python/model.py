@@ -39,7 +39,6 @@ a request may ask for), admission_window_microseconds (how long an idle model wa
 prefilling: ft_scheduler.Scheduler._gather; default ft_scheduler.ADMISSION_WINDOW_US, 0 = at once).
 """
 
-import gc
 import os
 import sys
 
@@ -54,28 +53,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # with 64 it levelled off ~110 MB lower, decoding as fast (benchmarks/inflight_step.py).
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
-# Python's cyclic garbage collector, paused while torch and the runtime are imported (~400 collections over their
-# ~180 000 objects, 0.2-0.3 s of the model's load on a 2-core machine), then frozen out of its later walks (gc.freeze:
-# ~120 ms per full collection). Only where torch is not loaded yet (the stub), not in a process that has it.
-_PAUSE_GC = "torch" not in sys.modules and gc.isenabled()
-if _PAUSE_GC:
-    gc.disable()
+import ft_imports  # noqa: E402
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
+with ft_imports.imports_without_gc():  # torch and the runtime (ft_imports.py)
+    import numpy as np
+    import torch
+    import triton_python_backend_utils as pb_utils
 
-import ft_checkpoint  # noqa: E402
-import ft_generate  # noqa: E402
-import ft_gpt  # noqa: E402
-import ft_interface  # noqa: E402
-import ft_metrics  # noqa: E402
-import ft_request  # noqa: E402
-import ft_scheduler  # noqa: E402
-
-if _PAUSE_GC:
-    gc.freeze()
-    gc.enable()
+    import ft_checkpoint
+    import ft_generate
+    import ft_gpt
+    import ft_interface
+    import ft_metrics
+    import ft_request
+    import ft_scheduler
 
 
 def _input(request, name):

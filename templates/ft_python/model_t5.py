@@ -25,7 +25,6 @@ on one device), data_type (compute type on CUDA; the CPU computes in fp32), int8
 "cuda"), max_beam_width, admission_window_microseconds (model.py says what it does).
 """
 
-import gc
 import os
 import sys
 
@@ -36,29 +35,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # ACTIVE in the server's environment to spin on dedicated cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-# Python's cyclic garbage collector, paused while torch and the runtime are imported (~400 collections over their
-# ~180 000 objects, 0.2-0.3 s of the model's load on a 2-core machine), then frozen out of its later walks (gc.freeze:
-# ~120 ms per full collection). Only where torch is not loaded yet (the stub), not in a process that has it.
-_PAUSE_GC = "torch" not in sys.modules and gc.isenabled()
-if _PAUSE_GC:
-    gc.disable()
+import ft_imports  # noqa: E402
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
+with ft_imports.imports_without_gc():  # torch and the runtime (ft_imports.py)
+    import numpy as np
+    import torch
+    import triton_python_backend_utils as pb_utils
 
-import ft_checkpoint  # noqa: E402
-import ft_generate  # noqa: E402
-import ft_metrics  # noqa: E402
-import ft_request  # noqa: E402
-import ft_scheduler  # noqa: E402
-import ft_t5  # noqa: E402
-import ft_t5_checkpoint  # noqa: E402
-import ft_t5_interface  # noqa: E402
-
-if _PAUSE_GC:
-    gc.freeze()
-    gc.enable()
+    import ft_checkpoint
+    import ft_generate
+    import ft_metrics
+    import ft_request
+    import ft_scheduler
+    import ft_t5
+    import ft_t5_checkpoint
+    import ft_t5_interface
 
 
 def _input(request, name):
