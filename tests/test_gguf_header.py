@@ -36,6 +36,22 @@ def test_header_equals_gguf_readers(tmp_path, kind, kwargs):
     _assert_same_as_gguf(write_gguf(tmp_path / "tiny.gguf", kind, **kwargs))
 
 
+
+def test_custom_alignment_places_the_data_where_gguf_does(tmp_path):
+    import numpy as np
+
+    path = str(tmp_path / "aligned.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_custom_alignment(64)
+    writer.add_tensor("token_embd.weight", np.arange(32, dtype=np.float32).reshape(4, 8))
+    writer.add_tensor("output_norm.weight", np.ones(8, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _assert_same_as_gguf(path)
+    assert GGUFHeader(path).tensors[0].data_offset % 64 == 0
+
 def test_smollm2_header_equals_gguf_readers():
     path = gguf_path()
     if path is None:

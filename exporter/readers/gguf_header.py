@@ -72,6 +72,8 @@ class GGUFHeader:
                     dims = tuple(self._scalar("<Q") for _ in range(self._scalar("<I")))
                     table.append((name, dims, self._scalar("<I"), self._scalar("<Q")))
                 alignment = self.fields.get("general.alignment", DEFAULT_ALIGNMENT)
+                if not isinstance(alignment, int) or alignment <= 0:
+                    raise ValueError(f"general.alignment {alignment!r} is not a positive integer")
                 start = -(-self._at // alignment) * alignment
                 size = len(view)
             finally:
