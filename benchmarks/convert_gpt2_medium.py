@@ -170,7 +170,8 @@ def main() -> None:
         if args.command:
             bare.append(time_python("pass"))
             torch_only.append(time_python("import os, torch; os._exit(0)"))
-            # what a command pays for torch: the sub-stage imports it with the collector paused (exporter/lazy.py)
+            # what a command pays for torch: the sub-stage imports it with the collector paused
+            # (templates/ft_python/ft_imports.py)
             torch_paused.append(time_python("import gc, os; gc.disable(); import torch; os._exit(0)"))
             torch_exit.append(time_python("import torch"))  # and the interpreter's teardown, which commands skip
             subprocess.run(["sync"], check=True)

@@ -29,9 +29,7 @@ from templates.ft_python.ft_checkpoint import CheckpointError
 
 from ..lazy import torch
 from . import gguf_tokenizer
-from .gguf_header import GGUFHeader
-
-GGUF_MAGIC = b"GGUF"
+from .gguf_header import MAGIC, GGUFHeader
 
 # De-quantised by `gguf.quants.dequantize` (names as `gguf.GGMLQuantizationType` spells them); each is tested
 # against transformers reading the same bytes (Q5_0 / Q5_1 are left out: transformers, the reference, cannot).
@@ -70,7 +68,7 @@ def is_gguf(path: Path) -> bool:
     if not path.is_file():
         return False
     with open(path, "rb") as handle:
-        return handle.read(4) == GGUF_MAGIC
+        return handle.read(4) == MAGIC
 
 
 def _llama_config(key: Callable[..., Any], tensor_names: set[str]) -> dict[str, Any]:
