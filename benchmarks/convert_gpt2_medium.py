@@ -51,7 +51,8 @@ CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
 started = time.monotonic()
-from exporter.lazy import imports_without_gc
+from exporter.lazy import imports_without_gc, openmp_threads_sleep_when_idle
+openmp_threads_sleep_when_idle()  # as the sub-stage's process does (exporter/run_substage.py)
 with imports_without_gc():  # as the sub-stage imports them
     from exporter.ft.convert import convert_checkpoint
     from exporter.parallel import ParallelLayout

@@ -68,8 +68,11 @@ CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
 started = time.monotonic()
-from exporter.ft.convert import convert_checkpoint
-from exporter.parallel import ParallelLayout
+from exporter.lazy import imports_without_gc, openmp_threads_sleep_when_idle
+openmp_threads_sleep_when_idle()  # as the sub-stage's process does (exporter/run_substage.py)
+with imports_without_gc():  # as the sub-stage imports them
+    from exporter.ft.convert import convert_checkpoint
+    from exporter.parallel import ParallelLayout
 imported = time.monotonic()
 if {convert}:
     convert_checkpoint({source!r}, {out!r}, ParallelLayout({tp}), weight_data_type="fp16")

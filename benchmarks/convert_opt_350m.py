@@ -24,7 +24,8 @@ from convert_gpt2_medium import largest_tensor, run_child, time_command, time_cp
 
 # Runs in a child: the two folds alone, as the conversion computes them (fp32 matmuls, exporter/arch/opt.py).
 FOLDS = """
-import sys, time
+import os, sys, time
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in the conversion (templates/ft_python/ft_imports.py)
 from safetensors.torch import load_file
 state = load_file({source!r})
 embed = state["model.decoder.embed_tokens.weight"].float()

@@ -8,7 +8,8 @@ sub-stage's own. Those modules take `torch` from here instead: the name works as
 sub-stage that converts.
 
 `imports_without_gc()` (templates/ft_python/ft_imports.py, shared with the served model) is for the imports that
-bring torch in: the garbage collector paused meanwhile, and what they built frozen out of its later walks.
+bring torch in: the garbage collector paused meanwhile, and what they built frozen out of its later walks;
+`openmp_threads_sleep_when_idle()` (the same file) is called by a sub-stage's process before torch loads.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from templates.ft_python.ft_imports import imports_without_gc
+from templates.ft_python.ft_imports import imports_without_gc, openmp_threads_sleep_when_idle
 
 
 class LazyModule:
@@ -40,4 +41,4 @@ class LazyModule:
 
 torch = LazyModule("torch")
 
-__all__ = ["LazyModule", "imports_without_gc", "torch"]
+__all__ = ["LazyModule", "imports_without_gc", "openmp_threads_sleep_when_idle", "torch"]

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from .config import ConfigError, validate
 from .errors import USER_ERRORS
+from .lazy import openmp_threads_sleep_when_idle
 
 log = logging.getLogger("exporter")
 
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     args = parse_args(argv)
+    openmp_threads_sleep_when_idle()  # before the sub-stage loads torch (templates/ft_python/ft_imports.py)
     try:
         run(args)
     except ConfigError as error:

@@ -55,3 +55,40 @@ def test_lazy_module_imports_on_first_attribute_read():
     assert "not imported yet" in repr(probe)
     assert probe.dumps({"a": 1}) == json.dumps({"a": 1})
     assert "imported" in repr(probe) and "not" not in repr(probe)
+
+
+# A sub-stage's process as exporter/run_substage.py starts it, its work replaced by loading torch; libgomp itself
+# reports the wait policy it read when it loaded (OMP_DISPLAY_ENV=VERBOSE, on stderr).
+SUBSTAGE_PROBE = """
+import sys
+sys.path.insert(0, {root!r})
+import exporter.run_substage as run_substage
+from exporter.lazy import torch
+run_substage.run = lambda args: torch.zeros(1)
+sys.exit(run_substage.main(["unused.yaml", "export", "convert"]))
+"""
+
+
+def _openmp_settings(env: dict[str, str]) -> dict[str, str]:
+    done = subprocess.run([sys.executable, "-c", SUBSTAGE_PROBE.format(root=str(ROOT))], capture_output=True,
+                          text=True, check=True, env=env)
+    settings = {}
+    for line in done.stderr.splitlines():
+        name, equals, value = line.strip().partition(" = ")
+        if equals:
+            settings[name] = value.strip("'")
+    return settings
+
+
+def test_a_sub_stage_loads_openmp_with_threads_that_sleep_when_idle():
+    import os
+
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    env["OMP_DISPLAY_ENV"] = "VERBOSE"
+    settings = _openmp_settings(env)
+    # libgomp's own default spins 300 000 times before a pool thread sleeps; PASSIVE never spins.
+    assert settings["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert settings["GOMP_SPINCOUNT"] == "0"
+    settings = _openmp_settings({**env, "OMP_WAIT_POLICY": "ACTIVE"})  # the user's choice is kept
+    assert settings["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert settings["GOMP_SPINCOUNT"] != "0"

@@ -28,7 +28,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, IO, Sequence
 
-from ..lazy import imports_without_gc
+from ..lazy import imports_without_gc, openmp_threads_sleep_when_idle
 
 ENTRY = ("-m", "exporter.run_substage")
 ENV = "EXPORTER_FORK"
@@ -58,6 +58,7 @@ def _threads() -> int:
 # imports torch: the fresh interpreter that runs the sub-stage does, once.
 _THREADS_AT_IMPORT = None
 if os.environ.get(ENV, "0") == "1":
+    openmp_threads_sleep_when_idle()  # as a sub-stage's own interpreter does (exporter/run_substage.py)
     with imports_without_gc():
         import torch  # noqa: E402, F401  (imported by every sub-stage anyway)
 

@@ -9,11 +9,25 @@ runtime).
 
 Used by a served model's process (model.py, model_t5.py: the stub imports this from the model's directory before
 torch) and by the exporter's sub-stages (exporter/lazy.py). Self-contained: stdlib only.
+
+`openmp_threads_sleep_when_idle()` is for the same processes, before torch loads: see there.
 """
 
 import contextlib
 import gc
+import os
 import sys
+
+
+def openmp_threads_sleep_when_idle():
+    """Ask OpenMP (read once, when torch loads it) for pool threads that sleep between parallel regions instead of
+    spinning, unless the environment already says OMP_WAIT_POLICY. On this project's 2-core machine the spinning
+    thread competes with the process's own other threads and with its neighbours: a served model shares its cores
+    with Triton, the other models and the clients (decoding was 5-10x slower on a busy machine,
+    benchmarks/serving.py --omp-wait-policy); the converter's reader and writer threads run beside the casts, whose
+    pool spent ~0.8 CPU-s spinning in a GPT-2-medium conversion of 1.6 s (benchmarks/convert_gpt2_medium.py). Set
+    the variable to ACTIVE to spin on dedicated cores. Does nothing once torch is loaded."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @contextlib.contextmanager

@@ -43,17 +43,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# OpenMP threads that sleep when idle instead of spinning (read once, when torch loads OpenMP): a served model
-# shares its cores with Triton, the other models and the clients, and spinning threads there made decoding
-# 5-10x slower on a busy 2-core machine (benchmarks/serving.py --omp-wait-policy). Set the variable to
-# ACTIVE in the server's environment to spin on dedicated cores.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # oneDNN (the CPU products, ft_gpt._linear) keeps a primitive per product shape it has seen, 1024 by default: every
 # new prompt length adds some, and the stub's memory grew ~210 MB before it levelled off under mixed requests;
 # with 64 it levelled off ~110 MB lower, decoding as fast (benchmarks/inflight_step.py).
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 import ft_imports  # noqa: E402
+
+ft_imports.openmp_threads_sleep_when_idle()  # before torch loads OpenMP; OMP_WAIT_POLICY=ACTIVE overrides it
 
 with ft_imports.imports_without_gc():  # torch and the runtime (ft_imports.py)
     import numpy as np
