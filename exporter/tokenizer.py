@@ -127,14 +127,15 @@ def _byte_level_bpe(directory: Path) -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     # No post-processor, as transformers' GPT2Tokenizer: with_default_special_tokens builds it from the flags.
-    special = _special_tokens(directory)
+    special = _special_tokens(directory, tokenizer)
     if special:
         tokenizer.add_special_tokens([AddedToken(token, special=True) for token in special])
     return tokenizer
 
 
-def _special_tokens(directory: Path) -> list[str]:
-    """Special tokens named by tokenizer_config.json / special_tokens_map.json; GPT-2's <|endoftext|> otherwise."""
+def _special_tokens(directory: Path, tokenizer: Tokenizer) -> list[str]:
+    """Special tokens named by tokenizer_config.json / special_tokens_map.json; GPT-2's <|endoftext|> otherwise,
+    when `tokenizer`'s vocabulary has it."""
     found: list[str] = []
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         data = _read_json(directory / name)
@@ -142,10 +143,8 @@ def _special_tokens(directory: Path) -> list[str]:
             token = _token_text(data.get(key))
             if token is not None and token not in found:
                 found.append(token)
-    if not found:
-        vocab = json.loads((directory / "vocab.json").read_text())
-        if "<|endoftext|>" in vocab:
-            found.append("<|endoftext|>")
+    if not found and tokenizer.token_to_id("<|endoftext|>") is not None:
+        found.append("<|endoftext|>")
     return found
 
 
@@ -222,14 +221,32 @@ def decodable_vocab_size(tokenizer_json: Path) -> int:
     return max(vocab.values()) + 1
 
 
+class ServedTokenizerJson:
+    """The served tokenizer.json, decided once (before a conversion writes anything: `nbytes` is part of the space
+    it checks for) and written after the shards: the checkpoint's own file byte for byte when its post-processor
+    already adds what `tokenizer`'s does, else `tokenizer` serialised as `Tokenizer.save` writes it (pretty JSON).
+    Pre/postprocessing and LAMBADA read it as it is."""
+
+    def __init__(self, tokenizer: Tokenizer, source_dir: Path):
+        self.source = Path(source_dir) / "tokenizer.json"
+        text: str | None = tokenizer.to_str(pretty=True)
+        if self.source.is_file():
+            own = json.loads(self.source.read_text(encoding="utf-8")).get("post_processor")
+            if own == json.loads(text).get("post_processor"):
+                text = None
+        self.data = None if text is None else text.encode("utf-8")
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.stat().st_size if self.data is None else len(self.data)
+
+    def save(self, destination: Path) -> None:
+        if self.data is not None:
+            Path(destination).write_bytes(self.data)
+        elif self.source.resolve() != Path(destination).resolve():
+            shutil.copyfile(self.source, destination)
+
+
 def save_served_tokenizer(tokenizer: Tokenizer, source_dir: Path, destination: Path) -> None:
-    """Write the served tokenizer.json: the checkpoint's own file byte for byte when its post-processor already adds
-    what `tokenizer`'s does, else `tokenizer` serialised (pre/postprocessing and LAMBADA read it as it is)."""
-    source = Path(source_dir) / "tokenizer.json"
-    if source.is_file():
-        own = json.loads(source.read_text(encoding="utf-8")).get("post_processor")
-        if own == json.loads(tokenizer.to_str()).get("post_processor"):
-            if source.resolve() != Path(destination).resolve():
-                shutil.copyfile(source, destination)
-            return
-    tokenizer.save(str(destination))
+    """Write the served tokenizer.json (`ServedTokenizerJson`)."""
+    ServedTokenizerJson(tokenizer, source_dir).save(destination)

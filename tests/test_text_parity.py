@@ -370,3 +370,22 @@ def test_served_tokenizer_json_is_the_checkpoints_own_unless_changed(llama_token
     tok = transformers.AutoTokenizer.from_pretrained(source, add_bos_token=False)
     assert Tokenizer.from_file(str(changed)).encode(PROMPTS[0]).ids == tok(PROMPTS[0]).input_ids
     assert tok(PROMPTS[0]).input_ids[0] != tok.bos_token_id
+
+
+def test_served_tokenizer_json_states_the_size_it_writes(llama_tokenizer_dir, tmp_path):
+    """The conversion checks free space for `nbytes` before writing anything: it is the size of the file written,
+    whether the checkpoint's own file is kept or the tokenizer is serialised (as `Tokenizer.save` writes it)."""
+    from exporter.tokenizer import ServedTokenizerJson, SpecialTokens, load_tokenizer
+
+    source = _llama_variant(llama_tokenizer_dir, tmp_path / "checkpoint", add_bos_token=True)
+    for name, overrides in (("kept", SpecialTokens()), ("changed", SpecialTokens(add_bos_token=False))):
+        tokenizer = load_tokenizer(source, overrides)
+        served = ServedTokenizerJson(tokenizer, source)
+        written, saved = tmp_path / f"{name}.json", tmp_path / f"{name}.saved.json"
+        served.save(written)
+        assert served.nbytes == written.stat().st_size
+        if name == "changed":
+            tokenizer.save(str(saved))
+            assert written.read_bytes() == saved.read_bytes()
+        else:
+            assert written.read_bytes() == (source / "tokenizer.json").read_bytes()

@@ -22,7 +22,8 @@ from ..generation import generation_settings, write_generation_settings
 from ..parallel import ParallelLayout, ShardingError
 from ..readers import nemo_archive
 from ..readers.source import SourceKind, source_kind
-from ..tokenizer import SpecialTokens, decodable_vocab_size, load_tokenizer, save_served_tokenizer
+from ..tokenizer import (SpecialTokens, ServedTokenizerJson, decodable_vocab_size, load_tokenizer,
+                         save_served_tokenizer)
 from .encoder_decoder import convert_encoder_decoder
 from .prompt_tables import PromptTables
 from .sharding import file_names, rank_shape
@@ -105,6 +106,7 @@ def convert_checkpoint(
     gguf = source_kind(checkpoint_path) is SourceKind.GGUF  # its reader rebuilt the tokenizer on opening
     # Pre/postprocessing need it: fail now, not after writing gigabytes.
     served_tokenizer = None if gguf else load_tokenizer(checkpoint_path, special_tokens)
+    served_json = None if served_tokenizer is None else ServedTokenizerJson(served_tokenizer, checkpoint_path)
     plan = arch.plan()
     # Every eos id of the source ends generation; FT's single end_id is the first (exporter/generation.py).
     generation = generation_settings(checkpoint_path, plan.params.end_id, plan.params.vocab_size)
@@ -117,7 +119,7 @@ def convert_checkpoint(
         prompt_tables.check(params)
     # The free space needed, checked before writing: shards, tokenizer files, the served tokenizer.json, config files.
     needed = (shard_bytes + sum(path.stat().st_size for path in arch.checkpoint.tokenizer_files())
-              + (0 if served_tokenizer is None else len(served_tokenizer.to_str())) + (1 << 20))
+              + (0 if served_json is None else served_json.nbytes) + (1 << 20))
 
     final = Path(out_dir) / layout.shard_dir_name
     started = time.monotonic()
@@ -141,7 +143,7 @@ def convert_checkpoint(
             save_served_tokenizer(load_tokenizer(partial_dir, special_tokens), partial_dir,
                                   partial_dir / "tokenizer.json")
         else:
-            save_served_tokenizer(served_tokenizer, checkpoint_path, partial_dir / "tokenizer.json")
+            served_json.save(partial_dir / "tokenizer.json")
         config = ft_config(plan, layout, weight_data_type)
         # A vocab_size above what the served tokenizer decodes is padding: config.ini says where the real ids end.
         # The served tokenizer in memory has the saved one's vocabulary (only its post-processor may differ from

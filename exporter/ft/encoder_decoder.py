@@ -20,7 +20,7 @@ from ..arch.base import Architecture, Plan
 from ..atomic import AtomicDirectory
 from ..generation import generation_settings, write_generation_settings
 from ..parallel import ParallelLayout, ShardingError
-from ..tokenizer import SpecialTokens, has_tokenizer, load_tokenizer, save_served_tokenizer
+from ..tokenizer import ServedTokenizerJson, SpecialTokens, has_tokenizer, load_tokenizer
 from .sharding import file_names, rank_shape
 from .verify import DTYPE_BYTES
 from .writer import write_plan
@@ -83,13 +83,14 @@ def convert_encoder_decoder(arch: Architecture, make_arch: Callable[[], Architec
     plan = arch.plan()
     # The shards alone need no tokenizer (the export stage refuses a tokenizer-less checkpoint before converting).
     served_tokenizer = load_tokenizer(checkpoint_path, special_tokens) if has_tokenizer(checkpoint_path) else None
+    served_json = None if served_tokenizer is None else ServedTokenizerJson(served_tokenizer, checkpoint_path)
     generation = generation_settings(checkpoint_path, plan.params.eos_token_id, plan.params.vocab_size)
     plan.params = replace(plan.params, eos_token_id=generation["eos_token_id"][0])
     check_layout(plan.params, layout)
     shard_bytes = check_plan(plan, layout, weight_data_type)
     tokenizer_files = [checkpoint_path / name for name in T5_TOKENIZER_FILES if (checkpoint_path / name).is_file()]
     needed = (shard_bytes + sum(path.stat().st_size for path in tokenizer_files)
-              + len(served_tokenizer.to_str() if served_tokenizer else "")
+              + (served_json.nbytes if served_json else 0)
               + (1 << 20))
     final = Path(out_dir) / layout.shard_dir_name
     started = time.monotonic()
@@ -101,8 +102,8 @@ def convert_encoder_decoder(arch: Architecture, make_arch: Callable[[], Architec
                             total_bytes=shard_bytes)
         for path in tokenizer_files:
             shutil.copy2(path, partial_dir / path.name)
-        if served_tokenizer is not None:
-            save_served_tokenizer(served_tokenizer, checkpoint_path, partial_dir / "tokenizer.json")
+        if served_json is not None:
+            served_json.save(partial_dir / "tokenizer.json")
         write_generation_settings(generation, partial_dir)
         # config.ini last: a directory without it is never mistaken for a finished export.
         (partial_dir / "config.ini").write_text(t5_config(plan, layout, weight_data_type).to_ini())
