@@ -36,7 +36,9 @@ CHUNK_BYTES = 16 << 20  # converted output is cast in chunks of about this size
 # ... and handed to the kernel in write() calls of at most this many bytes. One 16 MB write per chunk made the
 # writer thread of a GPT-2-medium conversion spend 1.24-1.40 s writing its 0.7 GB where 1 MB writes spent
 # 0.58-0.75 s (4 runs each, alternating; 10 alternating whole conversions: 1.45 against 2.18 s, median), perhaps
-# because the page cache takes larger folios for larger writes on this kernel (not verified).
+# because the page cache takes larger folios for larger writes on this kernel (not verified). That was where `cp`
+# is fast (0.6-0.7 s for 1.4 GB); where it is slow (2-2.7 s) GPT-2 showed no difference and OPT-350m 3-12 % more
+# with 1 MB writes (3.90 against 3.48 s, 3.95 against 3.80), still within 2x `cp` there.
 WRITE_BYTES = 1 << 20
 
 
