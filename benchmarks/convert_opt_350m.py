@@ -20,12 +20,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convert_gpt2_medium import largest_tensor, run_child, time_command, time_cp  # noqa: E402
+from convert_gpt2_medium import ROOT, largest_tensor, run_child, time_command, time_cp  # noqa: E402
 
 # Runs in a child: the two folds alone, as the conversion computes them (fp32 matmuls, exporter/arch/opt.py).
 FOLDS = """
-import os, sys, time
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in the conversion (templates/ft_python/ft_imports.py)
+import sys, time
+sys.path.insert(0, {root!r})
+from templates.ft_python.ft_imports import openmp_threads_sleep_when_idle
+openmp_threads_sleep_when_idle()  # as in the conversion's process (exporter/run_substage.py)
 from safetensors.torch import load_file
 state = load_file({source!r})
 embed = state["model.decoder.embed_tokens.weight"].float()
@@ -89,8 +91,8 @@ def main() -> None:
         ours.append(run_child(checkpoint, out, args.processes, convert=True))
         shutil.rmtree(out)
         baseline.append(run_child(checkpoint, out, args.processes, convert=False))
-        done = subprocess.run([sys.executable, "-c", FOLDS.format(source=str(source))], capture_output=True, text=True,
-                              check=True)
+        done = subprocess.run([sys.executable, "-c", FOLDS.format(root=str(ROOT), source=str(source))],
+                              capture_output=True, text=True, check=True)
         folds.append(float(done.stdout.strip().splitlines()[-1]))
         if args.command:
             subprocess.run(["sync"], check=True)
