@@ -7,17 +7,23 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
-import hydra
-from omegaconf import DictConfig
+if __name__ == "__main__":  # the first sub-stage's interpreter starts importing now, beside Hydra's work below
+    from exporter import prestart
 
-from exporter.config import ConfigError, validate
-from exporter.errors import USER_ERRORS
-from exporter.launch import LAUNCHERS, LaunchError
-from exporter.quick_exit import quick_exit
-from exporter.stages import STAGES, JobShapeError
+    prestart.start(sys.argv[1:])
+
+import logging  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from exporter.config import ConfigError, validate  # noqa: E402
+from exporter.errors import USER_ERRORS  # noqa: E402
+from exporter.launch import LAUNCHERS, LaunchError  # noqa: E402
+from exporter.quick_exit import quick_exit  # noqa: E402
+from exporter.stages import STAGES, JobShapeError  # noqa: E402
 
 log = logging.getLogger("exporter")
 
@@ -46,5 +52,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()  # an error exits inside (sys.exit), the ordinary way
+    try:
+        main()  # an error exits inside (sys.exit), the ordinary way
+    finally:
+        prestart.discard()  # not taken (no sub-stage ran here): it must not outlive us
     quick_exit(0)  # done: skip the interpreter's teardown (with EXPORTER_FORK=1 it holds torch: 0.5 s)

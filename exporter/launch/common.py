@@ -16,10 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..atomic import write_text_atomic
 from ..jobs import Step, SubStage
+from ..prestart import DEVICES_VARIABLE, PROJECT_ROOT
+from ..prestart import take as take_prestarted
 from .forked import can_fork, run_forked
 from .refusals import explain
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]  # holds the `exporter` package: put on PYTHONPATH in jobs
 CONTAINER_PYTHON = "python3"  # inside a container, its own interpreter; on the host, the one running main.py
 SCRIPT_NAME = "launcher.sh"
 COMMAND_LOG = "launcher_cmd.log"
@@ -59,9 +60,6 @@ def log_paths(sub_stage: SubStage, name: str, job_id: str = "%j") -> tuple[Path,
 
 def pythonpath_line() -> str:
     return f"export PYTHONPATH={shlex.quote(str(PROJECT_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"
-
-
-DEVICES_VARIABLE = "CUDA_VISIBLE_DEVICES"
 
 
 def device_lines(sub_stage: SubStage, note: str = "") -> list[str]:
@@ -116,13 +114,16 @@ def run_teeing(argv: Sequence[str], out_path: Path, err_path: Path, *, cwd: Path
     """Run `argv` here; its stdout/stderr go both to this process's and to the two log files (appended).
 
     Returns the exit code. This interpreter's own `python -m exporter.run_substage` runs as a fork of this process,
-    its imports already done (launch/forked.py).
+    its imports already done, when asked (launch/forked.py), or in the interpreter main.py started ahead for it
+    (exporter/prestart.py).
     """
     with open(out_path, "ab") as out_log, open(err_path, "ab") as err_log:
         if can_fork(argv):
             return run_forked(argv, _copy, _binary(sys.stdout), _binary(sys.stderr), out_log, err_log, cwd=cwd,
                               env=env)
-        process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # main.py's interpreter started ahead for this command (exporter/prestart.py), else a fresh one.
+        process = take_prestarted(argv, cwd, env) or subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                                                      stderr=subprocess.PIPE)
         copiers = [
             threading.Thread(target=_copy, args=(process.stdout, _binary(sys.stdout), out_log), daemon=True),
             threading.Thread(target=_copy, args=(process.stderr, _binary(sys.stderr), err_log), daemon=True),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -17,9 +16,9 @@ from typing import Sequence
 from omegaconf import DictConfig
 
 from ..jobs import SubStage
+from ..prestart import substage_environment
 from .common import (
     DEVICES_VARIABLE,
-    PROJECT_ROOT,
     LaunchError,
     job_name,
     log_paths,
@@ -67,11 +66,9 @@ def local_devices(sub_stage: SubStage, given: str | None) -> str | None:
 
 def run_interactive(cfg: DictConfig, sub_stages: Sequence[SubStage]) -> None:
     workdir = Path.cwd()
-    base_env = dict(os.environ)
-    base_env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT)]
-                                             + ([base_env["PYTHONPATH"]] if base_env.get("PYTHONPATH") else []))
-    # The sub-stage's output is piped (teed): progress bars when ours goes to a terminal (exporter/progress.py).
-    base_env.setdefault("EXPORTER_PROGRESS", "bar" if sys.stderr.isatty() else "log")
+    # The project on PYTHONPATH; the sub-stage's output is piped (teed), so progress bars when ours goes to a
+    # terminal (exporter/progress.py). The same as main.py's early sub-stage interpreter's (exporter/prestart.py).
+    base_env = substage_environment()
     # Every sub-stage is checked before the first one runs.
     planned = [(sub_stage, prepare(cfg, sub_stage)) for sub_stage in sub_stages]
     commands = [local_commands(cfg, sub_stage, config_path) for sub_stage, config_path in planned]
