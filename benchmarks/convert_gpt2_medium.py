@@ -7,7 +7,9 @@ Then the whole command a user runs (`python main.py stages=[export]`, accuracy d
 interpreter start and `import torch` (plain, and with the garbage collector paused as the sub-stage imports it):
 its overhead beyond the conversion (goal: at most 3 s), with the sub-stage forked from main.py's process
 (EXPORTER_FORK=1, opt-in) and run as a second interpreter (EXPORTER_FORK=0, the default, whose launcher never
-imports torch: one import of it is the floor of both), each beside the time of that one import.
+imports torch: one import of it is the floor of both), each beside the time of that one import; the second
+interpreter started before main.py imports Hydra (the default, exporter/prestart.py) and, as the in-run baseline,
+only when the sub-stage runs (EXPORTER_PRESTART=0).
 
     python benchmarks/convert_gpt2_medium.py [--work-dir /tmp/ft-bench] [--processes 1] [--repeat 3]
 
@@ -87,10 +89,12 @@ def run_child(source: Path, out: Path, processes: int, convert: bool) -> dict:
     return result
 
 
-def time_command(checkpoint: Path, results: Path, processes: int, fork: bool) -> tuple[float, float, float | None]:
+def time_command(checkpoint: Path, results: Path, processes: int, how: str) -> tuple[float, float, float | None]:
     """(wall, CPU, conversion) seconds of the whole command a user runs (`python main.py stages=[export]`, accuracy
-    disabled): Hydra, planning, the convert sub-stage (forked from main.py's process, or with EXPORTER_FORK=0 a fresh
-    interpreter as before), the repository around the shards. conversion: the command's own convert_checkpoint call,
+    disabled): Hydra, planning, the convert sub-stage, the repository around the shards. how: "fork" (the sub-stage
+    forked from main.py's process, EXPORTER_FORK=1), "early" (a second interpreter main.py starts before it imports
+    Hydra, the default: exporter/prestart.py) or "late" (that interpreter started only when the sub-stage runs,
+    EXPORTER_PRESTART=0, as before it). conversion: the command's own convert_checkpoint call,
     from its log line (None when the line is not found), so that its overhead is measured against the conversion it
     ran itself: this VM writes new files at 0.3-3 GB/s from one minute to the next."""
     shutil.rmtree(results, ignore_errors=True)
@@ -98,7 +102,8 @@ def time_command(checkpoint: Path, results: Path, processes: int, fork: bool) ->
             f"export.model.checkpoint_path={checkpoint}", "export.model.tensor_model_parallel_size=2",
             "export.model.weight_data_type=fp16", f"export.model.processes={processes}",
             f"base_results_dir={results}", f"hydra.run.dir={results}/hydra"]
-    env = {**os.environ, "EXPORTER_FORK": "1" if fork else "0", "EXPORTER_PROGRESS": "off"}
+    env = {**os.environ, "EXPORTER_FORK": "1" if how == "fork" else "0",
+           "EXPORTER_PRESTART": "0" if how == "late" else "1", "EXPORTER_PROGRESS": "off"}
     before = _children_cpu()
     started = time.monotonic()
     done = subprocess.run(argv, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
@@ -157,7 +162,7 @@ def main() -> None:
     name, largest = largest_tensor(source)
     subprocess.run(["cat", str(source)], stdout=subprocess.DEVNULL, check=True)  # same warm page cache for all
 
-    cp_times, ours, baseline, commands, unforked = [], [], [], [], []
+    cp_times, ours, baseline, commands, unforked, late = [], [], [], [], [], []
     bare, torch_only, torch_paused, torch_exit = [], [], [], []
     for _ in range(args.repeat):
         # Untimed `sync` before each timed run: neither pays for flushing the other's writes.
@@ -176,9 +181,11 @@ def main() -> None:
             torch_paused.append(time_python("import gc, os; gc.disable(); import torch; os._exit(0)"))
             torch_exit.append(time_python("import torch"))  # and the interpreter's teardown, which commands skip
             subprocess.run(["sync"], check=True)
-            commands.append(time_command(checkpoint, args.work_dir / "results", args.processes, fork=True))
+            commands.append(time_command(checkpoint, args.work_dir / "results", args.processes, "fork"))
             subprocess.run(["sync"], check=True)
-            unforked.append(time_command(checkpoint, args.work_dir / "results", args.processes, fork=False))
+            unforked.append(time_command(checkpoint, args.work_dir / "results", args.processes, "early"))
+            subprocess.run(["sync"], check=True)
+            late.append(time_command(checkpoint, args.work_dir / "results", args.processes, "late"))
 
     cp_s = statistics.median(cp_times)
     ours_s = statistics.median(r["seconds"] for r in ours)
@@ -220,7 +227,8 @@ def main() -> None:
                   f"{statistics.median(c for _, c in runs):>8.2f}")
         own = {}
         for label, runs in (("command, sub-stage forked (EXPORTER_FORK=1)", commands),
-                            ("command, two interpreters (default)", unforked)):
+                            ("command, two interpreters (default)", unforked),
+                            ("the same, second one late (EXPORTER_PRESTART=0)", late)):
             wall, cpu = statistics.median(w for w, _, _ in runs), statistics.median(c for _, c, _ in runs)
             print(f"{'  ' + label:44}{wall:>8.2f}{wall - convert_s:>10.2f}{cpu:>8.2f}{cpu - convert_cpu:>10.2f}")
             if all(conversion is not None for _, _, conversion in runs):
@@ -230,7 +238,8 @@ def main() -> None:
             print(f"{'    ' + label:46}{statistics.median(overheads):>6.2f} s ({spread(overheads)})")
         default, forked = "command, two interpreters (default)", "command, sub-stage forked (EXPORTER_FORK=1)"
         torch_s = statistics.median(w for w, _ in torch_paused)  # the import as the sub-stage makes it
-        for label, runs in ((default, unforked), (forked, commands)):
+        for label, runs in ((default, unforked), (forked, commands),
+                            ("the same, second one late (EXPORTER_PRESTART=0)", late)):
             overhead = (statistics.median(own[label]) if label in own
                         else statistics.median(w for w, _, _ in runs) - convert_s)
             print(f"  overhead goal <= 3 s, {label.removeprefix('command, ')}: "
