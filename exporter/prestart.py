@@ -164,7 +164,7 @@ def _serve() -> int:
         from .stages import RUNNERS  # noqa: F401
         from .triton import render  # noqa: F401
     line = sys.stdin.buffer.readline()
-    if not line:  # main.py ended without a sub-stage for us
+    if not line.strip():  # main.py ended without a sub-stage for us
         return 0
     command = json.loads(line)
     argv, env = command["argv"], command["env"]
