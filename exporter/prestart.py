@@ -109,7 +109,7 @@ def start(argv: Sequence[str] | None = None) -> Prestarted | None:
     """Start the waiting interpreter when main.py's arguments `argv` call for one (see `wanted`)."""
     global _waiting
     argv = sys.argv[1:] if argv is None else argv
-    if _waiting is not None or not wanted(argv):
+    if _waiting is not None or not wanted(argv) or not sys.executable:  # (no path to this interpreter: none)
         return _waiting
     env = substage_environment()
     try:
