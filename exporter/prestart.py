@@ -41,22 +41,19 @@ _HYDRA_FLAGS = ("-h", "--help", "--hydra-help", "--info", "-i", "--cfg", "-c", "
 _waiting: "Prestarted | None" = None
 
 
-def substage_environment(environ: Mapping[str, str] | None = None, stderr_is_terminal: bool | None = None
-                         ) -> dict[str, str]:
+def substage_environment() -> dict[str, str]:
     """The environment a local sub-stage runs in: this one, the project first on PYTHONPATH, and EXPORTER_PROGRESS
-    as the launcher's stderr calls for (bars on a terminal; the sub-stage's own output is piped)."""
-    env = dict(os.environ if environ is None else environ)
+    as this process's stderr calls for (bars on a terminal; the sub-stage's own output is piped)."""
+    env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    if stderr_is_terminal is None:
-        stderr_is_terminal = sys.stderr.isatty()
-    env.setdefault("EXPORTER_PROGRESS", "bar" if stderr_is_terminal else "log")
+    env.setdefault("EXPORTER_PROGRESS", "bar" if sys.stderr.isatty() else "log")
     return env
 
 
 def wanted(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> bool:
     """Whether main.py, called with `argv` (its arguments), should start a sub-stage's interpreter early."""
     environ = os.environ if environ is None else environ
-    if environ.get(ENV, "1") == "0" or environ.get("EXPORTER_FORK", "0") == "1":
+    if environ.get(ENV, "1") == "0" or environ.get("EXPORTER_FORK", "0") == "1":  # (launch/forked.py's ENV)
         return False
     for arg in argv:
         key, _, value = arg.partition("=")
