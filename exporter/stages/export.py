@@ -283,6 +283,7 @@ def _reference(cfg: DictConfig, paths: ExportPaths, end_id: int, seq2seq: bool =
     tokenizer loaded as `tok = AutoTokenizer.from_pretrained(checkpoint)` (with export.tokenizer's overrides), encoding
     with `tok(text)`; or (None, None, why there is no reference)."""
     from ..evaluate import lambada
+    from ..evaluate.gguf_reference import gguf_parsed_once
     from ..evaluate.placement import reference_placement
 
     if cfg.export.accuracy.reference != Reference.hf:
@@ -304,14 +305,16 @@ def _reference(cfg: DictConfig, paths: ExportPaths, end_id: int, seq2seq: bool =
     else:
         overrides.update(pretrained_model_name_or_path=str(checkpoint))
     placement = reference_placement(checkpoint, cfg.export.accuracy.reference_device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(**overrides)
-    except (OSError, ValueError) as error:  # the model loads, its tokenizer not: the reference scores the served ids
-        log.warning("HF transformers cannot load %s's tokenizer (%s): the reference scores the served tokenizer's "
-                    "ids", checkpoint, str(error).splitlines()[0] if str(error) else type(error).__name__)
-        return lambada.HFGenerator(checkpoint, end_id, placement, seq2seq), None, ""
-    encoder = lambada.Encoder(lambda text, special: tokenizer(text, add_special_tokens=special).input_ids)
-    return lambada.HFGenerator(checkpoint, end_id, placement, seq2seq), encoder, ""
+    # A GGUF file is parsed once for the tokenizer and the model (transformers parses it three times otherwise).
+    with gguf_parsed_once() if source_kind(checkpoint) is SourceKind.GGUF else contextlib.nullcontext():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(**overrides)
+        except (OSError, ValueError) as error:  # the model loads, its tokenizer not: it scores the served ids
+            log.warning("HF transformers cannot load %s's tokenizer (%s): the reference scores the served tokenizer's "
+                        "ids", checkpoint, str(error).splitlines()[0] if str(error) else type(error).__name__)
+            return lambada.HFGenerator(checkpoint, end_id, placement, seq2seq), None, ""
+        encoder = lambada.Encoder(lambda text, special: tokenizer(text, add_special_tokens=special).input_ids)
+        return lambada.HFGenerator(checkpoint, end_id, placement, seq2seq), encoder, ""
 
 
 @contextlib.contextmanager
