@@ -224,7 +224,7 @@ def accuracy(cfg: DictConfig, server_url: str | None = None, server_grpc_url: st
     if batch_size < acc.batch_size:
         log.warning("accuracy.batch_size %d exceeds the model's max_batch_size; using %d", acc.batch_size, batch_size)
 
-    # The server starts now, while the reference loads (transformers reading the source: ~30 s for the default
+    # The server starts now, while the reference loads (transformers reading the source: 13-15 s for the default
     # SmolLM2 on 2 cores, against ~9 s for the server's start); the scoring waits for it (ready()).
     with _serving(cfg, paths, server_url, server_grpc_url) as ready:
         # The served tokenizer.json as it is (its special tokens decided at export): the ids preprocessing would send,
