@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Callable, IO, Sequence
 
 from ..lazy import imports_without_gc, openmp_threads_sleep_when_idle
+from ..prestart import ENTRY  # `python -m exporter.run_substage`, the command both stand in for
 
-ENTRY = ("-m", "exporter.run_substage")
 ENV = "EXPORTER_FORK"
 
 
